@@ -1,0 +1,7 @@
+"""celoss: cross-entropy losses for large vocabularies (Triton on CUDA, OpenMP/Cython on CPU)."""
+from ._dispatch import available_backends
+from .cross_entropy import CrossEntropyOutput, cross_entropy
+from .modules import CrossEntropyLoss
+
+__all__ = ["available_backends", "cross_entropy", "CrossEntropyOutput", "CrossEntropyLoss"]
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""Argument checks shared by the public functions: clear errors before any kernel runs."""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def reduction(value: str, allowed=REDUCTIONS) -> str:
+    if value not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {value!r}")
+    return value
+
+
+def floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATS:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def class_weight(weight, num_classes: int, like: torch.Tensor, name: str = "weight"):
+    """Validated per-class weight as a contiguous float32 (float64 for float64 input) tensor."""
+    if weight is None:
+        return None
+    floating(name, weight)
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise ValueError(f"{name} must be a 1-D tensor of {num_classes} elements (one per class), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.device != like.device:
+        raise ValueError(f"{name} is on {weight.device} but input is on {like.device}")
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return weight.detach().to(acc).contiguous()
+
+
+def probability(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def positive_or_none(name: str, value):
+    if value is None:
+        return None
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be None or > 0, got {value}")
+    return value
+
+
+def target_indices(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise IndexError naming the first class index outside [0, C) that isn't ignore_index."""
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"Target {value} is out of bounds: class indices must be in [0, {num_classes})"
+                         f" or equal ignore_index={ignore_index}")

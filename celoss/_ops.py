@@ -1,0 +1,110 @@
+"""torch.library custom ops around the backend row kernels, so torch.compile sees opaque ops
+(with fake implementations) instead of graph-breaking on pointers, OpenMP or Triton launches."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, _dispatch
+from .stats import NUM_STATS
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _options(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma):
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, logit_scale=logit_scale,
+                softcap=softcap, z_loss=z_loss, focal_gamma=focal_gamma)
+
+
+def _fused(logits, target, soft_target, weight, coef, grad_out, backend, **options):
+    if target is not None:
+        _checks.target_indices(target, logits.shape[1], options["ignore_index"])
+    return _dispatch.module(backend).ce_fused(logits, target, soft_target, weight, coef, grad_out, **options)
+
+
+@torch.library.custom_op("celoss::ce_forward", mutates_args=())
+def ce_forward(logits: Tensor, target: Optional[Tensor], soft_target: Optional[Tensor],
+               weight: Optional[Tensor], coef: Optional[Tensor], backend: str, ignore_index: int,
+               label_smoothing: float, logit_scale: float, softcap: Optional[float], z_loss: float,
+               focal_gamma: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and, when `coef` is given, coef * dloss/dlogits (else an empty tensor)."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if coef is not None \
+        else logits.new_empty(0)
+    loss, lse = _fused(logits, target, soft_target, weight, coef, grad if coef is not None else None,
+                       backend, **_options(ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+                                           focal_gamma))
+    return loss, lse, grad
+
+
+@ce_forward.register_fake
+def _(logits, target, soft_target, weight, coef, backend, ignore_index, label_smoothing, logit_scale,
+      softcap, z_loss, focal_gamma):
+    n = logits.shape[0]
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if coef is not None \
+        else logits.new_empty(0)
+    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(n, dtype=_acc(logits)), grad
+
+
+@torch.library.custom_op("celoss::ce_forward_inplace", mutates_args=("logits",))
+def ce_forward_inplace(logits: Tensor, target: Optional[Tensor], soft_target: Optional[Tensor],
+                       weight: Optional[Tensor], coef: Tensor, backend: str, ignore_index: int,
+                       label_smoothing: float, logit_scale: float, softcap: Optional[float],
+                       z_loss: float, focal_gamma: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Like ce_forward, but overwrites `logits` with coef * dloss/dlogits."""
+    return _fused(logits, target, soft_target, weight, coef, logits, backend,
+                  **_options(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma))
+
+
+@ce_forward_inplace.register_fake
+def _(logits, target, soft_target, weight, coef, backend, ignore_index, label_smoothing, logit_scale,
+      softcap, z_loss, focal_gamma):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(n, dtype=_acc(logits))
+
+
+@torch.library.custom_op("celoss::ce_stats", mutates_args=())
+def ce_stats(logits: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, class_start: int,
+             ignore_index: int, logit_scale: float, softcap: Optional[float]) -> Tensor:
+    """(N, 4) row statistics of a block of classes starting at `class_start`."""
+    return _dispatch.module(backend).ce_stats(logits, target, weight, class_start=class_start,
+                                              ignore_index=ignore_index, logit_scale=logit_scale,
+                                              softcap=softcap)
+
+
+@ce_stats.register_fake
+def _(logits, target, weight, backend, class_start, ignore_index, logit_scale, softcap):
+    return logits.new_empty(logits.shape[0], NUM_STATS, dtype=_acc(logits))
+
+
+@torch.library.custom_op("celoss::ce_grad", mutates_args=())
+def ce_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, row_coefs: Tensor,
+            backend: str, class_start: int, logit_scale: float, softcap: Optional[float]) -> Tensor:
+    """dlogits for a block of classes from the full-row lse and (N, 3) coefficients (A, B, D)."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _dispatch.module(backend).ce_grad(logits, target, weight, lse, row_coefs, grad, class_start=class_start,
+                                      logit_scale=logit_scale, softcap=softcap)
+    return grad
+
+
+@ce_grad.register_fake
+def _(logits, target, weight, lse, row_coefs, backend, class_start, logit_scale, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("celoss::scale_", mutates_args=("grad",))
+def scale_(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale, in place; `scale` is one value (skipped when it is 1) or one per row."""
+    if scale.numel() == 1:
+        if float(scale) != 1.0:
+            grad.mul_(scale.to(grad.dtype))
+    else:
+        grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+@scale_.register_fake
+def _(grad, scale):
+    return None

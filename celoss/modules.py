@@ -1,0 +1,27 @@
+"""nn.Module wrappers mirroring torch.nn's loss modules (same constructor arguments plus extras)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .cross_entropy import cross_entropy
+
+
+class CrossEntropyLoss(nn.Module):
+    """Mirrors ``torch.nn.CrossEntropyLoss``; extra keyword arguments go to :func:`celoss.cross_entropy`."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 backend: Optional[str] = None, **extras):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.backend, self.extras = backend, extras
+
+    def forward(self, input: Tensor, target: Tensor):
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                             self.label_smoothing, backend=self.backend, **self.extras)
