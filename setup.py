@@ -4,6 +4,7 @@ The CPU kernels are portable x86-64 by default; the hot loops carry per-ISA clon
 (AVX-512 / AVX2 / baseline) chosen at load time (see cpu/fastmath.h). Set
 CELOSS_NATIVE=1 to build for the host CPU only.
 """
+import glob
 import os
 import sys
 
@@ -19,8 +20,9 @@ if sys.platform.startswith("linux") and os.environ.get("CELOSS_NO_EXT") != "1":
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("celoss.cpu._kernels", ["cpu/_kernels.pyx"], include_dirs=["cpu"],
-                   extra_compile_args=compile_args, extra_link_args=["-fopenmp"])],
+        [Extension(f"celoss.cpu.{os.path.basename(pyx)[:-4]}", [pyx], include_dirs=["cpu"],
+                   extra_compile_args=compile_args, extra_link_args=["-fopenmp"])
+         for pyx in sorted(glob.glob("cpu/*.pyx"))],
         compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
                              "cdivision": True, "initializedcheck": False},
     )

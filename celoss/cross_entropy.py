@@ -66,6 +66,14 @@ def counted_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int) 
     return torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
+def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad * scale for a one-element scale, without a pass over grad when the scale is 1 (the usual
+    ``loss.backward()``). The saved gradient itself is never modified, so backward can run twice."""
+    if not torch.compiler.is_compiling() and float(scale) == 1.0:
+        return grad
+    return grad * scale.to(grad.dtype)
+
+
 class _SoftmaxLoss(torch.autograd.Function):
     """Row losses reduced in forward. With reduction mean/sum (or `inplace`), the gradient is formed in
     the same kernel call as the loss and only rescaled by grad_output in backward; with reduction
@@ -106,9 +114,11 @@ class _SoftmaxLoss(torch.autograd.Function):
         opts = ctx.options
         grad = None
         if grad_loss is not None:
-            if ctx.fused:
+            if ctx.inplace:
                 grad = saved
                 _ops.scale_(grad, grad_loss.float())
+            elif ctx.fused:
+                grad = _scaled(saved, grad_loss)
             else:
                 grad = _ops.ce_forward(saved, target, soft_target, weight,
                                        grad_loss.float().reshape(-1).contiguous(), ctx.backend, **opts)[2]

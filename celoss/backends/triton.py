@@ -1,0 +1,45 @@
+"""Triton backend: the row-kernel contract of :mod:`celoss.backends` on the kernels in
+``celoss.kernels.cross_entropy``.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before the kernels
+were imported (Triton's interpreter, for tests). The kernels take fp32/fp16/bf16 logits and
+accumulate in float32; float64 logits go to the reference backend (statistics in float64).
+"""
+from __future__ import annotations
+
+from celoss.kernels import cross_entropy as _k
+
+from . import reference as _reference
+
+
+def _use_reference(logits) -> bool:
+    return logits.dtype not in _k.SUPPORTED_DTYPES
+
+
+def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
+             logit_scale, softcap, z_loss, focal_gamma):
+    if _use_reference(logits):
+        return _reference.ce_fused(logits, target, soft_target, weight, coef, grad_out,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   logit_scale=logit_scale, softcap=softcap, z_loss=z_loss,
+                                   focal_gamma=focal_gamma)
+    return _k.fused(logits, target, soft_target, weight, coef, grad_out, ignore_index=ignore_index,
+                    label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
+                    z_loss=z_loss, focal_gamma=focal_gamma)
+
+
+def ce_stats(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
+    if _use_reference(logits):
+        return _reference.ce_stats(logits, target, weight, class_start=class_start,
+                                   ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap)
+    return _k.stats(logits, target, weight, class_start=class_start, ignore_index=ignore_index,
+                    logit_scale=logit_scale, softcap=softcap)
+
+
+def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap):
+    if _use_reference(logits):
+        _reference.ce_grad(logits, target, weight, lse, row_coefs, grad_out, class_start=class_start,
+                           logit_scale=logit_scale, softcap=softcap)
+        return
+    _k.grad(logits, target, weight, lse, row_coefs, grad_out, class_start=class_start,
+            logit_scale=logit_scale, softcap=softcap)

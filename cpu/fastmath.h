@@ -1,0 +1,374 @@
+/* fastmath.h -- row kernels of celoss's OpenMP CPU backend (the row loops are in _kernels.pyx).
+ *
+ * Contract: celoss/backends/__init__.py. Math: celoss/stats.py; ce_index_loss()/ce_soft_loss()
+ * below are its only copy in C (loss and gradient coefficients A, B, D of one row).
+ *
+ * A row takes three passes, only the first from DRAM: (1) max of the logits, (2) sum of
+ * exp(z - max) plus the linear sums, (3) the gradient, over the row still in L2 (rows larger
+ * than L2 are re-read from memory, still correct). The inner loops are branch-free so gcc
+ * vectorizes them (check with -fopt-info-vec); the row functions are cloned for AVX-512,
+ * AVX2+FMA and baseline x86-64 and picked at load time (target_clones), so the build needs no
+ * -march. Every dtype shares one template (bottom of this file), instantiated per
+ * (storage type, accumulation type): fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
+ *
+ * NaN/inf: ce_exp() propagates NaN and maps -inf to 0, so a NaN or +inf logit makes the row's
+ * sum of exps NaN (inf - inf), hence lse, loss and gradient NaN, like torch's log_softmax;
+ * -inf logits just get probability 0.
+ */
+#ifndef CE_ROW_TEMPLATE
+#ifndef CELOSS_FASTMATH_H
+#define CELOSS_FASTMATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CE_INLINE static inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__linux__) && !defined(CE_NO_CLONES)
+#define CE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CE_CLONES
+#endif
+#define CE_BLOCK 512 /* pass-2 partial sums: rounding error grows with C / CE_BLOCK, not C */
+
+enum { CE_F32 = 0, CE_F64 = 1, CE_F16 = 2, CE_BF16 = 3 };
+
+typedef struct {
+    int64_t C;              /* classes in this block of the row */
+    int64_t class_start;    /* global index of the block's first class (stats/grad) */
+    int64_t ignore_index;
+    double scale, softcap;  /* z = softcap tanh(scale x / softcap); scale x if softcap <= 0 */
+    double eps, z_loss;     /* label smoothing, z-loss */
+    double gamma;           /* focal gamma; < 0: cross-entropy */
+    double wsum;            /* sum of the class weights (C without weights) */
+} ce_opts;
+
+/* ---- bit casts and 16-bit float conversions (integer ops only, so they vectorize) ---- */
+CE_INLINE float ce_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+CE_INLINE uint32_t ce_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+CE_INLINE double ce_u2d(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+
+CE_INLINE float ce_bf2f(uint16_t h) { return ce_u2f((uint32_t)h << 16); }
+CE_INLINE uint16_t ce_f2bf(float f) { /* round to nearest even; NaN -> 0x7fc0 like c10 */
+    uint32_t u = ce_f2u(f);
+    uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7fc0 : r;
+}
+
+CE_INLINE float ce_h2f(uint16_t h) { /* exact, subnormals included, without fp32 denormals */
+    uint32_t em = (uint32_t)(h & 0x7fffu) << 13, e = em & 0x0f800000u;
+    uint32_t u = em + ((e == 0x0f800000u ? 255u - 15u : 127u - 15u) << 23); /* inf/nan, else rebias */
+    float sub = ce_u2f(em + (113u << 23)) - ce_u2f(113u << 23);              /* zero/subnormal */
+    u = e == 0 ? ce_f2u(sub) : u;
+    return ce_u2f(u | (uint32_t)(h & 0x8000u) << 16);
+}
+CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float_to_half_fast3_rtne) */
+    uint32_t u = ce_f2u(f), sign = u & 0x80000000u;
+    u ^= sign;
+    uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;                       /* nan, inf/overflow */
+    uint32_t sub = ce_f2u(ce_u2f(u) + ce_u2f(126u << 23)) - (126u << 23);     /* fp add rounds */
+    uint32_t nrm = (u + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+    uint32_t r = u >= (143u << 23) ? big : (u < (113u << 23) ? sub : nrm);
+    return (uint16_t)(r | sign >> 16);
+}
+
+/* ---- exp and tanh: Cody-Waite reduction x = n ln2 + r, polynomial for e^r, 2^n from bits ----
+ * Clamps are written as compares so NaN passes through; below the normal range the result
+ * is 0 (exp(-inf) = 0). */
+CE_INLINE float ce_expf(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    xc = xc > 88.0f ? 88.0f : xc;
+    int32_t k = (int32_t)(xc * 1.44269504f + 127.5f); /* n + 127 in [2, 254] */
+    float n = (float)k - 127.0f, p2 = ce_u2f((uint32_t)k << 23);
+    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float q = 1.9875691500e-4f; /* Cephes expf: e^r - 1 - r = r^2 q(r), ~1 ulp */
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    float e = p2 + p2 * (r + r * r * q);
+    return x < -87.0f ? 0.0f : e;
+}
+CE_INLINE double ce_expd(double x) {
+    double xc = x < -708.0 ? -708.0 : x;
+    xc = xc > 709.0 ? 709.0 : xc;
+    int32_t k = (int32_t)(xc * 1.4426950408889634 + 1023.5); /* n + 1023 in [2, 2046] */
+    double n = (double)k - 1023.0, p2 = ce_u2d((uint64_t)k << 52);
+    double r = (xc - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+    double q = 1.6059043836821613e-10; /* Taylor to r^13: < 1e-17 on |r| <= ln2/2 */
+    q = q * r + 2.08767569878681e-09;
+    q = q * r + 2.505210838544172e-08;
+    q = q * r + 2.755731922398589e-07;
+    q = q * r + 2.7557319223985893e-06;
+    q = q * r + 2.48015873015873e-05;
+    q = q * r + 1.984126984126984e-04;
+    q = q * r + 1.388888888888889e-03;
+    q = q * r + 8.333333333333333e-03;
+    q = q * r + 4.1666666666666664e-02;
+    q = q * r + 1.6666666666666666e-01;
+    q = q * r + 0.5;
+    double e = p2 + p2 * (r + r * r * q);
+    return x < -708.0 ? 0.0 : e;
+}
+CE_INLINE float ce_tanhf(float u) {
+    /* (1 - e^-2|u|) / (1 + e^-2|u|) loses bits for small |u|: Taylor to u^11 there (< 3e-9) */
+    float a = u < 0 ? -u : u, e = ce_expf(-2.0f * a), big = (1.0f - e) / (1.0f + e), u2 = u * u;
+    float s = -1382.0f / 155925.0f;
+    s = s * u2 + 62.0f / 2835.0f;
+    s = s * u2 + -17.0f / 315.0f;
+    s = s * u2 + 2.0f / 15.0f;
+    s = s * u2 + -1.0f / 3.0f;
+    return a < 0.3f ? u + u * u2 * s : (u < 0 ? -big : big);
+}
+#define ce_exp(x) _Generic((x), float: ce_expf, double: ce_expd)(x)
+#define ce_tanh(x) _Generic((x), float: ce_tanhf, double: tanh)(x) /* fp64: libm (not a fast path) */
+
+/* ---- the math of celoss/stats.py for one row, in double ----
+ * Index target, counted row, from lse, z_y, wz = sum_j w_j z_j (used only when eps != 0) and w_y:
+ * returns the loss, sets abd = (A, B, D) with dloss/dz_j = A p_j - B [j == y] - D w_j. */
+static inline double ce_index_loss(const ce_opts *o, double lse, double zy, double wz, double wy,
+                                   double abd[3]) {
+    if (o->gamma >= 0) { /* focal: g (p_j - [j == y]), lp / (1 - p_y) -> -1 as p_y -> 1 */
+        double lp = zy - lse;
+        lp = lp > 0 ? 0 : lp; /* rounding; keeps NaN */
+        double q = -expm1(lp), ratio = q > 0 ? lp / q : -1.0, decay = pow(q, o->gamma);
+        abd[0] = abd[1] = wy * decay * (1.0 - o->gamma * exp(lp) * ratio);
+        abd[2] = 0;
+        return -wy * decay * lp;
+    }
+    double e = o->eps, C = (double)o->C;
+    double loss = wy * (1 - e) * (lse - zy) + o->z_loss * wy * lse * lse;
+    if (e != 0) loss += e / C * (o->wsum * lse - wz);
+    abd[0] = wy * (1 - e) + e * o->wsum / C + 2 * o->z_loss * wy * lse;
+    abd[1] = wy * (1 - e);
+    abd[2] = e / C;
+    return loss;
+}
+/* Probability targets, from mass = sum_j u_j and uz = sum_j u_j z_j, u_j = w_j ((1 - eps) t_j + eps / C):
+ * returns the loss, sets *a = A with dloss/dz_j = A p_j - u_j. */
+static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, double uz, double *a) {
+    *a = mass + 2 * o->z_loss * lse;
+    return mass * lse - uz + o->z_loss * lse * lse;
+}
+
+/* Calls FN(args..., capped, lin, has_w, has_t) with compile-time flags, so every combination
+ * gets its own branch-free vectorized loop. */
+#define CE_SPECIALIZE(FN, capped, lin, has_w, has_t, ...)                                         \
+    switch ((capped) << 3 | (lin) << 2 | ((lin) && (has_w)) << 1 | ((lin) && (has_t))) {         \
+    case 0: FN(__VA_ARGS__, 0, 0, 0, 0); break;  case 8: FN(__VA_ARGS__, 1, 0, 0, 0); break;     \
+    case 4: FN(__VA_ARGS__, 0, 1, 0, 0); break;  case 12: FN(__VA_ARGS__, 1, 1, 0, 0); break;    \
+    case 5: FN(__VA_ARGS__, 0, 1, 0, 1); break;  case 13: FN(__VA_ARGS__, 1, 1, 0, 1); break;    \
+    case 6: FN(__VA_ARGS__, 0, 1, 1, 0); break;  case 14: FN(__VA_ARGS__, 1, 1, 1, 0); break;    \
+    default: FN(__VA_ARGS__, (capped), 1, 1, 1); break;                                          \
+    }
+
+#define CE_CAT_(a, b) a##_##b
+#define CE_CAT(a, b) CE_CAT_(a, b)
+#define CE_F(name) CE_CAT(name, CE_SFX)
+#define CE_ROW_TEMPLATE
+
+#define CE_SFX f32
+#define CE_T float
+#define CE_ACC float
+#define CE_LOAD(v) (v)
+#define CE_STORE(v) (v)
+#include "fastmath.h"
+#undef CE_SFX
+#undef CE_T
+#undef CE_ACC
+#undef CE_LOAD
+#undef CE_STORE
+
+#define CE_SFX f64
+#define CE_T double
+#define CE_ACC double
+#define CE_LOAD(v) (v)
+#define CE_STORE(v) (v)
+#include "fastmath.h"
+#undef CE_SFX
+#undef CE_T
+#undef CE_ACC
+#undef CE_LOAD
+#undef CE_STORE
+
+#define CE_SFX f16
+#define CE_T uint16_t
+#define CE_ACC float
+#define CE_LOAD(v) ce_h2f(v)
+#define CE_STORE(v) ce_f2h(v)
+#include "fastmath.h"
+#undef CE_SFX
+#undef CE_T
+#undef CE_ACC
+#undef CE_LOAD
+#undef CE_STORE
+
+#define CE_SFX bf16
+#define CE_T uint16_t
+#define CE_ACC float
+#define CE_LOAD(v) ce_bf2f(v)
+#define CE_STORE(v) ce_f2bf(v)
+#include "fastmath.h"
+#undef CE_ROW_TEMPLATE
+
+/* ---- dtype dispatch: pointers are row starts, acc outputs are float (double for fp64) ---- */
+#define CE_DISPATCH(dt, FN, ...)                                                                  \
+    switch (dt) {                                                                                 \
+    case CE_F32: FN##_f32(__VA_ARGS__); break;                                                    \
+    case CE_F64: FN##_f64(__VA_ARGS__); break;                                                    \
+    case CE_F16: FN##_f16(__VA_ARGS__); break;                                                    \
+    default: FN##_bf16(__VA_ARGS__); break;                                                       \
+    }
+static inline void ce_fused_row(int dt, const ce_opts *o, const void *x, void *g, const void *t,
+                                int64_t y, const void *w, double coef, void *loss, void *lse) {
+    CE_DISPATCH(dt, ce_fused_row, o, x, g, t, y, w, coef, loss, lse)
+}
+static inline void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w,
+                                void *out) {
+    CE_DISPATCH(dt, ce_stats_row, o, x, y, w, out)
+}
+static inline void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g, int64_t y,
+                               const void *w, const void *lse, const void *abd) {
+    CE_DISPATCH(dt, ce_grad_row, o, x, g, y, w, lse, abd)
+}
+
+#endif /* CELOSS_FASTMATH_H */
+
+#else /* ---- row template: CE_SFX, CE_T (storage), CE_ACC (accumulation), CE_LOAD, CE_STORE ---- */
+
+/* The logit transform, copied out of ce_opts so the loops keep it in registers. */
+typedef struct { CE_ACC scale, k, cap; } CE_F(ce_tr);
+CE_INLINE CE_F(ce_tr) CE_F(ce_tr_of)(const ce_opts *o) {
+    CE_F(ce_tr) tr = {(CE_ACC)o->scale, (CE_ACC)(o->softcap > 0 ? o->scale / o->softcap : 0),
+                      (CE_ACC)o->softcap};
+    return tr;
+}
+/* z = cap tanh(k x) (k = scale / cap) when capped, else scale x; *dz = dz/dx. */
+CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *dz) {
+    if (!capped) { *dz = tr.scale; return tr.scale * x; }
+    CE_ACC th = ce_tanh(x * tr.k);
+    *dz = tr.scale * (1 - th * th);
+    return tr.cap * th;
+}
+
+/* Pass 1: max_j z_j, from the extreme x (z is monotonic in x). NaN may be skipped here: pass 2
+ * catches it. */
+CE_INLINE CE_ACC CE_F(ce_rowmax)(const CE_T *x, int64_t C, CE_F(ce_tr) tr, const int capped) {
+    CE_ACC sgn = tr.scale < 0 ? -1 : 1, m = -INFINITY, dz;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < C; j++) {
+        CE_ACC v = sgn * CE_LOAD(x[j]);
+        m = v > m ? v : m;
+    }
+    return CE_F(ce_z)(sgn * m, tr, capped, &dz);
+}
+
+/* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j z_j), u_j = w_j (c1 t_j + c0)
+ * (w_j = 1 without has_w, t_j = 0 without has_t; the u sums only with lin). */
+CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int64_t C,
+                             CE_F(ce_tr) tr, CE_ACC shift, CE_ACC c1, CE_ACC c0, CE_ACC out[3],
+                             const int capped, const int lin, const int has_w, const int has_t) {
+    CE_ACC s = 0, su = 0, suz = 0;
+    for (int64_t j0 = 0; j0 < C; j0 += CE_BLOCK) {
+        int64_t j1 = C - j0 < CE_BLOCK ? C : j0 + CE_BLOCK;
+        CE_ACC bs = 0, bu = 0, buz = 0;
+        for (int64_t j = j0; j < j1; j++) {
+            CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
+            bs += ce_exp(z - shift);
+            if (lin) {
+                CE_ACC u = (has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1);
+                bu += u;
+                buz += u * z;
+            }
+        }
+        s += bs, su += bu, suz += buz;
+    }
+    out[0] = s, out[1] = su, out[2] = suz;
+}
+
+/* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j, u_j as in pass 2 (with lin). g may alias x:
+ * element j is read before it is written, so there is no loop-carried dependence (ivdep). */
+CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w, int64_t C,
+                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1, CE_ACC c0,
+                              const int capped, const int lin, const int has_w, const int has_t) {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < C; j++) {
+        CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
+        CE_ACC v = a * ce_exp(z - shift);
+        if (lin) v -= (has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1);
+        g[j] = CE_STORE(v * dz);
+    }
+}
+
+/* Fused loss, lse and (with g) coef * dloss/dx of one row; t: probability targets, else index y. */
+CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
+                                  int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
+                                  CE_ACC *lse_out) {
+    const int64_t C = o->C;
+    const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
+    const int capped = o->softcap > 0, soft = t != NULL, counted = soft || y != o->ignore_index;
+    if (!soft && counted && (y < 0 || y >= C)) { /* never read out of bounds (the caller raises) */
+        *loss = *lse_out = NAN;
+        return;
+    }
+    CE_ACC dzy = 0, zy = (!soft && counted) ? CE_F(ce_z)(CE_LOAD(x[y]), tr, capped, &dzy) : 0;
+    double wy = counted && !soft && w ? (double)w[y] : 1.0;
+
+    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped), sums[3];
+    const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
+    const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
+    CE_SPECIALIZE(CE_F(ce_sums), capped, lin, w != NULL, soft, x, t, w, C, tr, m, c1, c0, sums)
+    double lse = (double)m + log((double)sums[0]), loss_v, abd[3] = {0, 0, 0};
+    if (soft)
+        loss_v = ce_soft_loss(o, lse, sums[1], sums[2], &abd[0]);
+    else
+        loss_v = counted ? ce_index_loss(o, lse, zy, sums[2], wy, abd) : 0.0;
+    *loss = (CE_ACC)loss_v;
+    *lse_out = (CE_ACC)lse;
+    if (!g) return;
+    if (!counted) {
+        memset(g, 0, (size_t)C * sizeof(CE_T));
+        return;
+    }
+    /* p_j = exp(z_j - m) / s: z_j - m is exact where it matters, unlike z_j - (rounded lse) */
+    const CE_ACC a = (CE_ACC)(coef * abd[0] / sums[0]);
+    const CE_ACC gc1 = (CE_ACC)(coef * c1), gc0 = (CE_ACC)(coef * (soft ? c0 : abd[2]));
+    const int glin = soft || abd[2] != 0;
+    CE_SPECIALIZE(CE_F(ce_grads), capped, glin, w != NULL, soft, x, g, t, w, C, tr, m, a, gc1, gc0)
+    if (!soft) /* the target term, from z_y read before x may have been overwritten */
+        g[y] = CE_STORE((CE_ACC)((a * ce_exp(zy - m) - coef * (abd[1] + abd[2] * wy)) * dzy));
+}
+
+/* Statistics (max, sumexp, target_z, weighted_z) of a block of classes (y: global target). */
+CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_t y, const CE_ACC *w,
+                                  CE_ACC *out) {
+    const int64_t C = o->C, local = y - o->class_start;
+    const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
+    const int capped = o->softcap > 0;
+    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped), sums[3], dz;
+    CE_ACC shift = isfinite(m) ? m : 0; /* as celoss.stats.merge: exp(-inf) = 0, exp(inf) = inf */
+    CE_SPECIALIZE(CE_F(ce_sums), capped, 1, w != NULL, 0, x, NULL, w, C, tr, shift, 0, 1, sums)
+    if (sums[0] != sums[0]) m = NAN;            /* NaN logit: NaN max, like torch.amax */
+    else if (m == INFINITY) sums[0] = INFINITY; /* the clamped exp saturated where torch gives inf */
+    out[0] = m;
+    out[1] = sums[0];
+    out[2] = y != o->ignore_index && local >= 0 && local < C
+                 ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dz) : 0;
+    out[3] = sums[2];
+}
+
+/* dz_j/dx_j (A p_j - B [j == y] - D w_j) for a block of classes, p_j = exp(z_j - lse). */
+CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g, int64_t y,
+                                 const CE_ACC *w, const CE_ACC *lse, const CE_ACC *abd) {
+    const int64_t C = o->C, local = y - o->class_start;
+    const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
+    const int capped = o->softcap > 0, here = local >= 0 && local < C;
+    const CE_ACC l = *lse, A = abd[0], B = abd[1], D = abd[2]; /* before g: it may alias them */
+    CE_ACC dzy = 0, zy = here ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dzy) : 0;
+    CE_SPECIALIZE(CE_F(ce_grads), capped, D != 0, w != NULL, 0, x, g, NULL, w, C, tr, l, A, 0, D)
+    if (here)
+        g[local] = CE_STORE((A * ce_exp(zy - l) - B - D * (w ? w[local] : 1)) * dzy);
+}
+
+#endif /* CE_ROW_TEMPLATE */

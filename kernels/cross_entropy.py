@@ -1,0 +1,531 @@
+"""Triton row kernels for cross-entropy and focal loss (the ``celoss.backends`` contract).
+
+One program per row of logits, looping over the classes in blocks of ``BLOCK`` with an online
+max / sum-of-exps accumulated in float32 whatever the logits' dtype (fp32, fp16, bf16). No N x C
+probability tensor is ever written: the gradient pass recomputes ``p`` block by block from the
+row's ``lse``.
+
+Kernels
+-------
+``_ce_fused_kernel``  statistics pass, loss and lse, then (``HAS_GRAD``) a second pass writing
+                      ``coef_n * dloss_n/dx_nj`` (``grad`` may alias the logits: in place).
+``_ce_stats_kernel``  row statistics ``(max, sumexp, target_z, weighted_z)`` of a block of classes.
+``_ce_grad_kernel``   ``dz/dx * (A p - B [j == y] - D w)`` of a block of classes, given the full-row
+                      lse and the row coefficients (A, B, D).
+
+Launchers (``fused``, ``stats``, ``grad``) allocate the outputs, pick ``BLOCK`` / ``num_warps``
+(:func:`block_config`) and launch; nothing here knows about autograd or checks arguments beyond
+what the kernels need. Each launcher is split into a ``*_plan`` function returning the kernel,
+grid, arguments and launch options, so ``tests/kernels/test_aot_compile.py`` compiles exactly the
+configurations a launch can produce.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK, num_warps) pairs block_config can return: at most 16 elements per thread, so that no
+# kernel variant spills registers on sm_80 / sm_90 (checked by tests/kernels/test_aot_compile.py).
+MIN_BLOCK = 64
+MAX_BLOCK = 8192
+BLOCK_CONFIGS = tuple((1 << k, max(1, min(16, (1 << k) // 512))) for k in range(6, 14))
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def block_config(num_classes: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``num_classes`` classes: one block for C <= 8192, else loops."""
+    block = min(max(triton.next_power_of_2(max(int(num_classes), 1)), MIN_BLOCK), MAX_BLOCK)
+    return block, max(1, min(16, block // 512))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(scale * x / softcap) (or scale * x) in float32, and dz/dx.
+
+    tanh(u) = 2 / (1 + exp(-2u)) - 1: one exp, saturates correctly at +-inf, absolute error of
+    a few float32 ulps of 1 (so |error of z| ~ softcap * 1e-7), no libdevice needed.
+    """
+    z = x.to(tl.float32) * scale
+    if HAS_SOFTCAP:
+        th = 2.0 / (1.0 + tl.exp(-2.0 * inv_softcap * z)) - 1.0
+        z = softcap * th
+        dz = scale * (1.0 - th * th)
+    else:
+        dz = scale
+    return z, dz
+
+
+@triton.jit
+def _online_update(m, s, z):
+    """Merge a block of transformed logits ``z`` (-inf on masked lanes) into (max, sumexp)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # Rows whose max is +-inf (or NaN) use 0 as the shift, like celoss.stats.merge.
+    m_safe = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
+    return m_new, s
+
+
+@triton.jit
+def _lin_weight(w_ptr, t_ptr, cols, mask, one_minus_eps, eps_over_c, HAS_WEIGHT: tl.constexpr,
+                HAS_SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Per-class weight of the linear term, 0 on masked lanes.
+
+    Index targets: w_j (1 without class weights). Probability targets: w_j ((1 - eps) t_j + eps/C).
+    """
+    if HAS_SOFT_TARGET:
+        v = tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTHING:
+            v = tl.where(mask, v * one_minus_eps + eps_over_c, 0.0)
+        if HAS_WEIGHT:
+            v = v * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if HAS_WEIGHT:
+            v = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            v = tl.where(mask, 1.0, 0.0)
+    return v
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0: 9-term Taylor series for |x| < 0.5 (relative
+    truncation error < 1.1e-8), exp(x) - 1 elsewhere (relative error ~ 1e-7 / 0.5)."""
+    series = x * (1.0 + x * 0.5 * (1.0 + x * (1.0 / 3.0) * (1.0 + x * 0.25 * (1.0 + x * 0.2 * (
+        1.0 + x * (1.0 / 6.0) * (1.0 + x * (1.0 / 7.0) * (1.0 + x * 0.125 * (1.0 + x * (1.0 / 9.0)))))))))
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _focal_terms(lp, gamma):
+    """For lp = log p_y <= 0: ((1 - p)^gamma, 1 - gamma p lp / (1 - p)), finite as p -> 1 (the
+    ratio lp / (1 - p) -> -1) and for gamma < 1 (celoss.stats.focal_factor)."""
+    omp = -_expm1(lp)
+    pos = omp > 0
+    safe = tl.where(pos, omp, 1.0)
+    ratio = tl.where(pos, lp / safe, -1.0)
+    decay = tl.where(pos, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0, 1.0, 0.0))
+    p = tl.exp(lp)
+    p_ratio = tl.where(p > 0, p * ratio, 0.0)  # p -> 0 (lp -> -inf): p * ratio -> 0, not NaN
+    return decay, 1.0 - gamma * p_ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _ce_fused_kernel(
+    logits_ptr, stride_x, target_ptr, soft_ptr, stride_t, weight_ptr, wsum_ptr, coef_ptr,
+    grad_ptr, stride_g, loss_ptr, lse_ptr, C, ignore_index, one_minus_eps, eps_over_c,
+    scale, softcap, inv_softcap, z_loss, gamma,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SOFT_TARGET: tl.constexpr, IS_FOCAL: tl.constexpr,
+    HAS_GRAD: tl.constexpr, PER_ROW_COEF: tl.constexpr,
+):
+    """Loss, lse and (HAS_GRAD) the gradient of one row (program_id(0) = row).
+
+    Math (celoss/stats.py; z = transformed logits, p = softmax(z), w = class weights or 1,
+    W = sum_c w_c, eps = label smoothing, lam = z-loss, y = target, lp = z_y - lse):
+
+    * Pass 1 (online over blocks): max, sumexp -> lse = max + log(sumexp); for smoothing
+      wz = sum_j w_j z_j; for probability targets wt_j = w_j ((1 - eps) t_j + eps / C),
+      mass = sum_j wt_j and wz = sum_j wt_j z_j. z_y is read directly (one scalar load).
+    * Loss and coefficients of dloss/dz_j = A p_j - B [j == y] - D w_j (index targets) or
+      A p_j - wt_j (probability targets):
+        cross-entropy  loss = w_y (1-eps)(lse - z_y) + eps/C (W lse - wz) + lam w_y lse^2
+                       A = w_y (1-eps) + eps W / C + 2 lam w_y lse,  B = w_y (1-eps),  D = eps / C
+        focal          loss = -w_y (1-p_y)^gamma lp,  A = B = g = w_y (1-p_y)^gamma
+                       (1 - gamma p_y lp / (1-p_y)),  D = 0,  with 1 - p_y = -expm1(lp)
+        probabilities  loss = mass lse - wz + lam lse^2,  A = mass + 2 lam lse
+      Ignored rows (y == ignore_index): loss 0 and A = B = D = 0, so a zero gradient; their
+      logits are not re-read by pass 2.
+    * Pass 2: grad_j = coef_n * dz_j/dx_j * dloss/dz_j with dz/dx = scale (1 - (z/softcap)^2)
+      (scale without softcap). The target element A p_y - B is evaluated as
+      (A - B) p_y + B expm1(lp), exact as p_y -> 1 (no 1 - p_y cancellation in float32).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_x
+    t_row = soft_ptr
+    if HAS_SOFT_TARGET:
+        t_row = soft_ptr + row * stride_t
+        counted = True
+        y = 0
+    else:
+        y = tl.load(target_ptr + row)
+        counted = y != ignore_index
+        y = tl.where(counted, y, 0)
+    NEED_LIN: tl.constexpr = HAS_SOFT_TARGET or (HAS_SMOOTHING and not IS_FOCAL)
+
+    # ---- pass 1: online statistics -------------------------------------------------------
+    m = -float("inf")
+    s = 0.0
+    wz = 0.0
+    mass = 0.0
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        m, s = _online_update(m, s, tl.where(mask, z, -float("inf")))
+        if NEED_LIN:
+            v = _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
+                            HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+            wz += tl.sum(v * z, axis=0)
+            if HAS_SOFT_TARGET:
+                mass += tl.sum(v, axis=0)
+    lse = m + tl.log(s)
+
+    # ---- loss and row coefficients -------------------------------------------------------
+    d = 0.0
+    g_y = 0.0
+    if HAS_SOFT_TARGET:
+        loss = mass * lse - wz + z_loss * lse * lse
+        a = mass + 2.0 * z_loss * lse
+        b = 0.0
+    else:
+        x_y = tl.load(x_row + y, mask=counted, other=0.0)
+        z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=counted, other=0.0).to(tl.float32)
+        else:
+            w_y = tl.where(counted, 1.0, 0.0)
+        lp = z_y - lse
+        if IS_FOCAL:
+            lp = tl.minimum(lp, 0.0)
+            decay, slope = _focal_terms(lp, gamma)
+            loss = -w_y * decay * lp
+            a = w_y * decay * slope
+            b = a
+        else:
+            b = w_y * one_minus_eps
+            loss = b * (lse - z_y) + z_loss * w_y * lse * lse
+            a = b + 2.0 * z_loss * w_y * lse
+            if HAS_SMOOTHING:
+                c = tl.where(counted, 1.0, 0.0)
+                if HAS_WEIGHT:
+                    w_sum = tl.load(wsum_ptr).to(tl.float32)
+                else:
+                    w_sum = C * 1.0
+                loss += eps_over_c * (w_sum * lse - wz)
+                a += eps_over_c * w_sum * c
+                d = eps_over_c * c
+        loss = tl.where(counted, loss, 0.0)
+        # target element of dloss/dz: A p_y - B - D w_y, written to avoid 1 - p_y cancellation
+        g_y = (a - b) * tl.exp(lp) + b * _expm1(lp) - d * w_y
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+    # ---- pass 2: gradient ----------------------------------------------------------------
+    if HAS_GRAD:
+        if PER_ROW_COEF:
+            coef = tl.load(coef_ptr + row).to(tl.float32)
+        else:
+            coef = tl.load(coef_ptr).to(tl.float32)
+        g_row = grad_ptr + row * stride_g
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < C
+            x = tl.load(x_row + cols, mask=mask & counted, other=0.0)
+            z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+            g = a * tl.exp(z - lse)
+            if HAS_SOFT_TARGET:
+                g -= _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
+                                 HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+            else:
+                if HAS_SMOOTHING and not IS_FOCAL:
+                    g -= d * _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
+                                         HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+                g = tl.where(cols == y, g_y, g)
+            g = g * dz * coef
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_stats_kernel(
+    logits_ptr, stride_x, target_ptr, weight_ptr, out_ptr, C, class_start, ignore_index,
+    scale, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """(max, sumexp, target_z, weighted_z) of classes [class_start, class_start + C) of one row.
+
+    target_z = z_y if the (non-ignored) target falls in the block, else 0;
+    weighted_z = sum_j w_j z_j (w = 1 without class weights). Stored in out (N, 4) float32.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_x
+    y = tl.load(target_ptr + row)
+    local = y - class_start
+    here = (local >= 0) & (local < C) & (y != ignore_index)
+    local = tl.where(here, local, 0)
+    m = -float("inf")
+    s = 0.0
+    wz = 0.0
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        m, s = _online_update(m, s, tl.where(mask, z, -float("inf")))
+        v = _lin_weight(weight_ptr, weight_ptr, cols, mask, 1.0, 0.0, HAS_WEIGHT, False, False)
+        wz += tl.sum(v * z, axis=0)
+    x_y = tl.load(x_row + local, mask=here, other=0.0)
+    z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+    z_y = tl.where(here, z_y, 0.0)
+    o = out_ptr + row * 4
+    tl.store(o, m)
+    tl.store(o + 1, s)
+    tl.store(o + 2, z_y)
+    tl.store(o + 3, wz)
+
+
+@triton.jit
+def _ce_grad_kernel(
+    logits_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, coefs_ptr, grad_ptr, stride_g,
+    C, class_start, scale, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """grad_j = dz_j/dx_j (A p_j - B [j + class_start == y] - D w_j) for one row of a class block.
+
+    p_j = exp(z_j - lse) with the full-row lse; (A, B, D) = coefs[row] (already scaled by the
+    upstream gradient). The target element uses (A - B) p_y + B expm1(z_y - lse) (see the fused
+    kernel). Rows with A = B = D = 0 (ignored rows) are written as zeros without reading logits.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_x
+    g_row = grad_ptr + row * stride_g
+    y = tl.load(target_ptr + row)
+    local = y - class_start
+    here = (local >= 0) & (local < C)
+    local = tl.where(here, local, 0)
+    lse = tl.load(lse_ptr + row).to(tl.float32)
+    a = tl.load(coefs_ptr + row * 3).to(tl.float32)
+    b = tl.load(coefs_ptr + row * 3 + 1).to(tl.float32)
+    d = tl.load(coefs_ptr + row * 3 + 2).to(tl.float32)
+    active = (a != 0.0) | (b != 0.0) | (d != 0.0)
+    x_y = tl.load(x_row + local, mask=here & active, other=0.0)
+    z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + local, mask=here, other=0.0).to(tl.float32)
+    else:
+        w_y = 1.0
+    lp = z_y - lse
+    g_y = (a - b) * tl.exp(lp) + b * _expm1(lp) - d * w_y
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(x_row + cols, mask=mask & active, other=0.0)
+        z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        g = a * tl.exp(z - lse)
+        g -= d * _lin_weight(weight_ptr, weight_ptr, cols, mask, 1.0, 0.0, HAS_WEIGHT, False, False)
+        g = tl.where(here & (cols == local), g_y, g)
+        g = g * dz
+        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _check_logits(logits: torch.Tensor):
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton cross-entropy kernels take fp32/fp16/bf16 logits, got {logits.dtype}")
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
+        raise ValueError("logits must be (N, C) with unit stride along the classes")
+
+
+def _f32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _softcap_args(logit_scale, softcap):
+    if softcap is None:
+        return float(logit_scale), 1.0, 1.0
+    return float(logit_scale), float(softcap), 1.0 / float(softcap)
+
+
+def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
+               logit_scale, softcap, z_loss, focal_gamma):
+    """Kernel, grid, keyword arguments and launch options of :func:`fused`, plus (loss, lse)."""
+    _check_logits(logits)
+    n, c = logits.shape
+    dev = logits.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    weight = _f32(weight)
+    has_soft = soft_target is not None
+    is_focal = focal_gamma is not None
+    eps = float(label_smoothing or 0.0)
+    has_smoothing = eps != 0.0 and not is_focal
+    wsum = weight.sum().reshape(1) if (weight is not None and has_smoothing and not has_soft) else None
+    has_grad = grad_out is not None
+    per_row = has_grad and coef.numel() != 1
+    scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
+    block, num_warps = block_config(c)
+    if has_soft and soft_target.shape[1] > 1:
+        assert soft_target.stride(1) == 1
+    if has_grad:
+        assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
+    kwargs = dict(
+        logits_ptr=logits, stride_x=logits.stride(0),
+        target_ptr=None if has_soft else target,
+        soft_ptr=soft_target if has_soft else None,
+        stride_t=soft_target.stride(0) if has_soft else 0,
+        weight_ptr=weight, wsum_ptr=wsum,
+        coef_ptr=_f32(coef) if has_grad else None,
+        grad_ptr=grad_out, stride_g=grad_out.stride(0) if has_grad else 0,
+        loss_ptr=loss, lse_ptr=lse, C=c, ignore_index=int(ignore_index),
+        one_minus_eps=1.0 - eps, eps_over_c=eps / max(c, 1),
+        scale=scale, softcap=cap, inv_softcap=inv_cap, z_loss=float(z_loss or 0.0),
+        gamma=float(focal_gamma) if is_focal else 0.0,
+        BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
+        HAS_SOFTCAP=softcap is not None, HAS_SOFT_TARGET=has_soft, IS_FOCAL=is_focal,
+        HAS_GRAD=has_grad, PER_ROW_COEF=per_row,
+    )
+    return _ce_fused_kernel, (n,), kwargs, dict(num_warps=num_warps), (loss, lse)
+
+
+def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
+    _check_logits(logits)
+    n, c = logits.shape
+    out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
+    scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
+    block, num_warps = block_config(c)
+    weight = _f32(weight)
+    kwargs = dict(
+        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target, weight_ptr=weight,
+        out_ptr=out, C=c, class_start=int(class_start), ignore_index=int(ignore_index),
+        scale=scale, softcap=cap, inv_softcap=inv_cap,
+        BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
+    )
+    return _ce_stats_kernel, (n,), kwargs, dict(num_warps=num_warps), out
+
+
+def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap):
+    _check_logits(logits)
+    n, c = logits.shape
+    scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
+    block, num_warps = block_config(c)
+    weight = _f32(weight)
+    assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
+    kwargs = dict(
+        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target, weight_ptr=weight,
+        lse_ptr=_f32(lse), coefs_ptr=_f32(row_coefs), grad_ptr=grad_out, stride_g=grad_out.stride(0),
+        C=c, class_start=int(class_start), scale=scale, softcap=cap, inv_softcap=inv_cap,
+        BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
+    )
+    return _ce_grad_kernel, (n,), kwargs, dict(num_warps=num_warps), grad_out
+
+
+def _launch(plan):
+    kernel, grid, kwargs, options, result = plan
+    if grid[0] > 0:
+        kernel[grid](**kwargs, **options)
+    return result
+
+
+def _row_major_out(out: torch.Tensor):
+    """A unit-class-stride tensor to write into (``out`` itself when it already is one)."""
+    if out.dim() == 2 and (out.shape[1] <= 1 or out.stride(1) == 1):
+        return out
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+def fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index=-100,
+          label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, focal_gamma=None):
+    """Per-row (loss, lse) float32 and, when ``grad_out`` is given, ``coef * dloss/dlogits``."""
+    buf = None if grad_out is None else _row_major_out(grad_out)
+    loss, lse = _launch(fused_plan(
+        logits, target, soft_target, weight, coef, buf, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
+        z_loss=z_loss, focal_gamma=focal_gamma))
+    if buf is not None and buf is not grad_out:
+        grad_out.copy_(buf)
+    return loss, lse
+
+
+def stats(logits, target, weight, *, class_start=0, ignore_index=-100, logit_scale=1.0, softcap=None):
+    """(N, 4) float32 row statistics of the class block ``[class_start, class_start + C)``."""
+    return _launch(stats_plan(logits, target, weight, class_start=class_start,
+                              ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap))
+
+
+def grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start=0, logit_scale=1.0,
+         softcap=None):
+    """Writes ``dz/dx * (A p - B onehot - D w)`` of a class block into ``grad_out`` (may alias)."""
+    buf = _row_major_out(grad_out)
+    _launch(grad_plan(logits, target, weight, lse, row_coefs, buf, class_start=class_start,
+                      logit_scale=logit_scale, softcap=softcap))
+    if buf is not grad_out:
+        grad_out.copy_(buf)
+    return grad_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans on CPU stand-in tensors, for ahead-of-time compile tests (kernels/_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+KERNELS = ("fused", "stats", "grad")
+
+
+def aot_plan(kernel="fused", dtype="bfloat16", block=MAX_BLOCK, aligned=True, *, weight=False,
+             smoothing=False, softcap=False, soft_target=False, focal=False, grad=None):
+    """The plan (kernel, grid, kwargs, options, outputs) a launch would use for rows whose
+    ``block_config`` is ``block``, with small CPU tensors standing in for CUDA ones (only their
+    dtypes and alignments matter to the compiler). ``aligned=False``: odd C and row strides and a
+    logits pointer off the 16-byte grid (a class slice), so no divisibility specialization.
+    ``grad``: None, "scalar" or "row" (fused kernel: coefficient shape)."""
+    dt = getattr(torch, dtype)
+    c = block if aligned else block - 1  # same block_config, opposite divisibility
+    if block == MAX_BLOCK:
+        c = 2 * block + (0 if aligned else 1)
+    assert block_config(c)[0] == block
+    n = 2
+
+    def rows():
+        return torch.zeros(n, c, dtype=dt) if aligned else torch.zeros(n, c + 2, dtype=dt)[:, 1:c + 1]
+
+    logits = rows()
+    target = torch.zeros(n, dtype=torch.int64)
+    w = torch.rand(c) if weight else None
+    cap = 30.0 if softcap else None
+    if kernel == "fused":
+        soft = rows() if soft_target else None
+        coef = torch.ones(n if grad == "row" else 1)
+        grad_out = (rows() if aligned else logits) if grad else None  # unaligned: in place
+        return fused_plan(logits, None if soft_target else target, soft, w, coef, grad_out,
+                          ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0,
+                          logit_scale=1.0, softcap=cap, z_loss=1e-4,
+                          focal_gamma=2.0 if focal else None)
+    if kernel == "stats":
+        return stats_plan(logits, target, w, class_start=0, ignore_index=-100, logit_scale=1.0,
+                          softcap=cap)
+    if kernel == "grad":
+        return grad_plan(logits, target, w, torch.zeros(n), torch.zeros(n, 3), rows(),
+                         class_start=0, logit_scale=1.0, softcap=cap)
+    raise ValueError(kernel)
+
+
+def aot_cases(kernel="fused", heaviest=False):
+    """Flag combinations the launchers can produce for ``kernel`` (``heaviest``: the one with the
+    most live state). Focal excludes smoothing and probability targets, as celoss validates."""
+    if kernel in ("stats", "grad"):
+        combos = [dict(weight=wt, softcap=sc) for wt in (False, True) for sc in (False, True)]
+        return combos[-1:] if heaviest else combos
+    combos = []
+    for mode in ("index", "soft", "focal"):
+        for wt in (False, True):
+            for sm in ((False,) if mode == "focal" else (False, True)):
+                for sc in (False, True):
+                    for g in (None, "scalar", "row"):
+                        combos.append(dict(weight=wt, smoothing=sm, softcap=sc, grad=g,
+                                           soft_target=mode == "soft", focal=mode == "focal"))
+    if heaviest:
+        return [c for c in combos if c["weight"] and c["softcap"] and c["grad"] == "row"
+                and (c["smoothing"] or c["focal"])]
+    return combos

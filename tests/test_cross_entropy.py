@@ -1,0 +1,360 @@
+"""celoss.cross_entropy vs PyTorch (float64 oracle) on every backend: values and gradients."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celoss
+from conftest import backend_device, backend_params, lowp_error_bound
+
+ALL = backend_params()
+CPU_KERNELS = backend_params("cython", "torch")
+
+
+def _data(n, c, device, dtype=torch.float32, seed=0, ignore_frac=0.25):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 3).to(device=device, dtype=dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignore_frac] = -100
+    w = torch.rand(c, generator=g) + 0.1
+    return x, t.to(device), w.to(device)
+
+
+def _both(fn_ours, fn_ref, x, upstream_seed=1):
+    """Loss and input gradient (with a non-trivial upstream gradient) of both functions."""
+    xa = x.detach().clone().requires_grad_()
+    xb = x.detach().double().clone().requires_grad_()
+    a, b = fn_ours(xa), fn_ref(xb)
+    up = torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+    up = (up + 0.5).to(b.device)
+    ga, = torch.autograd.grad(a, xa, up.to(a.dtype))
+    gb, = torch.autograd.grad(b, xb, up)
+    return a, b, ga, gb
+
+
+OPTIONS = [dict(), dict(weight=True), dict(label_smoothing=0.15), dict(weight=True, label_smoothing=0.3),
+           dict(ignore_index=3)]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_index_targets_match_pytorch(backend, reduction, opts):
+    dev = backend_device(backend)
+    x, t, w = _data(37, 203, dev)
+    kw = dict(opts)
+    if kw.pop("weight", False):
+        kw["weight"] = w
+    if "ignore_index" in kw:
+        t = torch.where(t == -100, kw["ignore_index"], t)
+    a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, reduction=reduction, backend=backend, **kw),
+                         lambda v: F.cross_entropy(v, t, reduction=reduction,
+                                                   **{k: (u.double() if torch.is_tensor(u) else u)
+                                                      for k, u in kw.items()}), x)
+    assert a.shape == b.shape and a.dtype == torch.float32
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing,weighted", [(0.0, False), (0.2, True)])
+def test_probability_targets_match_pytorch(backend, reduction, smoothing, weighted):
+    dev = backend_device(backend)
+    x, _, w = _data(19, 77, dev)
+    p = torch.softmax(torch.randn(19, 77, generator=torch.Generator().manual_seed(5)), 1).to(dev)
+    kw = dict(weight=w) if weighted else {}
+    a, b, ga, gb = _both(
+        lambda v: celoss.cross_entropy(v, p, reduction=reduction, label_smoothing=smoothing, backend=backend, **kw),
+        lambda v: F.cross_entropy(v, p.double(), reduction=reduction, label_smoothing=smoothing,
+                                  **{k: u.double() for k, u in kw.items()}), x)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", [(13,), (4, 6, 5), (2, 7, 3, 4)], ids=str)
+def test_shapes_one_and_k_dimensional(backend, shape):
+    dev = backend_device(backend)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g).to(dev)
+    c = shape[0] if len(shape) == 1 else shape[1]
+    t_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    t = torch.randint(0, c, t_shape, generator=g).to(dev)
+    for reduction in ("mean", "none"):
+        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, reduction=reduction, backend=backend),
+                             lambda v: F.cross_entropy(v, t, reduction=reduction), x)
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("c", [1, 3, 1000, 8209])
+def test_odd_class_counts(backend, c):
+    dev = backend_device(backend)
+    n = 3 if c > 5000 else 9
+    x, t, w = _data(n, c, dev, ignore_frac=0.0)
+    a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, weight=w, label_smoothing=0.1, backend=backend),
+                         lambda v: F.cross_entropy(v, t, weight=w.double(), label_smoothing=0.1), x)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_large_prime_vocabulary(backend):
+    x, t, _ = _data(4, 2 ** 17 + 1, "cpu", ignore_frac=0.0)
+    a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, backend=backend), lambda v: F.cross_entropy(v, t), x)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_non_contiguous_input(backend):
+    dev = backend_device(backend)
+    base, t, _ = _data(11, 300, dev)
+    for x in (base[:, ::2], base.t().contiguous().t(), base[::2]):
+        tt = t[: x.shape[0]] % x.shape[1]
+        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, tt, reduction="none", backend=backend),
+                             lambda v: F.cross_entropy(v, tt, reduction="none"), x)
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_no_worse_than_pytorch(backend, dtype):
+    dev = backend_device(backend)
+    x, t, w = _data(64, 1531, dev, dtype=dtype)
+    for reduction in ("mean", "none"):
+        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, weight=w, reduction=reduction, backend=backend),
+                             lambda v: F.cross_entropy(v, t, weight=w.double(), reduction=reduction), x)
+        assert a.dtype == dtype and ga.dtype == dtype
+        xl = x.detach().clone().requires_grad_()
+        lp = F.cross_entropy(xl, t, weight=w.to(dtype), reduction=reduction)
+        up = torch.rand(b.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).add(0.5)
+        glp, = torch.autograd.grad(lp, xl, up.to(dtype).to(dev))
+        lowp_error_bound(a, lp, b, margin=2e-3)
+        lowp_error_bound(ga, glp, gb, margin=2e-3)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_float64_gradcheck(backend):
+    x, t, w = _data(5, 7, "cpu", dtype=torch.float64)
+    x.requires_grad_()
+    for kw in (dict(), dict(weight=w.double(), label_smoothing=0.2, reduction="none"),
+               dict(softcap=2.0, logit_scale=0.7, z_loss=1e-2, reduction="sum")):
+        assert torch.autograd.gradcheck(lambda v: celoss.cross_entropy(v, t, backend=backend, **kw), (x,))
+
+
+def _extras_oracle(x, t, *, logit_scale, softcap, z_loss, weight, reduction, label_smoothing):
+    """scale -> softcap -> log_softmax -> CE terms + z-loss weighted by w_y, float64."""
+    z = x.double() * logit_scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    ce = F.cross_entropy(z, t, weight=weight, reduction="none", label_smoothing=label_smoothing)
+    counted = t != -100
+    w_y = torch.where(counted, (weight[t.clamp_min(0)] if weight is not None else 1.0), 0.0)
+    rows = ce + z_loss * w_y * torch.logsumexp(z, 1) ** 2
+    return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / w_y.sum()}[reduction]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scale,cap,zl", [(1.0, 30.0, 0.0), (0.5, None, 1e-3), (2.0, 5.0, 1e-2)])
+def test_extras_scale_softcap_zloss(backend, reduction, scale, cap, zl):
+    dev = backend_device(backend)
+    x, t, w = _data(23, 301, dev)
+    for weight in (None, w):
+        kw = dict(logit_scale=scale, softcap=cap, z_loss=zl, reduction=reduction, label_smoothing=0.1)
+        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, weight=weight, backend=backend, **kw),
+                             lambda v: _extras_oracle(v, t, weight=None if weight is None else weight.double(), **kw), x)
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_returned_lse_and_z_loss(backend):
+    dev = backend_device(backend)
+    x, t, _ = _data(17, 129, dev)
+    out = celoss.cross_entropy(x, t, z_loss=1e-2, softcap=10.0, return_lse=True, return_z_loss=True, backend=backend)
+    z = 10.0 * torch.tanh(x.double() / 10.0)
+    lse = torch.logsumexp(z, 1)
+    torch.testing.assert_close(out.lse.double(), lse, rtol=1e-5, atol=1e-5)
+    counted = (t != -100).double()
+    torch.testing.assert_close(out.z_loss.double(), (1e-2 * counted * lse ** 2).sum() / counted.sum(), rtol=1e-5, atol=1e-6)
+    only_lse = celoss.cross_entropy(x, t, return_lse=True, backend=backend)
+    assert only_lse.z_loss is None and only_lse.lse.shape == (17,)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_gradient_flows_through_returned_lse(backend):
+    """A user-side z-loss computed from the returned lse gets its gradient."""
+    dev = backend_device(backend)
+    x, t, _ = _data(9, 65, dev)
+
+    def ours(v):
+        out = celoss.cross_entropy(v, t, reduction="sum", return_lse=True, backend=backend)
+        return out.loss + 0.1 * (out.lse ** 2).sum()
+
+    a, b, ga, gb = _both(ours, lambda v: F.cross_entropy(v, t, reduction="sum")
+                         + 0.1 * (torch.logsumexp(v, 1) ** 2).sum(), x)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_loss_times_constant_and_mean_of_all_ignored(backend):
+    dev = backend_device(backend)
+    x, t, _ = _data(8, 50, dev)
+    a, b, ga, gb = _both(lambda v: 3 * celoss.cross_entropy(v, t, backend=backend),
+                         lambda v: 3 * F.cross_entropy(v, t), x)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+    ignored = torch.full_like(t, -100)
+    xa = x.clone().requires_grad_()
+    loss = celoss.cross_entropy(xa, ignored, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and torch.equal(xa.grad, torch.zeros_like(xa))
+    assert celoss.cross_entropy(x, ignored, reduction="sum", backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_empty_batch_as_pytorch(backend):
+    dev = backend_device(backend)
+    x = torch.randn(0, 10, device=dev, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=dev)
+    for reduction in ("mean", "sum", "none"):
+        a, b = celoss.cross_entropy(x, t, reduction=reduction, backend=backend), F.cross_entropy(x, t, reduction=reduction)
+        assert a.shape == b.shape and torch.equal(a.isnan(), b.isnan())
+        if reduction != "mean":
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_nan_and_inf_propagate_like_pytorch(backend):
+    dev = backend_device(backend)
+    x, t, _ = _data(6, 40, dev, ignore_frac=0.0)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, :] = -float("inf")
+    x[3, t[3]] = 0.0
+    a = celoss.cross_entropy(x, t, reduction="none", backend=backend)
+    b = F.cross_entropy(x, t, reduction="none")
+    assert torch.equal(a.isnan(), b.isnan())
+    finite = ~b.isnan()
+    torch.testing.assert_close(a[finite], b[finite])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_inplace_backward_is_correct_and_visible_to_autograd(backend):
+    dev = backend_device(backend)
+    x, t, _ = _data(10, 97, dev)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 2.0  # mul saves only the scalar: writing into its output is safe
+    celoss.cross_entropy(logits, t, inplace_backward=True, backend=backend).backward()
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref * 2.0, t).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    # tanh saves its output for backward: overwriting it must raise, not silently corrupt
+    saved = torch.tanh(x.clone().requires_grad_())
+    loss = celoss.cross_entropy(saved, t, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_torch_compile_fullgraph_cpu():
+    x, t, w = _data(16, 300, "cpu")
+
+    def f(v):
+        return celoss.cross_entropy(v, t, weight=w, label_smoothing=0.1)
+
+    compiled = torch.compile(f, fullgraph=True)
+    a, b, ga, gb = _both(compiled, lambda v: F.cross_entropy(v, t, weight=w.double(), label_smoothing=0.1), x)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+    none = torch.compile(lambda v: celoss.cross_entropy(v, t, reduction="none"), fullgraph=True)
+    a, b, ga, gb = _both(none, lambda v: F.cross_entropy(v, t, reduction="none"), x)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+def test_module_mirrors_torch():
+    x, t, w = _data(12, 30, "cpu")
+    ours = celoss.CrossEntropyLoss(weight=w, ignore_index=-100, reduction="sum", label_smoothing=0.05)
+    ref = torch.nn.CrossEntropyLoss(weight=w, reduction="sum", label_smoothing=0.05)
+    torch.testing.assert_close(ours(x, t), ref(x, t))
+    assert "weight" in dict(ours.named_buffers())
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("bad", [50, -3, 10 ** 12])
+def test_out_of_range_target_names_the_value(backend, bad):
+    dev = backend_device(backend)
+    x, t, _ = _data(6, 50, dev)
+    t[4] = bad
+    with pytest.raises(IndexError, match=str(bad)):
+        celoss.cross_entropy(x, t, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(target=torch.zeros(4, dtype=torch.int32)), TypeError, "int64"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "shape"),
+    (dict(weight=torch.ones(6)), ValueError, "weight"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="cuda"), ValueError, "unknown backend"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(input=torch.zeros(4, 7, dtype=torch.long)), TypeError, "float"),
+])
+def test_bad_arguments(kwargs, error, match):
+    args = dict(input=torch.randn(4, 7), target=torch.zeros(4, dtype=torch.long))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        celoss.cross_entropy(args.pop("input"), args.pop("target"), **args)
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: triton can run")
+    with pytest.raises(RuntimeError, match="triton"):
+        celoss.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), backend="triton")
+
+
+def test_environment_variable_sets_default_backend(monkeypatch):
+    monkeypatch.setenv("CELOSS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="nope"):
+        celoss.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    monkeypatch.setenv("CELOSS_BACKEND", "torch")
+    torch.testing.assert_close(celoss.cross_entropy(torch.ones(2, 3), torch.zeros(2, dtype=torch.long)),
+                               torch.tensor(1.0986123))
+
+
+def test_available_backends_reports_reasons():
+    info = celoss.available_backends()
+    assert set(info) == {"triton", "cython", "torch"} and info["torch"] is None
+    assert all(v is None or isinstance(v, str) and v for v in info.values())
+
+
+def test_all_option_combinations_reference_vs_kernels():
+    """Every combination of options: each CPU-runnable kernel backend equals the reference backend."""
+    x, t, w = _data(13, 257, "cpu")
+    kernels = [n for n in ("cython", "triton") if celoss.available_backends()[n] is None]
+    if not kernels:
+        pytest.skip("no kernel backend available")
+    for red, use_w, eps, cap, zl in itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2],
+                                                      [None, 4.0], [0.0, 1e-3]):
+        kw = dict(reduction=red, weight=w if use_w else None, label_smoothing=eps, softcap=cap, z_loss=zl)
+        ref = _loss_and_grad(lambda v: celoss.cross_entropy(v, t, backend="torch", **kw), x)
+        for name in kernels:
+            got = _loss_and_grad(lambda v: celoss.cross_entropy(v, t, backend=name, **kw), x)
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def _loss_and_grad(fn, x):
+    v = x.detach().clone().requires_grad_()
+    loss = fn(v)
+    up = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    return loss.detach(), torch.autograd.grad(loss, v, up)[0]
