@@ -5,3 +5,8 @@ from .modules import CrossEntropyLoss
 
 __all__ = ["available_backends", "cross_entropy", "CrossEntropyOutput", "CrossEntropyLoss"]
 __version__ = "0.1.0"
+
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from .modules import LinearCrossEntropyLoss  # noqa: E402
+
+__all__ += ["linear_cross_entropy", "LinearCrossEntropyLoss"]

@@ -57,7 +57,7 @@ CE_INLINE uint16_t ce_f2bf(float f) { /* round to nearest even; NaN -> 0x7fc0 li
 
 CE_INLINE float ce_h2f(uint16_t h) { /* exact, subnormals included, without fp32 denormals */
     uint32_t em = (uint32_t)(h & 0x7fffu) << 13, e = em & 0x0f800000u;
-    uint32_t u = em + ((e == 0x0f800000u ? 255u - 15u : 127u - 15u) << 23); /* inf/nan, else rebias */
+    uint32_t u = em + ((e == 0x0f800000u ? 255u - 31u : 127u - 15u) << 23); /* inf/nan, else rebias */
     float sub = ce_u2f(em + (113u << 23)) - ce_u2f(113u << 23);              /* zero/subnormal */
     u = e == 0 ? ce_f2u(sub) : u;
     return ce_u2f(u | (uint32_t)(h & 0x8000u) << 16);
@@ -72,30 +72,32 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
     return (uint16_t)(r | sign >> 16);
 }
 
-/* ---- exp and tanh: Cody-Waite reduction x = n ln2 + r, polynomial for e^r, 2^n from bits ----
- * Clamps are written as compares so NaN passes through; below the normal range the result
- * is 0 (exp(-inf) = 0). */
+/* ---- exp and tanh: x = n ln2 + r, polynomial for e^r, 2^n from exponent bits ----
+ * Clamps are compares, so NaN passes through; below the normal range 2^n becomes +0 (via the
+ * exponent, not a select on x: gcc would turn that into a branch and not vectorize), so
+ * exp(-inf) = 0. r is reduced in double: -fassociative-math would fold a Cody-Waite split. */
 CE_INLINE float ce_expf(float x) {
-    float xc = x < -87.0f ? -87.0f : x;
+    float xc = x < -100.0f ? -100.0f : x;
     xc = xc > 88.0f ? 88.0f : xc;
-    int32_t k = (int32_t)(xc * 1.44269504f + 127.5f); /* n + 127 in [2, 254] */
+    int32_t k = (int32_t)(xc * 1.44269504f + 127.5f); /* n + 127, <= 0 below the normal range */
+    k = k < 0 ? 0 : k;
     float n = (float)k - 127.0f, p2 = ce_u2f((uint32_t)k << 23);
-    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float r = (float)((double)xc - (double)n * 0.6931471805599453);
     float q = 1.9875691500e-4f; /* Cephes expf: e^r - 1 - r = r^2 q(r), ~1 ulp */
     q = q * r + 1.3981999507e-3f;
     q = q * r + 8.3334519073e-3f;
     q = q * r + 4.1665795894e-2f;
     q = q * r + 1.6666665459e-1f;
     q = q * r + 5.0000001201e-1f;
-    float e = p2 + p2 * (r + r * r * q);
-    return x < -87.0f ? 0.0f : e;
+    return p2 + p2 * (r + r * r * q);
 }
-CE_INLINE double ce_expd(double x) {
-    double xc = x < -708.0 ? -708.0 : x;
+CE_INLINE double ce_expd(double x) { /* ~1e-16 |x| relative: fine for the fp64 (non-fast) path */
+    double xc = x < -800.0 ? -800.0 : x;
     xc = xc > 709.0 ? 709.0 : xc;
-    int32_t k = (int32_t)(xc * 1.4426950408889634 + 1023.5); /* n + 1023 in [2, 2046] */
+    int32_t k = (int32_t)(xc * 1.4426950408889634 + 1023.5); /* n + 1023 */
+    k = k < 0 ? 0 : k;
     double n = (double)k - 1023.0, p2 = ce_u2d((uint64_t)k << 52);
-    double r = (xc - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+    double r = xc - n * 0.6931471805599453;
     double q = 1.6059043836821613e-10; /* Taylor to r^13: < 1e-17 on |r| <= ln2/2 */
     q = q * r + 2.08767569878681e-09;
     q = q * r + 2.505210838544172e-08;
@@ -108,8 +110,7 @@ CE_INLINE double ce_expd(double x) {
     q = q * r + 4.1666666666666664e-02;
     q = q * r + 1.6666666666666666e-01;
     q = q * r + 0.5;
-    double e = p2 + p2 * (r + r * r * q);
-    return x < -708.0 ? 0.0 : e;
+    return p2 + p2 * (r + r * r * q);
 }
 CE_INLINE float ce_tanhf(float u) {
     /* (1 - e^-2|u|) / (1 + e^-2|u|) loses bits for small |u|: Taylor to u^11 there (< 3e-9) */
@@ -273,6 +274,7 @@ CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int6
     for (int64_t j0 = 0; j0 < C; j0 += CE_BLOCK) {
         int64_t j1 = C - j0 < CE_BLOCK ? C : j0 + CE_BLOCK;
         CE_ACC bs = 0, bu = 0, buz = 0;
+#pragma omp simd reduction(+ : bs, bu, buz) /* else gcc's PRE turns the clamps into branches */
         for (int64_t j = j0; j < j1; j++) {
             CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
             bs += ce_exp(z - shift);
@@ -288,11 +290,11 @@ CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int6
 }
 
 /* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j, u_j as in pass 2 (with lin). g may alias x:
- * element j is read before it is written, so there is no loop-carried dependence (ivdep). */
+ * element j is read before it is written, so there is no loop-carried dependence (omp simd). */
 CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w, int64_t C,
                               CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1, CE_ACC c0,
                               const int capped, const int lin, const int has_w, const int has_t) {
-#pragma GCC ivdep
+#pragma omp simd
     for (int64_t j = 0; j < C; j++) {
         CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
         CE_ACC v = a * ce_exp(z - shift);

@@ -153,7 +153,7 @@ def _compile_job(job):
     ...), specialize it like the JIT would, compile it for each arch and read ptxas -v."""
     import importlib
 
-    module_name, func_name, case, archs = job
+    module_name, func_name, case, archs, asm = job
     plan = getattr(importlib.import_module(module_name), func_name)(**case)
     kernel, _, kwargs, options = plan[:4]
     signature, constexprs, attrs = specialize(kernel, kwargs)
@@ -162,17 +162,19 @@ def _compile_job(job):
         try:
             k = compile_kernel(kernel, signature, constexprs, attrs=attrs, arch=arch, **options)
             out[arch] = _usage_dict(ptxas_usage(k.asm["ptx"], arch))
+            out[arch]["num_warps"] = options.get("num_warps")
+            out[arch]["asm"] = {name: k.asm[name] for name in asm}
         except Exception as exc:  # reported per arch, the caller asserts
             out[arch] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 
 def _worker_main() -> None:
-    """Entry point of a compile worker: JSON {"sys_path", "jobs"} on stdin, results on stdout."""
+    """Entry point of a compile worker: JSON {"jobs": [...]} on stdin, results on stdout."""
     import json
 
     payload = json.loads(sys.stdin.read())
-    results = [_compile_job((m, f, case, tuple(archs))) for m, f, case, archs in payload["jobs"]]
+    results = [_compile_job(tuple(job)) for job in payload["jobs"]]
     sys.stdout.write("\n" + _RESULT_MARK + json.dumps(results))
 
 
@@ -180,36 +182,39 @@ _RESULT_MARK = "@@celoss-aot-results@@"
 
 
 def compile_many(module_name: str, func_name: str, cases: list[dict], *, archs=DEFAULT_ARCHS,
-                 processes: int | None = None, timeout: float | None = None) -> list[dict]:
+                 processes: int | None = None, timeout: float | None = None,
+                 asm: tuple = ()) -> list[dict]:
     """Compile many launch plans in parallel, in fresh Python processes started without
     TRITON_INTERPRET (a process that imported triton under the interpreter can't compile: even
     ``tl.max`` is an interpreted function there). ``module_name.func_name(**case)`` must return a
     plan ``(kernel, grid, kwargs, options, ...)`` like the ``*_plan`` launchers; cases must be
     JSON-serialisable. Returns, per case, ``{arch: {"registers", "spill_stores", "spill_loads",
-    "spill_bytes", "stack_frame", ...}}`` or ``{arch: {"error": message}}``."""
+    "spill_bytes", "stack_frame", "num_warps", "asm": {name: text for name in asm}, ...}}`` or
+    ``{arch: {"error": message}}``; ``asm`` names compiler stages to return ("ttir", "ptx", ...).
+    Set ``processes`` to the number of cores to spare (default: all)."""
     import json
 
     processes = max(1, min(len(cases), processes or os.cpu_count() or 1))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = __name__  # "celoss.kernels._aot" or "kernels._aot"
-    procs = []
-    for p in range(processes):
-        jobs = [(module_name, func_name, case, list(archs)) for case in cases[p::processes]]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", f"import sys; sys.path[:0] = {list(sys.path)!r}; "
-             f"import {here} as m; m._worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        procs.append(proc)
-        proc.stdin.write(json.dumps({"jobs": jobs}))
-        proc.stdin.close()
+    code = f"import sys; sys.path[:0] = {list(sys.path)!r}; import {here} as m; m._worker_main()"
     per_proc = []
-    for proc in procs:
-        out = proc.stdout.read()
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=timeout)
-        if rc != 0 or _RESULT_MARK not in out:
-            raise RuntimeError(f"AOT compile worker failed (rc {rc}):\n{err[-4000:]}")
-        per_proc.append(json.loads(out.split(_RESULT_MARK, 1)[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for p in range(processes):
+            jobs = [(module_name, func_name, case, list(archs), list(asm)) for case in cases[p::processes]]
+            files = [os.path.join(tmp, f"{p}.{ext}") for ext in ("in", "out", "err")]
+            with open(files[0], "w") as f:
+                json.dump({"jobs": jobs}, f)
+            with open(files[0]) as fin, open(files[1], "w") as fout, open(files[2], "w") as ferr:
+                procs.append((subprocess.Popen([sys.executable, "-c", code], stdin=fin, stdout=fout,
+                                               stderr=ferr, env=env), files))
+        for proc, files in procs:
+            rc = proc.wait(timeout=timeout)
+            out, err = (open(f).read() for f in files[1:])
+            if rc != 0 or _RESULT_MARK not in out:
+                raise RuntimeError(f"AOT compile worker failed (rc {rc}):\n{err[-4000:]}")
+            per_proc.append(json.loads(out.split(_RESULT_MARK, 1)[1]))
     results = [None] * len(cases)
     for p, res in enumerate(per_proc):
         results[p::processes] = res

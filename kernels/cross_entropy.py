@@ -25,19 +25,24 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK, num_warps) pairs block_config can return: at most 16 elements per thread, so that no
-# kernel variant spills registers on sm_80 / sm_90 (checked by tests/kernels/test_aot_compile.py).
+# (BLOCK, num_warps) pairs block_config can return: at most 16 elements per thread and at most
+# 8 warps, so that no kernel variant spills registers on sm_80 / sm_90a (checked for every
+# variant by tests/kernels/test_aot_compile.py). Measured with Triton 3.6's ptxas (CUDA 12.8):
+# for a 512-thread program (BLOCK 8192, 16 warps) ptxas targets 64 registers per thread (two
+# programs per SM) and some fused variants then spill on sm_90a; with 256 threads (BLOCK 4096,
+# 8 warps) the target is 128 and every variant fits in <= 64 registers without spills.
 MIN_BLOCK = 64
-MAX_BLOCK = 8192
-BLOCK_CONFIGS = tuple((1 << k, max(1, min(16, (1 << k) // 512))) for k in range(6, 14))
+MAX_BLOCK = 4096
+BLOCK_CONFIGS = tuple((1 << k, max(1, (1 << k) // 512)) for k in range(6, 13))
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def block_config(num_classes: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``num_classes`` classes: one block for C <= 8192, else loops."""
+    """(BLOCK, num_warps) for rows of ``num_classes`` classes: one block for C <= MAX_BLOCK, else
+    a loop over blocks of MAX_BLOCK; one warp per 512 classes of the block (16 per thread)."""
     block = min(max(triton.next_power_of_2(max(int(num_classes), 1)), MIN_BLOCK), MAX_BLOCK)
-    return block, max(1, min(16, block // 512))
+    return block, max(1, block // 512)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,16 +107,45 @@ def _expm1(x):
 
 
 @triton.jit
-def _focal_terms(lp, gamma):
-    """For lp = log p_y <= 0: ((1 - p)^gamma, 1 - gamma p lp / (1 - p)), finite as p -> 1 (the
-    ratio lp / (1 - p) -> -1) and for gamma < 1 (celoss.stats.focal_factor)."""
-    omp = -_expm1(lp)
+def _log1m(u):
+    """log(1 - u) for u >= 0 without cancellation near 0: -(u + u^2/2 + ... + u^8/8) for u < 0.1
+    (relative truncation error < 1.2e-9), log(1 - u) elsewhere."""
+    series = -u * (1.0 + u * (0.5 + u * ((1.0 / 3.0) + u * (0.25 + u * (0.2 + u * (
+        (1.0 / 6.0) + u * ((1.0 / 7.0) + u * 0.125)))))))
+    return tl.where(u < 0.1, series, tl.log(1.0 - u))
+
+
+@triton.jit
+def _merge_target(m, s, z_y, counted):
+    """Fold the target logit z_y, left out of the online (m, s) of a row, back in.
+
+    Returns (lse, p_y, 1 - p_y, log p_y). 1 - p_y = (sum of the other classes' exps) / sumexp is
+    accurate to float32 rounding for any p_y (no 1 - p cancellation, unlike -expm1(z_y - lse),
+    whose argument already carries an absolute error of ulp(lse)); log p_y = log1p(-(1 - p_y))
+    where p_y > 1/2, z_y - lse elsewhere. Rows that are not counted (m, s hold all classes)
+    return (lse, 0, 1, -inf)-like values that the caller masks out.
+    """
+    m_full = tl.where(counted, tl.maximum(m, z_y), m)
+    m_safe = tl.where(tl.abs(m_full) < float("inf"), m_full, 0.0)
+    s_other = s * tl.exp(m - m_safe)
+    e_y = tl.where(counted, tl.exp(z_y - m_safe), 0.0)
+    s_all = s_other + e_y
+    lse = m_full + tl.log(s_all)
+    omp = s_other / s_all
+    p_y = e_y / s_all
+    lp = tl.where(omp < 0.5, _log1m(tl.minimum(omp, 0.5)), z_y - lse)
+    return lse, p_y, omp, lp
+
+
+@triton.jit
+def _focal_terms(lp, p_y, omp, gamma):
+    """((1 - p)^gamma, 1 - gamma p lp / (1 - p)) for p = p_y (celoss.stats.focal_factor), finite
+    as p -> 1 (lp / (1 - p) -> -1), for gamma < 1, and as p -> 0."""
     pos = omp > 0
     safe = tl.where(pos, omp, 1.0)
     ratio = tl.where(pos, lp / safe, -1.0)
     decay = tl.where(pos, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0, 1.0, 0.0))
-    p = tl.exp(lp)
-    p_ratio = tl.where(p > 0, p * ratio, 0.0)  # p -> 0 (lp -> -inf): p * ratio -> 0, not NaN
+    p_ratio = tl.where(p_y > 0, p_y * ratio, 0.0)
     return decay, 1.0 - gamma * p_ratio
 
 
@@ -131,23 +165,28 @@ def _ce_fused_kernel(
     """Loss, lse and (HAS_GRAD) the gradient of one row (program_id(0) = row).
 
     Math (celoss/stats.py; z = transformed logits, p = softmax(z), w = class weights or 1,
-    W = sum_c w_c, eps = label smoothing, lam = z-loss, y = target, lp = z_y - lse):
+    W = sum_c w_c, eps = label smoothing, lam = z-loss, y = target, lp = log p_y = z_y - lse):
 
-    * Pass 1 (online over blocks): max, sumexp -> lse = max + log(sumexp); for smoothing
-      wz = sum_j w_j z_j; for probability targets wt_j = w_j ((1 - eps) t_j + eps / C),
-      mass = sum_j wt_j and wz = sum_j wt_j z_j. z_y is read directly (one scalar load).
+    * Pass 1 (online over blocks): max and sumexp of the classes other than y (all classes for
+      probability targets and ignored rows), then z_y (one scalar load) folded in:
+      lse = max + log(sumexp), 1 - p_y = sumexp_other / sumexp (accurate for p_y -> 1),
+      lp = log1p(-(1 - p_y)) for p_y > 1/2 else z_y - lse. For smoothing wz = sum_j w_j z_j;
+      for probability targets wt_j = w_j ((1 - eps) t_j + eps / C), mass = sum_j wt_j and
+      wz = sum_j wt_j z_j.
     * Loss and coefficients of dloss/dz_j = A p_j - B [j == y] - D w_j (index targets) or
       A p_j - wt_j (probability targets):
-        cross-entropy  loss = w_y (1-eps)(lse - z_y) + eps/C (W lse - wz) + lam w_y lse^2
+        cross-entropy  loss = -w_y (1-eps) lp + eps/C (W lse - wz) + lam w_y lse^2
                        A = w_y (1-eps) + eps W / C + 2 lam w_y lse,  B = w_y (1-eps),  D = eps / C
-        focal          loss = -w_y (1-p_y)^gamma lp,  A = B = g = w_y (1-p_y)^gamma
-                       (1 - gamma p_y lp / (1-p_y)),  D = 0,  with 1 - p_y = -expm1(lp)
+        focal          loss = -w_y (1-p_y)^gamma lp,  A = B = g,  D = 0,
+                       g = w_y (1-p_y)^gamma (1 - gamma p_y lp / (1-p_y))
+                       (lp / (1-p_y) -> -1 as p_y -> 1, so g stays finite for gamma < 1)
         probabilities  loss = mass lse - wz + lam lse^2,  A = mass + 2 lam lse
       Ignored rows (y == ignore_index): loss 0 and A = B = D = 0, so a zero gradient; their
       logits are not re-read by pass 2.
     * Pass 2: grad_j = coef_n * dz_j/dx_j * dloss/dz_j with dz/dx = scale (1 - (z/softcap)^2)
-      (scale without softcap). The target element A p_y - B is evaluated as
-      (A - B) p_y + B expm1(lp), exact as p_y -> 1 (no 1 - p_y cancellation in float32).
+      (scale without softcap). The target element A p_y - B - D w_y is evaluated as
+      (A - B) p_y - B (1 - p_y) - D w_y: no 1 - p_y cancellation as p_y -> 1 (where float32
+      p_y - 1 would round to 0 and bf16 gradients would lose the true-class term).
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_x
@@ -156,10 +195,12 @@ def _ce_fused_kernel(
         t_row = soft_ptr + row * stride_t
         counted = True
         y = 0
+        y_out = -1
     else:
         y = tl.load(target_ptr + row)
         counted = y != ignore_index
-        y = tl.where(counted, y, 0)
+        y = tl.where(counted, y, 0).to(tl.int32)  # a valid class (< C < 2^31): int32 compares
+        y_out = tl.where(counted, y, -1)  # the class left out of pass 1 (none if ignored)
     NEED_LIN: tl.constexpr = HAS_SOFT_TARGET or (HAS_SMOOTHING and not IS_FOCAL)
 
     # ---- pass 1: online statistics -------------------------------------------------------
@@ -170,41 +211,43 @@ def _ce_fused_kernel(
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
-        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        # keep the row in L2 for pass 2 (the contract: one read of the logits from memory)
+        x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
         z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        m, s = _online_update(m, s, tl.where(mask, z, -float("inf")))
+        if HAS_SOFT_TARGET:
+            m, s = _online_update(m, s, tl.where(mask, z, -float("inf")))
+        else:
+            m, s = _online_update(m, s, tl.where(mask & (cols != y_out), z, -float("inf")))
         if NEED_LIN:
             v = _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
                             HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
             wz += tl.sum(v * z, axis=0)
             if HAS_SOFT_TARGET:
                 mass += tl.sum(v, axis=0)
-    lse = m + tl.log(s)
 
     # ---- loss and row coefficients -------------------------------------------------------
     d = 0.0
     g_y = 0.0
     if HAS_SOFT_TARGET:
+        lse = m + tl.log(s)
         loss = mass * lse - wz + z_loss * lse * lse
         a = mass + 2.0 * z_loss * lse
-        b = 0.0
     else:
-        x_y = tl.load(x_row + y, mask=counted, other=0.0)
+        x_y = tl.load(x_row + y)
         z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        lse, p_y, omp, lp = _merge_target(m, s, z_y, counted)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y, mask=counted, other=0.0).to(tl.float32)
         else:
             w_y = tl.where(counted, 1.0, 0.0)
-        lp = z_y - lse
         if IS_FOCAL:
-            lp = tl.minimum(lp, 0.0)
-            decay, slope = _focal_terms(lp, gamma)
+            decay, slope = _focal_terms(lp, p_y, omp, gamma)
             loss = -w_y * decay * lp
             a = w_y * decay * slope
             b = a
         else:
             b = w_y * one_minus_eps
-            loss = b * (lse - z_y) + z_loss * w_y * lse * lse
+            loss = -b * lp + z_loss * w_y * lse * lse
             a = b + 2.0 * z_loss * w_y * lse
             if HAS_SMOOTHING:
                 c = tl.where(counted, 1.0, 0.0)
@@ -215,9 +258,12 @@ def _ce_fused_kernel(
                 loss += eps_over_c * (w_sum * lse - wz)
                 a += eps_over_c * w_sum * c
                 d = eps_over_c * c
+        # target element of dloss/dz: A p_y - B - D w_y without the 1 - p_y cancellation
+        g_y = (a - b) * p_y - b * omp - d * w_y
+        # ignored rows: exact zeros, whatever their logits (0 * inf / NaN would not be)
         loss = tl.where(counted, loss, 0.0)
-        # target element of dloss/dz: A p_y - B - D w_y, written to avoid 1 - p_y cancellation
-        g_y = (a - b) * tl.exp(lp) + b * _expm1(lp) - d * w_y
+        a = tl.where(counted, a, 0.0)
+        g_y = tl.where(counted, g_y, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
@@ -228,10 +274,12 @@ def _ce_fused_kernel(
         else:
             coef = tl.load(coef_ptr).to(tl.float32)
         g_row = grad_ptr + row * stride_g
+        n_read = tl.where(counted, C, 0)  # ignored rows: write zeros, read nothing,
+        lse = tl.where(counted, lse, 0.0)  # even if their logits (hence lse) are inf / NaN
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < C
-            x = tl.load(x_row + cols, mask=mask & counted, other=0.0)
+            x = tl.load(x_row + cols, mask=cols < n_read, other=0.0, eviction_policy="evict_first")
             z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
             g = a * tl.exp(z - lse)
             if HAS_SOFT_TARGET:
@@ -302,13 +350,17 @@ def _ce_grad_kernel(
     y = tl.load(target_ptr + row)
     local = y - class_start
     here = (local >= 0) & (local < C)
-    local = tl.where(here, local, 0)
+    local = tl.where(here, local, 0).to(tl.int32)
     lse = tl.load(lse_ptr + row).to(tl.float32)
     a = tl.load(coefs_ptr + row * 3).to(tl.float32)
     b = tl.load(coefs_ptr + row * 3 + 1).to(tl.float32)
     d = tl.load(coefs_ptr + row * 3 + 2).to(tl.float32)
+    # Columns to read: none for rows with A = B = D = 0. (An integer bound rather than
+    # `mask & scalar_float_compare`, which Triton 3.6's interpreter mis-broadcasts.)
     active = (a != 0.0) | (b != 0.0) | (d != 0.0)
-    x_y = tl.load(x_row + local, mask=here & active, other=0.0)
+    n_read = tl.where(active, C, 0)
+    lse = tl.where(active, lse, 0.0)  # zeros for inactive rows even if their lse is inf / NaN
+    x_y = tl.load(x_row + local, mask=local < n_read, other=0.0)
     z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + local, mask=here, other=0.0).to(tl.float32)
@@ -316,14 +368,15 @@ def _ce_grad_kernel(
         w_y = 1.0
     lp = z_y - lse
     g_y = (a - b) * tl.exp(lp) + b * _expm1(lp) - d * w_y
+    y_col = tl.where(here, local, -1)  # the target's column in this block, -1 if elsewhere
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
-        x = tl.load(x_row + cols, mask=mask & active, other=0.0)
+        x = tl.load(x_row + cols, mask=cols < n_read, other=0.0)
         z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
         g = a * tl.exp(z - lse)
         g -= d * _lin_weight(weight_ptr, weight_ptr, cols, mask, 1.0, 0.0, HAS_WEIGHT, False, False)
-        g = tl.where(here & (cols == local), g_y, g)
+        g = tl.where(cols == y_col, g_y, g)
         g = g * dz
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 

@@ -1,0 +1,255 @@
+"""``python -m benchmarks [ce|linear|family|all] [options]`` -- the celoss benchmark suite.
+
+With no sub-command: the quick default on the device at hand (CPU: the cross-entropy table of the
+core issue, about 3 minutes on 2 cores; CUDA: the lent-GPU subset of cross-entropy and linear CE).
+
+Examples:
+  python -m benchmarks                          # quick default
+  python -m benchmarks all --full               # everything; its CPU results are the committed ones
+  python -m benchmarks ce --vocab 8192,32000,128256 --tokens 4096 --dtype bf16 --methods 'celoss-*,eager'
+  python -m benchmarks linear --device cuda --preset gpu
+  python -m benchmarks --list                   # the methods and what they are
+Results: a markdown table (printed, and results.md), results.csv and PNG plots in
+benchmarks/results/<device>-<date>[-<preset>]/ (or --out DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from collections import Counter
+
+from . import report, runner, suites
+from .methods import METHODS, OPS, RUN_ORDER, SUBCOMMAND_OPS, canonical_dtype, select_methods
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _list(text: str | None, cast=str):
+    if text is None:
+        return None
+    return [cast(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+
+
+def _int(text: str) -> int:
+    return int(float(text.replace("_", "")))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=["ce", "linear", "family", "all"],
+                   help="what to measure (default: the quick default for the device)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="small, fast set (the default)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full",
+                   help="vocab and token scaling, every method")
+    g.add_argument("--preset", choices=["quick", "full", "gpu", "tiny"],
+                   help="gpu: the lent-GPU subset; tiny: seconds-long dry run")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", help="comma list: fp32, bf16, fp16 (default: the preset's)")
+    p.add_argument("--tokens", help="comma list of N (replaces the preset's shapes)")
+    p.add_argument("--vocab", help="comma list of V (replaces the preset's shapes)")
+    p.add_argument("--hidden", help="comma list of D for linear CE (replaces the preset's shapes)")
+    p.add_argument("--methods", help="comma list of method names or globs, e.g. 'celoss-*,eager' "
+                   "({native} = the device's celoss backend); see --list")
+    p.add_argument("--phases", default="fwd,train", help="fwd and/or train (= fwd+bwd step)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--warmup", type=int, help="warm-up calls after the first one")
+    p.add_argument("--repeats", type=int, help="measured calls (median reported)")
+    p.add_argument("--timeout", type=float, help="seconds per cell before it is marked and killed")
+    p.add_argument("--budget", type=float, help="seconds for the whole run; later cells are skipped")
+    p.add_argument("--isolate", choices=["method", "cell", "none"], default=None,
+                   help="fresh worker process per method (default), per cell, or one for all")
+    p.add_argument("--mem-limit-gb", type=float,
+                   help="CPU: cap each worker's data segment (default 90%% of the available memory)")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>[-<preset>])")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a method failed with an error")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    return p.parse_args(argv)
+
+
+def detect_device() -> str:
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+def device_label(device: str, info: dict) -> str:
+    if device != "cuda":
+        return "cpu"
+    name = (info.get("gpu_name") or "gpu").lower()
+    m = re.search(r"\b([abhlt]\d{2,3}s?|b\d{3}|gh\d{3}|rtx\s?\d{4})\b", name)
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "", m.group(1) if m else name)[:16]
+
+
+def build_cells(args, device: str):
+    """(ops, cells, preset values)."""
+    command = args.command or ("ce" if device == "cpu" else "gpu-default")
+    ops = SUBCOMMAND_OPS.get(command, ("ce", "linear"))
+    preset_name = args.preset or "quick"
+    cells, warmups, repeats = [], [], []
+    dtype_override = [canonical_dtype(d) for d in _list(args.dtype)] if args.dtype else None
+    for op in ops:
+        pre = suites.preset(preset_name, op, device)
+        warmups.append(pre["warmup"])
+        repeats.append(pre["repeats"])
+        shapes = pre["shapes"]
+        if args.tokens or args.vocab or args.hidden:
+            common = lambda k: Counter(s[k] for s in shapes if k in s).most_common(1)[0][0]  # noqa: E731
+            ns = _list(args.tokens, _int) or [common("N")]
+            vs = _list(args.vocab, _int) or [common("V")]
+            ds = (_list(args.hidden, _int) or [common("D")]) if op == "linear" else [None]
+            shapes = [{k: v for k, v in (("N", n), ("D", d), ("V", v)) if v is not None}
+                      for n in ns for d in ds for v in vs]
+        methods = select_methods(op, _list(args.methods) if args.methods else pre["methods"], device)
+        for m in methods:
+            for dt in dtype_override or pre["dtypes"]:
+                for shape in shapes:
+                    cells.append({"op": op, "method": m, "dtype": dt, "shape": shape,
+                                  "id": f"{op}|{m}|{dt}|" + "x".join(str(shape[k]) for k in OPS[op].dims)})
+    warmup = args.warmup if args.warmup is not None else max(warmups)
+    reps = args.repeats if args.repeats is not None else max(repeats)
+    order = {m: i for i, m in enumerate(RUN_ORDER)}
+    cells.sort(key=lambda c: (order[c["method"]], ops.index(c["op"]), c["dtype"], OPS[c["op"]].size(c["shape"])))
+    return list(ops), cells, preset_name, warmup, reps
+
+
+def list_methods():
+    for name in RUN_ORDER:
+        m = METHODS[name]
+        print(f"{name:22s} {', '.join(m.ops):40s} {m.doc}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        list_methods()
+        return 0
+    t_start = time.monotonic()
+    device = args.device or detect_device()
+    ops, cells, preset_name, warmup, repeats = build_cells(args, device)
+    if not cells:
+        print("nothing to run: no method matches", file=sys.stderr)
+        return 2
+    timeout = args.timeout or {"tiny": 60, "quick": 150 if device == "cpu" else 180, "gpu": 180,
+                               "full": 900}[preset_name]
+    isolate = args.isolate or ("none" if preset_name == "tiny" else "method")
+    date = datetime.date.today().isoformat()
+
+    # a scratch log until the output folder is known (its name needs the probed GPU)
+    tmp_log = os.path.join(HERE, "results", f".worker-{os.getpid()}.log")
+    os.makedirs(os.path.dirname(tmp_log), exist_ok=True)
+    config = {"device": device, "threads": args.threads if device == "cpu" else None}
+    if device == "cpu":
+        limit = args.mem_limit_gb * 2 ** 30 if args.mem_limit_gb else None
+        if limit is None:
+            try:
+                with open("/proc/meminfo") as f:
+                    avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+                limit = 0.9 * avail
+            except Exception:
+                limit = None
+        config["mem_limit"] = limit
+    combos = sorted({(c["op"], c["method"], c["dtype"]) for c in cells})
+    dtypes = sorted({c["dtype"] for c in cells})
+    print(f"benchmarks: {len(cells)} cells on {device} (preset {preset_name}); probing the machine and "
+          f"measuring its ceilings ...", file=sys.stderr, flush=True)
+    try:
+        pr = runner.probe(config, {"combos": combos, "dtypes": dtypes, "tiny": preset_name == "tiny"},
+                          tmp_log, timeout=600)
+    except (runner.WorkerDied, runner.WorkerTimeout) as exc:
+        print(f"benchmarks: the probe worker failed: {exc!r}; see {tmp_log}", file=sys.stderr)
+        return 3
+    if pr.get("status") != "ok":
+        print(f"benchmarks: probe failed: {pr.get('note')}; see {tmp_log}", file=sys.stderr)
+        return 3
+    info, ceil = pr["info"], pr["ceilings"]
+    label = device_label(device, info)
+    out_dir = args.out or os.path.join(HERE, "results", f"{label}-{date}" +
+                                       ("" if preset_name == "full" else f"-{preset_name}"))
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "worker.log")
+    with open(log_path, "wb") as dst, open(tmp_log, "rb") as src:
+        dst.write(src.read())
+    os.remove(tmp_log)
+
+    rows = []
+    unavailable = {k: v for k, v in pr["available"].items() if v}
+    for key, why in unavailable.items():
+        op, method, dtype = key.split("|")
+        rows.append({"op": op, "method": method, "dtype": dtype, "status": "unavailable", "note": why})
+    to_run = [c for c in cells if f"{c['op']}|{c['method']}|{c['dtype']}" not in unavailable]
+    ceil_txt = ", ".join(f"{k} {v:.3g}" for k, v in ceil.items() if isinstance(v, float))
+    print(f"benchmarks: ceilings: {ceil_txt}; {len(to_run)} cells to run, {len(unavailable)} method/dtype "
+          f"pairs unavailable; results in {out_dir}", file=sys.stderr, flush=True)
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(to_run), file=sys.stderr, dynamic_ncols=True, unit="cell")
+        write = bar.write
+    except Exception:
+        bar, write = None, (lambda s: print(s, file=sys.stderr, flush=True))
+
+    def on_result(cell, res):
+        row = {"op": cell["op"], "method": cell["method"], "dtype": cell["dtype"], **cell["shape"], **res}
+        rows.append(row)
+        if res.get("status") == "ok":
+            parts = [f"fwd {res['fwd_ms']:.4g} ms" if res.get("fwd_ms") else "",
+                     f"fwd+bwd {res['train_ms']:.4g} ms" if res.get("train_ms") else "",
+                     f"peak {res['mem_train'] / 2 ** 20:.0f} MB" if res.get("mem_train") is not None else ""]
+            text = ", ".join(p for p in parts if p)
+        else:
+            text = f"{res.get('status', '?').upper()}: {res.get('note', '')}"
+        write(f"  {cell['id']:45s} {text}")
+        if bar is not None:
+            bar.update(1)
+
+    base_job = {"warmup": warmup, "repeats": repeats, "phases": _list(args.phases)}
+    jobs = [dict(base_job, **c) for c in to_run]
+    budget = None
+    if args.budget:
+        budget = args.budget - (time.monotonic() - t_start) - 10  # leave time for the report
+    runner.run_cells(jobs, config, log_path, isolate=isolate, timeout=timeout, budget=budget,
+                     on_result=on_result, size_of=lambda c: OPS[c["op"]].size(c["shape"]))
+    if bar is not None:
+        bar.close()
+
+    report.derive(rows, ceil)
+    meta = {"device": device, "date": date, "info": info, "ceilings": ceil, "ops": ops,
+            "preset": preset_name, "warmup": warmup, "repeats": repeats, "isolate": isolate,
+            "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in
+                                                         (sys.argv[1:] if argv is None else argv))}
+    plots = []
+    if not args.no_plots:
+        try:
+            plots = report.plots(rows, out_dir, label)
+        except Exception as exc:
+            print(f"benchmarks: plots failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    meta["plots"] = plots
+    meta["elapsed_s"] = time.monotonic() - t_start
+    text = report.markdown(meta, rows)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text)
+    report.write_csv(os.path.join(out_dir, "results.csv"), rows)
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump({k: v for k, v in meta.items()}, f, indent=1, default=str)
+    print(text)
+    print(f"benchmarks: wrote {out_dir}/results.md, results.csv"
+          + (", " + ", ".join(plots) if plots else "") + f" in {meta['elapsed_s']:.0f} s", file=sys.stderr)
+    if args.strict and any(r.get("status") in ("error", "crash") for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

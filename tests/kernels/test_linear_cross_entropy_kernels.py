@@ -1,0 +1,211 @@
+"""Triton fused linear cross-entropy kernels (``celoss.kernels.linear_cross_entropy``) against plain
+float64 PyTorch on small shapes: partial row statistics (merged with celoss.stats.merge_all) and the
+backward accumulation of dX / dW / db, with row maps, strides, bias, softcap, class weights and
+gradient filtering.
+
+Runs in Triton's interpreter on CPU tensors (fp32 / fp16 only: bf16 ``tl.dot`` is wrong in the
+interpreter; bf16 is covered by tests/kernels/test_linear_cross_entropy_aot.py). If triton was
+imported without the interpreter on a GPU machine, the same tests run on CUDA tensors.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from celoss import stats as S  # noqa: E402
+from celoss.kernels import linear_cross_entropy as lk  # noqa: E402
+
+INTERPRETED = type(lk._lce_stats_kernel).__name__ == "InterpretedFunction"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+SMALL = dict(BLOCK_M=16, BLOCK_V=16, BLOCK_D=16, GROUP_M=3, num_warps=4, num_stages=1)
+
+
+def make(n_in, d, v, dtype, *, seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed + n_in * 131 + d * 17 + v)
+    x = torch.randn(n_in, d, generator=g)
+    w = torch.randn(v, d, generator=g) / d ** 0.5 * 2
+    b = torch.randn(v, generator=g) * 0.3
+    cw = torch.rand(v, generator=g) + 0.5
+    if strided:  # column-major x, every other row of a taller w
+        x = x.t().contiguous().t()
+        w = torch.cat([w, w], dim=1)[:, ::2].clone().t().contiguous().t()
+    to = lambda a: a.to(dtype).to(DEVICE)  # noqa: E731
+    return to(x), to(w), to(b), cw.to(DEVICE)
+
+
+def logits64(x, w, b, src, scale, softcap):
+    xs = x.double() if src is None else x.double()[src]
+    z = xs @ w.double().t()
+    if b is not None:
+        z = z + b.double()
+    z = z * scale
+    dz = torch.full_like(z, scale)
+    if softcap is not None:
+        th = torch.tanh(z / softcap)
+        z = softcap * th
+        dz = scale * (1 - th * th)
+    return z, dz
+
+
+def ref_stats(z, tgt, cw, need_wz):
+    m = z.max(dim=1).values
+    s = torch.exp(z - m[:, None]).sum(1)
+    here = (tgt >= 0) & (tgt < z.shape[1])
+    zy = torch.where(here, z.gather(1, tgt.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+    wz = (z * (1.0 if cw is None else cw.double())).sum(1) if need_wz else torch.zeros_like(m)
+    return torch.stack([m, s, zy, wz], 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["plain", "src_bias", "softcap_weight_wz", "strided_splits", "d1"])
+def test_stats_match_float64(dtype, case):
+    n_in, d, v = 29, 24, 75
+    if case == "d1":
+        d = 1
+    x, w, b, cw = make(n_in, d, v, dtype, strided=case == "strided_splits")
+    g = torch.Generator().manual_seed(1)
+    src = None
+    m = n_in
+    if case in ("src_bias", "softcap_weight_wz"):
+        src = torch.randperm(n_in, generator=g)[:17].sort().values.to(DEVICE)
+        m = 17
+    tgt = torch.randint(0, v, (m,), generator=g).to(DEVICE)
+    tgt[::4] = -100  # "no target in this block": zy must be 0
+    bias = b if case in ("src_bias", "softcap_weight_wz") else None
+    softcap = 2.5 if case == "softcap_weight_wz" else None
+    scale = 1.3 if case == "softcap_weight_wz" else 1.0
+    weight = cw if case == "softcap_weight_wz" else None
+    need_wz = case in ("softcap_weight_wz", "plain")
+    for splits in ((1, 3, 100) if case == "strided_splits" else (None,)):
+        part = lk.stats(x, w, bias, src, tgt, weight, logit_scale=scale, softcap=softcap, need_wz=need_wz,
+                        num_splits=splits, config=SMALL if case == "strided_splits" else None)
+        assert part.dtype == torch.float32 and part.shape[1:] == (m, 4)
+        merged = S.merge_all(part).double()
+        z, _ = logits64(x, w, bias, src, scale, softcap)
+        ref = ref_stats(z, tgt, weight, need_wz)
+        tol = TOL[dtype] * (1 + z.abs().max().item())
+        assert torch.allclose(S.lse_of(merged), S.lse_of(ref), atol=tol, rtol=0)
+        assert torch.allclose(merged[:, 2], ref[:, 2], atol=tol, rtol=0)
+        assert torch.allclose(merged[:, 3], ref[:, 3], atol=tol * v, rtol=0)
+
+
+def ref_grads(x, w, b, src, tgt, cw, lse, coefs, scale, softcap, has_d):
+    z, dz = logits64(x, w, b, src, scale, softcap)
+    p = torch.exp(z - lse.double()[:, None])
+    a, bb, dd = coefs.double().unbind(1)
+    g = a[:, None] * p
+    onehot = torch.zeros_like(g)
+    ok = (tgt >= 0) & (tgt < z.shape[1])
+    onehot[ok.nonzero()[:, 0], tgt[ok]] = 1.0
+    g = g - bb[:, None] * onehot
+    if has_d:
+        g = g - dd[:, None] * (torch.ones_like(g[0]) if cw is None else cw.double())[None, :]
+    g = g * dz
+    xs = x.double() if src is None else x.double()[src]
+    dx = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    if src is None:
+        dx += g @ w.double()
+    else:
+        dx.index_add_(0, src, g @ w.double())
+    return dx, g.t() @ xs, g.sum(0), g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["plain", "src_bias_smooth", "softcap_weight", "strided", "only_dw"])
+def test_backward_matches_float64(dtype, case):
+    n_in, d, v = 27, 20, 61
+    x, w, b, cw = make(n_in, d, v, dtype, strided=case == "strided")
+    g = torch.Generator().manual_seed(2)
+    src = None
+    m = n_in
+    if case in ("src_bias_smooth", "softcap_weight"):
+        src = torch.randperm(n_in, generator=g)[:19].sort().values.to(DEVICE)
+        m = 19
+    tgt = torch.randint(0, v, (m,), generator=g).to(DEVICE)
+    bias = b if case == "src_bias_smooth" else None
+    softcap = 3.0 if case == "softcap_weight" else None
+    scale = 0.9 if case == "softcap_weight" else 1.0
+    weight = cw if case == "softcap_weight" else None
+    has_d = case in ("src_bias_smooth", "softcap_weight")
+    z, _ = logits64(x, w, bias, src, scale, softcap)
+    lse = torch.logsumexp(z, 1).float()
+    coefs = (torch.rand(m, 3, generator=g) + 0.2).to(DEVICE)
+    if not has_d:
+        coefs[:, 2] = 0
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    dx = torch.zeros(n_in, d, **f32) if case != "only_dw" else None
+    dw = torch.zeros(v, d, **f32)
+    db = torch.zeros(v, **f32) if bias is not None else None
+    lk.backward(x, w, bias, src, tgt, weight, lse, coefs, None, dx, dw, db, logit_scale=scale, softcap=softcap,
+                has_d=has_d, config=SMALL if case == "strided" else None)
+    rdx, rdw, rdb, _ = ref_grads(x, w, bias, src, tgt, weight, lse, coefs, scale, softcap, has_d)
+    tol = TOL[dtype] * 4
+    if dx is not None:
+        assert torch.allclose(dx.double(), rdx, atol=tol * (1 + rdx.abs().max().item()), rtol=0)
+    assert torch.allclose(dw.double(), rdw, atol=tol * (1 + rdw.abs().max().item()), rtol=0)
+    if db is not None:
+        assert torch.allclose(db.double(), rdb, atol=tol * (1 + rdb.abs().max().item()), rtol=0)
+
+
+def test_backward_target_element_near_one():
+    """p_y -> 1: A p_y - B is formed as (A - B) p_y + B expm1(lp), not by cancelling 1 - p_y."""
+    d, v = 16, 40
+    x = torch.zeros(2, d, device=DEVICE)
+    x[:, 0] = 1.0
+    w = torch.zeros(v, d, device=DEVICE)
+    w[:, 0] = -18.0
+    w[5, 0] = 0.0  # logit 0 for class 5, -18 elsewhere: 1 - p_5 = 39 e^-18 ~ 6e-7
+    tgt = torch.tensor([5, 5], device=DEVICE)
+    z = x.double() @ w.double().t()
+    lse = torch.logsumexp(z, 1)
+    coefs = torch.tensor([[1.0, 1.0, 0.0]] * 2, device=DEVICE)
+    db = torch.zeros(v, device=DEVICE)
+    lk.backward(x, w, torch.zeros(v, device=DEVICE), None, tgt, None, lse.float(), coefs, None, None, None, db,
+                has_d=False)
+    exact = (torch.exp(z - lse[:, None]) - torch.nn.functional.one_hot(tgt, v)).sum(0)
+    assert abs(db[5].item() - exact[5].item()) < 1e-3 * abs(exact[5].item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_filtering(dtype):
+    n_in, d, v = 20, 16, 64
+    x, w, _, _ = make(n_in, d, v, dtype)
+    tgt = torch.randint(0, v, (n_in,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    z, _ = logits64(x, w, None, None, 1.0, None)
+    lse = torch.logsumexp(z, 1).float()
+    coefs = torch.tensor([[1.0, 1.0, 0.0]], device=DEVICE).repeat(n_in, 1)
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+
+    def run(thr):
+        dx, dw = torch.zeros(n_in, d, **f32), torch.zeros(v, d, **f32)
+        t = None if thr is None else torch.full((n_in,), thr, **f32)
+        lk.backward(x, w, None, None, tgt, None, lse, coefs, t, dx, dw, None, has_d=False, config=SMALL)
+        return dx, dw
+
+    exact = run(None)
+    for a, r in zip(run(0.0), exact):
+        assert torch.equal(a, r)  # nothing is exactly 0 here: no tile skipped
+    for a in run(1.5):  # |p - onehot| <= 1: every tile skipped
+        assert torch.count_nonzero(a) == 0
+    # a tile is skipped only if all its |p - onehot| <= eps: the error per element is bounded
+    eps = 0.02
+    _, _, _, g = ref_grads(x, w, None, None, tgt, None, lse, coefs, 1.0, None, False)
+    dx, dw = run(eps)
+    bound = eps * v * w.double().abs().max().item()
+    assert (dx.double() - exact[0].double()).abs().max().item() <= bound
+    assert not torch.equal(dw, exact[1]) or (g.abs() > eps).all()
+
+
+def test_rejects_mixed_dtypes():
+    x, w, b, _ = make(4, 8, 16, torch.float32)
+    with pytest.raises(TypeError):
+        lk.stats(x, w.half(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError):
+        lk.stats(x.double(), w.double(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))
