@@ -36,6 +36,15 @@ def _list(text: str | None, cast=str):
     return [cast(x) for x in re.split(r"[,\s]+", text.strip()) if x]
 
 
+def _command(text: str) -> str:
+    parts = _list(text)
+    bad = [x for x in parts if x not in SUBCOMMAND_OPS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"unknown sub-command {text!r}; expected {', '.join(SUBCOMMAND_OPS)} "
+                                         f"or a comma list of them")
+    return ",".join(parts)
+
+
 def _int(text: str) -> int:
     return int(float(text.replace("_", "")))
 
@@ -43,8 +52,9 @@ def _int(text: str) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["ce", "linear", "family", "all"],
-                   help="what to measure (default: the quick default for the device)")
+    p.add_argument("command", nargs="?", type=_command,
+                   help="ce, linear, family, all, or a comma list such as ce,linear "
+                        "(default: the quick default for the device)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
                    help="small, fast set (the default)")
@@ -94,15 +104,17 @@ def device_label(device: str, info: dict) -> str:
 
 def build_cells(args, device: str):
     """(ops, cells, preset values)."""
-    command = args.command or ("ce" if device == "cpu" else "gpu-default")
-    ops = SUBCOMMAND_OPS.get(command, ("ce", "linear"))
+    command = args.command or ("ce" if device == "cpu" else "ce,linear")
+    ops = []
+    for part in command.split(","):
+        ops += [op for op in SUBCOMMAND_OPS[part] if op not in ops]
     preset_name = args.preset or "quick"
-    cells, warmups, repeats = [], [], []
+    cells = []
     dtype_override = [canonical_dtype(d) for d in _list(args.dtype)] if args.dtype else None
     for op in ops:
         pre = suites.preset(preset_name, op, device)
-        warmups.append(pre["warmup"])
-        repeats.append(pre["repeats"])
+        warmup = args.warmup if args.warmup is not None else pre["warmup"]
+        repeats = args.repeats if args.repeats is not None else pre["repeats"]
         shapes = pre["shapes"]
         if args.tokens or args.vocab or args.hidden:
             common = lambda k: Counter(s[k] for s in shapes if k in s).most_common(1)[0][0]  # noqa: E731
@@ -115,13 +127,12 @@ def build_cells(args, device: str):
         for m in methods:
             for dt in dtype_override or pre["dtypes"]:
                 for shape in shapes:
-                    cells.append({"op": op, "method": m, "dtype": dt, "shape": shape,
+                    cells.append({"op": op, "method": m, "dtype": dt, "shape": shape, "warmup": warmup,
+                                  "repeats": repeats,
                                   "id": f"{op}|{m}|{dt}|" + "x".join(str(shape[k]) for k in OPS[op].dims)})
-    warmup = args.warmup if args.warmup is not None else max(warmups)
-    reps = args.repeats if args.repeats is not None else max(repeats)
     order = {m: i for i, m in enumerate(RUN_ORDER)}
     cells.sort(key=lambda c: (order[c["method"]], ops.index(c["op"]), c["dtype"], OPS[c["op"]].size(c["shape"])))
-    return list(ops), cells, preset_name, warmup, reps
+    return ops, cells, preset_name
 
 
 def list_methods():
@@ -137,7 +148,7 @@ def main(argv=None) -> int:
         return 0
     t_start = time.monotonic()
     device = args.device or detect_device()
-    ops, cells, preset_name, warmup, repeats = build_cells(args, device)
+    ops, cells, preset_name = build_cells(args, device)
     if not cells:
         print("nothing to run: no method matches", file=sys.stderr)
         return 2
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(to_run), file=sys.stderr, dynamic_ncols=True, unit="cell")
-        write = bar.write
+        write = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731 (default would be stdout)
     except Exception:
         bar, write = None, (lambda s: print(s, file=sys.stderr, flush=True))
 
@@ -214,8 +225,7 @@ def main(argv=None) -> int:
         if bar is not None:
             bar.update(1)
 
-    base_job = {"warmup": warmup, "repeats": repeats, "phases": _list(args.phases)}
-    jobs = [dict(base_job, **c) for c in to_run]
+    jobs = [dict(c, phases=_list(args.phases)) for c in to_run]
     budget = None
     if args.budget:
         budget = args.budget - (time.monotonic() - t_start) - 10  # leave time for the report
@@ -226,7 +236,8 @@ def main(argv=None) -> int:
 
     report.derive(rows, ceil)
     meta = {"device": device, "date": date, "info": info, "ceilings": ceil, "ops": ops,
-            "preset": preset_name, "warmup": warmup, "repeats": repeats, "isolate": isolate,
+            "preset": preset_name, "isolate": isolate,
+            "warmup": sorted({c["warmup"] for c in cells}), "repeats": sorted({c["repeats"] for c in cells}),
             "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in
                                                          (sys.argv[1:] if argv is None else argv))}
     plots = []

@@ -147,8 +147,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     device = meta["device"]
     where = info.get("gpu") if device == "cuda" else info.get("cpu")
     out = [f"# celoss benchmarks: {device} ({where}), {meta['date']}", "",
-           f"Command: `{meta['command']}` (preset `{meta['preset']}`, warm-up {meta['warmup']}, "
-           f"repeats {meta['repeats']}, isolation `{meta['isolate']}`); run took {meta.get('elapsed_s', 0):.0f} s.",
+           f"Command: `{meta['command']}` (preset `{meta['preset']}`, warm-up calls after the first "
+           f"{'/'.join(map(str, meta['warmup']))}, repeats {'/'.join(map(str, meta['repeats']))}, isolation "
+           f"`{meta['isolate']}`); the run took {meta.get('elapsed_s', 0):.0f} s.",
            ""]
     sw = [f"torch {info.get('torch')}", f"triton {info.get('triton')}", f"celoss {info.get('celoss')}",
           f"liger-kernel {info.get('liger-kernel')}", f"cut-cross-entropy {info.get('cut-cross-entropy')}",

@@ -163,10 +163,10 @@ def run_cells(cells: list[dict], config: dict, log_path: str, *, isolate: str, t
             cell_timeout = timeout if left is None else max(5.0, min(timeout, left))
             t0 = time.monotonic()
             try:
-                if worker is None:
-                    worker = WorkerProcess(config, log_path, start_timeout=max(cell_timeout, 60))
+                if worker is None:  # its start-up (imports, CUDA context) is not the cell's time
+                    worker = WorkerProcess(config, log_path, start_timeout=max(cell_timeout, 120))
                     current_group = group
-                res = worker.call(dict(cell, kind="cell"), cell_timeout - (time.monotonic() - t0))
+                res = worker.call(dict(cell, kind="cell"), cell_timeout)
             except WorkerTimeout:
                 if worker is not None:
                     worker.kill()

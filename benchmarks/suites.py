@@ -68,14 +68,18 @@ def preset(name: str, op: str, device: str) -> dict:
                       "family": _nv([(16384, 32000), (16384, 128256)])}[kind]
             return dict(shapes=_dedupe(shapes), dtypes=["bf16", "fp32"], methods=FULL_METHODS[kind],
                         warmup=3, repeats=20)
-        shapes = {
-            # the core issue's table, vocab scaling at 1024 tokens, token scaling at V = 32000
-            "ce": _nv([(4096, 32000), (4096, 128256), (1024, 256000)] + [(1024, v) for v in VOCABS]
-                      + [(n, 32000) for n in (1024, 16384)]),
-            "linear": _ndv([(2048, 512, 32000), (2048, 1024, 128256)]
-                           + [(2048, 512, v) for v in (8192, 65536, 128256)]),
-            "family": _nv([(4096, 32000), (4096, 128256)]),
-        }[kind]
-        return dict(shapes=_dedupe(shapes), dtypes=["fp32", "bf16"], methods=FULL_METHODS[kind],
-                    warmup=1, repeats=5)
+        if op == "ce":  # the core issue's table, vocab scaling at 1024 tokens, token scaling at V = 32000
+            shapes = _nv([(4096, 32000), (4096, 128256), (1024, 256000)] + [(1024, v) for v in VOCABS]
+                         + [(n, 32000) for n in (1024, 16384)])
+            return dict(shapes=_dedupe(shapes), dtypes=["fp32", "bf16"], methods=FULL_METHODS[kind],
+                        warmup=1, repeats=5)
+        if op == "linear":  # compute-bound: a few seconds a step on 2 cores, so fewer repeats
+            shapes = _ndv([(2048, 512, 32000), (2048, 1024, 128256)] + [(2048, 512, v) for v in (8192, 65536)])
+            return dict(shapes=_dedupe(shapes), dtypes=["fp32", "bf16"], methods=FULL_METHODS[kind],
+                        warmup=0, repeats=3)
+        # the loss family: the core issue's sizes for the softmax losses; the multi-label ones (BCE,
+        # sigmoid focal: several N x V temporaries in eager) at 32000 and 8192 classes
+        vs = (32000, 128256) if op in ("distill", "focal") else (8192, 32000)
+        return dict(shapes=_nv([(4096, v) for v in vs]), dtypes=["fp32", "bf16"], methods=FULL_METHODS[kind],
+                    warmup=1, repeats=3)
     raise ValueError(f"unknown preset {name!r}")

@@ -92,13 +92,11 @@ class Worker:
         phases = job.get("phases", ["fwd", "train"])
         warmup, repeats = int(job.get("warmup", 1)), max(1, int(job.get("repeats", 3)))
 
-        # enough input sets to exceed a few times the last-level cache, at least 2 unless one set is
-        # a large share of the memory (then the set itself is far larger than any cache)
+        # rotate through enough input sets that together they exceed 4x the last-level cache (so no
+        # call finds its inputs in cache); a set that is alone that large is used by itself
         set_bytes = op.input_bytes(shape, dtype)
         rotate = int(job.get("rotate_bytes") or 4 * measure.cache_bytes(device))
-        n_sets = min(8, max(2, math.ceil(rotate / max(set_bytes, 1))))
-        if set_bytes * 2 > measure.available_memory(device) / 6:
-            n_sets = 1
+        n_sets = min(8, max(1, math.ceil(rotate / max(set_bytes, 1))))
         sets = [make_inputs(op, shape, dtype, device, seed=int(job.get("seed", 0)) * 1000 + i)
                 for i in range(n_sets)]
         pristine = None
@@ -204,8 +202,20 @@ class Worker:
         return res
 
 
+def _die_with_parent():
+    """A worker must not outlive the suite (it runs in its own session, so a kill of the parent's
+    process group would miss it)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    _die_with_parent()
     config = json.loads(argv[0]) if argv else {}
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints go to the log, not into the protocol

@@ -10,3 +10,4 @@ from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .modules import LinearCrossEntropyLoss  # noqa: E402
 
 __all__ += ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+from . import distributed  # noqa: E402,F401  (vocab-parallel cross-entropy over torch.distributed)

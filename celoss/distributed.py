@@ -89,7 +89,7 @@ __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"
 
 # Rows of the linear variant's logits computed at once: bounds its workspace to this many elements
 # (times the logits' and the gradient's element size) whatever N is.
-LINEAR_CHUNK_ELEMENTS = 1 << 22
+LINEAR_CHUNK_ELEMENTS = 1 << 24
 
 # descriptor fields (int64 each)
 _STATUS, _ROWS, _START, _LOCAL, _SIZE, _HASH, _TSUM, _TBAD = range(8)
@@ -485,7 +485,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, vocab_
                          vocab_start=vocab_start, vocab_size=vocab_size, weight=weight,
                          ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, backend=backend,
-                         variant_key=("logits", bool(return_lse)))
+                         variant_key=("logits",))
         p.rows = rows
         return p
 
@@ -617,7 +617,7 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
                          weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
                          z_loss=z_loss, backend=backend,
-                         variant_key=("linear", hidden.shape[-1], needs, bool(return_lse)))
+                         variant_key=("linear", hidden.shape[-1], needs))
         p.hidden, p.chunk_size = hidden.reshape(-1, hidden.shape[-1]), chunk_size
         return p
 

@@ -100,8 +100,13 @@ class _ChunkedEngine:
         dtype = x2d.dtype
         acc = _acc_dtype(dtype)
         need_dx, need_dw, need_db = need
-        dx = torch.zeros(x2d.shape, dtype=dtype, device=x2d.device) if need_dx else None
-        dw = torch.zeros(v, d, dtype=acc if dtype != acc else dtype, device=w.device) if need_dw else None
+        # dx rows outside the processed set stay 0; dw is written (not accumulated) by the first
+        # chunk, unless there is no chunk
+        every_row = rows.src is None and m == x2d.shape[0]
+        dx = (torch.empty if every_row else torch.zeros)(x2d.shape, dtype=dtype, device=x2d.device) \
+            if need_dx else None
+        dw = (torch.empty if m else torch.zeros)(v, d, dtype=acc if dtype != acc else dtype, device=w.device) \
+            if need_dw else None
         db = torch.zeros(v, dtype=acc, device=w.device) if need_db else None
         if m == 0:
             return dx, dw, db
@@ -126,7 +131,7 @@ class _ChunkedEngine:
                 else:
                     dx.index_copy_(0, sel, g @ w)
             if need_dw:
-                _accumulate_dw(dw, g, xc)
+                _accumulate_dw(dw, g, xc, first=s == 0)
             if need_db:
                 db += g.sum(0, dtype=acc)
         return dx, dw, db
@@ -184,16 +189,24 @@ def _contiguous_rows(src, s, e):
     return idx
 
 
-def _accumulate_dw(dw: Tensor, g: Tensor, xc: Tensor) -> None:
-    """dw += g^T xc, with float32 accumulation across chunks for fp16/bf16 (the product of one
-    chunk is rounded once, in vocabulary slices that bound its temporary)."""
+def _accumulate_dw(dw: Tensor, g: Tensor, xc: Tensor, first: bool) -> None:
+    """dw (+)= g^T xc (``first``: dw is uninitialised), with float32 accumulation across chunks for
+    fp16/bf16 (the product of one chunk is rounded once, in vocabulary slices that bound its
+    temporary)."""
     if dw.dtype == g.dtype:
-        dw.addmm_(g.t(), xc)
+        if first:
+            torch.mm(g.t(), xc, out=dw)
+        else:
+            dw.addmm_(g.t(), xc)
         return
     v, d = dw.shape
     step = max(1, _LOWP_ACC_BYTES // max(d * g.element_size(), 1))
     for s in range(0, v, step):
-        dw[s:s + step] += torch.mm(g[:, s:s + step].t(), xc)
+        part = torch.mm(g[:, s:s + step].t(), xc)
+        if first:
+            dw[s:s + step] = part
+        else:
+            dw[s:s + step] += part
 
 
 def _finish(grads, w, b):

@@ -11,9 +11,9 @@
  * -march. Every dtype shares one template (bottom of this file), instantiated per
  * (storage type, accumulation type): fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
  *
- * NaN/inf: ce_exp() propagates NaN and maps -inf to 0, so a NaN or +inf logit makes the row's
- * sum of exps NaN (inf - inf), hence lse, loss and gradient NaN, like torch's log_softmax;
- * -inf logits just get probability 0.
+ * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss
+ * and gradient, like torch's log_softmax, without running the exp passes (ce_exp() assumes no
+ * NaN). -inf logits just get probability 0.
  */
 #ifndef CE_ROW_TEMPLATE
 #ifndef CELOSS_FASTMATH_H
@@ -72,17 +72,27 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
     return (uint16_t)(r | sign >> 16);
 }
 
-/* ---- exp and tanh: x = n ln2 + r, polynomial for e^r, 2^n from exponent bits ----
- * Clamps are compares, so NaN passes through; below the normal range 2^n becomes +0 (via the
- * exponent, not a select on x: gcc would turn that into a branch and not vectorize), so
- * exp(-inf) = 0. r is reduced in double: -fassociative-math would fold a Cody-Waite split. */
+/* ---- exp and tanh: x = n ln2 + r (Cody-Waite), polynomial for e^r, 2^n from exponent bits ----
+ * For x <= 0 (or slightly above), the only range these kernels use; exp(-inf) = 0. NaN is not
+ * propagated: rows with NaN are handled before (see the row functions). All clamps are integer
+ * min/max: a float compare-and-select both costs more (NaN rules) and lets gcc fold exp at the
+ * bound into extra blends. The barrier keeps -fassociative-math from merging the Cody-Waite split. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define CE_BARRIER(e) __builtin_assoc_barrier(e)
+#endif
+#endif
+#ifndef CE_BARRIER
+#define CE_BARRIER(e) (e)
+#endif
+CE_INLINE uint32_t ce_minu(uint32_t a, uint32_t b) { return a < b ? a : b; }
+CE_INLINE int32_t ce_clampi(int32_t a, int32_t lo, int32_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
+
 CE_INLINE float ce_expf(float x) {
-    float xc = x < -100.0f ? -100.0f : x;
-    xc = xc > 88.0f ? 88.0f : xc;
-    int32_t k = (int32_t)(xc * 1.44269504f + 127.5f); /* n + 127, <= 0 below the normal range */
-    k = k < 0 ? 0 : k;
-    float n = (float)k - 127.0f, p2 = ce_u2f((uint32_t)k << 23);
-    float r = (float)((double)xc - (double)n * 0.6931471805599453);
+    x = ce_u2f(ce_minu(ce_f2u(x), 0xc2b00000u));  /* x >= -88 (negative floats order as uints) */
+    int32_t k = ce_clampi((int32_t)(x * 1.44269504f + 127.5f), 0, 255); /* n + 127; 0: +0, 255: inf */
+    float n = CE_BARRIER((float)k - 127.0f), p2 = ce_u2f((uint32_t)k << 23);
+    float r = CE_BARRIER(x - n * 0.693359375f) - n * -2.12194440e-4f;
     float q = 1.9875691500e-4f; /* Cephes expf: e^r - 1 - r = r^2 q(r), ~1 ulp */
     q = q * r + 1.3981999507e-3f;
     q = q * r + 8.3334519073e-3f;
@@ -91,13 +101,14 @@ CE_INLINE float ce_expf(float x) {
     q = q * r + 5.0000001201e-1f;
     return p2 + p2 * (r + r * r * q);
 }
-CE_INLINE double ce_expd(double x) { /* ~1e-16 |x| relative: fine for the fp64 (non-fast) path */
-    double xc = x < -800.0 ? -800.0 : x;
-    xc = xc > 709.0 ? 709.0 : xc;
-    int32_t k = (int32_t)(xc * 1.4426950408889634 + 1023.5); /* n + 1023 */
-    k = k < 0 ? 0 : k;
-    double n = (double)k - 1023.0, p2 = ce_u2d((uint64_t)k << 52);
-    double r = xc - n * 0.6931471805599453;
+CE_INLINE double ce_expd(double x) {
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    u = u < 0xc087480000000000ull ? u : 0xc087480000000000ull; /* x >= -745 */
+    memcpy(&x, &u, 8);
+    int32_t k = ce_clampi((int32_t)(x * 1.4426950408889634 + 1023.5), 0, 2047); /* n + 1023 */
+    double n = CE_BARRIER((double)k - 1023.0), p2 = ce_u2d((uint64_t)k << 52);
+    double r = CE_BARRIER(x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
     double q = 1.6059043836821613e-10; /* Taylor to r^13: < 1e-17 on |r| <= ln2/2 */
     q = q * r + 2.08767569878681e-09;
     q = q * r + 2.505210838544172e-08;
@@ -253,20 +264,24 @@ CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *
     return tr.cap * th;
 }
 
-/* Pass 1: max_j z_j, from the extreme x (z is monotonic in x). NaN may be skipped here: pass 2
- * catches it. */
-CE_INLINE CE_ACC CE_F(ce_rowmax)(const CE_T *x, int64_t C, CE_F(ce_tr) tr, const int capped) {
+/* Pass 1: max_j z_j, from the extreme x (z is monotonic in x), and whether x holds a NaN. */
+CE_INLINE CE_ACC CE_F(ce_rowmax)(const CE_T *x, int64_t C, CE_F(ce_tr) tr, const int capped,
+                                 int *has_nan) {
     CE_ACC sgn = tr.scale < 0 ? -1 : 1, m = -INFINITY, dz;
-#pragma omp simd reduction(max : m)
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t j = 0; j < C; j++) {
         CE_ACC v = sgn * CE_LOAD(x[j]);
         m = v > m ? v : m;
+        nan |= v != v;
     }
+    *has_nan = nan;
     return CE_F(ce_z)(sgn * m, tr, capped, &dz);
 }
 
 /* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j z_j), u_j = w_j (c1 t_j + c0)
- * (w_j = 1 without has_w, t_j = 0 without has_t; the u sums only with lin). */
+ * (w_j = 1 without has_w, t_j = 0 without has_t; the u sums only with lin). Partial sums per
+ * block of CE_BLOCK classes, then across blocks. */
 CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int64_t C,
                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC c1, CE_ACC c0, CE_ACC out[3],
                              const int capped, const int lin, const int has_w, const int has_t) {
@@ -274,7 +289,7 @@ CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int6
     for (int64_t j0 = 0; j0 < C; j0 += CE_BLOCK) {
         int64_t j1 = C - j0 < CE_BLOCK ? C : j0 + CE_BLOCK;
         CE_ACC bs = 0, bu = 0, buz = 0;
-#pragma omp simd reduction(+ : bs, bu, buz) /* else gcc's PRE turns the clamps into branches */
+#pragma omp simd reduction(+ : bs, bu, buz)
         for (int64_t j = j0; j < j1; j++) {
             CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
             bs += ce_exp(z - shift);
@@ -303,7 +318,14 @@ CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_AC
     }
 }
 
-/* Fused loss, lse and (with g) coef * dloss/dx of one row; t: probability targets, else index y. */
+CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
+    const CE_T s = CE_STORE(v);
+    for (int64_t j = 0; j < C; j++) g[j] = s;
+}
+
+/* Fused loss, lse and (with g) coef * dloss/dx of one row; t: probability targets, else index y.
+ * A row with a NaN, a +inf z or only -inf gets NaN lse, loss and gradient (torch's log_softmax);
+ * an ignored row gets loss 0 and gradient 0. */
 CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
                                   int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
                                   CE_ACC *lse_out) {
@@ -316,8 +338,15 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
     }
     CE_ACC dzy = 0, zy = (!soft && counted) ? CE_F(ce_z)(CE_LOAD(x[y]), tr, capped, &dzy) : 0;
     double wy = counted && !soft && w ? (double)w[y] : 1.0;
-
-    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped), sums[3];
+    int nan;
+    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped, &nan);
+    if (nan || !isfinite(m)) {
+        *lse_out = NAN;
+        *loss = counted ? NAN : 0;
+        if (g) CE_F(ce_fill)(g, C, counted ? NAN : 0);
+        return;
+    }
+    CE_ACC sums[3];
     const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
     CE_SPECIALIZE(CE_F(ce_sums), capped, lin, w != NULL, soft, x, t, w, C, tr, m, c1, c0, sums)
@@ -330,7 +359,7 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
     *lse_out = (CE_ACC)lse;
     if (!g) return;
     if (!counted) {
-        memset(g, 0, (size_t)C * sizeof(CE_T));
+        CE_F(ce_fill)(g, C, 0);
         return;
     }
     /* p_j = exp(z_j - m) / s: z_j - m is exact where it matters, unlike z_j - (rounded lse) */
@@ -342,32 +371,37 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
         g[y] = CE_STORE((CE_ACC)((a * ce_exp(zy - m) - coef * (abd[1] + abd[2] * wy)) * dzy));
 }
 
-/* Statistics (max, sumexp, target_z, weighted_z) of a block of classes (y: global target). */
+/* Statistics (max, sumexp, target_z, weighted_z) of a block of classes (y: global target), with
+ * the reference's special values: NaN row -> (NaN, NaN), max +inf -> sumexp +inf. */
 CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_t y, const CE_ACC *w,
                                   CE_ACC *out) {
     const int64_t C = o->C, local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0;
-    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped), sums[3], dz;
-    CE_ACC shift = isfinite(m) ? m : 0; /* as celoss.stats.merge: exp(-inf) = 0, exp(inf) = inf */
+    int nan;
+    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped, &nan), sums[3], dz;
+    CE_ACC shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
     CE_SPECIALIZE(CE_F(ce_sums), capped, 1, w != NULL, 0, x, NULL, w, C, tr, shift, 0, 1, sums)
-    if (sums[0] != sums[0]) m = NAN;            /* NaN logit: NaN max, like torch.amax */
-    else if (m == INFINITY) sums[0] = INFINITY; /* the clamped exp saturated where torch gives inf */
-    out[0] = m;
-    out[1] = sums[0];
+    out[0] = nan ? NAN : m;
+    out[1] = nan ? NAN : (m == INFINITY ? INFINITY : sums[0]);
     out[2] = y != o->ignore_index && local >= 0 && local < C
                  ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dz) : 0;
     out[3] = sums[2];
 }
 
-/* dz_j/dx_j (A p_j - B [j == y] - D w_j) for a block of classes, p_j = exp(z_j - lse). */
+/* dz_j/dx_j (A p_j - B [j == y] - D w_j) for a block of classes, p_j = exp(z_j - lse); NaN
+ * where lse is not finite. */
 CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g, int64_t y,
                                  const CE_ACC *w, const CE_ACC *lse, const CE_ACC *abd) {
     const int64_t C = o->C, local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0, here = local >= 0 && local < C;
-    const CE_ACC l = *lse, A = abd[0], B = abd[1], D = abd[2]; /* before g: it may alias them */
-    CE_ACC dzy = 0, zy = here ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dzy) : 0;
+    const CE_ACC l = *lse, A = abd[0], B = abd[1], D = abd[2];
+    if (!isfinite(l)) {
+        CE_F(ce_fill)(g, C, NAN);
+        return;
+    }
+    CE_ACC dzy = 0, zy = here ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dzy) : 0; /* before g */
     CE_SPECIALIZE(CE_F(ce_grads), capped, D != 0, w != NULL, 0, x, g, NULL, w, C, tr, l, A, 0, D)
     if (here)
         g[local] = CE_STORE((A * ce_exp(zy - l) - B - D * (w ? w[local] : 1)) * dzy);

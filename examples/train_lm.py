@@ -8,8 +8,8 @@ vocabulary (the ids above 255 never occur, as rare tokens barely do in a real on
 size of a real LLM's and shows the memory the N x V logits cost::
 
     python examples/train_lm.py                                   # CPU-sized defaults
-    python examples/train_lm.py --vocab 131072 --steps 100        # the memory gap
-    python examples/train_lm.py --device cuda --vocab 262144 --d-model 512 --layers 4 --amp
+    python examples/train_lm.py --vocab 131072 --steps 20         # the memory gap on CPU
+    python examples/train_lm.py --device cuda --vocab 262144 --d-model 512 --layers 4 --batch-size 32 --amp
 
 Each loss runs in its own subprocess with the same seed (same initial weights, same batches), so peak
 memory is measured cleanly: CUDA ``max_memory_allocated`` on GPU, the process's peak resident set size
@@ -125,7 +125,7 @@ def _peak_rss_bytes() -> int:
 
 
 def train(kind: str, *, steps: int = 100, d_model: int = 128, layers: int = 2, heads: int = 4, vocab: int = 256,
-          seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, device: str = "cpu", seed: int = 0,
+          seq_len: int = 128, batch_size: int = 8, lr: float = 3e-3, device: str = "cpu", seed: int = 0,
           amp: bool = False, log_every: int = 0) -> dict:
     """Train from ``seed`` with loss ``kind`` ("celoss" or "torch"); returns the loss curve and measurements."""
     if kind not in LOSSES:
@@ -180,7 +180,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32768, help="vocabulary size (bytes are ids 0..255)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")

@@ -407,6 +407,8 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
     """Kernel, grid, keyword arguments and launch options of :func:`fused`, plus (loss, lse)."""
     _check_logits(logits)
     n, c = logits.shape
+    if c == 0 and n > 0:
+        raise ValueError("cross-entropy needs at least one class")
     dev = logits.device
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
@@ -420,8 +422,10 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
     per_row = has_grad and coef.numel() != 1
     scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
     block, num_warps = block_config(c)
-    if has_soft and soft_target.shape[1] > 1:
-        assert soft_target.stride(1) == 1
+    if has_soft and soft_target.shape[1] > 1 and soft_target.stride(1) != 1:
+        soft_target = soft_target.contiguous()
+    if target is not None:
+        target = target.contiguous()
     if has_grad:
         assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
     kwargs = dict(
@@ -451,7 +455,7 @@ def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale
     block, num_warps = block_config(c)
     weight = _f32(weight)
     kwargs = dict(
-        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target, weight_ptr=weight,
+        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=weight,
         out_ptr=out, C=c, class_start=int(class_start), ignore_index=int(ignore_index),
         scale=scale, softcap=cap, inv_softcap=inv_cap,
         BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
@@ -467,7 +471,7 @@ def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, 
     weight = _f32(weight)
     assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
     kwargs = dict(
-        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target, weight_ptr=weight,
+        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=weight,
         lse_ptr=_f32(lse), coefs_ptr=_f32(row_coefs), grad_ptr=grad_out, stride_g=grad_out.stride(0),
         C=c, class_start=int(class_start), scale=scale, softcap=cap, inv_softcap=inv_cap,
         BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,

@@ -54,26 +54,50 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Launch configurations. Chosen so that neither kernel spills on sm_80 / sm_90 (checked by
-# tests/kernels/test_linear_cross_entropy_aot.py). Under the interpreter, smaller tiles keep the
-# numpy emulation fast on the small test shapes.
-STATS_CONFIG = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-STATS_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
-BACKWARD_CONFIG = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=2)
-BACKWARD_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=8, num_stages=2)
+# Launch configurations: (dtype class, alignment) -> tile sizes and warps. "aligned" means every
+# pointer is 16-byte aligned, every non-unit stride and D are multiples of 16 elements (Triton then
+# vectorizes the loads); anything else gets smaller tiles, since element-wise int64 addresses of a
+# row-gathered tile cost registers. Chosen so that no kernel variant spills on sm_80 / sm_90
+# (tests/kernels/test_linear_cross_entropy_aot.py compiles every one). Under the interpreter,
+# small tiles keep the numpy emulation fast on the small test shapes.
+STATS_CONFIGS = {
+    ("lowp", True): dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
+    ("lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
+    ("fp32", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    ("fp32", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
+}
+BACKWARD_CONFIGS = {
+    ("lowp", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=2),
+    ("lowp", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=4, num_stages=2),
+    ("fp32", True): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=8, num_stages=2),
+    ("fp32", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=8, num_stages=2),
+}
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, GROUP_M=2, num_warps=4, num_stages=1)
 
 
-def stats_config(dtype: torch.dtype) -> dict:
+def _aligned(*tensors) -> bool:
+    """All given tensors 16-byte aligned with unit inner stride and 16-element-multiple row
+    strides and widths (what Triton's divisibility specialization looks at)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.data_ptr() % 16:
+            return False
+        if t.dim() == 2 and (t.stride(1) != 1 or t.stride(0) % 16 or t.shape[1] % 16):
+            return False
+    return True
+
+
+def stats_config(dtype: torch.dtype, aligned: bool = True) -> dict:
     if _interpreting():
         return {k: v for k, v in INTERPRETER_CONFIG.items() if k != "GROUP_M"}
-    return dict(STATS_CONFIG_FP32 if dtype == torch.float32 else STATS_CONFIG)
+    return dict(STATS_CONFIGS["fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
 
 
-def backward_config(dtype: torch.dtype) -> dict:
+def backward_config(dtype: torch.dtype, aligned: bool = True) -> dict:
     if _interpreting():
         return dict(INTERPRETER_CONFIG)
-    return dict(BACKWARD_CONFIG_FP32 if dtype == torch.float32 else BACKWARD_CONFIG)
+    return dict(BACKWARD_CONFIGS["fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -230,7 +254,7 @@ def _lce_backward_kernel(
     if keep:
         g = g * dz
         if NEED_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
+            tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
         gc = g.to(x_ptr.dtype.element_ty)
         x_rows = x_ptr + src[:, None] * stride_xn
         w_cols = w_ptr + cols[:, None] * stride_wv
@@ -242,13 +266,13 @@ def _lce_backward_kernel(
                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
                 dxp = tl.dot(gc, wt, input_precision=DOT_PRECISION)
                 tl.atomic_add(dx_ptr + src[:, None] * stride_dxn + ks[None, :], dxp,
-                              mask=row_mask[:, None] & k_mask[None, :])
+                              mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
             if NEED_DW:
                 xt = tl.load(x_rows + ks[None, :] * stride_xd,
                              mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 dwp = tl.dot(tl.trans(gc), xt, input_precision=DOT_PRECISION)
                 tl.atomic_add(dw_ptr + cols[:, None] * stride_dwv + ks[None, :], dwp,
-                              mask=col_mask[:, None] & k_mask[None, :])
+                              mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +308,7 @@ def stats_plan(x, w, b, src, tgt, weight, *, logit_scale=1.0, softcap=None, need
     _check(x, w, b)
     m = tgt.shape[0]
     v, d = w.shape
-    cfg = dict(config or stats_config(x.dtype))
+    cfg = dict(config or stats_config(x.dtype, _aligned(x, w, b)))
     bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
     n_m = triton.cdiv(m, bm)
     n_vb = triton.cdiv(v, bv)
@@ -305,7 +329,7 @@ def stats_plan(x, w, b, src, tgt, weight, *, logit_scale=1.0, softcap=None, need
         scale=scale, softcap=cap, inv_softcap=inv_cap,
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"], HAS_SRC=src is not None,
         HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
-        NEED_WZ=bool(need_wz), DOT_PRECISION=_dot_precision(x.dtype),
+        NEED_WZ=bool(need_wz), DOT_PRECISION=cfg.get("DOT_PRECISION", _dot_precision(x.dtype)),
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return _lce_stats_kernel, (n_m, num_splits), kwargs, options, out
@@ -317,7 +341,7 @@ def backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db,
     _check(x, w, b)
     m = tgt.shape[0]
     v, d = w.shape
-    cfg = dict(config or backward_config(x.dtype))
+    cfg = dict(config or backward_config(x.dtype, _aligned(x, w, b, dx, dw)))
     bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(v, bv),)
     scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
@@ -335,7 +359,7 @@ def backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db,
         HAS_SRC=src is not None, HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=softcap is not None, HAS_D=bool(has_d), FILTER=thresholds is not None,
         NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=cfg.get("DOT_PRECISION", _dot_precision(x.dtype)),
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return _lce_backward_kernel, grid, kwargs, options, (dx, dw, db)
@@ -374,3 +398,71 @@ def backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, *, l
     return _launch(backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db,
                                  logit_scale=logit_scale, softcap=softcap, has_d=has_d,
                                  config=config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans on CPU stand-in tensors, for ahead-of-time compile tests (kernels/_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+KERNELS = ("stats", "backward")
+_FLAGS = {"stats": ("src", "bias", "softcap", "smoothing", "weight"),
+          "backward": ("src", "bias", "softcap", "smoothing", "weight", "filter", "no_dx", "no_dw")}
+
+
+def aot_plan(kernel="backward", dtype="bfloat16", aligned=True, round_sizes=False, config=None, **flags):
+    """The plan (kernel, grid, kwargs, options, outputs) a launch would use, with small CPU tensors
+    standing in for CUDA ones (only dtypes and alignments matter to the compiler; the launch
+    configuration is the GPU one when TRITON_INTERPRET is unset). ``aligned=False``: odd D and
+    strides, pointers off the 16-byte grid; ``round_sizes``: M and V multiples of 16 (another
+    specialization). Flags: see :data:`_FLAGS`."""
+    unknown = set(flags) - set(_FLAGS[kernel])
+    if unknown:
+        raise ValueError(f"unknown flags {unknown}")
+    dt = getattr(torch, dtype)
+    n, v = (32, 320) if round_sizes else (5, 301)
+    d = 64 if aligned else 63
+
+    def mat(rows, cols, dtype=dt):
+        if aligned:
+            return torch.zeros(rows, cols, dtype=dtype)
+        return torch.zeros(rows, cols + 2, dtype=dtype)[:, 1:cols + 1]
+
+    x, w = mat(n, d), mat(v, d)
+    b = torch.zeros(v, dtype=dt) if flags.get("bias") else None
+    src = torch.arange(n) if flags.get("src") else None
+    tgt = torch.zeros(n, dtype=torch.int64)
+    smoothing = bool(flags.get("smoothing"))
+    weight = torch.ones(v) if flags.get("weight") else None
+    softcap = 30.0 if flags.get("softcap") else None
+    if kernel == "stats":
+        return stats_plan(x, w, b, src, tgt, weight, logit_scale=1.0, softcap=softcap, need_wz=smoothing,
+                          config=config)
+    if kernel == "backward":
+        f32 = dict(dtype=torch.float32)
+        dx = None if flags.get("no_dx") else torch.zeros(n, d, **f32)
+        dw = None if flags.get("no_dw") else torch.zeros(v, d, **f32)
+        db = torch.zeros(v, **f32) if b is not None else None
+        thr = torch.zeros(n, **f32) if flags.get("filter") else None
+        return backward_plan(x, w, b, src, tgt, weight, torch.zeros(n, **f32), torch.zeros(n, 3, **f32), thr,
+                             dx, dw, db, logit_scale=1.0, softcap=softcap, has_d=smoothing, config=config)
+    raise ValueError(kernel)
+
+
+def aot_cases(kernel="backward", heaviest=False):
+    """Flag combinations the launchers can produce (``heaviest``: the one with most live state).
+    Class weights only matter with smoothing (the weighted_z / D terms)."""
+    import itertools
+
+    names = _FLAGS[kernel]
+    combos = []
+    for values in itertools.product((False, True), repeat=len(names)):
+        c = dict(zip(names, values))
+        if c["weight"] and not c["smoothing"]:
+            continue
+        if c.get("no_dx") and c.get("no_dw"):
+            continue
+        combos.append(c)
+    if heaviest:
+        return [c for c in combos if all(c[k] for k in names if not k.startswith("no_"))
+                and not c.get("no_dx") and not c.get("no_dw")]
+    return combos

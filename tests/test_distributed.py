@@ -23,7 +23,10 @@ import _distributed_workers as workers
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
 
-BACKENDS = [name for name, reason in celoss.available_backends().items() if reason is None]
+# the ranks use CPU tensors (Gloo): Triton takes part where it runs on them, in its interpreter
+# (no CUDA; tests/conftest.py sets TRITON_INTERPRET=1), on a representative subset of the cases
+BACKENDS = [name for name, reason in celoss.available_backends().items()
+            if reason is None and not (name == "triton" and torch.cuda.is_available())]
 SPAWN_TIMEOUT_S = 150
 
 
@@ -67,20 +70,20 @@ def spawn(world: int, suites, tmp_path, timeout=SPAWN_TIMEOUT_S):
     return results
 
 
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel(world, tmp_path):
     """Logits and linear variants, every option, even/uneven/empty/permuted slices, a rank without
     targets, all-ignored and empty batches, mismatched arguments, DTensor: one spawn per world size."""
     results = spawn(world, ["logits", "linear", "errors", "dtensor"], tmp_path)
-    print({r: res["seconds"] for r, res in enumerate(results)})
     passed = [{n for n in res["passed"] if "(raiser)" not in n and "(others)" not in n} for res in results]
     assert all(p == passed[0] for p in passed), "ranks ran different checks"
     cases = workers.logits_cases(world)
     for backend in BACKENDS:
         quick = workers.interpreted(backend)
         expected = {f"logits[{backend}] case {i}" for i, c in enumerate(cases) if not quick or c.get("quick")}
-        expected |= {f"linear[{backend}] case {i}" for i in ((1, 2) if quick else range(7))}
-        expected.add(f"errors[{backend}] still in step")
+        expected |= {f"linear[{backend}] case {i}" for i in ((2,) if quick else range(8))}
+        expected |= {f"errors[{backend}] still in step", f"errors[{backend}] communication"}
         assert expected <= passed[0], sorted(expected - passed[0])
     assert "dtensor recipe" in passed[0]
     # a cross-rank mismatch raises the very same error on every rank

@@ -90,19 +90,9 @@ def lm_head_spec(model) -> HeadSpec:
 def _autocast_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Mirror what nn.Linear would see: the autocast dtype if autocast is on, else the weight's dtype."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) if _AUTOCAST_TAKES_DEVICE else torch.is_autocast_enabled():
-        dtype = torch.get_autocast_dtype(device_type) if _AUTOCAST_TAKES_DEVICE else torch.get_autocast_gpu_dtype()
-    else:
-        dtype = weight.dtype
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
     return cast(hidden), cast(weight), cast(bias)
-
-
-try:
-    torch.is_autocast_enabled("cpu")
-    _AUTOCAST_TAKES_DEVICE = True
-except TypeError:  # pragma: no cover - torch < 2.4
-    _AUTOCAST_TAKES_DEVICE = False
 
 
 def lm_loss_from_hidden_states(model, hidden_states: Tensor, labels: Optional[Tensor] = None, *,
@@ -129,8 +119,8 @@ def lm_loss_from_hidden_states(model, hidden_states: Tensor, labels: Optional[Te
     reduction = "mean" if num_items_in_batch is None else "sum"
     with torch.autocast(hidden.device.type, enabled=False):
         loss = _linear_cross_entropy()(hidden, weight, target, linear_bias=bias, reduction=reduction,
-                                             ignore_index=ignore_index, logit_scale=spec.logit_scale,
-                                             softcap=spec.softcap, shift=shift, **loss_kwargs)
+                                       ignore_index=ignore_index, logit_scale=spec.logit_scale,
+                                       softcap=spec.softcap, shift=shift, **loss_kwargs)
     loss = loss.float()
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

@@ -1,0 +1,119 @@
+"""celoss.binary_cross_entropy_with_logits and the shared elementwise driver of the binary losses
+(also used by :func:`celoss.sigmoid_focal_loss`)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, _dispatch, _family_ops, _ops
+
+
+class _Binary(torch.autograd.Function):
+    """Elementwise loss, reduced in forward. With reduction mean/sum the gradients come out of the
+    forward kernel (coefficient 1/numel or 1) and are only rescaled in backward; with reduction
+    "none" they are computed in backward from the per-element upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, pos_weight, reduction, backend, focal_alpha, focal_gamma):
+        ctx.set_materialize_grads(False)
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        numel = x.numel()
+        fused = (need_x or need_y) and reduction != "none"
+        opts = dict(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+        if fused:
+            coef = torch.full((1,), 1.0 / numel if (reduction == "mean" and numel) else 1.0,
+                              dtype=torch.float32, device=x.device)
+            loss, gx, gy = _family_ops.binary_forward(x, y, weight, pos_weight, coef, backend, False,
+                                                      need_x, need_y, **opts)
+            ctx.save_for_backward(gx if need_x else None, gy if need_y else None)
+        else:
+            loss, _, _ = _family_ops.binary_forward(x, y, weight, pos_weight, None, backend,
+                                                    reduction == "none", False, False, **opts)
+            ctx.save_for_backward(x, y, weight, pos_weight)
+        ctx.fused, ctx.backend, ctx.opts = fused, backend, opts
+        if reduction == "mean":
+            loss = loss / numel if numel else loss * float("nan")
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 8
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.fused:
+            gx, gy = ctx.saved_tensors
+            for g in (gx, gy):
+                if g is not None:
+                    _ops.scale_(g, grad.float())
+        else:
+            x, y, weight, pos_weight = ctx.saved_tensors
+            _, gx, gy = _family_ops.binary_forward(x, y, weight, pos_weight, grad.contiguous(),
+                                                   ctx.backend, False, need_x, need_y, **ctx.opts)
+        return (gx if need_x else None, gy if need_y else None) + (None,) * 6
+
+
+def _broadcast_view(name: str, w: Optional[Tensor], shape: torch.Size, r: int, c: int, like: Tensor):
+    """``w`` broadcast to ``shape`` as an (r, c) view (strides may be 0; a copy only when needed)."""
+    if w is None:
+        return None
+    _checks.floating(name, w)
+    if w.device != like.device:
+        raise ValueError(f"{name} is on {w.device} but input is on {like.device}")
+    if w.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"celoss.binary_cross_entropy_with_logits is not differentiable with "
+                           f"respect to {name} (like PyTorch's): pass {name}.detach()")
+    try:
+        full = torch.broadcast_shapes(w.shape, shape)
+    except RuntimeError:
+        full = None
+    if full != shape:
+        raise ValueError(f"{name} of shape {tuple(w.shape)} can't be broadcast to the input's shape "
+                         f"{tuple(shape)}")
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return w.detach().to(acc).expand(shape).reshape(r, c)
+
+
+def binary_loss(input: Tensor, target: Tensor, weight, pos_weight, reduction: str, backend,
+                focal_alpha: float = 0.0, focal_gamma: Optional[float] = None, name: str = "input",
+                target_name: str = "target") -> Tensor:
+    """Shared driver: checks, (R, C) layout, dispatch, reduction. Returns promote(input, target) dtype."""
+    _checks.floating(name, input)
+    _checks.floating(target_name, target)
+    _checks.reduction(reduction)
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
+                         f"({tuple(input.shape)})")
+    if target.device != input.device:
+        raise ValueError(f"{target_name} is on {target.device} but {name} is on {input.device}")
+    shape = input.shape
+    c = shape[-1] if input.dim() else 1
+    r = input.numel() // c if c else 0
+    x = input.reshape(r, c).contiguous()
+    y = target.reshape(r, c).contiguous()
+    w = _broadcast_view("weight", weight, shape, r, c, input)
+    pw = _broadcast_view("pos_weight", pos_weight, shape, r, c, input)
+    backend_name = _dispatch.resolve(input.device, backend)
+    loss = _Binary.apply(x, y, w, pw, reduction, backend_name, float(focal_alpha), focal_gamma)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return loss.to(torch.promote_types(input.dtype, target.dtype))
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                                     reduction: str = "mean", pos_weight: Optional[Tensor] = None, *,
+                                     backend: Optional[str] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    ``loss = -weight * [pos_weight * y * log sigmoid(x) + (1 - y) * log(1 - sigmoid(x))]`` per
+    element, computed as ``weight * ((1 - y) x + (1 + (pos_weight - 1) y) softplus(-x))`` in float32
+    (float64 for float64 input), exact for |x| up to the float32 range (no exp overflow).
+    ``weight`` and ``pos_weight`` broadcast to the input's shape (``pos_weight`` of shape ``(C,)``
+    weighs the classes of the last dimension); neither may require grad (as in PyTorch).
+    ``reduction``: "mean" (over all elements, not weight-normalised), "sum" or "none". The target
+    has the input's shape, any float dtype and may be soft; gradients flow to the input and to a
+    target that requires grad. The result has ``torch.promote_types(input.dtype, target.dtype)``.
+    ``backend``: "triton", "cython", "torch" or None (automatic).
+    """
+    return binary_loss(input, target, weight, pos_weight, reduction, backend)

@@ -1,0 +1,162 @@
+"""celoss.distillation_loss: temperature-scaled knowledge distillation on online-softmax kernels."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, _dispatch, _family_ops, _ops
+
+KINDS = ("kl", "reverse_kl", "ce", "jsd")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+class _Distill(torch.autograd.Function):
+    """Row losses reduced in forward. With a scalar reduction the gradients are formed in the same
+    kernel call as the loss (coefficient 1/denominator) and only rescaled by grad_output in
+    backward; with reduction "none" they are computed in backward with the per-row upstream
+    gradient (one more read of both logits)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, denom, reduction, backend, options):
+        ctx.set_materialize_grads(False)
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fused = (need_s or need_t) and reduction != "none"
+        if fused:
+            one = torch.ones((), device=student.device)
+            coef = torch.where(denom > 0, one / denom, 0.0) if reduction in ("mean", "batchmean") \
+                else one
+            loss_rows, gs, gt = _family_ops.distill_forward(
+                student, teacher, target, coef.reshape(1).to(torch.float32), backend,
+                grad_student=need_s, grad_teacher=need_t, **options)
+            ctx.save_for_backward(gs if need_s else None, gt if need_t else None)
+        else:
+            loss_rows, _, _ = _family_ops.distill_forward(student, teacher, target, None, backend,
+                                                          grad_student=False, grad_teacher=False,
+                                                          **options)
+            ctx.save_for_backward(student, teacher, target)
+        ctx.fused, ctx.backend, ctx.options = fused, backend, options
+        if reduction == "none":
+            return loss_rows
+        total = loss_rows.sum()
+        return total if reduction == "sum" else total / denom
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 7
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.fused:
+            gs, gt = ctx.saved_tensors
+            scale = grad.float()
+            if gs is not None:
+                _ops.scale_(gs, scale)
+            if gt is not None:
+                _ops.scale_(gt, scale)
+        else:
+            student, teacher, target = ctx.saved_tensors
+            _, gs, gt = _family_ops.distill_forward(
+                student, teacher, target, grad.float().reshape(-1).contiguous(), ctx.backend,
+                grad_student=need_s, grad_teacher=need_t, **ctx.options)
+        return (gs if need_s else None, gt if need_t else None, None, None, None, None, None)
+
+
+def _rows(x: Tensor, v: int) -> Tensor:
+    rows = x.reshape(-1, v)
+    return rows if rows.stride(1) == 1 or v <= 1 else rows.contiguous()
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
+                      temperature: float = 1.0, kind: str = "kl", beta: float = 0.5, alpha: float = 1.0,
+                      ignore_index: int = -100, reduction: str = "batchmean",
+                      backend: Optional[str] = None) -> Tensor:
+    """Knowledge-distillation loss between student and teacher logits of shape ``(..., V)``.
+
+    Both softmaxes are taken at temperature ``T`` over the **last** dimension (the vocabulary of
+    LLM logits): ``p_S = softmax(student / T)``, ``p_T = softmax(teacher / T)``. Per row (one
+    position of ``...``) the divergence ``D`` is
+
+    * ``"kl"`` (default): forward KL, ``KL(p_T || p_S) = sum_j p_T (log p_T - log p_S)`` (what
+      ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)`` computes);
+    * ``"reverse_kl"``: ``KL(p_S || p_T)``;
+    * ``"ce"``: soft-target cross-entropy ``H(p_T, p_S) = -sum_j p_T log p_S`` (= kl + the
+      teacher's entropy: same gradient as "kl");
+    * ``"jsd"``: generalized Jensen-Shannon divergence with mixture ``M = beta p_T + (1 - beta) p_S``:
+      ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)`` for ``0 < beta < 1`` (``beta = 0.5``: the
+      usual JSD); ``beta = 0`` is defined as ``KL(p_T || p_S)`` (= "kl") and ``beta = 1`` as
+      ``KL(p_S || p_T)`` (= "reverse_kl"), as in TRL's ``generalized_jsd_loss`` and Liger's
+      ``LigerJSD`` (the mixture formula itself tends to 0 at both ends).
+
+    Terms with a zero probability count 0 (``0 log 0 = 0``), so ``-inf`` logits (masked classes)
+    are allowed. The soft term is ``T**2 * D`` (Hinton et al.: gradients keep their scale as T
+    changes). Without ``target`` the row loss is ``T**2 * D`` (``alpha`` must stay 1). With
+    ``target`` (int64, shape ``...``): ``alpha * T**2 * D + (1 - alpha) * CE`` where ``CE =
+    -log softmax(student)[target]`` is the ordinary cross-entropy at temperature 1; rows whose
+    target is ``ignore_index`` are excluded from both terms (loss 0, zero gradient, not counted).
+
+    ``reduction``: ``"batchmean"`` = sum of row losses / number of counted rows (all rows without
+    a target; for 2-D inputs without ignored rows this equals ``F.kl_div(..., reduction=
+    "batchmean")``, for more dims it is a per-position mean, not a mean over dim 0);
+    ``"mean"`` = sum / (counted rows * V) (``F.kl_div``'s elementwise mean); ``"sum"``; ``"none"``
+    = per-row losses of shape ``...``. With no counted row, batchmean/mean give NaN (0/0, as
+    ``celoss.cross_entropy``) and zero gradients. The loss has the student's dtype.
+
+    Gradients: always for the student (fused into the forward kernel for scalar reductions). The
+    teacher is normally detached (``teacher_logits.detach()`` or produced under ``no_grad``); if it
+    requires grad its gradient is computed too, on the reference (PyTorch, row-chunked) path of
+    every backend -- correct but slower. Student and teacher may have different dtypes (fp32,
+    fp16, bf16; fp64 on the cython and torch backends, fp64 on triton runs the torch backend).
+    ``backend``: "triton", "cython", "torch" or None (automatic, like ``celoss.cross_entropy``).
+    """
+    _checks.floating("student_logits", student_logits)
+    _checks.floating("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if student_logits.dim() == 0:
+        raise ValueError("logits must have at least 1 dimension (the classes, last)")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on "
+                         f"{student_logits.device}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _checks.reduction(reduction, REDUCTIONS)
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    beta = _checks.probability("beta", beta)
+    alpha = _checks.probability("alpha", alpha)
+    v = student_logits.shape[-1]
+    out_shape = tuple(student_logits.shape[:-1])
+    if target is not None:
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must hold int64 (torch.long) class indices, got {target.dtype}")
+        if tuple(target.shape) != out_shape:
+            raise ValueError(f"expected target of shape {out_shape} for logits of shape "
+                             f"{tuple(student_logits.shape)}, got {tuple(target.shape)}")
+        if target.device != student_logits.device:
+            raise ValueError(f"target is on {target.device} but the logits are on {student_logits.device}")
+    elif alpha != 1.0:
+        raise ValueError("alpha != 1 mixes in the cross-entropy with a target: pass target (or alpha=1)")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "kl" if beta == 0.0 else "reverse_kl"
+    name = _dispatch.resolve(student_logits.device, backend)
+    s = _rows(student_logits, v)
+    t = _rows(teacher_logits, v)
+    y = None if target is None else target.reshape(-1).contiguous()
+    n = s.shape[0]
+    if y is None:
+        counted = torch.tensor(float(n), device=s.device)
+    else:
+        counted = (y != ignore_index).sum().to(torch.float32)
+    denom = counted * v if reduction == "mean" else counted
+    options = dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+                   ignore_index=int(ignore_index))
+    loss = _Distill.apply(s, t, y, denom, reduction, name, options)
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return loss.to(student_logits.dtype)

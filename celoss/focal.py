@@ -1,0 +1,82 @@
+"""Focal losses: softmax (multi-class) ``focal_loss`` and torchvision's ``sigmoid_focal_loss``."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .binary import binary_loss
+from .cross_entropy import softmax_loss
+
+
+def _gamma(gamma) -> float:
+    gamma = float(gamma)
+    if not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    return gamma
+
+
+def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Union[float, Tensor, None] = None,
+               ignore_index: int = -100, reduction: str = "mean", *, backend: Optional[str] = None) -> Tensor:
+    """Softmax focal loss (Lin et al.), laid out like ``cross_entropy``: input ``(C)``, ``(N, C)`` or
+    ``(N, C, d1, ...)`` (classes on dim 1), int64 class-index target ``()``, ``(N)`` or ``(N, d1, ...)``.
+
+    Per counted position: ``loss = -alpha_y * (1 - p_y)**gamma * log p_y`` with ``p = softmax(input)``
+    over the classes; positions whose target is ``ignore_index`` have loss 0 and zero gradient.
+    ``alpha``: None (1 for every class), a float (the same factor for every class) or a 1-D tensor
+    of C per-class factors (not differentiated). ``gamma = 0`` with ``alpha = None`` is exactly
+    ``cross_entropy`` (all reductions). ``reduction``: "mean" = sum over counted positions / their
+    number (NOT weighted by alpha, unlike ``cross_entropy(weight=...)``'s weighted mean; NaN when
+    every target is ignored, with a zero gradient), "sum" or "none". The gradient is
+    ``g (softmax - onehot)`` with ``g = alpha_y (1 - p_y)**gamma (1 - gamma p_y log p_y / (1 - p_y))``,
+    finite as ``p_y -> 1`` and for ``gamma < 1``. Runs on the cross-entropy kernels of every backend
+    (online softmax, fused gradient). ``backend``: "triton", "cython", "torch" or None (automatic).
+    """
+    gamma = _gamma(gamma)
+    _checks.floating("input", input)
+    if isinstance(target, Tensor) and target.dtype.is_floating_point:
+        raise TypeError("focal_loss takes int64 class-index targets (probability targets are not supported)")
+    c = input.shape[1] if input.dim() >= 2 else (input.shape[0] if input.dim() == 1 else 0)
+    if alpha is None:
+        weight = None
+    elif isinstance(alpha, Tensor):
+        if alpha.dim() == 0:
+            weight = alpha.detach().reshape(1).expand(c).to(input.device)
+        else:
+            weight = alpha  # checked (1-D, C elements, device) by softmax_loss
+    else:
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        weight = torch.full((c,), alpha, dtype=torch.float32, device=input.device)
+    return softmax_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, focal_gamma=gamma,
+                        weighted_mean=False, return_lse=False, return_z_loss=False,
+                        inplace_backward=False, backend=backend)
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none", *, backend: Optional[str] = None) -> Tensor:
+    """torchvision's ``sigmoid_focal_loss`` (RetinaNet), fused in one elementwise kernel.
+
+    ``p = sigmoid(inputs)``, ``ce = binary_cross_entropy_with_logits(inputs, targets, reduction="none")``,
+    ``p_t = p * targets + (1 - p) * (1 - targets)``, ``loss = ce * (1 - p_t)**gamma``, times
+    ``alpha * targets + (1 - alpha) * (1 - targets)`` when ``alpha >= 0`` (``alpha < 0`` disables
+    it). ``1 - p_t`` is formed as ``p (1 - t) + (1 - p) t`` with ``1 - p = sigmoid(-x)`` computed
+    directly, so it does not round to 0 for large |x|. ``targets``: same shape, float (soft targets
+    allowed), not differentiated (pass ``targets.detach()`` if it requires grad). ``reduction``:
+    "none" (default, as torchvision), "mean" (over all elements) or "sum".
+    ``backend``: "triton", "cython", "torch" or None (automatic).
+    """
+    gamma = _gamma(gamma)
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if isinstance(targets, Tensor) and targets.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("celoss.sigmoid_focal_loss: gradients with respect to targets are not "
+                                  "supported; pass targets.detach()")
+    return binary_loss(inputs, targets, None, None, reduction, backend, focal_alpha=alpha,
+                       focal_gamma=gamma, name="inputs", target_name="targets")
