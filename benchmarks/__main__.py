@@ -77,6 +77,9 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, help="seconds for the whole run; later cells are skipped")
     p.add_argument("--isolate", choices=["method", "cell", "none"], default=None,
                    help="fresh worker process per method (default), per cell, or one for all")
+    p.add_argument("--order", choices=["size", "method"],
+                   help="size: smallest problems first, all methods on each (default on CPU); method: one "
+                        "method after the other, the slow-to-start last (default on CUDA)")
     p.add_argument("--mem-limit-gb", type=float,
                    help="CPU: cap each worker's data segment (default 90%% of the available memory)")
     p.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>[-<preset>])")
@@ -130,8 +133,16 @@ def build_cells(args, device: str):
                     cells.append({"op": op, "method": m, "dtype": dt, "shape": shape, "warmup": warmup,
                                   "repeats": repeats,
                                   "id": f"{op}|{m}|{dt}|" + "x".join(str(shape[k]) for k in OPS[op].dims)})
-    order = {m: i for i, m in enumerate(RUN_ORDER)}
-    cells.sort(key=lambda c: (order[c["method"]], ops.index(c["op"]), c["dtype"], OPS[c["op"]].size(c["shape"])))
+    rank = {m: i for i, m in enumerate(RUN_ORDER)}
+    dt_rank = {"fp32": 0, "bf16": 1, "fp16": 2, "fp64": 3}
+    if (args.order or ("size" if device == "cpu" else "method")) == "size":
+        # smallest problems first, every method on each: a budget or a failure cuts the largest sizes
+        cells.sort(key=lambda c: (ops.index(c["op"]), OPS[c["op"]].size(c["shape"]), c["shape"]["N"],
+                                  dt_rank[c["dtype"]], rank[c["method"]]))
+    else:
+        # method by method, slow-to-start methods last (a GPU keeps one CUDA context at a time)
+        cells.sort(key=lambda c: (rank[c["method"]], ops.index(c["op"]), dt_rank[c["dtype"]],
+                                  OPS[c["op"]].size(c["shape"])))
     return ops, cells, preset_name
 
 
@@ -230,7 +241,8 @@ def main(argv=None) -> int:
     if args.budget:
         budget = args.budget - (time.monotonic() - t_start) - 10  # leave time for the report
     runner.run_cells(jobs, config, log_path, isolate=isolate, timeout=timeout, budget=budget,
-                     on_result=on_result, size_of=lambda c: OPS[c["op"]].size(c["shape"]))
+                     on_result=on_result, size_of=lambda c: OPS[c["op"]].size(c["shape"]),
+                     max_workers=len(METHODS) if device == "cpu" else 1)
     if bar is not None:
         bar.close()
 

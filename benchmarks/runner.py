@@ -135,15 +135,15 @@ def probe(config: dict, job: dict, log_path: str, timeout: float) -> dict:
 
 
 def run_cells(cells: list[dict], config: dict, log_path: str, *, isolate: str, timeout: float,
-              budget: float | None, on_result, size_of) -> None:
-    """Run `cells` (dicts with the job fields) grouped by method; call on_result(cell, result)."""
+              budget: float | None, on_result, size_of, max_workers: int = 1) -> None:
+    """Run `cells` (dicts with the job fields) in order; call on_result(cell, result) for each.
+
+    Workers are keyed by isolation group (the method, the cell, or one for all); up to `max_workers`
+    idle ones are kept, so cells ordered by size can alternate between methods without restarting
+    processes (each call's peak memory is its own: see measure.py)."""
     t_start = time.monotonic()
     failed_at: dict[tuple, tuple] = {}  # (method, op, dtype) -> (size, why)
-    worker: WorkerProcess | None = None
-    current_group = None
-
-    def finish(cell, res):
-        on_result(cell, res)
+    pool: dict = {}  # group -> WorkerProcess, least recently used first
 
     try:
         for cell in cells:
@@ -151,28 +151,29 @@ def run_cells(cells: list[dict], config: dict, log_path: str, *, isolate: str, t
             group = {"method": cell["method"], "cell": cell["id"], "none": None}[isolate]
             size = size_of(cell)
             if key in failed_at and size >= failed_at[key][0]:
-                finish(cell, {"status": "skipped", "note": f"skipped: {failed_at[key][1]} at a smaller size"})
+                on_result(cell, {"status": "skipped", "note": f"skipped: {failed_at[key][1]} at a smaller size"})
                 continue
             left = None if budget is None else budget - (time.monotonic() - t_start)
             if left is not None and left < 5:
-                finish(cell, {"status": "skipped", "note": "skipped: run time budget spent"})
+                on_result(cell, {"status": "skipped", "note": "skipped: run time budget spent"})
                 continue
-            if worker is not None and (group != current_group or not worker.alive()):
-                worker.stop()
+            worker = pool.pop(group, None)
+            if worker is not None and not worker.alive():
+                worker.kill()
                 worker = None
+            while len(pool) >= max(1, max_workers) or (pool and isolate == "cell"):
+                pool.pop(next(iter(pool))).stop()
             cell_timeout = timeout if left is None else max(5.0, min(timeout, left))
             t0 = time.monotonic()
             try:
                 if worker is None:  # its start-up (imports, CUDA context) is not the cell's time
                     worker = WorkerProcess(config, log_path, start_timeout=max(cell_timeout, 120))
-                    current_group = group
                 res = worker.call(dict(cell, kind="cell"), cell_timeout)
             except WorkerTimeout:
                 if worker is not None:
                     worker.kill()
                 worker = None
-                why = f"timeout after {cell_timeout:.0f} s"
-                res = {"status": "timeout", "note": why}
+                res = {"status": "timeout", "note": f"timeout after {cell_timeout:.0f} s"}
                 failed_at[key] = (size, "timeout")
             except WorkerDied as exc:
                 if worker is not None:
@@ -183,8 +184,10 @@ def run_cells(cells: list[dict], config: dict, log_path: str, *, isolate: str, t
             else:
                 if res.get("status") == "oom":
                     failed_at[key] = (size, "oom")
+            if worker is not None:
+                pool[group] = worker  # most recently used last
             res.setdefault("wall_s", time.monotonic() - t0)
-            finish(cell, res)
+            on_result(cell, res)
     finally:
-        if worker is not None:
+        for worker in pool.values():
             worker.stop()

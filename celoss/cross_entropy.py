@@ -85,11 +85,11 @@ class _SoftmaxLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # a used lse needs the logits in backward: fuse only if they needn't be kept (or in place)
         fused = ctx.needs_input_grad[0] and (inplace or (reduction != "none" and not lse_used))
+        # d(reduced loss)/d(row loss); an all-ignored mean is NaN, but its gradient is 0 (as in PyTorch)
+        one = torch.ones((), device=logits.device)
+        coef = torch.where(denom > 0, one / denom, 0.0) if reduction == "mean" else one
+        coef = coef.reshape(1).to(torch.float32)
         if fused:
-            # an all-ignored mean is NaN, but its gradient is 0 (as in PyTorch)
-            one = torch.ones((), device=logits.device)
-            coef = torch.where(denom > 0, one / denom, 0.0) if reduction == "mean" else one
-            coef = coef.reshape(1).to(torch.float32)
             if inplace:
                 loss_rows, lse = _ops.ce_forward_inplace(logits, target, soft_target, weight, coef, backend,
                                                          **options)
@@ -101,6 +101,7 @@ class _SoftmaxLoss(torch.autograd.Function):
         else:
             loss_rows, lse, _ = _ops.ce_forward(logits, target, soft_target, weight, None, backend, **options)
             ctx.save_for_backward(logits, target, soft_target, weight, lse)
+        ctx.coef = coef
         ctx.fused, ctx.inplace, ctx.backend, ctx.options = fused, inplace, backend, options
         if reduction == "none":
             loss = loss_rows
@@ -121,7 +122,8 @@ class _SoftmaxLoss(torch.autograd.Function):
                 grad = _scaled(saved, grad_loss)
             else:
                 grad = _ops.ce_forward(saved, target, soft_target, weight,
-                                       grad_loss.float().reshape(-1).contiguous(), ctx.backend, **opts)[2]
+                                       (grad_loss.float() * ctx.coef).reshape(-1).contiguous(), ctx.backend,
+                                       **opts)[2]
         if grad_lse is not None:
             if ctx.inplace:
                 raise RuntimeError("celoss: the gradient of the returned lse can't flow with "

@@ -201,6 +201,11 @@ def test_gradient_flows_through_returned_lse(backend):
     a, b, ga, gb = _both(ours, lambda v: F.cross_entropy(v, t, reduction="sum")
                          + 0.1 * (torch.logsumexp(v, 1) ** 2).sum(), x)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+    for reduction in ("mean", "sum", "none"):  # returning the lse (unused) keeps the loss gradient right
+        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, reduction=reduction, return_lse=True,
+                                                            backend=backend).loss,
+                             lambda v: F.cross_entropy(v, t, reduction=reduction), x)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -133,7 +133,8 @@ def check(actual, expected, rtol, atol, what):
 def check_grad(grad, expected, dtype, what):
     rtol, floor = tolerances(dtype)
     # float32 cancellation in A p_j - D w_j (smoothing) is absolute: ~1e-7 of the row's scale
-    check(grad, expected, rtol, 1e-6 * expected.abs().max().item() + floor, what)
+    # (A ~ w_y coef ~ 1 in these tests, even where the exact gradient is 0, e.g. C = 1)
+    check(grad, expected, rtol, 1e-6 * max(expected.abs().max().item(), 1.0) + floor, what)
 
 
 def fused(*args, **kw):

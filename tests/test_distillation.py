@@ -1,0 +1,356 @@
+"""celoss.distillation_loss vs float64 PyTorch formulas on every backend: values and gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from celoss.distillation import distillation_loss
+from conftest import backend_device, backend_params, lowp_error_bound
+
+ALL = backend_params()
+CPU_KERNELS = backend_params("cython", "torch")
+KINDS = ("kl", "reverse_kl", "ce", "jsd")
+# Triton's interpreter computes masked lanes (-inf - -inf) that the kernels then discard
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def oracle(s, t, target=None, *, temperature=1.0, kind="kl", beta=0.5, alpha=1.0, ignore_index=-100,
+           reduction="batchmean"):
+    """The documented definition, in float64 with PyTorch ops (F.kl_div for the KL terms)."""
+    T, v = temperature, s.shape[-1]
+    ls = F.log_softmax(s.double() / T, -1)
+    lt = F.log_softmax(t.double() / T, -1)
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "kl" if beta == 0.0 else "reverse_kl"
+    kl = lambda log_q, log_p: F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+    if kind == "kl":
+        d = kl(ls, lt)
+    elif kind == "reverse_kl":
+        d = kl(lt, ls)
+    elif kind == "ce":
+        d = -(lt.exp() * ls).sum(-1)
+    else:
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), 0)
+        d = beta * kl(lm, lt) + (1 - beta) * kl(lm, ls)
+    loss = T * T * d
+    counted = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
+    if target is not None:
+        counted = target != ignore_index
+        ce = F.cross_entropy(s.double().reshape(-1, v), target.reshape(-1), ignore_index=ignore_index,
+                             reduction="none").reshape(loss.shape)
+        loss = torch.where(counted, alpha * loss + (1 - alpha) * ce, torch.zeros_like(loss))
+    n = counted.sum()
+    return {"none": lambda: loss, "sum": loss.sum, "batchmean": lambda: loss.sum() / n,
+            "mean": lambda: loss.sum() / (n * v)}[reduction]()
+
+
+def _data(shape, device, dtype=torch.float32, seed=0, scale=3.0, ignore_frac=0.25):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+    t = (torch.randn(shape, generator=g) * scale + 0.5).to(device=device, dtype=dtype)
+    y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    y[torch.rand(shape[:-1], generator=g) < ignore_frac] = -100
+    if ignore_frac > 0 and y.numel() > 1:
+        y.view(-1)[1] = -100  # at least one ignored row
+    return s, t, y.to(device)
+
+
+def _both(ours, ref, s, t, upstream_seed=1):
+    """Loss and student gradient of both functions, with a non-trivial upstream gradient."""
+    sa = s.detach().clone().requires_grad_()
+    sb = s.detach().double().clone().requires_grad_()
+    a, b = ours(sa, t), ref(sb, t)
+    up = (torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+          + 0.5).to(b.device)
+    ga, = torch.autograd.grad(a, sa, up.to(a.dtype))
+    gb, = torch.autograd.grad(b, sb, up)
+    return a, b, ga, gb
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_kinds_and_temperatures_match_formula(backend, kind, temperature, reduction):
+    s, t, _ = _data((7, 203), backend_device(backend))
+    kw = dict(temperature=temperature, kind=kind, beta=0.3, reduction=reduction)
+    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
+                         lambda u, v: oracle(u, v, **kw), s, t)
+    assert a.shape == b.shape and a.dtype == torch.float32
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("alpha,temperature", [(0.3, 1.0), (0.6, 2.0), (1.0, 2.0), (0.0, 3.0)])
+def test_target_term_reductions_and_ignored_rows(backend, reduction, alpha, temperature):
+    s, t, y = _data((2, 5, 67), backend_device(backend), seed=3)
+    kw = dict(temperature=temperature, alpha=alpha, reduction=reduction)
+    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+    ignored = (y == -100).unsqueeze(-1).expand_as(ga)
+    assert ignored.any() and (ga[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", ["kl", "jsd", "reverse_kl"])
+def test_class_term_and_custom_ignore_index(backend, kind):
+    s, t, y = _data((9, 130), backend_device(backend), seed=4)
+    y = torch.where(y == -100, 7, y)  # class 7 is "ignored" here
+    kw = dict(temperature=1.5, alpha=0.4, kind=kind, ignore_index=7)
+    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_jsd_endpoints_are_the_two_kls(backend):
+    s, t, _ = _data((5, 101), backend_device(backend), seed=5)
+    for beta, kind in ((0.0, "kl"), (1.0, "reverse_kl")):
+        j = distillation_loss(s, t, kind="jsd", beta=beta, temperature=2.0, backend=backend)
+        k = distillation_loss(s, t, kind=kind, temperature=2.0, backend=backend)
+        torch.testing.assert_close(j, k, rtol=0, atol=0)
+        torch.testing.assert_close(j.double(), oracle(s, t, kind=kind, temperature=2.0), rtol=1e-5, atol=1e-6)
+    # beta = 0.5 is the textbook JSD: (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2
+    p, q = F.softmax(t.double() / 2, -1), F.softmax(s.double() / 2, -1)
+    m = (p + q) / 2
+    jsd = 0.5 * ((p * (p / m).log()).sum(-1) + (q * (q / m).log()).sum(-1))
+    torch.testing.assert_close(distillation_loss(s, t, kind="jsd", beta=0.5, temperature=2.0, reduction="none",
+                                                 backend=backend).double(), 4 * jsd, rtol=1e-5, atol=1e-6)
+    # the mixture formula itself tends to 0 at both ends (the endpoints are defined as the KLs)
+    near0 = distillation_loss(s, t, kind="jsd", beta=1e-4, backend=backend)
+    torch.testing.assert_close(near0.double(), oracle(s, t, kind="jsd", beta=1e-4), rtol=1e-4, atol=1e-6)
+    assert near0 < 1e-2 * distillation_loss(s, t, kind="kl", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_temperature_one_vs_four(backend):
+    """Softening: T=4 compares flatter distributions; T**2 keeps the gradient scale comparable."""
+    s, t, _ = _data((6, 97), backend_device(backend), seed=6)
+    for T in (1.0, 4.0):
+        sa = s.clone().requires_grad_()
+        loss = distillation_loss(sa, t, temperature=T, backend=backend)
+        loss.backward()
+        ref = T * T * F.kl_div(F.log_softmax(s.double() / T, -1), F.log_softmax(t.double() / T, -1),
+                               log_target=True, reduction="batchmean")
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        # d/ds of T^2 KL = T (p_S - p_T) / N
+        grad = T * (F.softmax(s.double() / T, -1) - F.softmax(t.double() / T, -1)) / s.shape[0]
+        torch.testing.assert_close(sa.grad.double(), grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", KINDS)
+def test_vocabulary_larger_than_blocks_and_chunks(backend, kind):
+    s, t, y = _data((3, 8209), backend_device(backend), seed=7, ignore_frac=0.0)
+    kw = dict(temperature=2.0, kind=kind, alpha=0.5)
+    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_logits_fp32(backend, kind):
+    """|logits| up to ~1e4 with large, different offsets: no worse than PyTorch's own fp32 result."""
+    dev = backend_device(backend)
+    g = torch.Generator().manual_seed(8)
+    s = (torch.randn(4, 300, generator=g) * 30 + 1e4).to(dev)
+    t = (torch.randn(4, 300, generator=g) * 30 - 5e3).to(dev)
+    kw = dict(temperature=2.0, kind=kind, beta=0.4, reduction="none")
+    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
+                         lambda u, v: oracle(u, v, **kw), s, t)
+    assert torch.isfinite(a).all() and torch.isfinite(ga).all()
+    sp = s.detach().clone().requires_grad_()  # PyTorch's own fp32 formula
+    ls, lt = F.log_softmax(sp / 2, -1), F.log_softmax(t / 2, -1)
+    torch_fp32 = {"kl": lambda: F.kl_div(ls, lt, log_target=True, reduction="none").sum(-1),
+                  "reverse_kl": lambda: F.kl_div(lt, ls, log_target=True, reduction="none").sum(-1),
+                  "ce": lambda: -(lt.exp() * ls).sum(-1)}.get(kind)
+    if torch_fp32 is not None:
+        tp = 4 * torch_fp32()
+        gp, = torch.autograd.grad(tp, sp, torch.rand(tp.shape, generator=torch.Generator().manual_seed(1),
+                                                     dtype=torch.float64).add(0.5).to(dev).float())
+        lowp_error_bound(a, tp, b, margin=1e-6)
+        lowp_error_bound(ga, gp, gb, margin=1e-6)
+    else:
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind", ["kl", "jsd"])
+def test_low_precision_no_worse_than_pytorch(backend, dtypes, kind):
+    sd, td = dtypes
+    s, t, y = _data((8, 257), backend_device(backend), seed=9)
+    s, t = s.to(sd), t.to(td)
+    kw = dict(temperature=2.0, kind=kind, alpha=0.5, reduction="none")
+    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    assert a.dtype == sd and ga.dtype == sd
+    # PyTorch's own low-precision composition (autocast-style: log_softmax in the input dtype)
+    sp = s.detach().clone().requires_grad_()
+    lp = oracle_lowp(sp, t, y, **kw)
+    gp, = torch.autograd.grad(lp, sp, (torch.rand(lp.shape, generator=torch.Generator().manual_seed(1),
+                                                  dtype=torch.float64) + 0.5).to(lp.device, lp.dtype))
+    lowp_error_bound(a, lp, b, margin=2e-3)
+    lowp_error_bound(ga, gp, gb, margin=2e-3)
+
+
+def oracle_lowp(s, t, target, *, temperature, kind, alpha, reduction, beta=0.5, ignore_index=-100):
+    """The same formula evaluated in the student's dtype (what a plain PyTorch port would do)."""
+    T, dt = temperature, s.dtype
+    ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t.to(dt) / T, -1)
+    if kind == "kl":
+        d = F.kl_div(ls, lt, log_target=True, reduction="none").sum(-1)
+    else:
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), 0)
+        d = beta * F.kl_div(lm, lt, log_target=True, reduction="none").sum(-1) \
+            + (1 - beta) * F.kl_div(lm, ls, log_target=True, reduction="none").sum(-1)
+    counted = target != ignore_index
+    ce = F.cross_entropy(s, target.clamp_min(0), reduction="none")
+    return torch.where(counted, alpha * T * T * d + (1 - alpha) * ce, torch.zeros_like(d))
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_gradcheck(backend, kind):
+    g = torch.Generator().manual_seed(10)
+    s = torch.randn(4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 11, generator=g, dtype=torch.float64)
+    y = torch.tensor([3, -100, 0, 10])
+    for kw in (dict(temperature=2.0), dict(temperature=1.0, alpha=0.3), dict(temperature=3.0, alpha=0.7)):
+        tgt = y if "alpha" in kw else None
+        for reduction in ("batchmean", "none"):
+            assert torch.autograd.gradcheck(
+                lambda u: distillation_loss(u, t, tgt, kind=kind, beta=0.3, reduction=reduction,
+                                            backend=backend, **kw), (s,))
+    # the (optional) teacher gradient
+    tt = t.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda u, v: distillation_loss(u, v, y, kind=kind, beta=0.3, temperature=2.0, alpha=0.5,
+                                       backend=backend), (s, tt))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_gradient_when_it_requires_grad(backend, kind):
+    s, t, y = _data((5, 64), backend_device(backend), seed=11)
+    sa, ta = s.clone().requires_grad_(), t.clone().requires_grad_()
+    sb, tb = s.double().requires_grad_(), t.double().requires_grad_()
+    kw = dict(kind=kind, temperature=2.0, alpha=0.5, beta=0.3)
+    distillation_loss(sa, ta, y, backend=backend, **kw).backward()
+    oracle(sb, tb, y, **kw).backward()
+    torch.testing.assert_close(sa.grad.double(), sb.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ta.grad.double(), tb.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_masked_teacher_classes_with_minus_inf(backend):
+    """-inf teacher logits (classes the teacher rules out) contribute 0 log 0 = 0, not NaN."""
+    s, t, _ = _data((4, 50), backend_device(backend), seed=12)
+    t[:, 40:] = -float("inf")
+    sa = s.clone().requires_grad_()
+    loss = distillation_loss(sa, t, temperature=2.0, backend=backend)
+    loss.backward()
+    lt = F.log_softmax(t.double() / 2, -1)
+    ls = F.log_softmax(s.double() / 2, -1)
+    ref = 4 * torch.where(lt.exp() > 0, lt.exp() * (lt - ls), 0).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(sa.grad).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_all_rows_ignored_and_empty(backend):
+    s, t, y = _data((3, 20), backend_device(backend))
+    y[:] = -100
+    sa = s.clone().requires_grad_()
+    loss = distillation_loss(sa, t, y, alpha=0.5, backend=backend)
+    assert torch.isnan(loss)  # 0 / 0, as celoss.cross_entropy (and torch) for an all-ignored mean
+    loss.backward()
+    assert (sa.grad == 0).all()
+    assert distillation_loss(s, t, y, alpha=0.5, reduction="sum", backend=backend) == 0
+    e = torch.zeros(0, 20, device=s.device)
+    assert distillation_loss(e, e, reduction="sum", backend=backend) == 0
+    assert distillation_loss(e, e, reduction="none", backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_one_dimensional_and_non_contiguous_input(backend):
+    s, t, _ = _data((6, 40), backend_device(backend), seed=13)
+    one = distillation_loss(s[0], t[0], reduction="none", backend=backend)
+    assert one.shape == ()
+    torch.testing.assert_close(one.double(), oracle(s[0], t[0], reduction="none"), rtol=1e-5, atol=1e-6)
+    sn, tn = s.t().contiguous().t(), t[:, ::1]  # column-major student
+    torch.testing.assert_close(distillation_loss(sn, tn, backend=backend).double(), oracle(s, t),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_loss_times_constant(backend):
+    s, t, y = _data((5, 33), backend_device(backend), seed=14)
+    sa = s.clone().requires_grad_()
+    (3.0 * distillation_loss(sa, t, y, alpha=0.5, backend=backend)).backward()
+    sb = s.double().requires_grad_()
+    (3.0 * oracle(sb, t, y, alpha=0.5)).backward()
+    torch.testing.assert_close(sa.grad.double(), sb.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_backends_agree_and_default_backend_runs():
+    s, t, y = _data((4, 77), "cpu", seed=15)
+    ref = oracle(s, t, y, alpha=0.5, kind="jsd", temperature=2.0)
+    torch.testing.assert_close(distillation_loss(s, t, y, alpha=0.5, kind="jsd", temperature=2.0).double(), ref,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(kind="kld"), ValueError, "kind"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(beta=1.5), ValueError, "beta"),
+    (dict(alpha=-0.1, target=True), ValueError, "alpha"),
+    (dict(alpha=0.5), ValueError, "target"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(teacher_shape=(3, 9)), ValueError, "same shape"),
+    (dict(target_dtype=torch.int32), TypeError, "int64"),
+    (dict(target_shape=(4,)), ValueError, "shape"),
+    (dict(backend="nope"), ValueError, "unknown backend"),
+])
+def test_bad_arguments(kwargs, error, match):
+    s, t, y = _data((3, 10), "cpu")
+    kw = dict(kwargs)
+    if kw.pop("target", False):
+        kw["target"] = y
+    if "teacher_shape" in kw:
+        t = torch.zeros(kw.pop("teacher_shape"))
+    if "target_dtype" in kw:
+        kw["target"] = y.to(kw.pop("target_dtype"))
+    if "target_shape" in kw:
+        kw["target"] = torch.zeros(kw.pop("target_shape"), dtype=torch.int64)
+    with pytest.raises(error, match=match):
+        distillation_loss(s, t, **kw)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("bad", [10, -1, 1 << 40])
+def test_out_of_range_target_raises_before_any_read(backend, bad):
+    s, t, y = _data((3, 10), backend_device(backend))
+    y[1] = bad
+    with pytest.raises(IndexError, match=str(bad)):
+        distillation_loss(s, t, y, alpha=0.5, backend=backend)
+    with pytest.raises(IndexError, match=str(bad)):  # also when the target only masks rows
+        distillation_loss(s, t, y, backend=backend)
+
+
+def test_integer_logits_rejected():
+    with pytest.raises(TypeError, match="float"):
+        distillation_loss(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3))
