@@ -55,6 +55,7 @@ class Op:
     dims: tuple          # shape keys: ("N", "V") or ("N", "D", "V")
     floor_kind: str      # "bytes" (memory-bound) or "flops" (compute-bound)
     celoss_attr: str     # name of the celoss function
+    param_keys: tuple = ()  # inputs that are parameters: they still require grad under no_grad (eval)
 
     def floor(self, shape: dict, dtype: str, phase: str) -> float:
         """Bytes that must move (or FLOPs that must run) in `phase` at the least."""
@@ -91,7 +92,7 @@ OPS = {
     "ce": Op("ce", "cross-entropy, logits given (N x V)", ("x", "y"), ("x",), ("N", "V"), "bytes",
              "cross_entropy"),
     "linear": Op("linear", "fused linear cross-entropy (N x D hidden, V x D classifier)", ("x", "w", "y"),
-                 ("x", "w"), ("N", "D", "V"), "flops", "linear_cross_entropy"),
+                 ("x", "w"), ("N", "D", "V"), "flops", "linear_cross_entropy", param_keys=("w",)),
     "focal": Op("focal", f"softmax focal loss (gamma={FOCAL_GAMMA})", ("x", "y"), ("x",), ("N", "V"),
                 "bytes", "focal_loss"),
     "sigmoid_focal": Op("sigmoid_focal", f"sigmoid focal loss (alpha={SIGMOID_FOCAL_ALPHA}, "
@@ -351,10 +352,20 @@ def _liger_build(op, device, dtype, shape):
     return Impl(lambda x, w, y: m(w, x, y), op.keys)
 
 
-def _cce_build(impl_name: str):
+def _cce_build(exact: bool):
     def build(op, device, dtype, shape):
+        import cut_cross_entropy
         from cut_cross_entropy import linear_cross_entropy
-        return Impl(lambda x, w, y: linear_cross_entropy(x, w, y, impl=impl_name), op.keys)
+        if not exact:
+            return Impl(lambda x, w, y: linear_cross_entropy(x, w, y, impl="cce"), op.keys)
+        impls = getattr(cut_cross_entropy, "LinearCrossEntropyImpl", None)
+        if impls is None:
+            impls = getattr(importlib.import_module("cut_cross_entropy.linear_cross_entropy"),
+                            "LinearCrossEntropyImpl", [])
+        if any(m.name.lower() == "cce_exact" for m in impls):
+            return Impl(lambda x, w, y: linear_cross_entropy(x, w, y, impl="cce_exact"), op.keys)
+        # releases before the exact preset (e.g. 25.1.1): exact = CCE without gradient filtering
+        return Impl(lambda x, w, y: linear_cross_entropy(x, w, y, impl="cce", filter_eps=None), op.keys)
     return build
 
 
@@ -418,10 +429,11 @@ _register(Method("liger", ("ce", "linear"),
                  _liger_build, destroys=("fwd", "train")))
 _register(Method("cce", ("linear",), "Cut Cross-Entropy, impl='cce' (default: gradient filtering)",
                  lambda op, device, dtype: _needs_cuda(device) or _import_reason("cut_cross_entropy"),
-                 _cce_build("cce")))
-_register(Method("cce-exact", ("linear",), "Cut Cross-Entropy, impl='cce_exact' (no filtering)",
+                 _cce_build(exact=False)))
+_register(Method("cce-exact", ("linear",), "Cut Cross-Entropy without gradient filtering: impl='cce_exact' where the installed version "
+                 "has it, else impl='cce' with filter_eps=None",
                  lambda op, device, dtype: _needs_cuda(device) or _import_reason("cut_cross_entropy"),
-                 _cce_build("cce_exact")))
+                 _cce_build(exact=True)))
 _register(Method("matmuls", ("linear",), "the bare products X W^T (fwd), G W and G^T X (bwd): the floor a "
                  "fused linear CE is compared with", _ok,
                  lambda op, device, dtype, shape: MatmulImpl(shape, dtype, device)))

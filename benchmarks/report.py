@@ -14,7 +14,9 @@ CSV_FIELDS = ["op", "method", "dtype", "N", "D", "V", "status", "fwd_ms", "bwd_m
               "note", "warnings"]
 
 READING = """\
-How to read: **fwd** is the loss alone (no autograd: evaluation); **fwd+bwd** is one training step
+How to read: **fwd** is the loss alone under `torch.no_grad()` (evaluation: the logits or hidden
+states are passed detached, as they are when made under no_grad; linear CE's classifier weight still
+requires grad, as a parameter does); **fwd+bwd** is one training step
 (forward with autograd, then `backward()`), timed as a whole, and **bwd** is its backward part
 (synchronized clocks between the two). A fused method forms the gradient during its forward part, so
 its bwd is small: compare fwd+bwd. Times are medians of the repeats after warm-up, with the input
@@ -36,6 +38,8 @@ def _fmt(x, digits=3):
         return ""
     if isinstance(x, str):
         return x
+    if abs(x) < 1e-3:
+        return "0" if x == 0 else f"{x:.1g}"
     if abs(x) >= 100:
         return f"{x:.0f}"
     if abs(x) >= 10:
@@ -105,8 +109,9 @@ def _sort_key(r):
 def op_table(rows: list[dict], op_name: str) -> str:
     op = OPS[op_name]
     flops = op.floor_kind == "flops"
+    unit = "TFLOP/s" if flops else "GB/s"
     head = ["shape " + "x".join(op.dims), "dtype", "method", "fwd ms", "bwd ms", "fwd+bwd ms",
-            "fwd+bwd TFLOP/s" if flops else "fwd+bwd GB/s", "% floor fwd", "% floor fwd+bwd"]
+            f"fwd {unit}", f"fwd+bwd {unit}", "% floor fwd", "% floor fwd+bwd"]
     if flops:
         head.append("x matmuls")
     head += ["x eager", "peak MB fwd", "peak MB fwd+bwd", "x grad", "1st call s", "note"]
@@ -118,7 +123,8 @@ def op_table(rows: list[dict], op_name: str) -> str:
         if not ok:
             note = f"**{r.get('status', '?').upper()}** {note}".strip()
         cells = [_shape_label(r), r["dtype"], r["method"], _fmt(r.get("fwd_ms")), _fmt(r.get("bwd_ms")),
-                 _fmt(r.get("train_ms")), _fmt(r.get("train_TFLOPs" if flops else "train_GBps")),
+                 _fmt(r.get("train_ms")), _fmt(r.get("fwd_TFLOPs" if flops else "fwd_GBps")),
+                 _fmt(r.get("train_TFLOPs" if flops else "train_GBps")),
                  _fmt(r.get("fwd_pct_floor")), _fmt(r.get("train_pct_floor"))]
         if flops:
             cells.append(_fmt(r.get("x_matmuls")))
@@ -126,6 +132,39 @@ def op_table(rows: list[dict], op_name: str) -> str:
                   _fmt(r.get("mem_x_grad")), _fmt(first), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def headline_table(rows: list[dict], ops: list[str]) -> str:
+    """Per op, shape and dtype: celoss's best method against the best peer, eager and torch.compile."""
+    groups = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("train_ms"):
+            groups.setdefault((r["op"], r.get("N"), r.get("D"), r.get("V"), r["dtype"]), []).append(r)
+    lines = ["| op | shape | dtype | celoss | fwd+bwd ms | % floor | x eager | x compile | best peer "
+             "| x best peer | x matmuls | peak x grad | in place: ms, peak x grad |", "|" + "---|" * 13]
+    dt_rank = {"fp32": 0, "bf16": 1, "fp16": 2, "fp64": 3}
+    for key in sorted(groups, key=lambda k: (ops.index(k[0]) if k[0] in ops else 99,
+                                             (k[1] or 0) * (k[3] or 0) * (k[2] or 1), dt_rank.get(k[4], 9))):
+        rs = groups[key]
+        ours = [r for r in rs if r["method"].startswith("celoss-") and not r["method"].endswith("-inplace")]
+        inplace = [r for r in rs if r["method"].startswith("celoss-") and r["method"].endswith("-inplace")]
+        peers = [r for r in rs if not r["method"].startswith("celoss-") and r["method"] != "matmuls"]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["train_ms"])
+        by = {r["method"]: r for r in rs}
+        peer = min(peers, key=lambda r: r["train_ms"]) if peers else None
+
+        def ratio(other):
+            return _fmt(other["train_ms"] / best["train_ms"]) if other else ""
+        lines.append("| " + " | ".join([
+            key[0], _shape_label(best), key[4], best["method"], _fmt(best["train_ms"]),
+            _fmt(best.get("train_pct_floor")), ratio(by.get("eager")), ratio(by.get("compile")),
+            peer["method"] if peer else "", ratio(peer), _fmt(best.get("x_matmuls")),
+            _fmt(best.get("mem_x_grad")),
+            (lambda b: f"{_fmt(b['train_ms'])}, {_fmt(b.get('mem_x_grad'))}" if b else "")(
+                min(inplace, key=lambda r: r["train_ms"]) if inplace else None)]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def unavailable_table(rows: list[dict]) -> str:
@@ -176,6 +215,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         out.append("Ceilings measured in this run: " + "; ".join(parts) + ".")
     out.append(f"Peak memory: {info.get('memory_measure', '?')}.")
     out += ["", READING, ""]
+    heads = headline_table(rows, meta["ops"])
+    if heads:
+        out += ["## Headlines", "",
+                "celoss's fastest method per case (the in-place variant apart), fwd+bwd; x ... = the other's "
+                "time over celoss's (above 1: celoss is faster); x matmuls: over the bare products (linear CE).", "", heads, ""]
     for op_name in meta["ops"]:
         if not any(r["op"] == op_name and r.get("status") != "unavailable" for r in rows):
             continue
@@ -219,6 +263,7 @@ def plots(rows: list[dict], out_dir: str, device: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = plt.get_cmap("tab10").colors
     written = []
     for op_name in OPS:
         for kind, fixed, x in plot_groups(rows, op_name):
@@ -228,13 +273,14 @@ def plots(rows: list[dict], out_dir: str, device: str) -> list[str]:
             fig, axes = plt.subplots(len(dtypes), 2, figsize=(12, 4.2 * len(dtypes)), squeeze=False)
             for i, dt in enumerate(dtypes):
                 for j, (metric, label) in enumerate((("train_ms", "fwd+bwd time (ms)"),
-                                                     ("mem_train_MB", "peak extra memory, fwd+bwd (MB)"))):
+                                                     ("mem_train_MB", "peak extra memory, fwd+bwd (MB; 0 drawn at 0.1)"))):
                     ax = axes[i][j]
-                    for m in METHOD_ORDER:
+                    for k, m in enumerate(METHOD_ORDER):
                         pts = sorted((r[x], r.get(metric)) for r in sel
-                                     if r["dtype"] == dt and r["method"] == m and r.get(metric))
-                        if pts:
-                            ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker="o", label=m)
+                                     if r["dtype"] == dt and r["method"] == m and r.get(metric) is not None)
+                        if pts:  # one colour per method in every panel; 0 MB is drawn at 0.1 MB
+                            ax.plot([p[0] for p in pts], [max(p[1], 0.1) for p in pts], marker="o", label=m,
+                                    color=colors[k % len(colors)], linestyle="-" if k < 10 else "--")
                     ax.set_xscale("log")
                     ax.set_yscale("log")
                     ax.set_xlabel({"V": "vocabulary V", "N": "tokens N"}[x])

@@ -120,13 +120,16 @@ class Worker:
                         inp[k].copy_(t)
             for k in op.grad_keys:
                 inp[k].grad = None
+            if phase == "fwd":  # evaluation: activations made under no_grad don't require grad,
+                # parameters (the classifier weight) still do
+                args = {k: (t if k in op.param_keys else t.detach()) for k, t in inp.items()}
             measure.sync(device)
             if timed:
                 mem.start()
             clock.start()
             if phase == "fwd":
                 with torch.no_grad():
-                    out = impl.forward(inp)
+                    out = impl.forward(args)
             else:
                 out = impl.train(inp, clock.mark)
             segs = clock.stop()

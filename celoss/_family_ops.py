@@ -45,6 +45,14 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def scaled(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad * scale (one-element scale) without a pass over grad when the scale is 1 (the usual
+    ``loss.backward()``); the saved gradient is never modified, so backward can run twice."""
+    if not torch.compiler.is_compiling() and float(scale) == 1.0:
+        return grad
+    return grad * scale.to(grad.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # binary cross-entropy with logits / sigmoid focal loss
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch, _family_ops, _ops
+from . import _checks, _dispatch, _family_ops
 
 
 class _Binary(torch.autograd.Function):
@@ -44,9 +44,8 @@ class _Binary(torch.autograd.Function):
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.fused:
             gx, gy = ctx.saved_tensors
-            for g in (gx, gy):
-                if g is not None:
-                    _ops.scale_(g, grad.float())
+            gx = None if gx is None else _family_ops.scaled(gx, grad)
+            gy = None if gy is None else _family_ops.scaled(gy, grad)
         else:
             x, y, weight, pos_weight = ctx.saved_tensors
             _, gx, gy = _family_ops.binary_forward(x, y, weight, pos_weight, grad.contiguous(),

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch, _family_ops, _ops
+from . import _checks, _dispatch, _family_ops
 
 KINDS = ("kl", "reverse_kl", "ce", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -50,11 +50,8 @@ class _Distill(torch.autograd.Function):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.fused:
             gs, gt = ctx.saved_tensors
-            scale = grad.float()
-            if gs is not None:
-                _ops.scale_(gs, scale)
-            if gt is not None:
-                _ops.scale_(gt, scale)
+            gs = None if gs is None else _family_ops.scaled(gs, grad)
+            gt = None if gt is None else _family_ops.scaled(gt, grad)
         else:
             student, teacher, target = ctx.saved_tensors
             _, gs, gt = _family_ops.distill_forward(

@@ -10,13 +10,15 @@ guard every read with a target (stats/grad: only targets inside the class block 
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+cimport openmp
 
 cdef extern from "fastmath.h" nogil:
     ctypedef struct ce_opts:
         int64_t C, class_start, ignore_index
         double scale, softcap, eps, z_loss, gamma, wsum
     void ce_fused_row(int dt, const ce_opts *o, const void *x, void *g, const void *t,
-                      int64_t y, const void *w, double coef, void *loss, void *lse)
+                      int64_t y, const void *w, double coef, void *loss, void *lse, float *scratch)
     void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w, void *out)
     void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g, int64_t y, const void *w,
                      const void *lse, const void *abd)
@@ -67,10 +69,21 @@ def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t 
     cdef char *gb = <char *>g
     cdef char *tb = <char *>t
     cdef const float *cp = <const float *>coef
-    for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
-        ce_fused_row(dt, &o, xb + n * sx * isz, (gb + n * sg * isz) if g else NULL,
-                     (tb + n * st * isz) if t else NULL, 0 if t else yp[n], <const void *>w,
-                     cp[n * scoef] if g else 1.0, <char *>loss + n * asz, <char *>lse + n * asz)
+    # 16-bit gradients: an fp32 row per thread for exp(z - max) between passes 2 and 3
+    cdef float *scratch = NULL
+    if g and isz == 2:
+        scratch = <float *>malloc(max(num_threads, 1) * C * sizeof(float))
+        if scratch == NULL:
+            raise MemoryError()
+    try:
+        for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
+            ce_fused_row(dt, &o, xb + n * sx * isz, (gb + n * sg * isz) if g else NULL,
+                         (tb + n * st * isz) if t else NULL, 0 if t else yp[n], <const void *>w,
+                         cp[n * scoef] if g else 1.0, <char *>loss + n * asz,
+                         <char *>lse + n * asz,
+                         (scratch + openmp.omp_get_thread_num() * C) if scratch else NULL)
+    finally:
+        free(scratch)
 
 
 def stats(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t y, size_t w, size_t out, *,

@@ -5,11 +5,13 @@
  *
  * A row takes three passes, only the first from DRAM: (1) max of the logits, (2) sum of
  * exp(z - max) plus the linear sums, (3) the gradient, over the row still in L2 (rows larger
- * than L2 are re-read from memory, still correct). The inner loops are branch-free so gcc
- * vectorizes them (check with -fopt-info-vec); the row functions are cloned for AVX-512,
- * AVX2+FMA and baseline x86-64 and picked at load time (target_clones), so the build needs no
- * -march. Every dtype shares one template (bottom of this file), instantiated per
- * (storage type, accumulation type): fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
+ * than L2 are re-read from memory, still correct). Pass 2 keeps exp(z - max) (in the gradient
+ * row itself for fp32/fp64, else in an fp32 scratch row) so pass 3 is one multiply per element;
+ * exp is the bulk of the arithmetic. The inner loops are branch-free so gcc vectorizes them
+ * (check with -fopt-info-vec); the row functions are cloned for AVX-512, AVX2+FMA and baseline
+ * x86-64 and picked at load time (target_clones), so the build needs no -march. Every dtype
+ * shares one template (bottom of this file), instantiated per (storage type, accumulation
+ * type): fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
  *
  * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss
  * and gradient, like torch's log_softmax, without running the exp passes (ce_exp() assumes no
@@ -73,42 +75,44 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
 }
 
 /* ---- exp and tanh: x = n ln2 + r (Cody-Waite), polynomial for e^r, 2^n from exponent bits ----
- * For x <= 0 (or slightly above), the only range these kernels use; exp(-inf) = 0. NaN is not
- * propagated: rows with NaN are handled before (see the row functions). All clamps are integer
- * min/max: a float compare-and-select both costs more (NaN rules) and lets gcc fold exp at the
- * bound into extra blends. The barrier keeps -fassociative-math from merging the Cody-Waite split. */
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_assoc_barrier)
-#define CE_BARRIER(e) __builtin_assoc_barrier(e)
-#endif
-#endif
-#ifndef CE_BARRIER
-#define CE_BARRIER(e) (e)
-#endif
-CE_INLINE uint32_t ce_minu(uint32_t a, uint32_t b) { return a < b ? a : b; }
-CE_INLINE int32_t ce_clampi(int32_t a, int32_t lo, int32_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
+ * For x <= 88 (beyond: inf or garbage; the kernels only use x <= ~0). Below the normal range,
+ * -inf included, 2^n = +0. NaN is not propagated: rows with a NaN are handled before (see the
+ * row functions). n = round(x log2 e) comes from the bits of x log2 e + 1.5 2^23 + 127 (biased
+ * exponent in the low bits), clamped as an integer: float compare-and-select costs more (NaN
+ * rules) and lets gcc fold exp at a bound into extra blends. The integer clamp of x - n C1
+ * (exact) bounds r where 2^n = 0, and keeps -fassociative-math from merging the two Cody-Waite
+ * steps (gcc 12's vectorizer drops __builtin_assoc_barrier). */
+CE_INLINE int32_t ce_clamp32(int32_t a, int32_t lo, int32_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
+CE_INLINE int64_t ce_clamp64(int64_t a, int64_t lo, int64_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
 
 CE_INLINE float ce_expf(float x) {
-    x = ce_u2f(ce_minu(ce_f2u(x), 0xc2b00000u));  /* x >= -88 (negative floats order as uints) */
-    int32_t k = ce_clampi((int32_t)(x * 1.44269504f + 127.5f), 0, 255); /* n + 127; 0: +0, 255: inf */
-    float n = CE_BARRIER((float)k - 127.0f), p2 = ce_u2f((uint32_t)k << 23);
-    float r = CE_BARRIER(x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float q = 1.9875691500e-4f; /* Cephes expf: e^r - 1 - r = r^2 q(r), ~1 ulp */
-    q = q * r + 1.3981999507e-3f;
-    q = q * r + 8.3334519073e-3f;
-    q = q * r + 4.1665795894e-2f;
-    q = q * r + 1.6666665459e-1f;
-    q = q * r + 5.0000001201e-1f;
+    const float M = 12582912.0f + 127.0f; /* 1.5 2^23 + exponent bias */
+    uint32_t kb = (uint32_t)ce_clamp32((int32_t)ce_f2u(x * 1.44269504f + M), 0x4b400000, 0x4b4000ff);
+    float n = ce_u2f(kb) - M, p2 = ce_u2f(kb << 23); /* 2^n: +0 .. inf */
+    uint32_t r1 = ce_f2u(x - n * 0.693359375f);
+    float r = ce_u2f(r1 < 0xbf800000u ? r1 : 0xbf800000u) - n * -2.12194440e-4f; /* r1 >= -1 */
+    float q = 1.3814593030815068e-3f; /* e^r = 1 + r + r^2 q(r): minimax, 3e-9 (+ rounding) */
+    q = q * r + 8.368708362507856e-3f;
+    q = q * r + 4.1668387524302165e-2f;
+    q = q * r + 1.666652070223355e-1f;
+    q = q * r + 4.9999993451752395e-1f;
     return p2 + p2 * (r + r * r * q);
 }
 CE_INLINE double ce_expd(double x) {
-    uint64_t u;
-    memcpy(&u, &x, 8);
-    u = u < 0xc087480000000000ull ? u : 0xc087480000000000ull; /* x >= -745 */
-    memcpy(&x, &u, 8);
-    int32_t k = ce_clampi((int32_t)(x * 1.4426950408889634 + 1023.5), 0, 2047); /* n + 1023 */
-    double n = CE_BARRIER((double)k - 1023.0), p2 = ce_u2d((uint64_t)k << 52);
-    double r = CE_BARRIER(x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+    const double M = 6755399441055744.0 + 1023.0; /* 1.5 2^52 + exponent bias */
+    int64_t t;
+    double d = x * 1.4426950408889634 + M, n, p2, r;
+    memcpy(&t, &d, 8);
+    uint64_t kb = (uint64_t)ce_clamp64(t, 0x4338000000000000ll, 0x43380000000007ffll), r1;
+    memcpy(&n, &kb, 8);
+    n -= M;
+    kb <<= 52;
+    memcpy(&p2, &kb, 8);
+    d = x - n * 6.93145751953125e-1;
+    memcpy(&r1, &d, 8);
+    r1 = r1 < 0xbff0000000000000ull ? r1 : 0xbff0000000000000ull; /* >= -1 */
+    memcpy(&r, &r1, 8);
+    r -= n * 1.42860682030941723212e-6;
     double q = 1.6059043836821613e-10; /* Taylor to r^13: < 1e-17 on |r| <= ln2/2 */
     q = q * r + 2.08767569878681e-09;
     q = q * r + 2.505210838544172e-08;
@@ -164,16 +168,20 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
     return mass * lse - uz + o->z_loss * lse * lse;
 }
 
-/* Calls FN(args..., capped, lin, has_w, has_t) with compile-time flags, so every combination
- * gets its own branch-free vectorized loop. */
-#define CE_SPECIALIZE(FN, capped, lin, has_w, has_t, ...)                                         \
-    switch ((capped) << 3 | (lin) << 2 | ((lin) && (has_w)) << 1 | ((lin) && (has_t))) {         \
-    case 0: FN(__VA_ARGS__, 0, 0, 0, 0); break;  case 8: FN(__VA_ARGS__, 1, 0, 0, 0); break;     \
-    case 4: FN(__VA_ARGS__, 0, 1, 0, 0); break;  case 12: FN(__VA_ARGS__, 1, 1, 0, 0); break;    \
-    case 5: FN(__VA_ARGS__, 0, 1, 0, 1); break;  case 13: FN(__VA_ARGS__, 1, 1, 0, 1); break;    \
-    case 6: FN(__VA_ARGS__, 0, 1, 1, 0); break;  case 14: FN(__VA_ARGS__, 1, 1, 1, 0); break;    \
-    default: FN(__VA_ARGS__, (capped), 1, 1, 1); break;                                          \
-    }
+/* Calls FN(args..., capped, e, lin, has_w, has_t) with compile-time flags, so every combination
+ * gets its own branch-free vectorized loop (e: the exp row buffer, only without softcap). */
+#define CE_LIN_VARIANTS(FN, capped, e, lin, has_w, has_t, ...)                                    \
+    if (!(lin)) FN(__VA_ARGS__, capped, e, 0, 0, 0);                                              \
+    else if (!(has_w) && !(has_t)) FN(__VA_ARGS__, capped, e, 1, 0, 0);                           \
+    else if (!(has_w)) FN(__VA_ARGS__, capped, e, 1, 0, 1);                                       \
+    else if (!(has_t)) FN(__VA_ARGS__, capped, e, 1, 1, 0);                                       \
+    else FN(__VA_ARGS__, capped, e, 1, 1, 1);
+#define CE_SPECIALIZE(FN, capped, e, lin, has_w, has_t, ...)                                      \
+    do {                                                                                          \
+        if (capped) { CE_LIN_VARIANTS(FN, 1, 0, lin, has_w, has_t, __VA_ARGS__) }                 \
+        else if (e) { CE_LIN_VARIANTS(FN, 0, 1, lin, has_w, has_t, __VA_ARGS__) }                 \
+        else { CE_LIN_VARIANTS(FN, 0, 0, lin, has_w, has_t, __VA_ARGS__) }                        \
+    } while (0)
 
 #define CE_CAT_(a, b) a##_##b
 #define CE_CAT(a, b) CE_CAT_(a, b)
@@ -224,7 +232,7 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
 #include "fastmath.h"
 #undef CE_ROW_TEMPLATE
 
-/* ---- dtype dispatch: pointers are row starts, acc outputs are float (double for fp64) ---- */
+/* ---- dtype dispatch: pointers are row starts; acc-typed ones are float (double for fp64) ---- */
 #define CE_DISPATCH(dt, FN, ...)                                                                  \
     switch (dt) {                                                                                 \
     case CE_F32: FN##_f32(__VA_ARGS__); break;                                                    \
@@ -233,8 +241,9 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
     default: FN##_bf16(__VA_ARGS__); break;                                                       \
     }
 static inline void ce_fused_row(int dt, const ce_opts *o, const void *x, void *g, const void *t,
-                                int64_t y, const void *w, double coef, void *loss, void *lse) {
-    CE_DISPATCH(dt, ce_fused_row, o, x, g, t, y, w, coef, loss, lse)
+                                int64_t y, const void *w, double coef, void *loss, void *lse,
+                                float *scratch) {
+    CE_DISPATCH(dt, ce_fused_row, o, x, g, t, y, w, coef, loss, lse, scratch)
 }
 static inline void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w,
                                 void *out) {
@@ -279,22 +288,27 @@ CE_INLINE CE_ACC CE_F(ce_rowmax)(const CE_T *x, int64_t C, CE_F(ce_tr) tr, const
     return CE_F(ce_z)(sgn * m, tr, capped, &dz);
 }
 
-/* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j z_j), u_j = w_j (c1 t_j + c0)
- * (w_j = 1 without has_w, t_j = 0 without has_t; the u sums only with lin). Partial sums per
- * block of CE_BLOCK classes, then across blocks. */
-CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int64_t C,
+/* u_j = w_j (c1 t_j + c0), w_j = 1 without has_w, t_j = 0 without has_t. */
+#define CE_U(j) ((has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1))
+
+/* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j z_j) (the u sums only with lin),
+ * with e: also E_j = exp(z_j - shift). E may alias x (fp32 in place): j is read before it is
+ * written. Partial sums per block of CE_BLOCK classes, then across blocks. */
+CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, CE_ACC *E, int64_t C,
                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC c1, CE_ACC c0, CE_ACC out[3],
-                             const int capped, const int lin, const int has_w, const int has_t) {
+                             const int capped, const int e, const int lin, const int has_w,
+                             const int has_t) {
     CE_ACC s = 0, su = 0, suz = 0;
     for (int64_t j0 = 0; j0 < C; j0 += CE_BLOCK) {
         int64_t j1 = C - j0 < CE_BLOCK ? C : j0 + CE_BLOCK;
         CE_ACC bs = 0, bu = 0, buz = 0;
 #pragma omp simd reduction(+ : bs, bu, buz)
         for (int64_t j = j0; j < j1; j++) {
-            CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
-            bs += ce_exp(z - shift);
+            CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz), p = ce_exp(z - shift);
+            bs += p;
+            if (e) E[j] = p;
             if (lin) {
-                CE_ACC u = (has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1);
+                CE_ACC u = CE_U(j);
                 bu += u;
                 buz += u * z;
             }
@@ -304,19 +318,20 @@ CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, int6
     out[0] = s, out[1] = su, out[2] = suz;
 }
 
-/* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j, u_j as in pass 2 (with lin). g may alias x:
- * element j is read before it is written, so there is no loop-carried dependence (omp simd). */
-CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w, int64_t C,
-                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1, CE_ACC c0,
-                              const int capped, const int lin, const int has_w, const int has_t) {
+/* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j (u_j only with lin), with e from E_j = exp(z_j -
+ * shift) of pass 2 instead of x (then dz = scale). g may alias x or E: j is read before it is
+ * written, so there is no loop-carried dependence (omp simd). */
+CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w,
+                              const CE_ACC *E, int64_t C, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a,
+                              CE_ACC c1, CE_ACC c0, const int capped, const int e, const int lin,
+                              const int has_w, const int has_t) {
 #pragma omp simd
     for (int64_t j = 0; j < C; j++) {
-        CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz);
-        CE_ACC v = a * ce_exp(z - shift);
-        if (lin) v -= (has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1);
-        g[j] = CE_STORE(v * dz);
+        CE_ACC dz = tr.scale, p = e ? E[j] : ce_exp(CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz) - shift);
+        g[j] = CE_STORE((a * p - (lin ? CE_U(j) : 0)) * dz);
     }
 }
+#undef CE_U
 
 CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
     const CE_T s = CE_STORE(v);
@@ -324,11 +339,12 @@ CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
 }
 
 /* Fused loss, lse and (with g) coef * dloss/dx of one row; t: probability targets, else index y.
+ * scratch: C floats for the exp row when CE_T is 16-bit (fp32/fp64 keep it in g).
  * A row with a NaN, a +inf z or only -inf gets NaN lse, loss and gradient (torch's log_softmax);
  * an ignored row gets loss 0 and gradient 0. */
 CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
                                   int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
-                                  CE_ACC *lse_out) {
+                                  CE_ACC *lse_out, float *scratch) {
     const int64_t C = o->C;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0, soft = t != NULL, counted = soft || y != o->ignore_index;
@@ -346,10 +362,14 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
         if (g) CE_F(ce_fill)(g, C, counted ? NAN : 0);
         return;
     }
+    /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
+    CE_ACC *E = !g || !counted || capped ? NULL
+                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)(void *)scratch;
     CE_ACC sums[3];
     const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
-    CE_SPECIALIZE(CE_F(ce_sums), capped, lin, w != NULL, soft, x, t, w, C, tr, m, c1, c0, sums)
+    CE_SPECIALIZE(CE_F(ce_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E, C, tr, m, c1,
+                  c0, sums);
     double lse = (double)m + log((double)sums[0]), loss_v, abd[3] = {0, 0, 0};
     if (soft)
         loss_v = ce_soft_loss(o, lse, sums[1], sums[2], &abd[0]);
@@ -365,8 +385,8 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
     /* p_j = exp(z_j - m) / s: z_j - m is exact where it matters, unlike z_j - (rounded lse) */
     const CE_ACC a = (CE_ACC)(coef * abd[0] / sums[0]);
     const CE_ACC gc1 = (CE_ACC)(coef * c1), gc0 = (CE_ACC)(coef * (soft ? c0 : abd[2]));
-    const int glin = soft || abd[2] != 0;
-    CE_SPECIALIZE(CE_F(ce_grads), capped, glin, w != NULL, soft, x, g, t, w, C, tr, m, a, gc1, gc0)
+    CE_SPECIALIZE(CE_F(ce_grads), capped, E != NULL, soft || abd[2] != 0, w != NULL, soft, x, g, t,
+                  w, E, C, tr, m, a, gc1, gc0);
     if (!soft) /* the target term, from z_y read before x may have been overwritten */
         g[y] = CE_STORE((CE_ACC)((a * ce_exp(zy - m) - coef * (abd[1] + abd[2] * wy)) * dzy));
 }
@@ -381,7 +401,8 @@ CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_t y, co
     int nan;
     CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped, &nan), sums[3], dz;
     CE_ACC shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
-    CE_SPECIALIZE(CE_F(ce_sums), capped, 1, w != NULL, 0, x, NULL, w, C, tr, shift, 0, 1, sums)
+    CE_SPECIALIZE(CE_F(ce_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, C, tr, shift, 0, 1,
+                  sums);
     out[0] = nan ? NAN : m;
     out[1] = nan ? NAN : (m == INFINITY ? INFINITY : sums[0]);
     out[2] = y != o->ignore_index && local >= 0 && local < C
@@ -402,7 +423,8 @@ CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g, int64
         return;
     }
     CE_ACC dzy = 0, zy = here ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dzy) : 0; /* before g */
-    CE_SPECIALIZE(CE_F(ce_grads), capped, D != 0, w != NULL, 0, x, g, NULL, w, C, tr, l, A, 0, D)
+    CE_SPECIALIZE(CE_F(ce_grads), capped, 0, D != 0, w != NULL, 0, x, g, NULL, w, NULL, C, tr, l, A,
+                  0, D);
     if (here)
         g[local] = CE_STORE((A * ce_exp(zy - l) - B - D * (w ? w[local] : 1)) * dzy);
 }

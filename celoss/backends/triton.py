@@ -43,3 +43,23 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
         return
     _k.grad(logits, target, weight, lse, row_coefs, grad_out, class_start=class_start,
             logit_scale=logit_scale, softcap=softcap)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused linear cross-entropy (celoss.linear_cross_entropy): thin adapters over
+# celoss.kernels.linear_cross_entropy; a backend exposing these gets the fused engine.
+# ------------------------------------------------------------------------------------------------
+
+from celoss.kernels import linear_cross_entropy as _lce  # noqa: E402
+
+
+def lce_stats(x, w, b, src, tgt, weight, *, logit_scale, softcap, need_wz):
+    """(S, M, 4) partial row statistics of X[src] W^T + b over S vocabulary splits."""
+    return _lce.stats(x, w, b, src, tgt, weight, logit_scale=logit_scale, softcap=softcap, need_wz=need_wz)
+
+
+def lce_backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, *, logit_scale, softcap,
+                 has_d):
+    """Accumulates dX / dW / db (float32, in place) from the row coefficients (A, B, D)."""
+    _lce.backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, logit_scale=logit_scale,
+                  softcap=softcap, has_d=has_d)

@@ -7,15 +7,16 @@ constexprs), compiles it with ``triton.compile(..., target=GPUTarget("cuda", arc
 processes (this process may run under TRITON_INTERPRET=1, where nothing can be compiled) and reads
 ``ptxas -v``.
 
-Configurations (the launchers choose kernel x flags x dtype x (BLOCK, num_warps) x alignment):
+Configurations (the launchers choose kernel x flags x dtype x (BLOCK, num_warps) x alignment;
+the full product is 2856 plans, run with CELOSS_AOT_FULL=1). By default, a covering subset:
 * every flag combination of every kernel, bf16, at the largest block (MAX_BLOCK = 4096, 8 warps);
-* the heaviest flag combination of each kernel (most live state) at every dtype and every
-  (BLOCK, num_warps) of ``BLOCK_CONFIGS``, 16-byte aligned rows;
-* the same, unaligned (odd C and row stride, pointer off the 16-byte grid: no vectorization), at
-  the configurations with 16 elements per thread and the fewest / most warps.
-A full sweep of the product (2856 plans) was run once offline with the same helpers
-(``_aot.compile_many(MODULE, "aot_plan", cases)``): no spills anywhere.
+* the heaviest flag combination of each kernel (most live state) at every dtype, at the two
+  configurations with 16 elements per thread and the fewest / most warps (512 / 1 warp and
+  4096 / 8 warps), with 16-byte aligned rows and unaligned ones (odd C and row stride, pointer off
+  the 16-byte grid: no vectorization);
+* the heaviest flag combinations, bf16, at every other (BLOCK, num_warps).
 """
+import os
 import pathlib
 import sys
 
@@ -33,7 +34,8 @@ except Exception:  # celoss/__init__.py mid-edit: use the kernels folder directl
 
 ARCHS = (80, 90)
 DTYPES = ("float32", "float16", "bfloat16")
-UNALIGNED_BLOCKS = (512, ce.MAX_BLOCK)  # 16 elements / thread with 1 warp and with 16 warps
+FULL = os.environ.get("CELOSS_AOT_FULL") == "1"
+EDGE_BLOCKS = (512, ce.MAX_BLOCK)  # 16 elements / thread with 1 warp and with the most warps
 
 
 def _case_id(case):
@@ -45,15 +47,24 @@ def _case_id(case):
 
 def _cases():
     cases = []
+    blocks = [b for b, _ in ce.BLOCK_CONFIGS]
     for kernel in ce.KERNELS:
+        if FULL:
+            for flags in ce.aot_cases(kernel):
+                for dtype in DTYPES:
+                    for block in blocks:
+                        for aligned in (True, False):
+                            cases.append(dict(kernel=kernel, dtype=dtype, block=block, aligned=aligned, **flags))
+            continue
         for flags in ce.aot_cases(kernel):
             cases.append(dict(kernel=kernel, dtype="bfloat16", block=ce.MAX_BLOCK, aligned=True, **flags))
         for flags in ce.aot_cases(kernel, heaviest=True):
             for dtype in DTYPES:
-                for block, _ in ce.BLOCK_CONFIGS:
-                    cases.append(dict(kernel=kernel, dtype=dtype, block=block, aligned=True, **flags))
-                for block in UNALIGNED_BLOCKS:
-                    cases.append(dict(kernel=kernel, dtype=dtype, block=block, aligned=False, **flags))
+                for block in EDGE_BLOCKS:
+                    for aligned in (True, False):
+                        cases.append(dict(kernel=kernel, dtype=dtype, block=block, aligned=aligned, **flags))
+            for block in blocks:
+                cases.append(dict(kernel=kernel, dtype="bfloat16", block=block, aligned=True, **flags))
     unique = {}
     for c in cases:
         unique.setdefault(_case_id(c), c)

@@ -1,0 +1,186 @@
+"""celoss.binary_cross_entropy_with_logits vs PyTorch (float64) on every backend: values and gradients
+for the input and for a target that requires grad."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from celoss.binary import binary_cross_entropy_with_logits as bce
+from conftest import backend_device, backend_params, lowp_error_bound
+
+ALL = backend_params()
+CPU_KERNELS = backend_params("cython", "torch")
+# Triton's interpreter evaluates masked lanes that the kernels then discard
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def _data(shape, device, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+    y = torch.rand(shape, generator=g)
+    if y.dim():
+        y[..., ::3] = (y[..., ::3] > 0.5).float()  # hard and soft labels
+    return x, y.to(device=device, dtype=dtype)
+
+
+def _weights(kind, shape, device):
+    g = torch.Generator().manual_seed(7)
+    c = shape[-1]
+    return {
+        "none": (None, None),
+        "weight_c": (torch.rand(c, generator=g) + 0.2, None),
+        "weight_row": (torch.rand(*shape[:-1], 1, generator=g) + 0.2, None),
+        "weight_full": (torch.rand(shape, generator=g) + 0.2, None),
+        "pos_weight_c": (None, torch.rand(c, generator=g) * 3),
+        "both": (torch.rand(c, generator=g) + 0.2, torch.rand(c, generator=g) * 3),
+        "both_broadcast": (torch.rand(*shape[:-1], 1, generator=g), torch.rand(shape, generator=g) * 2),
+    }[kind]
+
+
+def _both(fn_ours, fn_ref, x, y, upstream_seed=1):
+    """Loss and gradients (input, target) of both functions with a non-trivial upstream gradient."""
+    xa, ya = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    xb, yb = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    a, b = fn_ours(xa, ya), fn_ref(xb, yb)
+    up = (torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+          + 0.5).to(b.device)
+    up = up.to(a.dtype)  # the upstream gradient both get (rounded to the loss dtype)
+    gxa, gya = torch.autograd.grad(a, (xa, ya), up)
+    gxb, gyb = torch.autograd.grad(b, (xb, yb), up.double())
+    return a, b, (gxa, gya), (gxb, gyb)
+
+
+def lowp_margin(backend, dtype, margin=1e-3):
+    """Triton's interpreter truncates float32 -> bfloat16 stores (a GPU rounds to nearest): allow
+    one bf16 ulp there instead of the usual margin."""
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        return max(margin, torch.finfo(dtype).eps)
+    return margin
+
+
+def _dbl(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weights", ["none", "weight_c", "weight_row", "weight_full", "pos_weight_c", "both",
+                                     "both_broadcast"])
+def test_matches_pytorch(backend, reduction, weights):
+    dev = backend_device(backend)
+    shape = (2, 9, 37)
+    x, y = _data(shape, dev)
+    w, pw = (None if t is None else t.to(dev) for t in _weights(weights, shape, dev))
+    a, b, ga, gb = _both(lambda u, v: bce(u, v, w, reduction=reduction, pos_weight=pw, backend=backend),
+                         lambda u, v: F.binary_cross_entropy_with_logits(u, v, _dbl(w), reduction=reduction,
+                                                                         pos_weight=_dbl(pw)), x, y)
+    assert a.shape == b.shape and a.dtype == torch.float32
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", [(), (5,), (3, 1), (4, 2500), (1, 3, 1100)], ids=str)
+def test_shapes_and_rows_longer_than_a_chunk(backend, shape):
+    dev = backend_device(backend)
+    x, y = _data(shape, dev, seed=2)
+    pw = torch.rand(shape[-1:]).to(dev) + 0.5  # (C,), or () for a 0-d input
+    for kw in (dict(), dict(pos_weight=pw, weight=pw.flip(0))):
+        a, b, ga, gb = _both(lambda u, v: bce(u, v, backend=backend, **kw),
+                             lambda u, v: F.binary_cross_entropy_with_logits(
+                                 u, v, **{k: t.double() for k, t in kw.items()}), x, y)
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_stable_for_huge_logits(backend):
+    dev = backend_device(backend)
+    x = torch.tensor([-1e4, -300.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.0, 300.0, 1e4], device=dev)
+    for yv in (0.0, 1.0, 0.3):
+        y = torch.full_like(x, yv)
+        pw = torch.full_like(x, 2.5)
+        a, b, ga, gb = _both(lambda u, v: bce(u, v, reduction="none", pos_weight=pw, backend=backend),
+                             lambda u, v: F.binary_cross_entropy_with_logits(u, v, reduction="none",
+                                                                             pos_weight=pw.double()), x, y)
+        assert torch.isfinite(a).all() and all(torch.isfinite(g).all() for g in ga)
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u.double(), v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_no_worse_than_pytorch(backend, dtype):
+    dev = backend_device(backend)
+    x, y = _data((6, 129), dev, dtype=dtype, seed=3)
+    w = (torch.rand(129) + 0.5).to(dev, dtype)
+    for reduction in ("none", "mean"):
+        a, b, ga, gb = _both(lambda u, v: bce(u, v, w, reduction=reduction, backend=backend),
+                             lambda u, v: F.binary_cross_entropy_with_logits(u, v, w.double(), reduction=reduction),
+                             x, y)
+        assert a.dtype == dtype
+        xp, yp = x.clone().requires_grad_(), y.clone().requires_grad_()
+        lp = F.binary_cross_entropy_with_logits(xp, yp, w, reduction=reduction)
+        up = (torch.rand(lp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5)
+        gp = torch.autograd.grad(lp, (xp, yp), up.to(lp.device, lp.dtype))
+        m = lowp_margin(backend, dtype)
+        lowp_error_bound(a, lp, b, margin=m)
+        for u, p, v in zip(ga, gp, gb):
+            lowp_error_bound(u, p, v, margin=m)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mixed_dtypes_promote_like_pytorch(backend):
+    dev = backend_device(backend)
+    x, y = _data((4, 33), dev, seed=4)
+    out = bce(x.bfloat16(), y, backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), F.binary_cross_entropy_with_logits(x.bfloat16().double(), y.double()),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_float64_gradcheck(backend):
+    x, y = _data((3, 5), "cpu", dtype=torch.float64, seed=5)
+    x.requires_grad_()
+    y.requires_grad_()
+    w, pw = torch.rand(3, 1, dtype=torch.float64) + 0.2, torch.rand(5, dtype=torch.float64) * 3
+    for kw in (dict(), dict(weight=w, pos_weight=pw, reduction="sum"), dict(pos_weight=pw, reduction="none")):
+        assert torch.autograd.gradcheck(lambda u, v: bce(u, v, backend=backend, **kw), (x, y))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_empty_and_loss_times_constant(backend):
+    dev = backend_device(backend)
+    e = torch.zeros(0, 4, device=dev)
+    assert torch.isnan(bce(e, e, backend=backend))  # mean of nothing, as PyTorch
+    assert bce(e, e, reduction="sum", backend=backend) == 0
+    assert bce(e, e, reduction="none", backend=backend).shape == (0, 4)
+    x, y = _data((3, 8), dev, seed=6)
+    xa = x.clone().requires_grad_()
+    (2.5 * bce(xa, y, backend=backend)).backward()
+    xb = x.double().requires_grad_()
+    (2.5 * F.binary_cross_entropy_with_logits(xb, y.double())).backward()
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(target_shape=(3, 5)), ValueError, "same as input size"),
+    (dict(weight=torch.ones(2, 3, 4)), ValueError, "broadcast"),
+    (dict(pos_weight=torch.ones(3)), ValueError, "broadcast"),
+    (dict(weight=torch.ones(4, requires_grad=True)), RuntimeError, "not differentiable"),
+    (dict(target_dtype=torch.int64), TypeError, "float"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="nope"), ValueError, "unknown backend"),
+])
+def test_bad_arguments(kwargs, error, match):
+    x, y = _data((3, 4), "cpu")
+    kw = dict(kwargs)
+    if "target_shape" in kw:
+        y = torch.rand(kw.pop("target_shape"))
+    if "target_dtype" in kw:
+        y = y.to(kw.pop("target_dtype"))
+    with pytest.raises(error, match=match):
+        bce(x, y, **kw)

@@ -1,0 +1,261 @@
+"""celoss.focal_loss (softmax) and celoss.sigmoid_focal_loss (torchvision's) vs float64 PyTorch formulas
+on every backend: values and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from celoss.focal import focal_loss, sigmoid_focal_loss
+from conftest import backend_device, backend_params, lowp_error_bound
+
+ALL = backend_params()
+CPU_KERNELS = backend_params("cython", "torch")
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def lowp_margin(backend, dtype, margin=1e-3):
+    """Triton's interpreter truncates float32 -> bfloat16 stores (a GPU rounds to nearest)."""
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        return max(margin, torch.finfo(dtype).eps)
+    return margin
+
+
+def softmax_focal_oracle(x, t, gamma, alpha=None, ignore_index=-100, reduction="mean"):
+    """-alpha_y (1 - p_y)^gamma log p_y, class dim 1, mean over counted positions (float64)."""
+    x = x.double()
+    c = x.shape[1] if x.dim() > 1 else x.shape[0]
+    lp_all = F.log_softmax(x, dim=1 if x.dim() > 1 else 0)
+    counted = t != ignore_index
+    safe = torch.where(counted, t, torch.zeros_like(t))
+    lp = lp_all.gather(1 if x.dim() > 1 else 0, safe.unsqueeze(1 if x.dim() > 1 else 0)).squeeze(
+        1 if x.dim() > 1 else 0)
+    if alpha is None:
+        a = torch.ones_like(lp)
+    elif torch.is_tensor(alpha) and alpha.dim() == 1:
+        a = alpha.double().to(x.device)[safe]
+    else:
+        a = torch.full_like(lp, float(alpha))
+    loss = torch.where(counted, -a * (-torch.expm1(lp)).pow(gamma) * lp, torch.zeros_like(lp))
+    assert c > 0
+    return {"none": lambda: loss, "sum": loss.sum, "mean": lambda: loss.sum() / counted.sum()}[reduction]()
+
+
+def sigmoid_focal_oracle(x, t, alpha=0.25, gamma=2.0, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss, verbatim formula, in float64."""
+    x, t = x.double(), t.double()
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return {"none": lambda: loss, "mean": loss.mean, "sum": loss.sum}[reduction]()
+
+
+def _both(ours, ref, x, upstream_seed=1):
+    xa = x.detach().clone().requires_grad_()
+    xb = x.detach().double().requires_grad_()
+    a, b = ours(xa), ref(xb)
+    up = (torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+          + 0.5).to(b.device).to(a.dtype)
+    ga, = torch.autograd.grad(a, xa, up)
+    gb, = torch.autograd.grad(b, xb, up.double())
+    return a, b, ga, gb
+
+
+def _cls_data(shape, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
+    tshape = (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
+    c = shape[1] if len(shape) > 1 else shape[0]
+    t = torch.randint(0, c, tshape, generator=g)
+    if t.dim():
+        t.view(-1)[torch.rand(t.numel(), generator=g) < 0.25] = -100
+        t.view(-1)[0] = -100
+    return x, t.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax focal loss
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", ["none", "scalar", "tensor"])
+def test_softmax_focal_matches_formula(backend, gamma, alpha):
+    dev = backend_device(backend)
+    x, t = _cls_data((23, 41), dev)
+    a = {"none": None, "scalar": 0.25,
+         "tensor": (torch.rand(41, generator=torch.Generator().manual_seed(3)) + 0.1).to(dev)}[alpha]
+    for reduction in ("mean", "sum", "none"):
+        ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, gamma, a, reduction=reduction, backend=backend),
+                                  lambda v: softmax_focal_oracle(v, t, gamma, a, reduction=reduction), x)
+        assert ours.shape == ref.shape and ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(13,), (6, 9), (3, 7, 2, 5)], ids=str)
+def test_gamma_zero_is_cross_entropy(backend, reduction, shape):
+    dev = backend_device(backend)
+    x, t = _cls_data(shape, dev, seed=1)
+    if len(shape) == 1:
+        reduction = "none" if reduction == "none" else reduction
+    ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, gamma=0.0, reduction=reduction, backend=backend),
+                              lambda v: F.cross_entropy(v, t, reduction=reduction), x)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 2.0])
+def test_softmax_focal_confident_rows(backend, gamma):
+    """p_y -> 1 (margins up to 30) with gamma < 1: finite gradient, no NaN from (1 - p_y)**(gamma - 1)
+    (float32 statistics can only resolve 1 - p_y to ~1e-7 absolute, like PyTorch's log_softmax)."""
+    dev = backend_device(backend)
+    x = torch.zeros(4, 10)
+    t = torch.tensor([0, 1, 2, 3])
+    for i, m in enumerate((5.0, 12.0, 20.0, 30.0)):
+        x[i, t[i]] = m
+    x, t = x.to(dev), t.to(dev)
+    ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, gamma, reduction="none", backend=backend),
+                              lambda v: softmax_focal_oracle(v, t, gamma, reduction="none"), x)
+    assert torch.isfinite(ga).all()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softmax_focal_low_precision(backend, dtype):
+    dev = backend_device(backend)
+    x, t = _cls_data((16, 300), dev, dtype=dtype, seed=2)
+    ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, 2.0, 0.5, reduction="none", backend=backend),
+                              lambda v: softmax_focal_oracle(v, t, 2.0, 0.5, reduction="none"), x)
+    assert ours.dtype == dtype
+    xp = x.clone().requires_grad_()  # PyTorch's own low-precision formula
+    lp = F.log_softmax(xp, 1).gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
+    tp = torch.where(t != -100, -0.5 * (1 - lp.exp()) ** 2 * lp, torch.zeros_like(lp))
+    up = (torch.rand(tp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5)
+    gp, = torch.autograd.grad(tp, xp, up.to(dev, dtype))
+    m = lowp_margin(backend, dtype)
+    lowp_error_bound(ours, tp, ref, margin=m)
+    lowp_error_bound(ga, gp, gb, margin=m)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_softmax_focal_gradcheck(backend):
+    x, t = _cls_data((5, 7), "cpu", dtype=torch.float64, seed=4)
+    x.requires_grad_()
+    alpha = torch.rand(7, dtype=torch.float64) + 0.1
+    for kw in (dict(gamma=2.0), dict(gamma=0.5, alpha=alpha, reduction="none"), dict(gamma=1.5, alpha=0.3,
+                                                                                        reduction="sum")):
+        assert torch.autograd.gradcheck(lambda v: focal_loss(v, t, backend=backend, **kw), (x,))
+
+
+def test_softmax_focal_bad_arguments():
+    x, t = _cls_data((4, 5), "cpu")
+    with pytest.raises(ValueError, match="gamma"):
+        focal_loss(x, t, gamma=-1.0)
+    with pytest.raises(TypeError, match="class-index"):
+        focal_loss(x, torch.rand(4, 5))
+    with pytest.raises(ValueError, match="5 elements"):
+        focal_loss(x, t, alpha=torch.ones(4))
+    with pytest.raises(IndexError, match="out of bounds"):
+        focal_loss(x, torch.tensor([0, 1, 9, 2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# sigmoid focal loss
+# ---------------------------------------------------------------------------------------------
+
+def _bin_data(shape, device, dtype=torch.float32, seed=0, soft=False):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
+    y = torch.rand(shape, generator=g)
+    y = y if soft else (y > 0.7).float()
+    return x, y.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("soft", [False, True])
+def test_sigmoid_focal_matches_torchvision_formula(backend, alpha, gamma, soft):
+    dev = backend_device(backend)
+    x, y = _bin_data((3, 5, 29), dev, soft=soft)
+    for reduction in ("none", "mean", "sum"):
+        ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, alpha, gamma, reduction, backend=backend),
+                                  lambda v: sigmoid_focal_oracle(v, y, alpha, gamma, reduction), x)
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_sigmoid_focal_gamma_zero_no_alpha_is_bce(backend):
+    dev = backend_device(backend)
+    x, y = _bin_data((4, 1500), dev, soft=True, seed=1)
+    ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, -1.0, 0.0, "mean", backend=backend),
+                              lambda v: F.binary_cross_entropy_with_logits(v, y.double()), x)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_sigmoid_focal_huge_logits(backend):
+    """1 - p_t is formed without cancellation: exact tiny losses where torchvision's fp32 rounds to 0."""
+    dev = backend_device(backend)
+    x = torch.tensor([-1e4, -100.0, -30.0, -10.0, 0.0, 10.0, 30.0, 100.0, 1e4], device=dev)
+    for yv in (0.0, 1.0):
+        y = torch.full_like(x, yv)
+        for gamma in (0.5, 2.0):
+            ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, 0.25, gamma, backend=backend),
+                                      lambda v: sigmoid_focal_oracle(v, y, 0.25, gamma), x)
+            assert torch.isfinite(ours).all() and torch.isfinite(ga).all()
+            # float64 autograd of q**gamma at q == 0 (|x| = 1e4) is 0 * inf = NaN; the true value is 0
+            gb = torch.nan_to_num(gb, nan=0.0)
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sigmoid_focal_low_precision(backend, dtype):
+    dev = backend_device(backend)
+    x, y = _bin_data((8, 65), dev, dtype=dtype, seed=2)
+    ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, backend=backend),
+                              lambda v: sigmoid_focal_oracle(v, y), x)
+    assert ours.dtype == dtype
+    xp = x.clone().requires_grad_()
+    p = torch.sigmoid(xp)
+    ce = F.binary_cross_entropy_with_logits(xp, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    tp = (0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2
+    up = (torch.rand(tp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5)
+    gp, = torch.autograd.grad(tp, xp, up.to(dev, dtype))
+    m = lowp_margin(backend, dtype)
+    lowp_error_bound(ours, tp, ref, margin=m)
+    lowp_error_bound(ga, gp, gb, margin=m)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_sigmoid_focal_gradcheck(backend):
+    x, y = _bin_data((3, 6), "cpu", dtype=torch.float64, soft=True, seed=3)
+    x.requires_grad_()
+    for kw in (dict(), dict(alpha=-1, gamma=0.5, reduction="mean"), dict(gamma=0.0, reduction="sum")):
+        assert torch.autograd.gradcheck(lambda v: sigmoid_focal_loss(v, y, backend=backend, **kw), (x,))
+
+
+def test_sigmoid_focal_bad_arguments():
+    x, y = _bin_data((3, 4), "cpu")
+    with pytest.raises(ValueError, match="gamma"):
+        sigmoid_focal_loss(x, y, gamma=-0.5)
+    with pytest.raises(ValueError, match="same as input size"):
+        sigmoid_focal_loss(x, y[:2])
+    with pytest.raises(NotImplementedError, match="targets"):
+        sigmoid_focal_loss(x, y.clone().requires_grad_())
+    with pytest.raises(ValueError, match="reduction"):
+        sigmoid_focal_loss(x, y, reduction="batchmean")
