@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(HERE, "results", f"{label}-{date}" +
                                        ("" if preset_name == "full" else f"-{preset_name}"))
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # a rerun into the same folder must not leave stale plots behind
+        if name.endswith(".png") or name in ("results.md", "results.csv", "run.json"):
+            os.remove(os.path.join(out_dir, name))
     log_path = os.path.join(out_dir, "worker.log")
     with open(log_path, "wb") as dst, open(tmp_log, "rb") as src:
         dst.write(src.read())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
@@ -273,7 +273,6 @@ class Method:
     build: Callable[[Op, str, str, dict], Impl]      # (op, device, dtype, shape) -> Impl
     destroys: tuple = ()   # phases in which it overwrites its inputs (restored before each call)
     compiles: bool = False  # needs torch._dynamo.reset() before building
-    notes: dict = field(default_factory=dict)
 
     def unavailable(self, op: Op, device: str, dtype: str) -> Optional[str]:
         if op.name not in self.ops:

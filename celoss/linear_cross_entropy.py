@@ -251,9 +251,14 @@ class _FusedEngine:
         dw = torch.zeros(v, d, **f32) if need_dw else None
         db = torch.zeros(v, **f32) if (need_db and b is not None) else None
         if m > 0 and (dx is not None or dw is not None or db is not None):
+            # largest per-row scale: fp16/bf16 gradient tiles are normalized by it before rounding
+            unit = scale.abs().amax()
+            if grad_lse is not None:
+                unit = torch.maximum(unit, grad_lse.abs().amax().to(unit.dtype))
+            unit = torch.where(unit > 0, unit, 1.0).reshape(1).to(torch.float32)
             self.k.lce_backward(x2d, w, b, rows.src, rows.tgt, self.weight, lse.contiguous(), coefs,
                                 thresholds, dx, dw, db, logit_scale=o["logit_scale"], softcap=o["softcap"],
-                                has_d=o["label_smoothing"] != 0.0)
+                                has_d=o["label_smoothing"] != 0.0, unit=unit)
         return (None if dx is None else dx.to(x2d.dtype), None if dw is None else dw.to(w.dtype),
                 None if db is None else db.to(b.dtype))
 
@@ -433,17 +438,28 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     ``shift=True``: next-token prediction on ``input (..., T, D)`` / ``target (..., T)``: position t
     is scored against label t + 1 and the last position is dropped (an unreduced loss has shape
-    ``(..., T - 1)``); the hidden states are addressed by index arithmetic, never copied.
+    ``(..., T - 1)``); the hidden states are addressed by index arithmetic, never copied (as long
+    as ``input.reshape(-1, D)`` is a view, e.g. any contiguous input).
+
+    Rows whose target is ``ignore_index`` cost no matrix-product work (they are compacted away;
+    with ``return_lse`` every row is computed, since every row's lse is returned). An all-ignored
+    "mean" is NaN with zero gradients, as in PyTorch.
+
+    Gradients: with reduction "mean"/"sum" (and no ``return_lse``) the chunked (CPU) engine forms
+    them during forward and backward only rescales them, so a second backward through the same
+    graph raises (except in float64); reduction "none" recomputes in backward and supports any
+    per-row upstream gradient and repeated backward.
 
     ``filter_eps``: None (default) computes exact gradients. A float enables gradient filtering in
     the fused (Triton) kernels: a (rows x vocabulary) tile whose every ``|dloss/dz|`` (before the
     upstream / mean scaling; ``|softmax - onehot|`` for plain cross-entropy) is at most
     ``filter_eps`` contributes nothing to the gradients. Each skipped element changes a gradient
-    by at most ``filter_eps`` times the row's scale times ``|W|`` (or ``|X|``), so ``2**-12``
-    (a fraction of bf16's resolution) is invisible in bf16 training while skipping most tiles of
-    a confident model (the backward cost then falls towards the recomputation of the logit
-    tiles); runtime then depends on the data. CPU (chunked) paths ignore it: BLAS gains nothing
-    from sparse tiles, and gradients stay exact.
+    by at most ``filter_eps`` times the row's scale times ``|W|`` (or ``|X|``). Cut Cross-Entropy's
+    default, ``2**-12`` (bf16's epsilon / 32), is below the rounding of a bf16 gradient element;
+    for a confident model most tiles are skipped and the backward cost falls towards the
+    recomputation of the logit tiles -- so runtime then depends on the data. Not measured on a
+    GPU here yet. CPU (chunked) paths ignore it: BLAS gains nothing from sparse tiles, and their
+    gradients stay exact.
 
     ``chunk_bytes``: bound of the chunked engine's workspace (the logits of a chunk of rows plus
     their gathered hidden states), default :data:`DEFAULT_CHUNK_BYTES` (256 MB); at least one row.

@@ -44,3 +44,75 @@ class LinearCrossEntropyLoss(nn.Module):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, backend=self.backend, **self.extras)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss family: focal losses, binary cross-entropy with logits, distillation
+# ----------------------------------------------------------------------------------------------
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss module: ``forward(input, target)`` -> :func:`celoss.focal_loss` (class dim 1).
+    ``alpha`` (None, a float or a per-class tensor, registered as a buffer when a tensor)."""
+
+    def __init__(self, gamma: float = 2.0, alpha=None, ignore_index: int = -100, reduction: str = "mean", *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.gamma, self.ignore_index, self.reduction, self.backend = gamma, ignore_index, reduction, backend
+        if isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+
+    def forward(self, input: Tensor, target: Tensor):
+        from .focal import focal_loss
+        return focal_loss(input, target, self.gamma, self.alpha, self.ignore_index, self.reduction,
+                          backend=self.backend)
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Module of :func:`celoss.sigmoid_focal_loss` (torchvision's definition): ``forward(inputs, targets)``."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none", *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.alpha, self.gamma, self.reduction, self.backend = alpha, gamma, reduction, backend
+
+    def forward(self, inputs: Tensor, targets: Tensor):
+        from .focal import sigmoid_focal_loss
+        return sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction, backend=self.backend)
+
+
+class BCEWithLogitsLoss(nn.Module):
+    """Mirrors ``torch.nn.BCEWithLogitsLoss`` (weight and pos_weight buffers) on
+    :func:`celoss.binary_cross_entropy_with_logits`."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight: Optional[Tensor] = None, *, backend: Optional[str] = None):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, input: Tensor, target: Tensor):
+        from .binary import binary_cross_entropy_with_logits
+        return binary_cross_entropy_with_logits(input, target, self.weight, self.reduction, self.pos_weight,
+                                                backend=self.backend)
+
+
+class DistillationLoss(nn.Module):
+    """Module of :func:`celoss.distillation_loss`: ``forward(student_logits, teacher_logits, target=None)``;
+    constructor arguments are that function's keyword options."""
+
+    def __init__(self, temperature: float = 1.0, kind: str = "kl", beta: float = 0.5, alpha: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "batchmean", *, backend: Optional[str] = None):
+        super().__init__()
+        self.temperature, self.kind, self.beta, self.alpha = temperature, kind, beta, alpha
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None):
+        from .distillation import distillation_loss
+        return distillation_loss(student_logits, teacher_logits, target, temperature=self.temperature,
+                                 kind=self.kind, beta=self.beta, alpha=self.alpha,
+                                 ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)

@@ -30,6 +30,20 @@ cdef extern from * nogil:
     #pragma GCC optimize("no-associative-math")
     #include "fastmath.h"
     #include <float.h>
+    #include <stdlib.h>
+    #include <sys/mman.h>
+    
+    /* Ask for transparent huge pages on a fresh buffer before its first touch: first-touch page
+     * faults on 4 KiB pages run at ~5 GB/s here, on 2 MiB pages several times faster (the gradient of
+     * an N x V distillation is written into a fresh buffer). Only the 2 MiB-aligned interior. */
+    static int fam_advise_hugepages(void *p, size_t n) {
+    #ifdef MADV_HUGEPAGE
+        const uintptr_t huge = (uintptr_t)1 << 21;
+        uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), e = ((uintptr_t)p + n) & ~(huge - 1);
+        if (e > a) return madvise((void *)a, (size_t)(e - a), MADV_HUGEPAGE);
+    #endif
+        return 0;
+    }
     
     #define FAM_CHUNK 1024
     
@@ -116,6 +130,18 @@ cdef extern from * nogil:
         uint16_t *h = (uint16_t *)base + off;
         for (int64_t j = 0; j < n; j++) h[j] = dt == CE_BF16 ? ce_f2bf((float)src[j]) : ce_f2h((float)src[j]);
     }
+    /* Per-thread scratch (grown on demand, kept for the thread's life: OpenMP reuses its threads). */
+    static __thread void *fam_tls_buf = NULL;
+    static __thread size_t fam_tls_cap = 0;
+    static void *fam_scratch(size_t bytes) {
+        if (bytes > fam_tls_cap) {
+            free(fam_tls_buf);
+            fam_tls_buf = malloc(bytes);
+            fam_tls_cap = fam_tls_buf ? bytes : 0;
+        }
+        return fam_tls_buf;
+    }
+    
     /* one element as double (target logits) */
     static inline double fam_get(const void *base, int dt, int64_t i) {
         switch (dt) {
@@ -176,262 +202,325 @@ cdef extern from * nogil:
     /* The row template: R accumulation type, SFX name suffix, EXP/LOG/LOG1P01 elementwise math,
      * LD/ST chunk load/store, NATIVE the dtype code of R, ATTR function attributes (clones). */
     #define FAM_DEFINE(R, SFX, EXP, LOG, LOG1P01, LD, ST, NATIVE, ATTR) \
-    /* soft-part dD/da of one element (ps: p_S) */                                                         \
-    CE_INLINE R fam_gsoft_##SFX(R a, R b, R ms, R mt, R lSs, R lSt, R r, R lb, R l1b, R omb, R *ps,        \
-                                const int kind) {                                                          \
-        R da = a - ms, db = b - mt, lpS = da - lSs, pS = EXP(lpS);                                         \
-        *ps = pS;                                                                                          \
-        if (kind == 0 || kind == 2) return pS - EXP(db - lSt);                                             \
-        if (kind == 1) return pS > 0 ? pS * (da - db - r) : (R)0;                                          \
-        R lpT = db - lSt, u = lb + lpT, v = l1b + lpS;                                                     \
-        R mx = u > v ? u : v, d = u > v ? v - u : u - v;                                                   \
-        R lM = mx + LOG1P01(EXP(d));                                                                       \
-        return pS > 0 ? omb * pS * (lpS - lM - r) : (R)0;                                                  \
-    }                                                                                                      \
-    CE_INLINE void fam_max2_##SFX(const R *sp, const R *tp, int64_t n, R *cs, R *ct) {                     \
-        R a = -INFINITY, b = -INFINITY;                                                                    \
-        _Pragma("omp simd reduction(max : a, b)")                                                          \
-        for (int64_t j = 0; j < n; j++) {                                                                  \
-            a = sp[j] > a ? sp[j] : a;                                                                     \
-            b = tp[j] > b ? tp[j] : b;                                                                     \
-        }                                                                                                  \
-        *cs = a;                                                                                           \
-        *ct = b;                                                                                           \
-    }                                                                                                      \
-    /* pass 1 of one chunk, against the (safe) maxima of the chunks so far, this one included */           \
-    CE_INLINE void fam_p1_##SFX(const R *sp, const R *tp, int64_t n, R inv_T, R ms, R mt, R m1,            \
-                                double acc[4], const int kind, const int sep1) {                           \
-        R s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                  \
-        _Pragma("omp simd reduction(+ : s0, s1, s2, s3)")                                                  \
-        for (int64_t j = 0; j < n; j++) {                                                                  \
-            R a = sp[j] * inv_T, b = tp[j] * inv_T, da = a - ms, db = b - mt;                              \
-            R es = EXP(da), et = EXP(db);                                                                  \
-            s0 += es;                                                                                      \
-            s1 += et;                                                                                      \
-            if (kind == 0) s2 += et > 0 ? et * (db - da) : (R)0;                                           \
-            if (kind == 2) s2 += et > 0 ? et * da : (R)0;                                                  \
-            if (kind == 1) s2 += es > 0 ? es * (da - db) : (R)0;                                           \
-            if (sep1) s3 += EXP(sp[j] - m1);                                                               \
-        }                                                                                                  \
-        acc[0] += s0;                                                                                      \
-        acc[1] += s1;                                                                                      \
-        acc[2] += s2;                                                                                      \
-        acc[3] += s3;                                                                                      \
-    }                                                                                                      \
-    /* jsd pass 2: out += (sum p_T (log p_T - log M), sum p_S (log p_S - log M)) */                        \
-    CE_INLINE void fam_jsd_##SFX(const R *sp, const R *tp, int64_t n, R inv_T, R ms, R mt, R lSs,          \
-                                 R lSt, R lb, R l1b, double out[2]) {                                      \
-        R s0 = 0, s1 = 0;                                                                                  \
-        _Pragma("omp simd reduction(+ : s0, s1)")                                                          \
-        for (int64_t j = 0; j < n; j++) {                                                                  \
-            R lpS = (sp[j] * inv_T - ms) - lSs, lpT = (tp[j] * inv_T - mt) - lSt;                          \
-            R pS = EXP(lpS), pT = EXP(lpT), u = lb + lpT, v = l1b + lpS;                                   \
-            R mx = u > v ? u : v, d = u > v ? v - u : u - v;                                               \
-            R lM = mx + LOG1P01(EXP(d));                                                                   \
-            s0 += pT > 0 ? pT * (lpT - lM) : (R)0;                                                         \
-            s1 += pS > 0 ? pS * (lpS - lM) : (R)0;                                                         \
-        }                                                                                                  \
-        out[0] += s0;                                                                                      \
-        out[1] += s1;                                                                                      \
-    }                                                                                                      \
-    /* gradient of one chunk; hm: class term 0 none, 1 on p_S (T = 1), 2 on its own softmax */             \
-    CE_INLINE void fam_gchunk_##SFX(const R *sp, const R *tp, R *gp, int64_t n, R inv_T, R ms, R mt,       \
-                                    R lSs, R lSt, R r, R lb, R l1b, R omb, R cw, R c1, R m1, R lS1,        \
-                                    const int kind, const int hm) {                                        \
-        _Pragma("omp simd")                                                                                \
-        for (int64_t j = 0; j < n; j++) {                                                                  \
-            R pS, g = cw * fam_gsoft_##SFX(sp[j] * inv_T, tp[j] * inv_T, ms, mt, lSs, lSt, r, lb, l1b,     \
-                                           omb, &pS, kind);                                                \
-            if (hm == 1) g += c1 * pS;                                                                     \
-            if (hm == 2) g += c1 * EXP((sp[j] - m1) - lS1);                                                \
-            gp[j] = g;                                                                                     \
-        }                                                                                                  \
-    }                                                                                                      \
-    /* One row: returns the loss; with g, writes coef * dloss/ds (dtype gdt). y < 0: no class term         \
-     * (no target, alpha == 1 or an ignored row handled by the caller). */                                 \
-    ATTR double fam_distill_row_##SFX(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,   \
-                                      int64_t y, double coef, void *g, int gdt) {                          \
-        const int64_t V = c->V;                                                                            \
-        const int kind = c->kind, hard = y >= 0 && y < V && c->wh != 0, sep1 = hard && !c->t_is_one;       \
-        const R inv_T = (R)c->inv_T;                                                                       \
-        R sbuf[FAM_CHUNK], tbuf[FAM_CHUNK], gbuf[FAM_CHUNK];                                               \
-        R msr = -INFINITY, mtr = -INFINITY, m1r = -INFINITY, ms = 0, mt = 0, m1 = 0;                       \
-        double acc[4] = {0, 0, 0, 0}; /* Ss, St, K, S1 */                                                  \
-        for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                                 \
-            const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                   \
-            const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                        \
-            R cs, ct;                                                                                      \
-            fam_max2_##SFX(sp, tp, n, &cs, &ct);                                                           \
-            msr = cs * inv_T > msr ? cs * inv_T : msr;                                                     \
-            mtr = ct * inv_T > mtr ? ct * inv_T : mtr;                                                     \
-            const R nms = isfinite(msr) ? msr : 0, nmt = isfinite(mtr) ? mtr : 0;                          \
-            if (nms != ms || nmt != mt) { /* rescale the sums to the new maxima */                         \
-                const double dms = (double)nms - (double)ms, dmt = (double)nmt - (double)mt;               \
-                if (kind == 0 && acc[1] != 0) acc[2] += acc[1] * (dms - dmt);                              \
-                if (kind == 2 && acc[1] != 0) acc[2] -= acc[1] * dms;                                      \
-                if (kind == 1 && acc[0] != 0) acc[2] += acc[0] * (dmt - dms);                              \
-                const double fs = acc[0] != 0 ? exp(-dms) : 0, ft = acc[1] != 0 ? exp(-dmt) : 0;           \
-                acc[0] *= fs;                                                                              \
-                acc[1] *= ft;                                                                              \
-                if (kind == 0 || kind == 2) acc[2] *= ft;                                                  \
-                if (kind == 1) acc[2] *= fs;                                                               \
-                ms = nms;                                                                                  \
-                mt = nmt;                                                                                  \
-            }                                                                                              \
-            if (sep1) {                                                                                    \
-                m1r = cs > m1r ? cs : m1r;                                                                 \
-                const R nm1 = isfinite(m1r) ? m1r : 0;                                                     \
-                if (nm1 != m1) {                                                                           \
-                    acc[3] = acc[3] != 0 ? acc[3] * exp((double)m1 - (double)nm1) : 0;                     \
-                    m1 = nm1;                                                                              \
-                }                                                                                          \
-            }                                                                                              \
-            switch (kind * 2 + sep1) {                                                                     \
-            case 0: FAM_P1_(SFX, 0, 0); break;                                                             \
-            case 1: FAM_P1_(SFX, 0, 1); break;                                                             \
-            case 2: FAM_P1_(SFX, 1, 0); break;                                                             \
-            case 3: FAM_P1_(SFX, 1, 1); break;                                                             \
-            case 4: FAM_P1_(SFX, 2, 0); break;                                                             \
-            case 5: FAM_P1_(SFX, 2, 1); break;                                                             \
-            case 6: FAM_P1_(SFX, 3, 0); break;                                                             \
-            default: FAM_P1_(SFX, 3, 1); break;                                                            \
-            }                                                                                              \
-        }                                                                                                  \
-        const double dlSs = log(acc[0]), dlSt = log(acc[1]);                                               \
-        const R lSs = (R)dlSs, lSt = (R)dlSt;                                                              \
-        const double beta = c->beta;                                                                       \
-        const R lb = kind == 3 ? (R)log(beta) : 0, l1b = kind == 3 ? (R)log1p(-beta) : 0;                  \
-        const R omb = (R)(1 - beta);                                                                       \
-        double D, ksm = 0;                                                                                 \
-        if (kind == 0) D = acc[2] / acc[1] + dlSs - dlSt;                                                  \
-        else if (kind == 2) D = dlSs - acc[2] / acc[1];                                                    \
-        else if (kind == 1) D = acc[2] / acc[0] - dlSs + dlSt;                                             \
-        else {                                                                                             \
-            double out[2] = {0, 0};                                                                        \
-            for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                             \
-                const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                               \
-                const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                    \
-                fam_jsd_##SFX(sp, tp, n, inv_T, ms, mt, lSs, lSt, lb, l1b, out);                           \
-            }                                                                                              \
-            D = beta * out[0] + (1 - beta) * out[1];                                                       \
-            ksm = out[1];                                                                                  \
-        }                                                                                                  \
-        double ce1 = 0, dlS1 = 0;                                                                          \
-        if (hard) {                                                                                        \
-            const double sy = fam_get(s, sdt, y);                                                          \
-            if (c->t_is_one) ce1 = dlSs - (sy - (double)ms);                                               \
-            else {                                                                                         \
-                dlS1 = log(acc[3]);                                                                        \
-                ce1 = dlS1 - (sy - (double)m1);                                                            \
-            }                                                                                              \
-        }                                                                                                  \
-        const double loss = c->ws * D + (hard ? c->wh * ce1 : 0);                                          \
-        if (!g) return loss;                                                                               \
-        const R cw = (R)(coef * c->ws * c->inv_T), c1 = hard ? (R)(coef * c->wh) : 0, lS1 = (R)dlS1;       \
-        const R r = kind == 1 ? (R)(dlSs - dlSt + D) : (R)ksm;                                             \
-        const int hm = !hard ? 0 : (c->t_is_one ? 1 : 2);                                                  \
-        for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                                 \
-            const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                   \
-            const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                        \
-            R *gp = gdt == NATIVE ? (R *)g + off : gbuf;                                                   \
-            switch (kind * 3 + hm) {                                                                       \
-            case 0: FAM_G_(SFX, 0, 0); break;                                                              \
-            case 1: FAM_G_(SFX, 0, 1); break;                                                              \
-            case 2: FAM_G_(SFX, 0, 2); break;                                                              \
-            case 3: FAM_G_(SFX, 1, 0); break;                                                              \
-            case 4: FAM_G_(SFX, 1, 1); break;                                                              \
-            case 5: FAM_G_(SFX, 1, 2); break;                                                              \
-            case 6: FAM_G_(SFX, 2, 0); break;                                                              \
-            case 7: FAM_G_(SFX, 2, 1); break;                                                              \
-            case 8: FAM_G_(SFX, 2, 2); break;                                                              \
-            case 9: FAM_G_(SFX, 3, 0); break;                                                              \
-            case 10: FAM_G_(SFX, 3, 1); break;                                                             \
-            default: FAM_G_(SFX, 3, 2); break;                                                             \
-            }                                                                                              \
-            if (hard && y >= off && y < off + n) { /* target element: p - 1 as expm1, no cancellation */   \
-                const int64_t k = y - off;                                                                 \
-                R pS, soft = cw * fam_gsoft_##SFX(sp[k] * inv_T, tp[k] * inv_T, ms, mt, lSs, lSt, r, lb,   \
-                                                  l1b, omb, &pS, kind);                                    \
-                const double lp1 = c->t_is_one ? ((double)(sp[k] * inv_T) - (double)ms) - dlSs             \
-                                               : ((double)sp[k] - (double)m1) - dlS1;                      \
-                gp[k] = (R)((double)soft + (double)c1 * expm1(lp1));                                       \
-            }                                                                                              \
-            if (gp == gbuf) ST(g, gdt, off, n, gbuf);                                                      \
-        }                                                                                                  \
-        return loss;                                                                                       \
-    }                                                                                                      \
-                                                                                                           \
-    /* binary: one element */                                                                              \
-    CE_INLINE void fam_bin_##SFX(R x, R y, R w, R pw, R alpha, R gamma, R *loss, R *dx, R *dy,             \
-                                 const int focal, const int has_pw) {                                      \
-        R ax = x < 0 ? -x : x, e = EXP(-ax), inv = 1 / (1 + e);                                            \
-        R spn = (x < 0 ? -x : (R)0) + LOG1P01(e); /* softplus(-x) */                                       \
-        R sgn = x >= 0 ? e * inv : inv;            /* sigmoid(-x) = 1 - p */                               \
-        if (!focal) {                                                                                      \
-            R lw = has_pw ? 1 + (pw - 1) * y : (R)1;                                                       \
-            *loss = w * ((1 - y) * x + lw * spn);                                                          \
-            *dx = w * ((1 - y) - lw * sgn);                                                                \
-            *dy = w * (has_pw ? (pw - 1) * spn - x : -x);                                                  \
-            return;                                                                                        \
-        }                                                                                                  \
-        R p = x >= 0 ? inv : e * inv, ce = (1 - y) * x + spn;                                              \
-        R q = p * (1 - y) + y * sgn;                                                                       \
-        R mod = q > 0 ? EXP(gamma * LOG(q)) : (gamma == 0 ? (R)1 : (R)0);                                  \
-        R at = alpha >= 0 ? alpha * y + (1 - alpha) * (1 - y) : (R)1;                                      \
-        R rr = (1 - 2 * y) * (q > 0 ? p * sgn / (q > 0 ? q : (R)1) : (R)1);                                \
-        *loss = at * ce * mod;                                                                             \
-        *dx = at * mod * ((p * (1 - y) - y * sgn) + gamma * ce * rr);                                      \
-        *dy = 0;                                                                                           \
-    }                                                                                                      \
-    /* binary: a chunk (loss into lb, gradients times the upstream up into gxb, gyb) */                    \
-    CE_INLINE R fam_bloop_##SFX(const R *xp, const R *yp, const R *wb, const R *pb, const R *up, R *lb,    \
-                                R *gxb, R *gyb, int64_t n, R alpha, R gamma, const int focal,              \
-                                const int has_pw) {                                                        \
-        R total = 0;                                                                                       \
-        _Pragma("omp simd reduction(+ : total)")                                                           \
-        for (int64_t j = 0; j < n; j++) {                                                                  \
-            R l, dx, dy;                                                                                   \
-            fam_bin_##SFX(xp[j], yp[j], wb[j], pb[j], alpha, gamma, &l, &dx, &dy, focal, has_pw);          \
-            total += l;                                                                                    \
-            lb[j] = l;                                                                                     \
-            gxb[j] = dx * up[j];                                                                           \
-            gyb[j] = dy * up[j];                                                                           \
-        }                                                                                                  \
-        return total;                                                                                      \
-    }                                                                                                      \
-    /* elements [off, off + n) of the flat (rows, C) arrays; row/c0 locate them for w and pw (the          \
-     * caller keeps a weighted segment inside one row). Returns the segment's loss sum. */                 \
-    ATTR double fam_binary_seg_##SFX(const fam_bcfg *c, int64_t off, int64_t n, int64_t row, int64_t c0) { \
-        R xb[FAM_CHUNK], yb[FAM_CHUNK], ub[FAM_CHUNK], wb[FAM_CHUNK], pb[FAM_CHUNK];                       \
-        R lb[FAM_CHUNK], gxb[FAM_CHUNK], gyb[FAM_CHUNK];                                                   \
-        const R *xp = LD(c->x, c->xdt, off, n, xb), *yp = LD(c->y, c->ydt, off, n, yb), *up;               \
-        if (c->up) up = LD(c->up, c->updt, off, n, ub);                                                    \
-        else {                                                                                             \
-            for (int64_t j = 0; j < n; j++) ub[j] = (R)c->coef;                                            \
-            up = ub;                                                                                       \
-        }                                                                                                  \
-        if (c->w) {                                                                                        \
-            const R *w = (const R *)c->w + row * c->ws0 + c0 * c->ws1;                                     \
-            const int64_t st = c->ws1;                                                                     \
-            for (int64_t j = 0; j < n; j++) wb[j] = w[j * st];                                             \
-        } else                                                                                             \
-            for (int64_t j = 0; j < n; j++) wb[j] = 1;                                                     \
-        if (c->pw) {                                                                                       \
-            const R *pw = (const R *)c->pw + row * c->ps0 + c0 * c->ps1;                                   \
-            const int64_t st = c->ps1;                                                                     \
-            for (int64_t j = 0; j < n; j++) pb[j] = pw[j * st];                                            \
-        } else                                                                                             \
-            for (int64_t j = 0; j < n; j++) pb[j] = 1;                                                     \
-        const R alpha = (R)c->alpha, gamma = (R)c->gamma;                                                  \
-        R total = 0;                                                                                       \
-        if (c->focal) total = fam_bloop_##SFX(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 1, 0);    \
-        else if (c->pw) total = fam_bloop_##SFX(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 1);  \
-        else total = fam_bloop_##SFX(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 0);             \
-        if (c->loss) ST(c->loss, c->xdt, off, n, lb);                                                      \
-        if (c->gx) ST(c->gx, c->gxdt, off, n, gxb);                                                        \
-        if (c->gy) ST(c->gy, c->gydt, off, n, gyb);                                                        \
-        return total;                                                                                      \
-    }                                                                                                      \
+    /* soft-part dD/da of one element (ps: p_S) */                                                            \
+    CE_INLINE R fam_gsoft_##SFX(R a, R b, R ms, R mt, R lSs, R lSt, R r, R lb, R l1b, R omb, R *ps,           \
+                                const int kind) {                                                             \
+        R da = a - ms, db = b - mt, lpS = da - lSs, pS = EXP(lpS);                                            \
+        *ps = pS;                                                                                             \
+        if (kind == 0 || kind == 2) return pS - EXP(db - lSt);                                                \
+        if (kind == 1) return pS > 0 ? pS * (da - db - r) : (R)0;                                             \
+        R lpT = db - lSt, u = lb + lpT, v = l1b + lpS;                                                        \
+        R mx = u > v ? u : v, d = u > v ? v - u : u - v;                                                      \
+        R lM = mx + LOG1P01(EXP(d));                                                                          \
+        return pS > 0 ? omb * pS * (lpS - lM - r) : (R)0;                                                     \
+    }                                                                                                         \
+    CE_INLINE void fam_max2_##SFX(const R *sp, const R *tp, int64_t n, R *cs, R *ct) {                        \
+        R a = -INFINITY, b = -INFINITY;                                                                       \
+        _Pragma("omp simd reduction(max : a, b)")                                                             \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            a = sp[j] > a ? sp[j] : a;                                                                        \
+            b = tp[j] > b ? tp[j] : b;                                                                        \
+        }                                                                                                     \
+        *cs = a;                                                                                              \
+        *ct = b;                                                                                              \
+    }                                                                                                         \
+    /* pass 1 of one chunk, against the (safe) maxima of the chunks so far, this one included */              \
+    CE_INLINE void fam_p1_##SFX(const R *sp, const R *tp, int64_t n, R inv_T, R ms, R mt, R m1,               \
+                                double acc[4], const int kind, const int sep1) {                              \
+        R s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                     \
+        _Pragma("omp simd reduction(+ : s0, s1, s2, s3)")                                                     \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            R a = sp[j] * inv_T, b = tp[j] * inv_T, da = a - ms, db = b - mt;                                 \
+            R es = EXP(da), et = EXP(db);                                                                     \
+            s0 += es;                                                                                         \
+            s1 += et;                                                                                         \
+            if (kind == 0) s2 += et > 0 ? et * (db - da) : (R)0;                                              \
+            if (kind == 2) s2 += et > 0 ? et * da : (R)0;                                                     \
+            if (kind == 1) s2 += es > 0 ? es * (da - db) : (R)0;                                              \
+            if (sep1) s3 += EXP(sp[j] - m1);                                                                  \
+        }                                                                                                     \
+        acc[0] += s0;                                                                                         \
+        acc[1] += s1;                                                                                         \
+        acc[2] += s2;                                                                                         \
+        acc[3] += s3;                                                                                         \
+    }                                                                                                         \
+    /* pass 1 of kl / ce with the gradient to come: also keeps e^(a - ms) and e^(b - mt) (eo, to) */          \
+    CE_INLINE void fam_p1s_##SFX(const R *sp, const R *tp, R *eo, R *to, int64_t n, R inv_T, R ms, R mt,      \
+                                 double acc[4], const int kind) {                                             \
+        R s0 = 0, s1 = 0, s2 = 0;                                                                             \
+        _Pragma("omp simd reduction(+ : s0, s1, s2)")                                                         \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            R a = sp[j] * inv_T, b = tp[j] * inv_T, da = a - ms, db = b - mt;                                 \
+            R es = EXP(da), et = EXP(db);                                                                     \
+            eo[j] = es;                                                                                       \
+            to[j] = et;                                                                                       \
+            s0 += es;                                                                                         \
+            s1 += et;                                                                                         \
+            if (kind == 0) s2 += et > 0 ? et * (db - da) : (R)0;                                              \
+            else s2 += et > 0 ? et * da : (R)0;                                                               \
+        }                                                                                                     \
+        acc[0] += s0;                                                                                         \
+        acc[1] += s1;                                                                                         \
+        acc[2] += s2;                                                                                         \
+    }                                                                                                         \
+    /* sum of e^(s - m1): the class term's softmax at T = 1 */                                                \
+    CE_INLINE R fam_sum1_##SFX(const R *sp, int64_t n, R m1) {                                                \
+        R s3 = 0;                                                                                             \
+        _Pragma("omp simd reduction(+ : s3)")                                                                 \
+        for (int64_t j = 0; j < n; j++) s3 += EXP(sp[j] - m1);                                                \
+        return s3;                                                                                            \
+    }                                                                                                         \
+    /* gradient of kl / ce from the kept exps: A e_S - B e_T (+ c1 p1 for a class term at T != 1) */          \
+    CE_INLINE void fam_gkept_##SFX(const R *eo, const R *to, const R *sp, R *gp, int64_t n, R A, R B,         \
+                                   R c1, R m1, R lS1, const int sep1) {                                       \
+        _Pragma("omp simd")                                                                                   \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            R g = A * eo[j] - B * to[j];                                                                      \
+            if (sep1) g += c1 * EXP((sp[j] - m1) - lS1);                                                      \
+            gp[j] = g;                                                                                        \
+        }                                                                                                     \
+    }                                                                                                         \
+    /* jsd pass 2: out += (sum p_T (log p_T - log M), sum p_S (log p_S - log M)) */                           \
+    CE_INLINE void fam_jsd_##SFX(const R *sp, const R *tp, int64_t n, R inv_T, R ms, R mt, R lSs,             \
+                                 R lSt, R lb, R l1b, double out[2]) {                                         \
+        R s0 = 0, s1 = 0;                                                                                     \
+        _Pragma("omp simd reduction(+ : s0, s1)")                                                             \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            R lpS = (sp[j] * inv_T - ms) - lSs, lpT = (tp[j] * inv_T - mt) - lSt;                             \
+            R pS = EXP(lpS), pT = EXP(lpT), u = lb + lpT, v = l1b + lpS;                                      \
+            R mx = u > v ? u : v, d = u > v ? v - u : u - v;                                                  \
+            R lM = mx + LOG1P01(EXP(d));                                                                      \
+            s0 += pT > 0 ? pT * (lpT - lM) : (R)0;                                                            \
+            s1 += pS > 0 ? pS * (lpS - lM) : (R)0;                                                            \
+        }                                                                                                     \
+        out[0] += s0;                                                                                         \
+        out[1] += s1;                                                                                         \
+    }                                                                                                         \
+    /* gradient of one chunk; hm: class term 0 none, 1 on p_S (T = 1), 2 on its own softmax */                \
+    CE_INLINE void fam_gchunk_##SFX(const R *sp, const R *tp, R *gp, int64_t n, R inv_T, R ms, R mt,          \
+                                    R lSs, R lSt, R r, R lb, R l1b, R omb, R cw, R c1, R m1, R lS1,           \
+                                    const int kind, const int hm) {                                           \
+        _Pragma("omp simd")                                                                                   \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            R pS, g = cw * fam_gsoft_##SFX(sp[j] * inv_T, tp[j] * inv_T, ms, mt, lSs, lSt, r, lb, l1b,        \
+                                           omb, &pS, kind);                                                   \
+            if (hm == 1) g += c1 * pS;                                                                        \
+            if (hm == 2) g += c1 * EXP((sp[j] - m1) - lS1);                                                   \
+            gp[j] = g;                                                                                        \
+        }                                                                                                     \
+    }                                                                                                         \
+    /* One row: returns the loss; with g, writes coef * dloss/ds (dtype gdt). y < 0: no class term            \
+     * (no target, alpha == 1 or an ignored row handled by the caller). */                                    \
+    ATTR double fam_distill_row_##SFX(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,      \
+                                      int64_t y, double coef, void *g, int gdt) {                             \
+        const int64_t V = c->V;                                                                               \
+        const int kind = c->kind, hard = y >= 0 && y < V && c->wh != 0, sep1 = hard && !c->t_is_one;          \
+        const R inv_T = (R)c->inv_T;                                                                          \
+        R sbuf[FAM_CHUNK], tbuf[FAM_CHUNK], gbuf[FAM_CHUNK];                                                  \
+        R msr = -INFINITY, mtr = -INFINITY, m1r = -INFINITY, ms = 0, mt = 0, m1 = 0;                          \
+        double acc[4] = {0, 0, 0, 0}; /* Ss, St, K, S1 */                                                     \
+        /* kl / ce with a gradient: keep the exps of pass 1 (in the gradient row when it has type R,          \
+         * else in thread-local scratch) with each chunk's maxima, so the gradient pass needs no exp */       \
+        const int64_t nch = (V + FAM_CHUNK - 1) / FAM_CHUNK;                                                  \
+        const int own = gdt == NATIVE;                                                                        \
+        R *keep = (g && (kind == 0 || kind == 2))                                                             \
+                      ? (R *)fam_scratch(sizeof(R) * (size_t)((own ? 1 : 2) * V + 2 * nch)) : NULL;           \
+        R *keep_t = keep, *keep_s = keep ? (own ? (R *)g : keep + V) : NULL;                                  \
+        R *cms = keep ? keep + (own ? 1 : 2) * V : NULL, *cmt = keep ? cms + nch : NULL;                      \
+        for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                                    \
+            const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                      \
+            const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                           \
+            R cs, ct;                                                                                         \
+            fam_max2_##SFX(sp, tp, n, &cs, &ct);                                                              \
+            msr = cs * inv_T > msr ? cs * inv_T : msr;                                                        \
+            mtr = ct * inv_T > mtr ? ct * inv_T : mtr;                                                        \
+            const R nms = isfinite(msr) ? msr : 0, nmt = isfinite(mtr) ? mtr : 0;                             \
+            if (nms != ms || nmt != mt) { /* rescale the sums to the new maxima */                            \
+                const double dms = (double)nms - (double)ms, dmt = (double)nmt - (double)mt;                  \
+                if (kind == 0 && acc[1] != 0) acc[2] += acc[1] * (dms - dmt);                                 \
+                if (kind == 2 && acc[1] != 0) acc[2] -= acc[1] * dms;                                         \
+                if (kind == 1 && acc[0] != 0) acc[2] += acc[0] * (dmt - dms);                                 \
+                const double fs = acc[0] != 0 ? exp(-dms) : 0, ft = acc[1] != 0 ? exp(-dmt) : 0;              \
+                acc[0] *= fs;                                                                                 \
+                acc[1] *= ft;                                                                                 \
+                if (kind == 0 || kind == 2) acc[2] *= ft;                                                     \
+                if (kind == 1) acc[2] *= fs;                                                                  \
+                ms = nms;                                                                                     \
+                mt = nmt;                                                                                     \
+            }                                                                                                 \
+            if (sep1) {                                                                                       \
+                m1r = cs > m1r ? cs : m1r;                                                                    \
+                const R nm1 = isfinite(m1r) ? m1r : 0;                                                        \
+                if (nm1 != m1) {                                                                              \
+                    acc[3] = acc[3] != 0 ? acc[3] * exp((double)m1 - (double)nm1) : 0;                        \
+                    m1 = nm1;                                                                                 \
+                }                                                                                             \
+            }                                                                                                 \
+            if (keep) {                                                                                       \
+                cms[off / FAM_CHUNK] = ms;                                                                    \
+                cmt[off / FAM_CHUNK] = mt;                                                                    \
+                fam_p1s_##SFX(sp, tp, keep_s + off, keep_t + off, n, inv_T, ms, mt, acc, kind);               \
+                if (sep1) acc[3] += fam_sum1_##SFX(sp, n, m1);                                                \
+                continue;                                                                                     \
+            }                                                                                                 \
+            switch (kind * 2 + sep1) {                                                                        \
+            case 0: FAM_P1_(SFX, 0, 0); break;                                                                \
+            case 1: FAM_P1_(SFX, 0, 1); break;                                                                \
+            case 2: FAM_P1_(SFX, 1, 0); break;                                                                \
+            case 3: FAM_P1_(SFX, 1, 1); break;                                                                \
+            case 4: FAM_P1_(SFX, 2, 0); break;                                                                \
+            case 5: FAM_P1_(SFX, 2, 1); break;                                                                \
+            case 6: FAM_P1_(SFX, 3, 0); break;                                                                \
+            default: FAM_P1_(SFX, 3, 1); break;                                                               \
+            }                                                                                                 \
+        }                                                                                                     \
+        const double dlSs = log(acc[0]), dlSt = log(acc[1]);                                                  \
+        const R lSs = (R)dlSs, lSt = (R)dlSt;                                                                 \
+        const double beta = c->beta;                                                                          \
+        const R lb = kind == 3 ? (R)log(beta) : 0, l1b = kind == 3 ? (R)log1p(-beta) : 0;                     \
+        const R omb = (R)(1 - beta);                                                                          \
+        double D, ksm = 0;                                                                                    \
+        if (kind == 0) D = acc[2] / acc[1] + dlSs - dlSt;                                                     \
+        else if (kind == 2) D = dlSs - acc[2] / acc[1];                                                       \
+        else if (kind == 1) D = acc[2] / acc[0] - dlSs + dlSt;                                                \
+        else {                                                                                                \
+            double out[2] = {0, 0};                                                                           \
+            for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                                \
+                const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                  \
+                const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                       \
+                fam_jsd_##SFX(sp, tp, n, inv_T, ms, mt, lSs, lSt, lb, l1b, out);                              \
+            }                                                                                                 \
+            D = beta * out[0] + (1 - beta) * out[1];                                                          \
+            ksm = out[1];                                                                                     \
+        }                                                                                                     \
+        double ce1 = 0, dlS1 = 0;                                                                             \
+        if (hard) {                                                                                           \
+            const double sy = fam_get(s, sdt, y);                                                             \
+            if (c->t_is_one) ce1 = dlSs - (sy - (double)ms);                                                  \
+            else {                                                                                            \
+                dlS1 = log(acc[3]);                                                                           \
+                ce1 = dlS1 - (sy - (double)m1);                                                               \
+            }                                                                                                 \
+        }                                                                                                     \
+        const double loss = c->ws * D + (hard ? c->wh * ce1 : 0);                                             \
+        if (!g) return loss;                                                                                  \
+        const R cw = (R)(coef * c->ws * c->inv_T), c1 = hard ? (R)(coef * c->wh) : 0, lS1 = (R)dlS1;          \
+        const R r = kind == 1 ? (R)(dlSs - dlSt + D) : (R)ksm;                                                \
+        const int hm = !hard ? 0 : (c->t_is_one ? 1 : 2);                                                     \
+        R g_y = 0;                                                                                            \
+        if (hard) { /* target element: p - 1 as expm1, no cancellation */                                     \
+            const R sy = (R)fam_get(s, sdt, y), ty = (R)fam_get(t, tdt, y);                                   \
+            R pS, soft = cw * fam_gsoft_##SFX(sy * inv_T, ty * inv_T, ms, mt, lSs, lSt, r, lb, l1b, omb, &pS, \
+                                              kind);                                                          \
+            const double lp1 = c->t_is_one ? ((double)(sy * inv_T) - (double)ms) - dlSs                       \
+                                           : ((double)sy - (double)m1) - dlS1;                                \
+            g_y = (R)((double)soft + (double)c1 * expm1(lp1));                                                \
+        }                                                                                                     \
+        for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                                    \
+            const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                      \
+            R *gp = gdt == NATIVE ? (R *)g + off : gbuf;                                                      \
+            if (keep) {                                                                                       \
+                const int64_t ch = off / FAM_CHUNK;                                                           \
+                const R ps = (R)exp((double)cms[ch] - (double)ms - dlSs);                                     \
+                const R pt = (R)exp((double)cmt[ch] - (double)mt - dlSt);                                     \
+                const R A = cw * ps + (hm == 1 ? c1 * ps : (R)0), B = cw * pt;                                \
+                const R *sp = sep1 ? LD(s, sdt, off, n, sbuf) : NULL;                                         \
+                if (sep1) fam_gkept_##SFX(keep_s + off, keep_t + off, sp, gp, n, A, B, c1, m1, lS1, 1);       \
+                else fam_gkept_##SFX(keep_s + off, keep_t + off, sp, gp, n, A, B, c1, m1, lS1, 0);            \
+            } else {                                                                                          \
+                const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                       \
+                switch (kind * 3 + hm) {                                                                      \
+                case 0: FAM_G_(SFX, 0, 0); break;                                                             \
+                case 1: FAM_G_(SFX, 0, 1); break;                                                             \
+                case 2: FAM_G_(SFX, 0, 2); break;                                                             \
+                case 3: FAM_G_(SFX, 1, 0); break;                                                             \
+                case 4: FAM_G_(SFX, 1, 1); break;                                                             \
+                case 5: FAM_G_(SFX, 1, 2); break;                                                             \
+                case 6: FAM_G_(SFX, 2, 0); break;                                                             \
+                case 7: FAM_G_(SFX, 2, 1); break;                                                             \
+                case 8: FAM_G_(SFX, 2, 2); break;                                                             \
+                case 9: FAM_G_(SFX, 3, 0); break;                                                             \
+                case 10: FAM_G_(SFX, 3, 1); break;                                                            \
+                default: FAM_G_(SFX, 3, 2); break;                                                            \
+                }                                                                                             \
+            }                                                                                                 \
+            if (hard && y >= off && y < off + n) gp[y - off] = g_y;                                           \
+            if (gp == gbuf) ST(g, gdt, off, n, gbuf);                                                         \
+        }                                                                                                     \
+        return loss;                                                                                          \
+    }                                                                                                         \
+                                                                                                              \
+    /* binary: one element */                                                                                 \
+    CE_INLINE void fam_bin_##SFX(R x, R y, R w, R pw, R alpha, R gamma, R *loss, R *dx, R *dy,                \
+                                 const int focal, const int has_pw) {                                         \
+        R ax = x < 0 ? -x : x, e = EXP(-ax), inv = 1 / (1 + e);                                               \
+        R spn = (x < 0 ? -x : (R)0) + LOG1P01(e); /* softplus(-x) */                                          \
+        R sgn = x >= 0 ? e * inv : inv;            /* sigmoid(-x) = 1 - p */                                  \
+        if (!focal) {                                                                                         \
+            R lw = has_pw ? 1 + (pw - 1) * y : (R)1;                                                          \
+            *loss = w * ((1 - y) * x + lw * spn);                                                             \
+            *dx = w * ((1 - y) - lw * sgn);                                                                   \
+            *dy = w * (has_pw ? (pw - 1) * spn - x : -x);                                                     \
+            return;                                                                                           \
+        }                                                                                                     \
+        R p = x >= 0 ? inv : e * inv, ce = (1 - y) * x + spn;                                                 \
+        R q = p * (1 - y) + y * sgn;                                                                          \
+        R mod = q > 0 ? EXP(gamma * LOG(q)) : (gamma == 0 ? (R)1 : (R)0);                                     \
+        R at = alpha >= 0 ? alpha * y + (1 - alpha) * (1 - y) : (R)1;                                         \
+        R rr = (1 - 2 * y) * (q > 0 ? p * sgn / (q > 0 ? q : (R)1) : (R)1);                                   \
+        *loss = at * ce * mod;                                                                                \
+        *dx = at * mod * ((p * (1 - y) - y * sgn) + gamma * ce * rr);                                         \
+        *dy = 0;                                                                                              \
+    }                                                                                                         \
+    /* binary: a chunk (loss into lb, gradients times the upstream up into gxb, gyb) */                       \
+    CE_INLINE R fam_bloop_##SFX(const R *xp, const R *yp, const R *wb, const R *pb, const R *up, R *lb,       \
+                                R *gxb, R *gyb, int64_t n, R alpha, R gamma, const int focal,                 \
+                                const int has_pw) {                                                           \
+        R total = 0;                                                                                          \
+        _Pragma("omp simd reduction(+ : total)")                                                              \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            R l, dx, dy;                                                                                      \
+            fam_bin_##SFX(xp[j], yp[j], wb[j], pb[j], alpha, gamma, &l, &dx, &dy, focal, has_pw);             \
+            total += l;                                                                                       \
+            lb[j] = l;                                                                                        \
+            gxb[j] = dx * up[j];                                                                              \
+            gyb[j] = dy * up[j];                                                                              \
+        }                                                                                                     \
+        return total;                                                                                         \
+    }                                                                                                         \
+    /* elements [off, off + n) of the flat (rows, C) arrays; row/c0 locate them for w and pw (the             \
+     * caller keeps a weighted segment inside one row). Returns the segment's loss sum. */                    \
+    ATTR double fam_binary_seg_##SFX(const fam_bcfg *c, int64_t off, int64_t n, int64_t row, int64_t c0) {    \
+        R xb[FAM_CHUNK], yb[FAM_CHUNK], ub[FAM_CHUNK], wb[FAM_CHUNK], pb[FAM_CHUNK];                          \
+        R lb[FAM_CHUNK], gxb[FAM_CHUNK], gyb[FAM_CHUNK];                                                      \
+        const R *xp = LD(c->x, c->xdt, off, n, xb), *yp = LD(c->y, c->ydt, off, n, yb), *up;                  \
+        if (c->up) up = LD(c->up, c->updt, off, n, ub);                                                       \
+        else {                                                                                                \
+            for (int64_t j = 0; j < n; j++) ub[j] = (R)c->coef;                                               \
+            up = ub;                                                                                          \
+        }                                                                                                     \
+        if (c->w) {                                                                                           \
+            const R *w = (const R *)c->w + row * c->ws0 + c0 * c->ws1;                                        \
+            const int64_t st = c->ws1;                                                                        \
+            for (int64_t j = 0; j < n; j++) wb[j] = w[j * st];                                                \
+        } else                                                                                                \
+            for (int64_t j = 0; j < n; j++) wb[j] = 1;                                                        \
+        if (c->pw) {                                                                                          \
+            const R *pw = (const R *)c->pw + row * c->ps0 + c0 * c->ps1;                                      \
+            const int64_t st = c->ps1;                                                                        \
+            for (int64_t j = 0; j < n; j++) pb[j] = pw[j * st];                                               \
+        } else                                                                                                \
+            for (int64_t j = 0; j < n; j++) pb[j] = 1;                                                        \
+        const R alpha = (R)c->alpha, gamma = (R)c->gamma;                                                     \
+        R total = 0;                                                                                          \
+        if (c->focal) total = fam_bloop_##SFX(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 1, 0);       \
+        else if (c->pw) total = fam_bloop_##SFX(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 1);     \
+        else total = fam_bloop_##SFX(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 0);                \
+        if (c->loss) ST(c->loss, c->xdt, off, n, lb);                                                         \
+        if (c->gx) ST(c->gx, c->gxdt, off, n, gxb);                                                           \
+        if (c->gy) ST(c->gy, c->gydt, off, n, gyb);                                                           \
+        return total;                                                                                         \
+    }                                                                                                         \
     
     FAM_DEFINE(float, f32, ce_expf, fam_logf, fam_log1p01f, fam_ld_f32, fam_st_f32, CE_F32, CE_CLONES)
     FAM_DEFINE(double, f64, ce_expd, fam_logd, fam_log1p01d, fam_ld_f64, fam_st_f64, CE_F64, )
@@ -453,6 +542,7 @@ cdef extern from * nogil:
         int64_t C, ws0, ws1, ps0, ps1
         double coef, alpha, gamma
     int FAM_CHUNK
+    int fam_advise_hugepages(void *p, size_t n)
     double fam_distill_row_f32(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
                                int64_t y, double coef, void *g, int gdt)
     double fam_distill_row_f64(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
@@ -525,6 +615,12 @@ def distill(int64_t N, int64_t V, size_t s, int sdt, int64_t ss, size_t t, int t
             ld[n] = v
         else:
             lf[n] = <float>v
+
+
+def advise_hugepages(size_t ptr, size_t nbytes):
+    """madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh buffer (call before the first
+    write; harmless where transparent huge pages are off). Returns madvise's result (0: ok)."""
+    return fam_advise_hugepages(<void *>ptr, nbytes)
 
 
 def binary_segments(int64_t R, int64_t C, bint weighted):

@@ -31,7 +31,8 @@
 #else
 #define CE_CLONES
 #endif
-#define CE_BLOCK 512 /* pass-2 partial sums: rounding error grows with C / CE_BLOCK, not C */
+#define CE_CHUNK 2048      /* classes per chunk: passes 1 and 2 of a chunk run over it in L1 */
+#define CE_MAX_CHUNKS 1024 /* per-chunk (max, sum) slots on the stack; longer rows: longer chunks */
 
 enum { CE_F32 = 0, CE_F64 = 1, CE_F16 = 2, CE_BF16 = 3 };
 
@@ -168,6 +169,12 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
     return mass * lse - uz + o->z_loss * lse * lse;
 }
 
+/* Chunk length: CE_CHUNK, or longer for rows of more than CE_MAX_CHUNKS chunks. */
+static inline int64_t ce_chunk_len(int64_t C) {
+    int64_t L = ((C + CE_MAX_CHUNKS - 1) / CE_MAX_CHUNKS + 63) / 64 * 64;
+    return L > CE_CHUNK ? L : CE_CHUNK;
+}
+
 /* Calls FN(args..., capped, e, lin, has_w, has_t) with compile-time flags, so every combination
  * gets its own branch-free vectorized loop (e: the exp row buffer, only without softcap). */
 #define CE_LIN_VARIANTS(FN, capped, e, lin, has_w, has_t, ...)                                    \
@@ -189,6 +196,7 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
 #define CE_ROW_TEMPLATE
 
 #define CE_SFX f32
+#define CE_NARROW 0
 #define CE_T float
 #define CE_ACC float
 #define CE_LOAD(v) (v)
@@ -199,8 +207,10 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
 #undef CE_ACC
 #undef CE_LOAD
 #undef CE_STORE
+#undef CE_NARROW
 
 #define CE_SFX f64
+#define CE_NARROW 0
 #define CE_T double
 #define CE_ACC double
 #define CE_LOAD(v) (v)
@@ -211,8 +221,10 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
 #undef CE_ACC
 #undef CE_LOAD
 #undef CE_STORE
+#undef CE_NARROW
 
 #define CE_SFX f16
+#define CE_NARROW 1
 #define CE_T uint16_t
 #define CE_ACC float
 #define CE_LOAD(v) ce_h2f(v)
@@ -223,8 +235,10 @@ static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, dou
 #undef CE_ACC
 #undef CE_LOAD
 #undef CE_STORE
+#undef CE_NARROW
 
 #define CE_SFX bf16
+#define CE_NARROW 1
 #define CE_T uint16_t
 #define CE_ACC float
 #define CE_LOAD(v) ce_bf2f(v)
@@ -274,12 +288,12 @@ CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *
 }
 
 /* Pass 1: max_j z_j, from the extreme x (z is monotonic in x), and whether x holds a NaN. */
-CE_INLINE CE_ACC CE_F(ce_rowmax)(const CE_T *x, int64_t C, CE_F(ce_tr) tr, const int capped,
-                                 int *has_nan) {
+CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const int capped,
+                              int *has_nan) {
     CE_ACC sgn = tr.scale < 0 ? -1 : 1, m = -INFINITY, dz;
     int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
-    for (int64_t j = 0; j < C; j++) {
+    for (int64_t j = 0; j < n; j++) {
         CE_ACC v = sgn * CE_LOAD(x[j]);
         m = v > m ? v : m;
         nan |= v != v;
@@ -292,46 +306,99 @@ CE_INLINE CE_ACC CE_F(ce_rowmax)(const CE_T *x, int64_t C, CE_F(ce_tr) tr, const
 #define CE_U(j) ((has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1))
 
 /* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j z_j) (the u sums only with lin),
- * with e: also E_j = exp(z_j - shift). E may alias x (fp32 in place): j is read before it is
- * written. Partial sums per block of CE_BLOCK classes, then across blocks. */
-CE_INLINE void CE_F(ce_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, CE_ACC *E, int64_t C,
+ * with e: also E_j = exp(z_j - shift), from xa = x in the accumulation type. E may alias xa (fp32
+ * in place): j is read before it is written. */
+CE_INLINE void CE_F(ce_sums)(const CE_ACC *xa, const CE_T *t, const CE_ACC *w, CE_ACC *E, int64_t n,
                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC c1, CE_ACC c0, CE_ACC out[3],
                              const int capped, const int e, const int lin, const int has_w,
                              const int has_t) {
     CE_ACC s = 0, su = 0, suz = 0;
-    for (int64_t j0 = 0; j0 < C; j0 += CE_BLOCK) {
-        int64_t j1 = C - j0 < CE_BLOCK ? C : j0 + CE_BLOCK;
-        CE_ACC bs = 0, bu = 0, buz = 0;
-#pragma omp simd reduction(+ : bs, bu, buz)
-        for (int64_t j = j0; j < j1; j++) {
-            CE_ACC dz, z = CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz), p = ce_exp(z - shift);
-            bs += p;
-            if (e) E[j] = p;
-            if (lin) {
-                CE_ACC u = CE_U(j);
-                bu += u;
-                buz += u * z;
-            }
+#pragma omp simd reduction(+ : s, su, suz)
+    for (int64_t j = 0; j < n; j++) {
+        CE_ACC dz, z = CE_F(ce_z)(xa[j], tr, capped, &dz), p = ce_exp(z - shift);
+        s += p;
+        if (e) E[j] = p;
+        if (lin) {
+            CE_ACC u = CE_U(j);
+            su += u;
+            suz += u * z;
         }
-        s += bs, su += bu, suz += buz;
     }
     out[0] = s, out[1] = su, out[2] = suz;
 }
 
-/* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j (u_j only with lin), with e from E_j = exp(z_j -
- * shift) of pass 2 instead of x (then dz = scale). g may alias x or E: j is read before it is
- * written, so there is no loop-carried dependence (omp simd). */
+/* x in the accumulation type: x itself for fp32/fp64; 16-bit input is widened into buf first
+ * (converting inside the exp loop makes gcc pick half-width vectors for it). */
+CE_INLINE const CE_ACC *CE_F(ce_widen)(const CE_T *x, int64_t n, CE_ACC *buf) {
+#if CE_NARROW
+    for (int64_t j = 0; j < n; j++) buf[j] = CE_LOAD(x[j]);
+    return buf;
+#else
+    (void)n, (void)buf;
+    return x;
+#endif
+}
+
+/* Passes 1 and 2 chunk by chunk, so that only pass 1 reads from memory: per chunk k of L classes
+ * its max mk[k] and sk[k] = sum exp(z_j - shift_k) (shift_k = mk[k], 0 where not finite; E_j too
+ * with e), the row max *m, lin = (sum u_j, sum u_j z_j) and the NaN flag. The per-chunk sums
+ * also bound the rounding error of the row sum. */
+CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, CE_ACC *E,
+                                 int64_t C, int64_t L, CE_F(ce_tr) tr, CE_ACC c1, CE_ACC c0,
+                                 CE_ACC *mk, CE_ACC *sk, CE_ACC *row_max, CE_ACC lin[2],
+                                 int *has_nan, const int capped, const int e, const int lin_,
+                                 const int has_w, const int has_t) {
+    CE_ACC m = -INFINITY, out[3], buf[CE_NARROW ? CE_CHUNK : 1];
+    int nan = 0;
+    lin[0] = lin[1] = 0;
+    for (int64_t k = 0, j0 = 0; j0 < C; k++, j0 += L) {
+        const int64_t n = C - j0 < L ? C - j0 : L;
+        int nk;
+        mk[k] = CE_F(ce_max)(x + j0, n, tr, capped, &nk);
+        const CE_ACC shift = isfinite(mk[k]) ? mk[k] : 0;
+        sk[k] = 0;
+        for (int64_t i = j0; i < j0 + n; i += CE_CHUNK) { /* one piece unless C is huge */
+            const int64_t ni = j0 + n - i < CE_CHUNK ? j0 + n - i : CE_CHUNK;
+            CE_F(ce_sums)(CE_F(ce_widen)(x + i, ni, buf), has_t ? t + i : t, has_w ? w + i : w,
+                          e ? E + i : E, ni, tr, shift, c1, c0, out, capped, e, lin_, has_w, has_t);
+            sk[k] += out[0], lin[0] += out[1], lin[1] += out[2];
+        }
+        nan |= nk;
+        m = mk[k] > m ? mk[k] : m;
+    }
+    *has_nan = nan;
+    *row_max = m;
+}
+
+/* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j (u_j only with lin); with e, from pass 2's E_j
+ * instead of x: chunk k scaled by a exp(mk[k] - shift) (then dz = scale). g may alias x or E: j is
+ * read before it is written, so there is no loop-carried dependence (omp simd). */
 CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w,
-                              const CE_ACC *E, int64_t C, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a,
+                              const CE_ACC *E, int64_t n, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a,
                               CE_ACC c1, CE_ACC c0, const int capped, const int e, const int lin,
                               const int has_w, const int has_t) {
 #pragma omp simd
-    for (int64_t j = 0; j < C; j++) {
+    for (int64_t j = 0; j < n; j++) {
         CE_ACC dz = tr.scale, p = e ? E[j] : ce_exp(CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz) - shift);
         g[j] = CE_STORE((a * p - (lin ? CE_U(j) : 0)) * dz);
     }
 }
 #undef CE_U
+CE_INLINE void CE_F(ce_row_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w,
+                                  const CE_ACC *E, int64_t C, int64_t L, const CE_ACC *mk,
+                                  CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1, CE_ACC c0,
+                                  const int capped, const int e, const int lin, const int has_w,
+                                  const int has_t) {
+    if (!e) {
+        CE_F(ce_grads)(x, g, t, w, E, C, tr, shift, a, c1, c0, capped, e, lin, has_w, has_t);
+        return;
+    }
+    for (int64_t k = 0, j0 = 0; j0 < C; k++, j0 += L) {
+        CE_ACC ak = mk[k] == -INFINITY ? 0 : a * ce_exp(mk[k] - shift);
+        CE_F(ce_grads)(x + j0, g + j0, has_t ? t + j0 : t, has_w ? w + j0 : w, E + j0,
+                       C - j0 < L ? C - j0 : L, tr, shift, ak, c1, c0, capped, e, lin, has_w, has_t);
+    }
+}
 
 CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
     const CE_T s = CE_STORE(v);
@@ -342,10 +409,10 @@ CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
  * scratch: C floats for the exp row when CE_T is 16-bit (fp32/fp64 keep it in g).
  * A row with a NaN, a +inf z or only -inf gets NaN lse, loss and gradient (torch's log_softmax);
  * an ignored row gets loss 0 and gradient 0. */
-CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
-                                  int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
-                                  CE_ACC *lse_out, float *scratch) {
-    const int64_t C = o->C;
+static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
+                                         int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
+                                         CE_ACC *lse_out, float *scratch) {
+    const int64_t C = o->C, L = ce_chunk_len(C);
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0, soft = t != NULL, counted = soft || y != o->ignore_index;
     if (!soft && counted && (y < 0 || y >= C)) { /* never read out of bounds (the caller raises) */
@@ -354,27 +421,28 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
     }
     CE_ACC dzy = 0, zy = (!soft && counted) ? CE_F(ce_z)(CE_LOAD(x[y]), tr, capped, &dzy) : 0;
     double wy = counted && !soft && w ? (double)w[y] : 1.0;
+    /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
+    CE_ACC *E = !g || !counted || capped ? NULL
+                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)(void *)scratch;
+    const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
+    const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
+    CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m;
     int nan;
-    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped, &nan);
+    CE_SPECIALIZE(CE_F(ce_row_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E, C, L, tr,
+                  c1, c0, mk, sk, &m, sums, &nan);
     if (nan || !isfinite(m)) {
         *lse_out = NAN;
         *loss = counted ? NAN : 0;
         if (g) CE_F(ce_fill)(g, C, counted ? NAN : 0);
         return;
     }
-    /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
-    CE_ACC *E = !g || !counted || capped ? NULL
-                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)(void *)scratch;
-    CE_ACC sums[3];
-    const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
-    const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
-    CE_SPECIALIZE(CE_F(ce_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E, C, tr, m, c1,
-                  c0, sums);
-    double lse = (double)m + log((double)sums[0]), loss_v, abd[3] = {0, 0, 0};
+    double s = 0, loss_v, abd[3] = {0, 0, 0};
+    for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - m);
+    double lse = (double)m + log(s);
     if (soft)
-        loss_v = ce_soft_loss(o, lse, sums[1], sums[2], &abd[0]);
+        loss_v = ce_soft_loss(o, lse, sums[0], sums[1], &abd[0]);
     else
-        loss_v = counted ? ce_index_loss(o, lse, zy, sums[2], wy, abd) : 0.0;
+        loss_v = counted ? ce_index_loss(o, lse, zy, sums[1], wy, abd) : 0.0;
     *loss = (CE_ACC)loss_v;
     *lse_out = (CE_ACC)lse;
     if (!g) return;
@@ -383,37 +451,38 @@ CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, cons
         return;
     }
     /* p_j = exp(z_j - m) / s: z_j - m is exact where it matters, unlike z_j - (rounded lse) */
-    const CE_ACC a = (CE_ACC)(coef * abd[0] / sums[0]);
+    const CE_ACC a = (CE_ACC)(coef * abd[0] / s);
     const CE_ACC gc1 = (CE_ACC)(coef * c1), gc0 = (CE_ACC)(coef * (soft ? c0 : abd[2]));
-    CE_SPECIALIZE(CE_F(ce_grads), capped, E != NULL, soft || abd[2] != 0, w != NULL, soft, x, g, t,
-                  w, E, C, tr, m, a, gc1, gc0);
+    CE_SPECIALIZE(CE_F(ce_row_grads), capped, E != NULL, soft || abd[2] != 0, w != NULL, soft, x, g,
+                  t, w, E, C, L, mk, tr, m, a, gc1, gc0);
     if (!soft) /* the target term, from z_y read before x may have been overwritten */
         g[y] = CE_STORE((CE_ACC)((a * ce_exp(zy - m) - coef * (abd[1] + abd[2] * wy)) * dzy));
 }
 
 /* Statistics (max, sumexp, target_z, weighted_z) of a block of classes (y: global target), with
  * the reference's special values: NaN row -> (NaN, NaN), max +inf -> sumexp +inf. */
-CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_t y, const CE_ACC *w,
-                                  CE_ACC *out) {
-    const int64_t C = o->C, local = y - o->class_start;
+static CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_t y,
+                                         const CE_ACC *w, CE_ACC *out) {
+    const int64_t C = o->C, L = ce_chunk_len(C), local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0;
+    CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m, dz;
     int nan;
-    CE_ACC m = CE_F(ce_rowmax)(x, C, tr, capped, &nan), sums[3], dz;
-    CE_ACC shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
-    CE_SPECIALIZE(CE_F(ce_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, C, tr, shift, 0, 1,
-                  sums);
+    CE_SPECIALIZE(CE_F(ce_row_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, C, L, tr, 0, 1, mk,
+                  sk, &m, sums, &nan);
+    double s = 0, shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
+    for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - shift);
     out[0] = nan ? NAN : m;
-    out[1] = nan ? NAN : (m == INFINITY ? INFINITY : sums[0]);
+    out[1] = nan ? NAN : (m == INFINITY ? INFINITY : (CE_ACC)s);
     out[2] = y != o->ignore_index && local >= 0 && local < C
                  ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dz) : 0;
-    out[3] = sums[2];
+    out[3] = sums[1];
 }
 
 /* dz_j/dx_j (A p_j - B [j == y] - D w_j) for a block of classes, p_j = exp(z_j - lse); NaN
  * where lse is not finite. */
-CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g, int64_t y,
-                                 const CE_ACC *w, const CE_ACC *lse, const CE_ACC *abd) {
+static CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g, int64_t y,
+                                        const CE_ACC *w, const CE_ACC *lse, const CE_ACC *abd) {
     const int64_t C = o->C, local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0, here = local >= 0 && local < C;

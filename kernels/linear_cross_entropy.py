@@ -189,19 +189,24 @@ def _lce_stats_kernel(
 @triton.jit
 def _lce_backward_kernel(
     x_ptr, stride_xn, stride_xd, src_ptr, w_ptr, stride_wv, stride_wd, b_ptr, tgt_ptr, cw_ptr,
-    lse_ptr, coefs_ptr, thr_ptr, dx_ptr, stride_dxn, dw_ptr, stride_dwv, db_ptr,
+    lse_ptr, coefs_ptr, thr_ptr, unit_ptr, dx_ptr, stride_dxn, dw_ptr, stride_dwv, db_ptr,
     M, V, D, scale, softcap, inv_softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dX[src] += g W_tile, dW[cols] += g^T X_tile, db[cols] += sum_rows g for one (rows, vocab) tile.
 
     g = dz/dx * (A p - B [j == y] - D w) with p = exp(z - lse) and (A, B, D) = coefs[row]; the
     target element is evaluated as (A - B) p_y + B expm1(z_y - lse) - D w_y (no 1 - p_y
     cancellation as p_y -> 1). dx/dw/db are float32 (atomics).
+
+    NORMALIZE (fp16/bf16): the tile is divided by ``unit`` (the largest per-row upstream scale)
+    before it is rounded to the input dtype for the tensor-core products, and their results
+    multiplied back, so that e.g. a mean over many rows (gradients ~ p / N) does not underflow
+    fp16.
     """
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -255,7 +260,12 @@ def _lce_backward_kernel(
         g = g * dz
         if NEED_DB:
             tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-        gc = g.to(x_ptr.dtype.element_ty)
+        if NORMALIZE:
+            unit = tl.load(unit_ptr)
+            gc = (g * (1.0 / unit)).to(x_ptr.dtype.element_ty)
+        else:
+            unit = 1.0
+            gc = g.to(x_ptr.dtype.element_ty)
         x_rows = x_ptr + src[:, None] * stride_xn
         w_cols = w_ptr + cols[:, None] * stride_wv
         for k in range(0, D, BLOCK_D):
@@ -265,12 +275,16 @@ def _lce_backward_kernel(
                 wt = tl.load(w_cols + ks[None, :] * stride_wd,
                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
                 dxp = tl.dot(gc, wt, input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    dxp = dxp * unit
                 tl.atomic_add(dx_ptr + src[:, None] * stride_dxn + ks[None, :], dxp,
                               mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
             if NEED_DW:
                 xt = tl.load(x_rows + ks[None, :] * stride_xd,
                              mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 dwp = tl.dot(tl.trans(gc), xt, input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    dwp = dwp * unit
                 tl.atomic_add(dw_ptr + cols[:, None] * stride_dwv + ks[None, :], dwp,
                               mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
@@ -336,7 +350,7 @@ def stats_plan(x, w, b, src, tgt, weight, *, logit_scale=1.0, softcap=None, need
 
 
 def backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, *,
-                  logit_scale=1.0, softcap=None, has_d=False, config=None):
+                  logit_scale=1.0, softcap=None, has_d=False, unit=None, config=None):
     """Plan of :func:`backward` (accumulates into the float32 ``dx``/``dw``/``db`` given)."""
     _check(x, w, b)
     m = tgt.shape[0]
@@ -351,7 +365,7 @@ def backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db,
     kwargs = dict(
         x_ptr=x, stride_xn=x.stride(0), stride_xd=x.stride(1), src_ptr=src,
         w_ptr=w, stride_wv=w.stride(0), stride_wd=w.stride(1), b_ptr=b, tgt_ptr=tgt,
-        cw_ptr=weight, lse_ptr=lse, coefs_ptr=coefs, thr_ptr=thresholds,
+        cw_ptr=weight, lse_ptr=lse, coefs_ptr=coefs, thr_ptr=thresholds, unit_ptr=unit,
         dx_ptr=dx, stride_dxn=dx.stride(0) if dx is not None else 0,
         dw_ptr=dw, stride_dwv=dw.stride(0) if dw is not None else 0, db_ptr=db,
         M=m, V=v, D=d, scale=scale, softcap=cap, inv_softcap=inv_cap,
@@ -359,7 +373,7 @@ def backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db,
         HAS_SRC=src is not None, HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=softcap is not None, HAS_D=bool(has_d), FILTER=thresholds is not None,
         NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-        DOT_PRECISION=cfg.get("DOT_PRECISION", _dot_precision(x.dtype)),
+        NORMALIZE=unit is not None, DOT_PRECISION=cfg.get("DOT_PRECISION", _dot_precision(x.dtype)),
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return _lce_backward_kernel, grid, kwargs, options, (dx, dw, db)
@@ -386,17 +400,21 @@ def stats(x, w, b, src, tgt, weight=None, *, logit_scale=1.0, softcap=None, need
 
 
 def backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, *, logit_scale=1.0,
-             softcap=None, has_d=False, config=None):
+             softcap=None, has_d=False, unit=None, config=None):
     """Accumulate the gradients of ``sum_n loss_n`` into float32 ``dx`` (N_in, D), ``dw`` (V, D),
     ``db`` (V,) (each may be None: not computed).
 
     ``lse`` (M,) float32 full-row log-sum-exp; ``coefs`` (M, 3) float32 (A, B, D) already scaled by
     the upstream gradient (see :mod:`celoss.backends`); ``thresholds`` (M,) float32 or None:
     gradient filtering (skip tiles whose |A p - B onehot - D w| never exceeds the row's threshold).
-    ``has_d`` must be True when any D coefficient is non-zero (label smoothing).
+    ``has_d`` must be True when any D coefficient is non-zero (label smoothing). ``unit``: None,
+    or a (1,) float32 tensor > 0, the magnitude of the largest row coefficient scale; fp16/bf16
+    tiles are normalized by it before rounding (see the kernel).
     """
+    if unit is not None and x.dtype == torch.float32:
+        unit = None  # fp32 operands are not rounded
     return _launch(backward_plan(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db,
-                                 logit_scale=logit_scale, softcap=softcap, has_d=has_d,
+                                 logit_scale=logit_scale, softcap=softcap, has_d=has_d, unit=unit,
                                  config=config))
 
 
@@ -443,8 +461,10 @@ def aot_plan(kernel="backward", dtype="bfloat16", aligned=True, round_sizes=Fals
         dw = None if flags.get("no_dw") else torch.zeros(v, d, **f32)
         db = torch.zeros(v, **f32) if b is not None else None
         thr = torch.zeros(n, **f32) if flags.get("filter") else None
+        unit = None if dt == torch.float32 else torch.ones(1, **f32)
         return backward_plan(x, w, b, src, tgt, weight, torch.zeros(n, **f32), torch.zeros(n, 3, **f32), thr,
-                             dx, dw, db, logit_scale=1.0, softcap=softcap, has_d=smoothing, config=config)
+                             dx, dw, db, logit_scale=1.0, softcap=softcap, has_d=smoothing, unit=unit,
+                             config=config)
     raise ValueError(kernel)
 
 

@@ -184,3 +184,24 @@ def test_bad_arguments(kwargs, error, match):
         y = y.to(kw.pop("target_dtype"))
     with pytest.raises(error, match=match):
         bce(x, y, **kw)
+
+
+def test_module_mirrors_torch_and_top_level_export():
+    import celoss
+    x, y = _data((5, 6), "cpu", seed=8)
+    w, pw = torch.rand(6) + 0.5, torch.rand(6) * 2
+    ours = celoss.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")
+    ref = torch.nn.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")
+    torch.testing.assert_close(ours(x, y), ref(x, y), rtol=1e-5, atol=1e-5)
+    assert celoss.binary_cross_entropy_with_logits is bce
+    assert set(dict(ours.named_buffers())) == {"weight", "pos_weight"}
+
+
+def test_torch_compile_fullgraph_cpu():
+    x, y = _data((6, 50), "cpu", seed=9)
+    pw = torch.rand(50) + 0.5
+    a, b, ga, gb = _both(torch.compile(lambda u, v: bce(u, v, pos_weight=pw), fullgraph=True),
+                         lambda u, v: F.binary_cross_entropy_with_logits(u, v, pos_weight=pw.double()), x, y)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6)

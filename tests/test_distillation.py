@@ -363,3 +363,29 @@ def test_out_of_range_target_raises_before_any_read(backend, bad):
 def test_integer_logits_rejected():
     with pytest.raises(TypeError, match="float"):
         distillation_loss(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3))
+
+
+def test_module_and_top_level_export():
+    import celoss
+    s, t, y = _data((2, 3, 40), "cpu", seed=16)
+    mod = celoss.DistillationLoss(temperature=2.0, kind="jsd", beta=0.3, alpha=0.6, reduction="sum")
+    torch.testing.assert_close(mod(s, t, y).double(),
+                               oracle(s, t, y, temperature=2.0, kind="jsd", beta=0.3, alpha=0.6, reduction="sum"),
+                               rtol=1e-5, atol=1e-5)
+    assert celoss.distillation_loss is distillation_loss
+
+
+def test_torch_compile_fullgraph_cpu():
+    s, t, y = _data((8, 64), "cpu", seed=17)
+
+    def f(u):
+        return distillation_loss(u, t, y, temperature=2.0, alpha=0.5)
+
+    sa = s.clone().requires_grad_()
+    a = torch.compile(f, fullgraph=True)(sa)
+    a.backward()
+    sb = s.double().requires_grad_()
+    b = oracle(sb, t, y, temperature=2.0, alpha=0.5)
+    b.backward()
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sa.grad.double(), sb.grad, rtol=1e-5, atol=1e-6)

@@ -259,3 +259,17 @@ def test_sigmoid_focal_bad_arguments():
         sigmoid_focal_loss(x, y.clone().requires_grad_())
     with pytest.raises(ValueError, match="reduction"):
         sigmoid_focal_loss(x, y, reduction="batchmean")
+
+
+def test_modules_and_top_level_exports():
+    import celoss
+    x, t = _cls_data((6, 9), "cpu", seed=5)
+    alpha = torch.rand(9) + 0.1
+    mod = celoss.FocalLoss(gamma=1.5, alpha=alpha, reduction="sum")
+    assert "alpha" in dict(mod.named_buffers())
+    torch.testing.assert_close(mod(x, t).double(), softmax_focal_oracle(x, t, 1.5, alpha, reduction="sum"),
+                               rtol=1e-5, atol=1e-6)
+    xb, yb = _bin_data((4, 7), "cpu", seed=6)
+    torch.testing.assert_close(celoss.SigmoidFocalLoss(alpha=0.5, gamma=1.0, reduction="mean")(xb, yb).double(),
+                               sigmoid_focal_oracle(xb, yb, 0.5, 1.0, "mean"), rtol=1e-5, atol=1e-7)
+    assert celoss.focal_loss is focal_loss and celoss.sigmoid_focal_loss is sigmoid_focal_loss

@@ -100,3 +100,127 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
                 num_threads=torch.get_num_threads())
     if g is not grad_out:
         grad_out.copy_(g)
+
+
+# ==============================================================================================
+# Loss family: binary CE with logits, sigmoid focal loss, distillation (celoss/_family_ops.py),
+# on the OpenMP kernels of celoss.cpu._family (cpu/_family.pyx). A teacher gradient (rare) runs
+# on the reference backend.
+# ==============================================================================================
+import os
+import warnings as _fam_warnings
+
+import torch
+
+from . import reference as _fam_reference
+
+try:
+    from ..cpu import _family as _FAM
+except ImportError as _fam_exc:  # a build without cpu/_family.pyx: keep the cross-entropy kernels usable
+    _FAM, _FAM_MISSING = None, f"{type(_fam_exc).__name__}: {_fam_exc}"
+
+
+def _fam_fallback(name):
+    """True (after a one-time warning) when the loss-family extension is missing."""
+    if _FAM is not None:
+        return False
+    if not getattr(_fam_fallback, "warned", False):
+        _fam_fallback.warned = True
+        _fam_warnings.warn(f"celoss: celoss.cpu._family is unavailable ({_FAM_MISSING}); {name} runs on the "
+                           f"torch reference backend", RuntimeWarning, stacklevel=3)
+    return True
+
+
+_FAM_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _fam_ptr(x):
+    return 0 if x is None else x.data_ptr()
+
+
+_FAM_HUGE = os.environ.get("CELOSS_NO_HUGEPAGES") != "1"
+
+
+def _fam_fresh(t):
+    """A buffer this call allocated and will write in full: ask for huge pages first (first-touch
+    page faults on 4 KiB pages would cost more than the kernel; CELOSS_NO_HUGEPAGES=1 disables)."""
+    if _FAM_HUGE and t is not None and t.numel() * t.element_size() >= (8 << 20):
+        _FAM.advise_hugepages(t.data_ptr(), t.numel() * t.element_size())
+    return t
+
+
+def _fam_threads(work: int) -> int:
+    """One thread for small problems (an OpenMP team costs more than it saves there)."""
+    return 1 if work < (1 << 15) else torch.get_num_threads()
+
+
+def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
+                 focal_alpha, focal_gamma):
+    if _fam_fallback("binary_fused"):
+        return _fam_reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
+                                           grad_input=grad_input, grad_target=grad_target,
+                                           focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    r, c = x.shape
+    x = x.contiguous()
+    y = y.contiguous()
+    use_double = torch.float64 in (x.dtype, y.dtype)
+    acc = torch.float64 if use_double else torch.float32
+    weight = None if weight is None else weight.to(acc)
+    pos_weight = None if pos_weight is None else pos_weight.to(acc)
+    weighted = weight is not None or pos_weight is not None
+    partials = torch.empty(_FAM.binary_segments(r, c, weighted), dtype=acc)
+    loss = _fam_fresh(torch.empty_like(x)) if per_element else None
+    gx = _fam_fresh(torch.empty_like(x)) if grad_input else None
+    gy = _fam_fresh(torch.empty_like(y)) if grad_target else None
+    up = None
+    coef_value = 1.0
+    if grad_input or grad_target:
+        if coef.numel() == 1:
+            coef_value = float(coef.reshape(()))
+        else:
+            up = coef.contiguous()
+    if x.numel():
+        _FAM.binary(r, c, x.data_ptr(), _FAM_CODE[x.dtype], y.data_ptr(), _FAM_CODE[y.dtype],
+                    _fam_ptr(weight), weight.stride(0) if weight is not None else 0,
+                    weight.stride(1) if weight is not None else 0, _fam_ptr(pos_weight),
+                    pos_weight.stride(0) if pos_weight is not None else 0,
+                    pos_weight.stride(1) if pos_weight is not None else 0,
+                    _fam_ptr(up), _FAM_CODE[up.dtype] if up is not None else 0, coef_value,
+                    _fam_ptr(loss), _fam_ptr(gx), _FAM_CODE[x.dtype], _fam_ptr(gy),
+                    _FAM_CODE[y.dtype], partials.data_ptr(), focal=focal_gamma is not None,
+                    alpha=float(focal_alpha), gamma=float(focal_gamma or 0.0),
+                    use_double=use_double, num_threads=_fam_threads(x.numel()))
+    return (loss if per_element else partials), gx, gy
+
+
+def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
+                  beta, alpha, ignore_index):
+    if grad_teacher is not None or _fam_fallback("distill_fused"):
+        return _fam_reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
+                                            kind=kind, temperature=temperature, beta=beta,
+                                            alpha=alpha, ignore_index=ignore_index)
+    n, v = student.shape
+    s = student if student.stride(1) == 1 or v <= 1 else student.contiguous()
+    t = teacher if teacher.stride(1) == 1 or v <= 1 else teacher.contiguous()
+    use_double = torch.float64 in (s.dtype, t.dtype)
+    loss = torch.empty(n, dtype=torch.float64 if use_double else torch.float32)
+    g = grad_out
+    if g is not None and (g.dtype != s.dtype or (v > 1 and g.stride(1) != 1)):
+        g = torch.empty(s.shape, dtype=s.dtype)
+    _fam_fresh(g)  # a fresh buffer from celoss._family_ops (or the one above)
+    y = None if target is None else target.to(torch.int64).contiguous()
+    cf = None if g is None else coef.to(torch.float32).contiguous()
+    has_target = y is not None
+    T = float(temperature)
+    if n:
+        _FAM.distill(n, v, s.data_ptr(), _FAM_CODE[s.dtype], s.stride(0), t.data_ptr(),
+                     _FAM_CODE[t.dtype], t.stride(0), _fam_ptr(y), int(ignore_index), _fam_ptr(cf),
+                     0 if cf is None or cf.numel() == 1 else 1, _fam_ptr(g),
+                     _FAM_CODE[g.dtype] if g is not None else 0, g.stride(0) if g is not None else 0,
+                     loss.data_ptr(), kind=_FAM.KINDS[kind], t_is_one=T == 1.0, inv_T=1.0 / T,
+                     ws=T * T * (float(alpha) if has_target else 1.0),
+                     wh=(1.0 - float(alpha)) if has_target else 0.0, beta=float(beta),
+                     use_double=use_double, num_threads=_fam_threads(n * v))
+    if g is not grad_out:
+        grad_out.copy_(g)
+    return loss

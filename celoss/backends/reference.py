@@ -106,3 +106,140 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
             row_coef = coef if coef.numel() == 1 else coef[rows].unsqueeze(1)
             grad_out[rows] = (g * dz * row_coef.to(acc)).to(grad_out.dtype)
     return loss, lse
+
+
+# ==============================================================================================
+# Loss family: binary CE with logits, sigmoid focal loss, distillation (celoss/_family_ops.py).
+# Contract of binary_fused / distill_fused: see celoss/_family_ops.py. Plain PyTorch, a bounded
+# chunk of rows at a time (never more than ~CHUNK_ELEMENTS probabilities per tensor).
+# ==============================================================================================
+import torch
+import math as _fam_math
+
+_FAM_CHUNK = 1 << 22
+
+
+def _fam_chunks(n: int, c: int):
+    step = max(1, _FAM_CHUNK // max(c, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _fam_binary_math(x, y, w, pw, focal_alpha, focal_gamma):
+    """(loss, dloss/dx, dloss/dy) elementwise, in x's (accumulation) dtype."""
+    e = torch.exp(-x.abs())
+    spn = torch.clamp_min(-x, 0) + torch.log1p(e)      # softplus(-x)
+    sgn = torch.where(x >= 0, e, torch.ones_like(e)) / (1 + e)  # sigmoid(-x)
+    if focal_gamma is None:
+        lw = 1 + (pw - 1) * y if pw is not None else 1.0
+        loss = (1 - y) * x + lw * spn
+        dx = (1 - y) - lw * sgn
+        dy = (pw - 1) * spn - x if pw is not None else -x
+        if w is not None:
+            loss, dx, dy = w * loss, w * dx, w * dy
+        return loss, dx, dy
+    gamma = float(focal_gamma)
+    p = torch.where(x >= 0, torch.ones_like(e), e) / (1 + e)
+    ce = (1 - y) * x + spn
+    q = p * (1 - y) + y * sgn
+    pos = q > 0
+    safe_q = torch.where(pos, q, torch.ones_like(q))
+    mod = torch.where(pos, safe_q.pow(gamma), torch.full_like(q, 1.0 if gamma == 0 else 0.0))
+    at = focal_alpha * y + (1 - focal_alpha) * (1 - y) if focal_alpha >= 0 else 1.0
+    rr = (1 - 2 * y) * torch.where(pos, p * sgn / safe_q, torch.ones_like(q))
+    loss = at * ce * mod
+    dx = at * mod * ((p * (1 - y) - y * sgn) + gamma * ce * rr)
+    return loss, dx, torch.zeros_like(dx)
+
+
+def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
+                 focal_alpha, focal_gamma):
+    r, c = x.shape
+    acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    loss_el = torch.empty_like(x) if per_element else None
+    gx = torch.empty_like(x) if grad_input else None
+    gy = torch.empty_like(y) if grad_target else None
+    partials = []
+    per_elem_coef = coef is not None and coef.numel() != 1
+    for rows in _fam_chunks(r, c):
+        w = None if weight is None else weight[rows].to(acc)
+        pw = None if pos_weight is None else pos_weight[rows].to(acc)
+        loss, dx, dy = _fam_binary_math(x[rows].to(acc), y[rows].to(acc), w, pw, focal_alpha,
+                                        focal_gamma)
+        partials.append(loss.sum().reshape(1))
+        if loss_el is not None:
+            loss_el[rows] = loss.to(loss_el.dtype)
+        if gx is not None or gy is not None:
+            up = coef[rows].to(acc) if per_elem_coef else coef.reshape(()).to(acc)
+            if gx is not None:
+                gx[rows] = (dx * up).to(gx.dtype)
+            if gy is not None:
+                gy[rows] = (dy * up).to(gy.dtype)
+    partials = torch.cat(partials) if partials else torch.zeros(1, dtype=acc, device=x.device)
+    return (loss_el if per_element else partials), gx, gy
+
+
+def _fam_distill_rows(s, t, kind, temperature, beta):
+    """Per row D and (dD/da, dD/db) for a = s / T, b = t / T (float, no autograd)."""
+    ls = torch.log_softmax(s / temperature, dim=1)
+    lt = torch.log_softmax(t / temperature, dim=1)
+    ps, pt = ls.exp(), lt.exp()
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if kind in ("kl", "ce"):
+        if kind == "kl":
+            d = torch.where(pt > 0, pt * (lt - ls), zero).sum(1)
+            gt = torch.where(pt > 0, pt * ((lt - ls) - d.unsqueeze(1)), zero)
+        else:
+            d = -torch.where(pt > 0, pt * ls, zero).sum(1)
+            gt = -torch.where(pt > 0, pt * (ls + d.unsqueeze(1)), zero)
+        return d, ps - pt, gt
+    if kind == "reverse_kl":
+        d = torch.where(ps > 0, ps * (ls - lt), zero).sum(1)
+        gs = torch.where(ps > 0, ps * ((ls - lt) - d.unsqueeze(1)), zero)
+        return d, gs, pt - ps
+    lm = torch.logaddexp(lt + _fam_math.log(beta), ls + _fam_math.log1p(-beta))
+    kt = torch.where(pt > 0, pt * (lt - lm), zero).sum(1)
+    ks = torch.where(ps > 0, ps * (ls - lm), zero).sum(1)
+    gs = (1 - beta) * torch.where(ps > 0, ps * (ls - lm - ks.unsqueeze(1)), zero)
+    gt = beta * torch.where(pt > 0, pt * (lt - lm - kt.unsqueeze(1)), zero)
+    return beta * kt + (1 - beta) * ks, gs, gt
+
+
+def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
+                  beta, alpha, ignore_index):
+    n, v = student.shape
+    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    loss = torch.empty(n, dtype=acc, device=student.device)
+    T = float(temperature)
+    has_target = target is not None
+    ws = T * T * (float(alpha) if has_target else 1.0)
+    wh = (1.0 - float(alpha)) if has_target else 0.0
+    for rows in _fam_chunks(n, v):
+        s = student[rows].to(acc)
+        t = teacher[rows].to(acc)
+        d, gs, gt = _fam_distill_rows(s, t, kind, T, beta)
+        row_loss = ws * d
+        keep = None
+        if has_target:
+            y = target[rows]
+            keep = y != ignore_index
+            safe_y = torch.where(keep, y, torch.zeros_like(y)).unsqueeze(1)
+            if wh != 0.0:
+                ls1 = torch.log_softmax(s, dim=1)
+                row_loss = row_loss - wh * ls1.gather(1, safe_y).squeeze(1)
+            row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
+        loss[rows] = row_loss
+        if grad_out is None and grad_teacher is None:
+            continue
+        c = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
+        if keep is not None:
+            c = c * keep.unsqueeze(1).to(acc)
+        if grad_out is not None:
+            g = (ws / T) * gs
+            if has_target and wh != 0.0:
+                g = g + wh * torch.exp(ls1)
+                g.scatter_add_(1, safe_y, torch.full_like(safe_y, -wh, dtype=acc))
+            grad_out[rows] = (g * c).to(grad_out.dtype)
+        if grad_teacher is not None:
+            grad_teacher[rows] = ((ws / T) * gt * c).to(grad_teacher.dtype)
+    return loss

@@ -59,7 +59,48 @@ def lce_stats(x, w, b, src, tgt, weight, *, logit_scale, softcap, need_wz):
 
 
 def lce_backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, *, logit_scale, softcap,
-                 has_d):
+                 has_d, unit=None):
     """Accumulates dX / dW / db (float32, in place) from the row coefficients (A, B, D)."""
     _lce.backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, logit_scale=logit_scale,
-                  softcap=softcap, has_d=has_d)
+                  softcap=softcap, has_d=has_d, unit=unit)
+
+
+# ==============================================================================================
+# Loss family: binary CE with logits, sigmoid focal loss, distillation (celoss/_family_ops.py),
+# on celoss.kernels.binary / celoss.kernels.distillation. float64 inputs and a teacher gradient
+# (rare) run on the reference backend.
+# ==============================================================================================
+import torch
+from celoss.kernels import binary as _fam_kb
+from celoss.kernels import distillation as _fam_kd
+
+from . import reference as _fam_reference
+
+
+def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
+                 focal_alpha, focal_gamma):
+    if x.dtype not in _fam_kb.SUPPORTED_DTYPES or y.dtype not in _fam_kb.SUPPORTED_DTYPES:
+        return _fam_reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
+                                           grad_input=grad_input, grad_target=grad_target,
+                                           focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    weight = None if weight is None else weight.to(torch.float32)
+    pos_weight = None if pos_weight is None else pos_weight.to(torch.float32)
+    if coef is not None:
+        coef = coef.contiguous()
+    loss, partials, gx, gy = _fam_kb.binary(
+        x.contiguous(), y.contiguous(), weight, pos_weight, coef, per_element=per_element,
+        grad_input=grad_input, grad_target=grad_target, focal_alpha=focal_alpha,
+        focal_gamma=focal_gamma)
+    return (loss if per_element else partials), gx, gy
+
+
+def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
+                  beta, alpha, ignore_index):
+    if (grad_teacher is not None or student.dtype not in _fam_kd.SUPPORTED_DTYPES
+            or teacher.dtype not in _fam_kd.SUPPORTED_DTYPES):
+        return _fam_reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
+                                            kind=kind, temperature=temperature, beta=beta,
+                                            alpha=alpha, ignore_index=ignore_index)
+    return _fam_kd.distill(student, teacher, target, coef, grad_out, kind=kind,
+                           temperature=temperature, beta=beta, alpha=alpha,
+                           ignore_index=ignore_index)

@@ -154,6 +154,26 @@ def test_backward_matches_float64(dtype, case):
         assert torch.allclose(db.double(), rdb, atol=tol * (1 + rdb.abs().max().item()), rtol=0)
 
 
+def test_backward_fp16_tiny_scale_does_not_underflow():
+    """A mean over many rows scales gradients by ~1/N: the fp16 tile is normalized by ``unit``."""
+    n_in, d, v = 16, 16, 48
+    x, w, _, _ = make(n_in, d, v, torch.float16)
+    tgt = torch.randint(0, v, (n_in,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    z, _ = logits64(x, w, None, None, 1.0, None)
+    lse = torch.logsumexp(z, 1).float()
+    tiny = 1e-7  # below fp16's smallest subnormal (6e-8) once multiplied by p < 1
+    coefs = torch.tensor([[tiny, tiny, 0.0]], device=DEVICE).repeat(n_in, 1)
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    _, rdw, _, _ = ref_grads(x, w, None, None, tgt, None, lse, coefs, 1.0, None, False)
+    dw = torch.zeros(v, d, **f32)
+    lk.backward(x, w, None, None, tgt, None, lse, coefs, None, None, dw, None, has_d=False,
+                unit=torch.full((1,), tiny, **f32))
+    assert torch.allclose(dw.double(), rdw, atol=3e-3 * rdw.abs().max().item(), rtol=0)
+    raw = torch.zeros(v, d, **f32)  # without normalization most of the tile flushes to zero
+    lk.backward(x, w, None, None, tgt, None, lse, coefs, None, None, raw, None, has_d=False)
+    assert (raw.double() - rdw).abs().max() > 10 * (dw.double() - rdw).abs().max()
+
+
 def test_backward_target_element_near_one():
     """p_y -> 1: A p_y - B is formed as (A - B) p_y + B expm1(lp), not by cancelling 1 - p_y."""
     d, v = 16, 40

@@ -1,0 +1,357 @@
+"""The OpenMP/Cython row kernels (celoss.backends.cython) against the reference backend and a
+float64 PyTorch oracle (F.cross_entropy / log_softmax on the transformed logits, autograd)."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from celoss import stats as S
+from celoss.backends import cython as cy
+from celoss.backends import reference as ref
+
+LOWP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff of the stored gradient
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+BASE = dict(ignore_index=-100, label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0,
+            focal_gamma=None)
+OPTIONS = {
+    "plain": {},
+    "smooth": dict(label_smoothing=0.1),
+    "scale_softcap": dict(logit_scale=0.7, softcap=5.0),
+    "zloss": dict(z_loss=1e-3),
+    "all": dict(label_smoothing=0.05, logit_scale=1.3, softcap=8.0, z_loss=1e-2, ignore_index=1),
+    "focal2": dict(focal_gamma=2.0),
+}
+
+
+def opts(**kw):
+    return {**BASE, **kw}
+
+
+def transform64(x, logit_scale, softcap):
+    z = x.double() * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def oracle(x, target, soft, weight, coef, *, ignore_index, label_smoothing, logit_scale, softcap,
+           z_loss, focal_gamma):
+    """float64 (loss, lse, coef * dloss/dx) with PyTorch's own ops and autograd."""
+    x64 = x.detach().double().requires_grad_(True)
+    z = transform64(x64, logit_scale, softcap)
+    w = None if weight is None else weight.double()
+    lse = torch.logsumexp(z, 1)
+    logp = torch.log_softmax(z, 1)
+    if soft is not None:
+        loss = F.cross_entropy(z, soft.double(), weight=w, reduction="none",
+                               label_smoothing=label_smoothing) + z_loss * lse**2
+    else:
+        counted = target != ignore_index
+        safe = torch.where(counted, target, 0)
+        wy = torch.ones_like(lse) if w is None else w[safe]
+        if focal_gamma is not None:
+            lp = logp.gather(1, safe[:, None])[:, 0]
+            loss = torch.where(counted, -wy * (-torch.expm1(lp)) ** focal_gamma * lp, 0.0)
+        else:
+            loss = F.cross_entropy(z, target, weight=w, ignore_index=ignore_index, reduction="none",
+                                   label_smoothing=label_smoothing)
+            loss = loss + torch.where(counted, z_loss * wy * lse**2, 0.0)
+    c = coef.double() if coef.numel() > 1 else coef.double().expand(len(loss))
+    (g,) = torch.autograd.grad((loss * c).sum(), x64)
+    return loss.detach(), lse.detach(), g
+
+
+def focal_grad64(x, target, alpha, gamma, coef):
+    """Closed-form focal gradient in float64, finite as p_y -> 1 (autograd of (1-p)^gamma isn't)."""
+    logp = torch.log_softmax(x.double(), 1)
+    lp = logp.gather(1, target[:, None])[:, 0]
+    q = -torch.expm1(lp)
+    ratio = torch.where(q > 0, lp / q.clamp_min(1e-300), -1.0)
+    a = torch.ones_like(lp) if alpha is None else alpha.double()[target]
+    g = a * q**gamma * (1 - gamma * lp.exp() * ratio)
+    return (logp.exp() - F.one_hot(target, x.shape[1]).double()) * (g * coef.double())[:, None]
+
+
+def run_fused(x, target=None, soft=None, weight=None, coef=None, grad=True, **kw):
+    coef = torch.tensor([0.75]) if coef is None else coef
+    g = torch.empty_like(x) if grad else None
+    loss, lse = cy.ce_fused(x, target, soft, weight, coef, g, **opts(**kw))
+    return loss, lse, g, coef
+
+
+def check_close(dtype, ours, want, rtol_lowp=None, scale=1.0):
+    """fp32: ~1e-5 relative to the oracle, fp64: ~1e-12; fp16/bf16 gradients: the storage rounding."""
+    ours, want = ours.double(), want.double()
+    if dtype in LOWP and rtol_lowp is not None:
+        err = (ours - want).abs()
+        bound = rtol_lowp * want.abs() + 1e-6 * scale + 1e-7
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(ours))
+        assert (err[finite] <= bound[finite]).all(), (err - bound).max()
+        return
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(ours, want, rtol=tol * 5, atol=tol * scale, equal_nan=True)
+
+
+def make_case(n, c, dtype, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    w = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    return x, y, w
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [1, 3, 1000, 4099, 2**17 + 1])
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_fused_index_targets(dtype, c, name, weighted):
+    kw = OPTIONS[name]
+    n = 3 if c > 5000 else 9
+    x, y, w = make_case(n, c, dtype, seed=c)
+    y[2 % n] = kw.get("ignore_index", -100)
+    weight = w.to(torch.float64 if dtype == torch.float64 else torch.float32) if weighted else None
+    coef = torch.linspace(0.5, 2.0, n)
+    loss, lse, g, _ = run_fused(x, y, None, weight, coef, **kw)
+    want_loss, want_lse, want_g = oracle(x, y, None, weight, coef, **opts(**kw))
+    check_close(dtype, loss, want_loss, scale=1 + want_loss.abs().max().item())
+    check_close(dtype, lse, want_lse, scale=1 + want_lse.abs().max().item())
+    check_close(dtype, g, want_g, rtol_lowp=LOWP.get(dtype))
+    assert g[2 % n].eq(0).all() and loss[2 % n] == 0  # ignored row
+    # the reference backend computes the same (in the accumulation dtype)
+    g_ref = torch.empty_like(x)
+    r_loss, r_lse = ref.ce_fused(x, y, None, weight, coef, g_ref, **opts(**kw))
+    check_close(dtype, loss, r_loss, scale=1 + r_loss.abs().max().item())
+    # no gradient requested: the same loss and lse (up to summation order)
+    loss2, lse2, _, _ = run_fused(x, y, None, weight, coef, grad=False, **kw)
+    torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse2, lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [1, 3, 1000, 4099])
+@pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.2, z_loss=1e-2),
+                                dict(softcap=4.0, logit_scale=2.0)], ids=["plain", "smooth_zloss", "softcap"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_fused_soft_targets(dtype, c, kw, weighted):
+    x, _, w = make_case(6, c, dtype, seed=c + 1)
+    gen = torch.Generator().manual_seed(c)
+    t = torch.softmax(torch.randn(6, c, generator=gen, dtype=torch.float64) * 2, 1)
+    t[0] = 0
+    t[0, c // 2] = 1  # one-hot row, exact zeros elsewhere
+    t = t.to(dtype)
+    weight = w.to(torch.float64 if dtype == torch.float64 else torch.float32) if weighted else None
+    loss, lse, g, coef = run_fused(x, None, t, weight, **kw)
+    want_loss, want_lse, want_g = oracle(x, None, t, weight, coef, **opts(**kw))
+    check_close(dtype, loss, want_loss, scale=1 + want_loss.abs().max().item())
+    check_close(dtype, lse, want_lse, scale=1 + want_lse.abs().max().item())
+    check_close(dtype, g, want_g, rtol_lowp=LOWP.get(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("c", [3, 1000])
+def test_focal(dtype, gamma, c):
+    x, y, w = make_case(8, c, dtype, seed=7)
+    # rows where p_y -> 1: rounds to 1 in fp32 (and nearly in fp64)
+    for row, margin in [(0, 20.0), (1, 40.0), (2, 200.0)]:
+        x[row] = 0
+        x[row, y[row]] = margin
+    alpha = w.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    coef = torch.full((8,), 0.5)
+    loss, lse, g, _ = run_fused(x, y, None, alpha, coef, focal_gamma=gamma)
+    want_loss, want_lse, _ = oracle(x, y, None, alpha, coef, **opts(focal_gamma=gamma))
+    want_g = focal_grad64(x, y, alpha, gamma, coef)
+    assert torch.isfinite(loss).all() and torch.isfinite(g.double()).all()
+    check_close(dtype, loss, want_loss, scale=1 + want_loss.abs().max().item())
+    check_close(dtype, g, want_g, rtol_lowp=LOWP.get(dtype))
+    # the closed form agrees with autograd where autograd is finite
+    _, _, auto_g = oracle(x[3:], y[3:], None, alpha, coef[3:], **opts(focal_gamma=gamma))
+    torch.testing.assert_close(focal_grad64(x[3:], y[3:], alpha, gamma, coef[3:]), auto_g)
+
+
+def test_nan_inf_rows():
+    c = 50
+    x, y, _ = make_case(8, c, torch.float32, seed=3)
+    y[:] = 5
+    x[0, 7] = math.nan                  # NaN -> NaN loss and gradient
+    x[1, 9] = math.inf                  # +inf -> NaN, like log_softmax
+    x[2, 10:20] = -math.inf             # -inf elsewhere: probability 0, finite
+    x[3, 5] = -math.inf                 # -inf at the target: infinite loss, finite gradient
+    x[4] = -math.inf                    # all -inf: NaN
+    x[5, 3] = math.nan                  # NaN but ignored: loss 0, gradient 0
+    y[5] = -100
+    loss, lse, g, coef = run_fused(x, y)
+    want_loss, want_lse, want_g = oracle(x, y, None, None, coef, **BASE)
+    rows = [0, 1, 2, 3, 4, 6, 7]
+    torch.testing.assert_close(loss[rows].double(), want_loss[rows], equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[rows].double(), want_g[rows], equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert torch.isnan(loss[[0, 1, 4]]).all() and torch.isnan(g[[0, 1, 4]]).all()
+    assert loss[3] == math.inf and torch.isfinite(g[2:4]).all() and (g[2, 10:20] == 0).all()
+    assert loss[5] == 0 and (g[5] == 0).all() and torch.isnan(lse[5])
+    # in place gives the same
+    xi = x.clone()
+    loss_i, _ = cy.ce_fused(xi, y, None, None, coef, xi, **BASE)
+    assert torch.equal(xi.isnan(), g.isnan()) and torch.equal(xi.nan_to_num(), g.nan_to_num())
+    # with a softcap, +inf logits are finite (tanh(inf) = 1)
+    xs = torch.zeros(2, c)
+    xs[0, 1] = math.inf
+    xs[1, :] = -math.inf
+    loss_s, _, g_s, coef = run_fused(xs, torch.tensor([1, 2]), softcap=3.0)
+    want_loss, _, want_g = oracle(xs, torch.tensor([1, 2]), None, None, coef, **opts(softcap=3.0))
+    torch.testing.assert_close(loss_s.double(), want_loss)
+    torch.testing.assert_close(g_s[1].double(), want_g[1])  # (autograd of tanh at inf is NaN)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_rows_and_in_place(dtype):
+    n, c = 7, 1001
+    x, y, w = make_case(n, c, dtype, seed=11)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    weight = w.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    base_loss, base_lse, base_g, coef = run_fused(x, y, None, weight, **kw)
+    # rows with a stride of their own (a column slice of a wider buffer): used without a copy
+    wide = torch.full((n, c + 13), 1e4, dtype=dtype)
+    wide[:, 5:5 + c] = x
+    xs = wide[:, 5:5 + c]
+    gwide = torch.zeros(n, c + 9, dtype=dtype)
+    loss, lse = cy.ce_fused(xs, y, None, weight, coef, gwide[:, 2:2 + c], **opts(**kw))
+    assert torch.equal(loss, base_loss) and torch.equal(lse, base_lse)
+    assert torch.equal(gwide[:, 2:2 + c], base_g)
+    assert (gwide[:, :2] == 0).all() and (gwide[:, 2 + c:] == 0).all()  # nothing written outside
+    # a column stride != 1 (transposed storage) and a gradient buffer with one
+    xt = x.t().contiguous().t()
+    gt = torch.empty(c, n, dtype=dtype).t()
+    loss, lse = cy.ce_fused(xt, y, None, weight, coef, gt, **opts(**kw))
+    assert torch.equal(loss, base_loss) and torch.equal(gt, base_g)
+    # in place (grad_out is logits): identical to the separate buffer
+    xi = x.clone()
+    loss, lse = cy.ce_fused(xi, y, None, weight, coef, xi, **opts(**kw))
+    assert torch.equal(loss, base_loss) and torch.equal(xi, base_g)
+    # in place on strided rows and on soft targets
+    wide2 = wide.clone()
+    cy.ce_fused(wide2[:, 5:5 + c], y, None, weight, coef, wide2[:, 5:5 + c], **opts(**kw))
+    assert torch.equal(wide2[:, 5:5 + c], base_g) and (wide2[:, :5] == 1e4).all()
+    t = torch.softmax(x.double(), 1).to(dtype)
+    _, _, g_soft, _ = run_fused(x, None, t, weight, coef, **kw)
+    xi = x.clone()
+    cy.ce_fused(xi, None, t, weight, coef, xi, **opts(**kw))
+    assert torch.equal(xi, g_soft)
+
+
+def test_threads_do_not_change_results():
+    x, y, w = make_case(33, 3000, torch.float32, seed=5)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_fused(x, y, None, w.float(), label_smoothing=0.1)
+        torch.set_num_threads(2)
+        two = run_fused(x, y, None, w.float(), label_smoothing=0.1)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [1000, -1, -101, 2**40])
+def test_out_of_range_target_raises_before_writing(bad):
+    x, y, _ = make_case(64, 1000, torch.float32, seed=2)
+    y[37] = bad
+    y[50] = 1000 + 1  # a later bad value: the first one is named
+    xi = x.clone()
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        cy.ce_fused(xi, y, None, None, torch.ones(1), xi, **BASE)
+    assert torch.equal(xi, x)  # checked before any row was touched, even in place
+    with pytest.raises(IndexError, match=f"Target {bad} "):
+        cy.ce_fused(x, y, None, None, torch.ones(1), None, **BASE)
+    y[37] = y[50] = -100  # ignore_index is fine
+    cy.ce_fused(x, y, None, None, torch.ones(1), None, **BASE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kw", [dict(), dict(logit_scale=0.5, softcap=6.0)], ids=["plain", "softcap"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_stats_and_grad_blocks(dtype, kw, weighted):
+    n, c = 10, 4099
+    x, y, w = make_case(n, c, dtype, seed=21)
+    y[3] = -100
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = w.to(acc) if weighted else None
+    kw = {**dict(logit_scale=1.0, softcap=None), **kw}
+    blocks = [(0, 1000), (1000, 1), (1001, 3098)]
+    parts = []
+    for start, size in blocks:
+        xb, wb = x[:, start:start + size], None if weight is None else weight[start:start + size]
+        st = cy.ce_stats(xb, y, wb, class_start=start, ignore_index=-100, **kw)
+        want = ref.ce_stats(xb, y, wb, class_start=start, ignore_index=-100, **kw)
+        check_close(dtype, st, want, scale=100.0)
+        parts.append(st)
+    merged = S.merge_all(torch.stack(parts))
+    z = transform64(x, kw["logit_scale"], kw["softcap"])
+    check_close(dtype, S.lse_of(merged), torch.logsumexp(z, 1), scale=10.0)
+    loss, lse, rc = S.coefficients(merged, y, weight, num_classes=c, ignore_index=-100,
+                                   label_smoothing=0.1, z_loss=1e-3)
+    want_loss, _, want_g = oracle(x, y, None, weight, torch.ones(1),
+                                  **opts(label_smoothing=0.1, z_loss=1e-3, **kw))
+    check_close(dtype, loss, want_loss, scale=10.0)
+    for start, size in blocks:
+        xb, wb = x[:, start:start + size], None if weight is None else weight[start:start + size]
+        g = torch.empty_like(xb)
+        cy.ce_grad(xb, y, wb, lse, rc, g, class_start=start, **kw)
+        check_close(dtype, g, want_g[:, start:start + size], rtol_lowp=LOWP.get(dtype))
+        g_ref = torch.empty_like(xb)
+        ref.ce_grad(xb, y, wb, lse, rc, g_ref, class_start=start, **kw)
+        check_close(dtype, g, g_ref, rtol_lowp=None if dtype not in LOWP else 2 * LOWP[dtype])
+        xi = xb.clone()  # in place
+        cy.ce_grad(xi, y, wb, lse, rc, xi, class_start=start, **kw)
+        assert torch.equal(xi, g)
+
+
+def test_stats_grad_special_values():
+    x, y, _ = make_case(6, 40, torch.float32, seed=4)
+    x[0, 3] = math.nan
+    x[1, 4] = math.inf
+    x[2] = -math.inf
+    x[3, :5] = -math.inf
+    x[4, 1], x[4, 2] = math.inf, -math.inf
+    st = cy.ce_stats(x, y, None, class_start=0, ignore_index=-100, logit_scale=1.0, softcap=None)
+    want = ref.ce_stats(x, y, None, class_start=0, ignore_index=-100, logit_scale=1.0, softcap=None)
+    torch.testing.assert_close(st, want, equal_nan=True)
+    lse = torch.tensor([math.nan, 1.0, 2.0, 3.0, math.inf, 4.0])
+    rc = torch.rand(6, 3)
+    g = torch.empty_like(x)
+    cy.ce_grad(x, y, None, lse, rc, g, class_start=0, logit_scale=1.0, softcap=None)
+    assert torch.isnan(g[[0, 4]]).all() and torch.isfinite(g[5]).all()
+
+
+def test_n_times_c_above_int32():
+    """N x C > 2^31 (bf16, 4.3 GB): row offsets must be 64-bit. Mostly zero rows (loss log C,
+    gradient 1/C - [j == y]), a few random rows checked against float64, the last included."""
+    n, c = 16385, 131072
+    assert n * c > 2**31
+    x = torch.empty(n, c, dtype=torch.bfloat16)
+    x.zero_()
+    gen = torch.Generator().manual_seed(0)
+    rows = [0, 1, 8192, 16383, n - 1]
+    x[rows] = (torch.randn(len(rows), c, generator=gen) * 2).to(torch.bfloat16)
+    y = torch.randint(0, c, (n,), generator=gen)
+    y[n - 3] = c - 1
+    saved = x[rows].clone()
+    loss, lse = cy.ce_fused(x, y, None, None, torch.ones(1), x, **BASE)  # gradient in place
+    want_loss, want_lse, want_g = oracle(saved, y[rows], None, None, torch.ones(1), **BASE)
+    torch.testing.assert_close(loss[rows].double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[rows].double(), want_lse, rtol=1e-5, atol=1e-5)
+    check_close(torch.bfloat16, x[rows], want_g, rtol_lowp=LOWP[torch.bfloat16])
+    zero = torch.ones(n, dtype=torch.bool)
+    zero[rows] = False
+    torch.testing.assert_close(loss[zero], torch.full((n - len(rows),), math.log(c)), rtol=1e-6, atol=1e-5)
+    uniform = torch.tensor(1.0 / c).to(torch.bfloat16)
+    assert (x[n - 3, :-1] == uniform).all() and x[n - 3, -1] == (uniform.float() - 1).to(torch.bfloat16)
+
+
+def test_missing_extension_raises_import_error():
+    code = ("import sys; sys.modules['celoss.cpu._kernels'] = None\n"
+            "try:\n    import celoss.backends.cython\nexcept ImportError as e:\n    print('ImportError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ImportError" in out.stdout and "_kernels" in out.stdout, (out.stdout, out.stderr)
