@@ -80,11 +80,11 @@ class _SoftmaxLoss(torch.autograd.Function):
     none it is recomputed in backward with the per-row upstream gradient (one read + one write)."""
 
     @staticmethod
-    def forward(ctx, logits, target, soft_target, weight, denom, reduction, inplace, lse_used, backend,
-                options):
+    def forward(ctx, logits, target, soft_target, weight, denom, reduction, needs_grad, inplace, lse_used,
+                backend, options):
         ctx.set_materialize_grads(False)
         # a used lse needs the logits in backward: fuse only if they needn't be kept (or in place)
-        fused = ctx.needs_input_grad[0] and (inplace or (reduction != "none" and not lse_used))
+        fused = needs_grad and (inplace or (reduction != "none" and not lse_used))
         # d(reduced loss)/d(row loss); an all-ignored mean is NaN, but its gradient is 0 (as in PyTorch)
         one = torch.ones((), device=logits.device)
         coef = torch.where(denom > 0, one / denom, 0.0) if reduction == "mean" else one
@@ -134,7 +134,7 @@ class _SoftmaxLoss(torch.autograd.Function):
             extra = _ops.ce_grad(saved, target if target is not None else torch.zeros_like(lse, dtype=torch.int64),
                                  weight, lse, coefs, ctx.backend, 0, opts["logit_scale"], opts["softcap"])
             grad = extra if grad is None else grad + extra
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def softmax_loss(input: Tensor, target: Tensor, weight, *, ignore_index: int, reduction: str,
@@ -159,7 +159,7 @@ def softmax_loss(input: Tensor, target: Tensor, weight, *, ignore_index: int, re
     if inplace_backward and needs_grad and rows.logits.data_ptr() != input.data_ptr():
         inplace_backward = False  # rows are a copy of the input: writing into them saves nothing
     loss, lse = _SoftmaxLoss.apply(rows.logits, rows.target, rows.soft_target, weight, denom, reduction,
-                                   inplace_backward and needs_grad, return_lse, name, options)
+                                   needs_grad, inplace_backward and needs_grad, return_lse, name, options)
     if reduction == "none":
         loss = loss.reshape(rows.out_shape)
     loss = loss.to(input.dtype)

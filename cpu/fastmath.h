@@ -342,12 +342,13 @@ CE_INLINE const CE_ACC *CE_F(ce_widen)(const CE_T *x, int64_t n, CE_ACC *buf) {
 /* Passes 1 and 2 chunk by chunk, so that only pass 1 reads from memory: per chunk k of L classes
  * its max mk[k] and sk[k] = sum exp(z_j - shift_k) (shift_k = mk[k], 0 where not finite; E_j too
  * with e), the row max *m, lin = (sum u_j, sum u_j z_j) and the NaN flag. The per-chunk sums
- * also bound the rounding error of the row sum. */
+ * also bound the rounding error of the row sum. pf: the gradient row, to prefetch when pass 2
+ * doesn't write it (E elsewhere), so that its memory traffic overlaps the exp arithmetic. */
 CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, CE_ACC *E,
-                                 int64_t C, int64_t L, CE_F(ce_tr) tr, CE_ACC c1, CE_ACC c0,
-                                 CE_ACC *mk, CE_ACC *sk, CE_ACC *row_max, CE_ACC lin[2],
-                                 int *has_nan, const int capped, const int e, const int lin_,
-                                 const int has_w, const int has_t) {
+                                 CE_T *pf, int64_t C, int64_t L, CE_F(ce_tr) tr, CE_ACC c1,
+                                 CE_ACC c0, CE_ACC *mk, CE_ACC *sk, CE_ACC *row_max,
+                                 CE_ACC lin[2], int *has_nan, const int capped, const int e,
+                                 const int lin_, const int has_w, const int has_t) {
     CE_ACC m = -INFINITY, out[3], buf[CE_NARROW ? CE_CHUNK : 1];
     int nan = 0;
     lin[0] = lin[1] = 0;
@@ -359,6 +360,9 @@ CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, 
         sk[k] = 0;
         for (int64_t i = j0; i < j0 + n; i += CE_CHUNK) { /* one piece unless C is huge */
             const int64_t ni = j0 + n - i < CE_CHUNK ? j0 + n - i : CE_CHUNK;
+            if (pf) /* fetch the gradient's lines for pass 3 while this piece computes */
+                for (int64_t b = 0; b < ni * (int64_t)sizeof(CE_T); b += 64)
+                    __builtin_prefetch((char *)(pf + i) + b, 1, 3);
             CE_F(ce_sums)(CE_F(ce_widen)(x + i, ni, buf), has_t ? t + i : t, has_w ? w + i : w,
                           e ? E + i : E, ni, tr, shift, c1, c0, out, capped, e, lin_, has_w, has_t);
             sk[k] += out[0], lin[0] += out[1], lin[1] += out[2];
@@ -428,8 +432,8 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m;
     int nan;
-    CE_SPECIALIZE(CE_F(ce_row_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E, C, L, tr,
-                  c1, c0, mk, sk, &m, sums, &nan);
+    CE_SPECIALIZE(CE_F(ce_row_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E,
+                  (void *)E != (void *)g ? g : NULL, C, L, tr, c1, c0, mk, sk, &m, sums, &nan);
     if (nan || !isfinite(m)) {
         *lse_out = NAN;
         *loss = counted ? NAN : 0;
@@ -468,8 +472,8 @@ static CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_
     const int capped = o->softcap > 0;
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m, dz;
     int nan;
-    CE_SPECIALIZE(CE_F(ce_row_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, C, L, tr, 0, 1, mk,
-                  sk, &m, sums, &nan);
+    CE_SPECIALIZE(CE_F(ce_row_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, NULL, C, L, tr, 0,
+                  1, mk, sk, &m, sums, &nan);
     double s = 0, shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
     for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - shift);
     out[0] = nan ? NAN : m;

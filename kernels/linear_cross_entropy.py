@@ -32,7 +32,9 @@ Kernels
 All offsets along rows and vocabulary entries are int64. fp32 inputs use IEEE fp32 ``tl.dot``
 (no TF32, matching PyTorch's default), fp16/bf16 inputs use tensor-core dots with fp32
 accumulation; the gradient tile is rounded to the input dtype only as the operand of the dX/dW
-products, whose accumulators are float32.
+products (after division by the largest per-row upstream scale, so that a mean over many rows
+does not underflow fp16), whose accumulators are float32 (relaxed atomics: the order of the
+additions, hence the last bits of dX/dW, varies between runs).
 
 Launchers (``stats``, ``backward``) are thin: each has a ``*_plan`` twin returning
 ``(kernel, grid, kwargs, options, result)`` so the AOT test compiles exactly what a launch would.
