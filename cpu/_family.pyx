@@ -170,8 +170,11 @@ cdef extern from * nogil:
      * (differences of max-shifted logits, so no cancellation of large common offsets), rescaled
      * when a chunk raises a maximum. Terms with a zero weight e^(.) are 0 (0 log 0 = 0), so -inf
      * teacher logits (masked classes) are fine. jsd needs both lse first: a second pass sums D and
-     * KL(p_S || M). The gradient pass re-reads the row (from L2 for rows up to ~100k classes).
-     * With a separate class term at T != 1 pass 1 also sums e^(s - max s). */
+     * KL(p_S || M). For kl / ce with a gradient, pass 1 also keeps e^(a - ms), e^(b - mt) (in the
+     * gradient row itself when it has the accumulation type, else in per-thread scratch) and each
+     * chunk's maxima, so the gradient pass is p_S - p_T = A_c e_S - B_c e_T without any exp; the
+     * other kinds re-read the row (from L2 for rows up to ~100k classes) and recompute. With a
+     * separate class term at T != 1 pass 1 also sums e^(s - max s). */
     typedef struct {
         int64_t V;
         int kind, t_is_one;

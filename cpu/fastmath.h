@@ -31,7 +31,9 @@
 #else
 #define CE_CLONES
 #endif
-#define CE_CHUNK 2048      /* classes per chunk: passes 1 and 2 of a chunk run over it in L1 */
+#ifndef CE_CHUNK
+#define CE_CHUNK 1024 /* classes per chunk: passes 1 and 2 of a chunk run over it in L1 */
+#endif
 #define CE_MAX_CHUNKS 1024 /* per-chunk (max, sum) slots on the stack; longer rows: longer chunks */
 
 enum { CE_F32 = 0, CE_F64 = 1, CE_F16 = 2, CE_BF16 = 3 };
@@ -76,8 +78,8 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
 }
 
 /* ---- exp and tanh: x = n ln2 + r (Cody-Waite), polynomial for e^r, 2^n from exponent bits ----
- * For x <= 88 (beyond: inf or garbage; the kernels only use x <= ~0). Below the normal range,
- * -inf included, 2^n = +0. NaN is not propagated: rows with a NaN are handled before (see the
+ * For x <= 88 (beyond: garbage; the kernels only use x <= ~0); below -87.3 it is +0 (or a denormal
+ * of the right size), exp(-inf) = +0. NaN is not propagated: rows with a NaN are handled before (see the
  * row functions). n = round(x log2 e) comes from the bits of x log2 e + 1.5 2^23 + 127 (biased
  * exponent in the low bits), clamped as an integer: float compare-and-select costs more (NaN
  * rules) and lets gcc fold exp at a bound into extra blends. The integer clamp of x - n C1
@@ -87,17 +89,23 @@ CE_INLINE int32_t ce_clamp32(int32_t a, int32_t lo, int32_t hi) { return a < lo 
 CE_INLINE int64_t ce_clamp64(int64_t a, int64_t lo, int64_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
 
 CE_INLINE float ce_expf(float x) {
-    const float M = 12582912.0f + 127.0f; /* 1.5 2^23 + exponent bias */
-    uint32_t kb = (uint32_t)ce_clamp32((int32_t)ce_f2u(x * 1.44269504f + M), 0x4b400000, 0x4b4000ff);
-    float n = ce_u2f(kb) - M, p2 = ce_u2f(kb << 23); /* 2^n: +0 .. inf */
+    const float M = 12582912.0f + 127.0f; /* 1.5 2^23 + exponent bias: n + 127 in the low bits */
+    uint32_t kb = (uint32_t)ce_clamp32((int32_t)ce_f2u(x * 1.44269504f + M), 0x4b400000 - 100,
+                                       0x4b4000fe); /* n in [-227, 127] */
+    float n = ce_u2f(kb) - M;
     uint32_t r1 = ce_f2u(x - n * 0.693359375f);
     float r = ce_u2f(r1 < 0xbf800000u ? r1 : 0xbf800000u) - n * -2.12194440e-4f; /* r1 >= -1 */
-    float q = 1.3814593030815068e-3f; /* e^r = 1 + r + r^2 q(r): minimax, 3e-9 (+ rounding) */
+    float q = 1.3814593030815068e-3f; /* e^r: degree-6 minimax with exact 1 + r, 3e-9 */
     q = q * r + 8.368708362507856e-3f;
     q = q * r + 4.1668387524302165e-2f;
     q = q * r + 1.666652070223355e-1f;
     q = q * r + 4.9999993451752395e-1f;
-    return p2 + p2 * (r + r * r * q);
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    /* times 2^n by adding n to the exponent (an integer op, not a multiply); below the normal
+     * range the sign bit turns on and the max gives +0 (or a tiny denormal just above it) */
+    int32_t e = (int32_t)(ce_f2u(q) + ((kb - 0x4b40007fu) << 23));
+    return ce_u2f((uint32_t)(e > 0 ? e : 0));
 }
 CE_INLINE double ce_expd(double x) {
     const double M = 6755399441055744.0 + 1023.0; /* 1.5 2^52 + exponent bias */
@@ -287,19 +295,29 @@ CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *
     return tr.cap * th;
 }
 
-/* Pass 1: max_j z_j, from the extreme x (z is monotonic in x), and whether x holds a NaN. */
+/* Pass 1: max_j z_j, from the extreme x (z is monotonic in x), and whether x holds a NaN (the
+ * largest |x| as bits, an integer max: cheaper than a float compare). */
+typedef __typeof__(_Generic((CE_ACC)0, float: (uint32_t)0, default: (uint64_t)0)) CE_F(ce_bits);
+CE_INLINE CE_ACC CE_F(ce_max_body)(const CE_T *x, int64_t n, const int neg, int *has_nan) {
+    const CE_F(ce_bits) abs_mask = (CE_F(ce_bits))-1 >> 1, inf = abs_mask ^ (abs_mask >> (sizeof(CE_ACC) == 4 ? 8 : 11));
+    CE_ACC m = -INFINITY;
+    CE_F(ce_bits) a = 0;
+#pragma omp simd reduction(max : m, a)
+    for (int64_t j = 0; j < n; j++) {
+        CE_ACC v = neg ? -CE_LOAD(x[j]) : CE_LOAD(x[j]);
+        CE_F(ce_bits) b;
+        memcpy(&b, &v, sizeof b);
+        b &= abs_mask;
+        m = v > m ? v : m;
+        a = b > a ? b : a;
+    }
+    *has_nan = a > inf;
+    return neg ? -m : m;
+}
 CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const int capped,
                               int *has_nan) {
-    CE_ACC sgn = tr.scale < 0 ? -1 : 1, m = -INFINITY, dz;
-    int nan = 0;
-#pragma omp simd reduction(max : m) reduction(| : nan)
-    for (int64_t j = 0; j < n; j++) {
-        CE_ACC v = sgn * CE_LOAD(x[j]);
-        m = v > m ? v : m;
-        nan |= v != v;
-    }
-    *has_nan = nan;
-    return CE_F(ce_z)(sgn * m, tr, capped, &dz);
+    CE_ACC dz, m = tr.scale < 0 ? CE_F(ce_max_body)(x, n, 1, has_nan) : CE_F(ce_max_body)(x, n, 0, has_nan);
+    return CE_F(ce_z)(m, tr, capped, &dz);
 }
 
 /* u_j = w_j (c1 t_j + c0), w_j = 1 without has_w, t_j = 0 without has_t. */

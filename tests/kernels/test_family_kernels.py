@@ -3,12 +3,13 @@ launchers against the reference backend on small shapes (Triton's interpreter on
 CUDA when triton was imported without it), and ahead-of-time compilation of the launch
 configurations for sm_80 / sm_90a with Triton's own ptxas: no register spills.
 
-The AOT cases are a selection, to keep the suite fast: every kind at the largest block (16
-elements per thread and tensor) with the heaviest flags (class term at T != 1, per-row gradient
-coefficient), the heaviest kind (jsd) at the smallest block and unaligned, the binary kernel's
-heaviest variants. A wider sweep (every flag combination of both kernels, bf16, largest block,
-both archs) was run offline with the same helpers
-(``_aot.compile_many("celoss.kernels.distillation", "aot_plan", cases)``): no spills.
+The AOT cases are a selection, to keep the suite fast: every kind at its largest block with the
+heaviest flags (class term at T != 1, per-row gradient coefficient), the configurations that
+spilled before the block limits of ``kernels/distillation.py``, the smallest block, unaligned rows,
+the binary kernel's heaviest variants. Wider sweeps (every flag combination of both kernels at
+the largest blocks in bf16; the heaviest flags at every block in fp32 and bf16; every jsd
+combination at 2048 in three dtype pairs) were run offline with the same helpers
+(``_aot.compile_many("celoss.kernels.distillation", "aot_plan", cases)``).
 """
 import os
 
@@ -95,8 +96,9 @@ def test_distill_kernel_scalar_coef_non_contiguous_grad_and_no_grad():
 def test_distill_block_configs():
     seen = {kd.block_config(v) for v in range(0, 20000, 7)} | {kd.block_config(2 ** k) for k in range(20)}
     assert seen == set(kd.BLOCK_CONFIGS)
+    assert max(kd.block_config(v, "jsd")[0] for v in range(0, 20000, 7)) == kd.MAX_BLOCK_JSD
     for block, warps in kd.BLOCK_CONFIGS:
-        assert block // (32 * warps) <= 16  # elements per thread and tensor
+        assert block // (32 * warps) <= 8  # elements per thread and tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,10 +136,15 @@ def test_binary_kernel_matches_reference(focal, weights, upstream):
 
 def _distill_cases():
     heavy = {c["kind"]: c for c in kd.aot_cases(heaviest=True)}
-    cases = [dict(student="bfloat16", teacher="float32", block=kd.MAX_BLOCK, aligned=True, **heavy[k])
+    cases = [dict(student="bfloat16", teacher="bfloat16", block=kd.max_block(k), aligned=True, **heavy[k])
              for k in kd.KINDS]
+    # configurations that spilled before the block limits (see kernels/distillation.py)
+    cases.append(dict(student="bfloat16", teacher="bfloat16", block=kd.MAX_BLOCK_JSD, aligned=True, kind="jsd",
+                      target=False, hard=False, t_is_one=True, grad="row"))
+    cases.append(dict(student="bfloat16", teacher="bfloat16", block=kd.MAX_BLOCK, aligned=True,
+                      **dict(heavy["reverse_kl"], grad="scalar")))
     cases.append(dict(student="float32", teacher="float32", block=kd.MIN_BLOCK, aligned=True, **heavy["jsd"]))
-    cases.append(dict(student="float16", teacher="bfloat16", block=kd.MAX_BLOCK, aligned=False, **heavy["jsd"]))
+    cases.append(dict(student="float16", teacher="bfloat16", block=kd.MAX_BLOCK_JSD, aligned=False, **heavy["jsd"]))
     return cases
 
 
