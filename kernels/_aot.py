@@ -73,16 +73,14 @@ def specialize(fn, kwargs: dict):
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
-                   arch: int = 90, attrs: dict | None = None, num_stages: int | None = None):
+                   arch: int = 90, attrs: dict | None = None, **options):
     """``triton.compile`` for ``GPUTarget("cuda", arch, 32)``; returns the CompiledKernel
     (``.asm["ptx"]``, ``.asm["cubin"]``, ...). ``signature`` maps every parameter name to a type
     string ("*fp32", "i32", "fp32", "constexpr", ...); ``constexprs`` maps names (or index
-    tuples, as returned by :func:`specialize`) to values."""
-    options = {"num_warps": num_warps}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
+    tuples, as returned by :func:`specialize`) to values; ``options`` are further launch options
+    (``num_stages``, ``maxnreg``, ...)."""
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options, num_warps=num_warps))
 
 
 def ptxas_path(arch: int) -> str:

@@ -26,14 +26,17 @@ import triton
 import triton.language as tl
 
 # (BLOCK, num_warps) pairs block_config can return: at most 16 elements per thread and at most
-# 8 warps, so that no kernel variant spills registers on sm_80 / sm_90a (checked for every
-# variant by tests/kernels/test_aot_compile.py). Measured with Triton 3.6's ptxas (CUDA 12.8):
-# for a 512-thread program (BLOCK 8192, 16 warps) ptxas targets 64 registers per thread (two
-# programs per SM) and some fused variants then spill on sm_90a; with 256 threads (BLOCK 4096,
-# 8 warps) the target is 128 and every variant fits in <= 64 registers without spills.
+# 8 warps (256 threads). Every launch also passes maxnreg=MAXNREG (PTX .maxnreg). Measured with
+# Triton 3.6's ptxas (CUDA 12.8) on all 2856 launchable variants (tests/kernels/test_aot_compile.py):
+# without .maxnreg, ptxas picks its own occupancy-driven register target (64 for 512 threads,
+# 48-80 for 256) and spilled 8-24 bytes in 70 variants (mostly unaligned rows, whose unvectorized
+# loads need a 64-bit address per element); with .maxnreg 128 none spills and the heaviest variant
+# uses 96 registers (2 programs of 8 warps per SM at worst). BLOCK 8192 with 16 warps was dropped:
+# ptxas caps 512-thread programs at 64 registers and some fused variants spilled on sm_90a.
 MIN_BLOCK = 64
 MAX_BLOCK = 4096
 BLOCK_CONFIGS = tuple((1 << k, max(1, (1 << k) // 512)) for k in range(6, 13))
+MAXNREG = 128
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -444,7 +447,7 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
         HAS_SOFTCAP=softcap is not None, HAS_SOFT_TARGET=has_soft, IS_FOCAL=is_focal,
         HAS_GRAD=has_grad, PER_ROW_COEF=per_row,
     )
-    return _ce_fused_kernel, (n,), kwargs, dict(num_warps=num_warps), (loss, lse)
+    return _ce_fused_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), (loss, lse)
 
 
 def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
@@ -460,7 +463,7 @@ def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale
         scale=scale, softcap=cap, inv_softcap=inv_cap,
         BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
     )
-    return _ce_stats_kernel, (n,), kwargs, dict(num_warps=num_warps), out
+    return _ce_stats_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), out
 
 
 def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap):
@@ -476,7 +479,7 @@ def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, 
         C=c, class_start=int(class_start), scale=scale, softcap=cap, inv_softcap=inv_cap,
         BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
     )
-    return _ce_grad_kernel, (n,), kwargs, dict(num_warps=num_warps), grad_out
+    return _ce_grad_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), grad_out
 
 
 def _launch(plan):
