@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
+from ._memory import fresh_like
 
 
 def _acc(*ts: Tensor) -> torch.dtype:
@@ -92,8 +93,8 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
     """(per-row loss, coef * dloss/dstudent or empty, coef * dloss/dteacher or empty)."""
     if target is not None:
         _checks.target_indices(target, student.shape[1], ignore_index)
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student else None
-    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher else None
+    gs = fresh_like(student) if grad_student else None
+    gt = fresh_like(teacher) if grad_teacher else None
     loss = _dispatch.module(backend).distill_fused(
         student, teacher, target, coef, gs, gt, kind=kind, temperature=temperature, beta=beta,
         alpha=alpha, ignore_index=ignore_index)
@@ -104,8 +105,6 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
 def _(student, teacher, target, coef, backend, kind, temperature, beta, alpha, ignore_index,
       grad_student, grad_teacher):
     n = student.shape[0]
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else _empty(student)
-    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
-        else _empty(teacher)
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student else _empty(student)
+    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher else _empty(teacher)
     return student.new_empty(n, dtype=_acc(student, teacher)), gs, gt

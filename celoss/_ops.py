@@ -2,45 +2,18 @@
 (with fake implementations) instead of graph-breaking on pointers, OpenMP or Triton launches."""
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
+from ._memory import fresh_like
 from .stats import NUM_STATS
 
 
 def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
-
-
-def empty_rows_like(logits: Tensor) -> Tensor:
-    """A fresh contiguous buffer like `logits`. On Linux CPU, large buffers are advised to use huge
-    pages before first touch: first-touch faults of 4 KB pages run at ~5 GB/s on the reference
-    machine, slower than the kernel writing the gradient (see shared notes on the CPU baseline)."""
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    nbytes = out.numel() * out.element_size()
-    if out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE and sys.platform.startswith("linux"):
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _madvise()(start, end - start, _MADV_HUGEPAGE)  # advisory: failure just means small pages
-    return out
 
 
 def _options(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma):
@@ -60,7 +33,7 @@ def ce_forward(logits: Tensor, target: Optional[Tensor], soft_target: Optional[T
                label_smoothing: float, logit_scale: float, softcap: Optional[float], z_loss: float,
                focal_gamma: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, lse and, when `coef` is given, coef * dloss/dlogits (else an empty tensor)."""
-    grad = empty_rows_like(logits) if coef is not None else logits.new_empty(0)
+    grad = fresh_like(logits) if coef is not None else logits.new_empty(0)
     loss, lse = _fused(logits, target, soft_target, weight, coef, grad if coef is not None else None,
                        backend, **_options(ignore_index, label_smoothing, logit_scale, softcap, z_loss,
                                            focal_gamma))
@@ -111,7 +84,7 @@ def _(logits, target, weight, backend, class_start, ignore_index, logit_scale, s
 def ce_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, row_coefs: Tensor,
             backend: str, class_start: int, logit_scale: float, softcap: Optional[float]) -> Tensor:
     """dlogits for a block of classes from the full-row lse and (N, 3) coefficients (A, B, D)."""
-    grad = empty_rows_like(logits)
+    grad = fresh_like(logits)
     _dispatch.module(backend).ce_grad(logits, target, weight, lse, row_coefs, grad, class_start=class_start,
                                       logit_scale=logit_scale, softcap=softcap)
     return grad

@@ -31,19 +31,6 @@ cdef extern from * nogil:
     #include "fastmath.h"
     #include <float.h>
     #include <stdlib.h>
-    #include <sys/mman.h>
-    
-    /* Ask for transparent huge pages on a fresh buffer before its first touch: first-touch page
-     * faults on 4 KiB pages run at ~5 GB/s here, on 2 MiB pages several times faster (the gradient of
-     * an N x V distillation is written into a fresh buffer). Only the 2 MiB-aligned interior. */
-    static int fam_advise_hugepages(void *p, size_t n) {
-    #ifdef MADV_HUGEPAGE
-        const uintptr_t huge = (uintptr_t)1 << 21;
-        uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), e = ((uintptr_t)p + n) & ~(huge - 1);
-        if (e > a) return madvise((void *)a, (size_t)(e - a), MADV_HUGEPAGE);
-    #endif
-        return 0;
-    }
     
     #define FAM_CHUNK 1024
     
@@ -545,7 +532,6 @@ cdef extern from * nogil:
         int64_t C, ws0, ws1, ps0, ps1
         double coef, alpha, gamma
     int FAM_CHUNK
-    int fam_advise_hugepages(void *p, size_t n)
     double fam_distill_row_f32(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
                                int64_t y, double coef, void *g, int gdt)
     double fam_distill_row_f64(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
@@ -618,12 +604,6 @@ def distill(int64_t N, int64_t V, size_t s, int sdt, int64_t ss, size_t t, int t
             ld[n] = v
         else:
             lf[n] = <float>v
-
-
-def advise_hugepages(size_t ptr, size_t nbytes):
-    """madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh buffer (call before the first
-    write; harmless where transparent huge pages are off). Returns madvise's result (0: ok)."""
-    return fam_advise_hugepages(<void *>ptr, nbytes)
 
 
 def binary_segments(int64_t R, int64_t C, bint weighted):

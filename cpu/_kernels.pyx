@@ -4,9 +4,9 @@
 Arguments are raw addresses (``tensor.data_ptr()``), int64 sizes and row strides in elements,
 and a dtype code (0 fp32, 1 fp64, 2 fp16, 3 bf16). Accumulation-typed arrays (weight, loss,
 lse, stats, row coefficients) are float32, or float64 for fp64 logits; ``coef`` is float32.
-Rows are independent: one static ``prange`` over them. Index targets of ``fused`` are checked before any
-row is touched (an in-place gradient never half-overwrites the logits); the row kernels also
-guard every read with a target (stats/grad: only targets inside the class block are read).
+Rows are independent: one static ``prange`` over them. Index targets of ``fused`` are checked
+before any row is touched (an in-place gradient never half-overwrites the logits); the row
+kernels also guard every read with a target (stats/grad: only targets inside the block are read).
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
@@ -18,7 +18,7 @@ cdef extern from "fastmath.h" nogil:
         int64_t C, class_start, ignore_index
         double scale, softcap, eps, z_loss, gamma, wsum
     void ce_fused_row(int dt, const ce_opts *o, const void *x, void *g, const void *t,
-                      int64_t y, const void *w, double coef, void *loss, void *lse, float *scratch)
+                      int64_t y, const void *w, double coef, void *loss, void *lse, void *scratch)
     void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w, void *out)
     void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g, int64_t y, const void *w,
                      const void *lse, const void *abd)
@@ -69,10 +69,10 @@ def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t 
     cdef char *gb = <char *>g
     cdef char *tb = <char *>t
     cdef const float *cp = <const float *>coef
-    # 16-bit gradients: an fp32 row per thread for exp(z - max) between passes 2 and 3
-    cdef float *scratch = NULL
+    # 16-bit gradients: a row of exp(z - max) per thread between passes 2 and 3 (fp32/fp64 use g)
+    cdef char *scratch = NULL
     if g and isz == 2:
-        scratch = <float *>malloc(max(num_threads, 1) * C * sizeof(float))
+        scratch = <char *>malloc(max(num_threads, 1) * C * asz)
         if scratch == NULL:
             raise MemoryError()
     try:
@@ -81,7 +81,7 @@ def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t 
                          (tb + n * st * isz) if t else NULL, 0 if t else yp[n], <const void *>w,
                          cp[n * scoef] if g else 1.0, <char *>loss + n * asz,
                          <char *>lse + n * asz,
-                         (scratch + openmp.omp_get_thread_num() * C) if scratch else NULL)
+                         (scratch + openmp.omp_get_thread_num() * C * asz) if scratch else NULL)
     finally:
         free(scratch)
 

@@ -3,19 +3,19 @@
  * Contract: celoss/backends/__init__.py. Math: celoss/stats.py; ce_index_loss()/ce_soft_loss()
  * below are its only copy in C (loss and gradient coefficients A, B, D of one row).
  *
- * A row takes three passes, only the first from DRAM: (1) max of the logits, (2) sum of
- * exp(z - max) plus the linear sums, (3) the gradient, over the row still in L2 (rows larger
- * than L2 are re-read from memory, still correct). Pass 2 keeps exp(z - max) (in the gradient
- * row itself for fp32/fp64, else in an fp32 scratch row) so pass 3 is one multiply per element;
- * exp is the bulk of the arithmetic. The inner loops are branch-free so gcc vectorizes them
- * (check with -fopt-info-vec); the row functions are cloned for AVX-512, AVX2+FMA and baseline
- * x86-64 and picked at load time (target_clones), so the build needs no -march. Every dtype
- * shares one template (bottom of this file), instantiated per (storage type, accumulation
- * type): fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
+ * A row is read from memory once. Passes 1 (max) and 2 (sum of exp(z - max), linear sums) run
+ * chunk by chunk over an L1-sized chunk, each chunk with its own max, merged exactly at the end;
+ * pass 2 also keeps exp(z - chunk max) (in the gradient row itself for fp32/fp64, else in an fp32
+ * scratch row), so pass 3 (the gradient) is one multiply per element over a row still in L2. exp
+ * is the bulk of the arithmetic. The inner loops are branch-free so gcc vectorizes them (check
+ * with -fopt-info-vec); the row functions are cloned for AVX-512, AVX2+FMA and baseline x86-64
+ * and picked at load time (target_clones), so the build needs no -march. Every dtype shares one
+ * template (bottom of this file), instantiated per (storage type, accumulation type):
+ * fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
  *
- * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss
- * and gradient, like torch's log_softmax, without running the exp passes (ce_exp() assumes no
- * NaN). -inf logits just get probability 0.
+ * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss and
+ * gradient, like torch's log_softmax (ce_exp() itself does not propagate NaN). -inf logits just
+ * get probability 0.
  */
 #ifndef CE_ROW_TEMPLATE
 #ifndef CELOSS_FASTMATH_H
@@ -30,9 +30,6 @@
 #define CE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CE_CLONES
-#endif
-#ifndef CE_NOPF
-#define CE_NOPF 0
 #endif
 #ifndef CE_CHUNK
 #define CE_CHUNK 1024 /* classes per chunk: passes 1 and 2 of a chunk run over it in L1 */
@@ -86,11 +83,12 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
  * handled before (see the row functions). n = round(x log2 e) comes from the bits of
  * x log2 e + 1.5 2^23 + bias, clamped as an integer, and every other clamp is an integer min/max
  * too: a float compare-and-select costs more (NaN rules) and lets gcc fold exp at the bound into
- * extra blends. The arithmetic bounds the throughput here (about one 512-bit FMA per cycle), so
+ * extra blends. Arithmetic bounds the speed (one 512-bit FMA per cycle on the Zen 5 measured), so
  * the fp32 exp reduces with one fma and float(ln2) (error n 1.9e-9: < 1e-7 relative for
  * x > -12, 3e-7 at -87); the fp64 exp uses the exact two-step (Cody-Waite) reduction, with an
  * integer clamp between the steps that keeps -fassociative-math from merging them (gcc 12's
- * vectorizer drops __builtin_assoc_barrier). Measured max relative error: fp32 3e-7, fp64 2.3e-16. */
+ * vectorizer drops __builtin_assoc_barrier). Measured max relative error: fp32 3e-7, fp64 2.3e-16
+ * (fp32 without FMA, the baseline clone: 4e-6). */
 CE_INLINE int32_t ce_clamp32(int32_t a, int32_t lo, int32_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
 CE_INLINE int64_t ce_clamp64(int64_t a, int64_t lo, int64_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
 
@@ -270,7 +268,7 @@ static inline int64_t ce_chunk_len(int64_t C) {
     }
 static inline void ce_fused_row(int dt, const ce_opts *o, const void *x, void *g, const void *t,
                                 int64_t y, const void *w, double coef, void *loss, void *lse,
-                                float *scratch) {
+                                void *scratch) {
     CE_DISPATCH(dt, ce_fused_row, o, x, g, t, y, w, coef, loss, lse, scratch)
 }
 static inline void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w,
@@ -305,7 +303,8 @@ CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *
  * largest |x| as bits, an integer max: cheaper than a float compare). */
 typedef __typeof__(_Generic((CE_ACC)0, float: (uint32_t)0, default: (uint64_t)0)) CE_F(ce_bits);
 CE_INLINE CE_ACC CE_F(ce_max_body)(const CE_T *x, int64_t n, const int neg, int *has_nan) {
-    const CE_F(ce_bits) abs_mask = (CE_F(ce_bits))-1 >> 1, inf = abs_mask ^ (abs_mask >> (sizeof(CE_ACC) == 4 ? 8 : 11));
+    const CE_F(ce_bits) abs_mask = (CE_F(ce_bits))-1 >> 1; /* and the bits of inf: */
+    const CE_F(ce_bits) inf = abs_mask ^ (abs_mask >> (sizeof(CE_ACC) == 4 ? 8 : 11));
     CE_ACC m = -INFINITY;
     CE_F(ce_bits) a = 0;
 #pragma omp simd reduction(max : m, a)
@@ -322,7 +321,8 @@ CE_INLINE CE_ACC CE_F(ce_max_body)(const CE_T *x, int64_t n, const int neg, int 
 }
 CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const int capped,
                               int *has_nan) {
-    CE_ACC dz, m = tr.scale < 0 ? CE_F(ce_max_body)(x, n, 1, has_nan) : CE_F(ce_max_body)(x, n, 0, has_nan);
+    CE_ACC dz, m = tr.scale < 0 ? CE_F(ce_max_body)(x, n, 1, has_nan)
+                                : CE_F(ce_max_body)(x, n, 0, has_nan);
     return CE_F(ce_z)(m, tr, capped, &dz);
 }
 
@@ -384,7 +384,7 @@ CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, 
         sk[k] = 0;
         for (int64_t i = j0; i < j0 + n; i += CE_CHUNK) { /* one piece unless C is huge */
             const int64_t ni = j0 + n - i < CE_CHUNK ? j0 + n - i : CE_CHUNK;
-            if (pf && !CE_NOPF) /* fetch the gradient's lines for pass 3 while this piece computes */
+            if (pf) /* fetch the gradient's lines for pass 3 while this piece computes */
                 for (int64_t b = 0; b < ni * (int64_t)sizeof(CE_T); b += 64)
                     __builtin_prefetch((char *)(pf + i) + b, 1, 3);
             CE_F(ce_sums)(CE_F(ce_widen)(x + i, ni, buf), has_t ? t + i : t, has_w ? w + i : w,
@@ -412,6 +412,7 @@ CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_AC
     }
 }
 #undef CE_U
+/* Pass 3 over the row (with e: chunk by chunk, scaled by a exp(mk[k] - shift)). */
 CE_INLINE void CE_F(ce_row_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w,
                                   const CE_ACC *E, int64_t C, int64_t L, const CE_ACC *mk,
                                   CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1, CE_ACC c0,
@@ -434,12 +435,12 @@ CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
 }
 
 /* Fused loss, lse and (with g) coef * dloss/dx of one row; t: probability targets, else index y.
- * scratch: C floats for the exp row when CE_T is 16-bit (fp32/fp64 keep it in g).
- * A row with a NaN, a +inf z or only -inf gets NaN lse, loss and gradient (torch's log_softmax);
- * an ignored row gets loss 0 and gradient 0. */
+ * scratch: C floats for the exp row when CE_T is 16-bit (fp32/fp64 keep it in g). A row with a
+ * NaN, a +inf z or only -inf gets NaN lse, loss and gradient (torch's log_softmax); an ignored
+ * row gets loss 0 and gradient 0. */
 static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
                                          int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
-                                         CE_ACC *lse_out, float *scratch) {
+                                         CE_ACC *lse_out, void *scratch) {
     const int64_t C = o->C, L = ce_chunk_len(C);
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0, soft = t != NULL, counted = soft || y != o->ignore_index;
@@ -451,13 +452,14 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
     double wy = counted && !soft && w ? (double)w[y] : 1.0;
     /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
     CE_ACC *E = !g || !counted || capped ? NULL
-                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)(void *)scratch;
+                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)scratch;
     const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m;
     int nan;
     CE_SPECIALIZE(CE_F(ce_row_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E,
-                  (void *)E != (void *)g ? g : NULL, C, L, tr, c1, c0, mk, sk, &m, sums, &nan);
+                  E && (void *)E != (void *)g && (const void *)g != (const void *)x ? g : NULL,
+                  C, L, tr, c1, c0, mk, sk, &m, sums, &nan);
     if (nan || !isfinite(m)) {
         *lse_out = NAN;
         *loss = counted ? NAN : 0;

@@ -107,8 +107,9 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
 # on the OpenMP kernels of celoss.cpu._family (cpu/_family.pyx). A teacher gradient (rare) runs
 # on the reference backend.
 # ==============================================================================================
-import os
 import warnings as _fam_warnings
+
+from .._memory import fresh_like
 
 import torch
 
@@ -138,17 +139,6 @@ def _fam_ptr(x):
     return 0 if x is None else x.data_ptr()
 
 
-_FAM_HUGE = os.environ.get("CELOSS_NO_HUGEPAGES") != "1"
-
-
-def _fam_fresh(t):
-    """A buffer this call allocated and will write in full: ask for huge pages first (first-touch
-    page faults on 4 KiB pages would cost more than the kernel; CELOSS_NO_HUGEPAGES=1 disables)."""
-    if _FAM_HUGE and t is not None and t.numel() * t.element_size() >= (8 << 20):
-        _FAM.advise_hugepages(t.data_ptr(), t.numel() * t.element_size())
-    return t
-
-
 def _fam_threads(work: int) -> int:
     """One thread for small problems (an OpenMP team costs more than it saves there)."""
     return 1 if work < (1 << 15) else torch.get_num_threads()
@@ -169,9 +159,9 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
     pos_weight = None if pos_weight is None else pos_weight.to(acc)
     weighted = weight is not None or pos_weight is not None
     partials = torch.empty(_FAM.binary_segments(r, c, weighted), dtype=acc)
-    loss = _fam_fresh(torch.empty_like(x)) if per_element else None
-    gx = _fam_fresh(torch.empty_like(x)) if grad_input else None
-    gy = _fam_fresh(torch.empty_like(y)) if grad_target else None
+    loss = fresh_like(x) if per_element else None
+    gx = fresh_like(x) if grad_input else None
+    gy = fresh_like(y) if grad_target else None
     up = None
     coef_value = 1.0
     if grad_input or grad_target:
@@ -207,7 +197,6 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
     g = grad_out
     if g is not None and (g.dtype != s.dtype or (v > 1 and g.stride(1) != 1)):
         g = torch.empty(s.shape, dtype=s.dtype)
-    _fam_fresh(g)  # a fresh buffer from celoss._family_ops (or the one above)
     y = None if target is None else target.to(torch.int64).contiguous()
     cf = None if g is None else coef.to(torch.float32).contiguous()
     has_target = y is not None

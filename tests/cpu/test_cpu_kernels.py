@@ -81,7 +81,7 @@ def run_fused(x, target=None, soft=None, weight=None, coef=None, grad=True, **kw
 
 
 def check_close(dtype, ours, want, rtol_lowp=None, scale=1.0):
-    """fp32: ~1e-5 relative to the oracle, fp64: ~1e-12; fp16/bf16 gradients: the storage rounding."""
+    """fp32: ~1e-5 relative to the oracle, fp64: ~1e-12; fp16/bf16 gradients: their rounding."""
     ours, want = ours.double(), want.double()
     if dtype in LOWP and rtol_lowp is not None:
         err = (ours - want).abs()
@@ -132,7 +132,8 @@ def test_fused_index_targets(dtype, c, name, weighted):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("c", [1, 3, 1000, 4099])
 @pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.2, z_loss=1e-2),
-                                dict(softcap=4.0, logit_scale=2.0)], ids=["plain", "smooth_zloss", "softcap"])
+                                dict(softcap=4.0, logit_scale=2.0)],
+                         ids=["plain", "smooth_zloss", "softcap"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_fused_soft_targets(dtype, c, kw, weighted):
     x, _, w = make_case(6, c, dtype, seed=c + 1)
@@ -185,8 +186,9 @@ def test_nan_inf_rows():
     loss, lse, g, coef = run_fused(x, y)
     want_loss, want_lse, want_g = oracle(x, y, None, None, coef, **BASE)
     rows = [0, 1, 2, 3, 4, 6, 7]
-    torch.testing.assert_close(loss[rows].double(), want_loss[rows], equal_nan=True, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g[rows].double(), want_g[rows], equal_nan=True, rtol=1e-5, atol=1e-6)
+    close = dict(equal_nan=True, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss[rows].double(), want_loss[rows], **close)
+    torch.testing.assert_close(g[rows].double(), want_g[rows], **close)
     assert torch.isnan(loss[[0, 1, 4]]).all() and torch.isnan(g[[0, 1, 4]]).all()
     assert loss[3] == math.inf and torch.isfinite(g[2:4]).all() and (g[2, 10:20] == 0).all()
     assert loss[5] == 0 and (g[5] == 0).all() and torch.isnan(lse[5])
@@ -240,6 +242,22 @@ def test_strided_rows_and_in_place(dtype):
     assert torch.equal(xi, g_soft)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_longer_than_the_chunk_table(dtype):
+    """C > 1024 chunks of 1024: longer chunks, widened in pieces (fp16/bf16)."""
+    x, y, w = make_case(2, 1_100_003, dtype, seed=13)
+    x[1, 5] = 40.0  # a maximum in one chunk only
+    for kw in [{}, dict(label_smoothing=0.1, z_loss=1e-3)]:
+        loss, lse, g, coef = run_fused(x, y, None, w.float(), **kw)
+        want_loss, want_lse, want_g = oracle(x, y, None, w.float(), coef, **opts(**kw))
+        check_close(dtype, loss, want_loss, scale=1 + want_loss.abs().max().item())
+        check_close(dtype, lse, want_lse, scale=1 + want_lse.abs().max().item())
+        check_close(dtype, g, want_g, rtol_lowp=LOWP.get(dtype))
+        st = cy.ce_stats(x, y, w.float(), class_start=0, ignore_index=-100, logit_scale=1.0,
+                         softcap=None)
+        check_close(dtype, S.lse_of(st), want_lse, scale=20.0)
+
+
 def test_threads_do_not_change_results():
     x, y, w = make_case(33, 3000, torch.float32, seed=5)
     old = torch.get_num_threads()
@@ -270,7 +288,8 @@ def test_out_of_range_target_raises_before_writing(bad):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kw", [dict(), dict(logit_scale=0.5, softcap=6.0)], ids=["plain", "softcap"])
+@pytest.mark.parametrize("kw", [dict(), dict(logit_scale=0.5, softcap=6.0)],
+                         ids=["plain", "softcap"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_stats_and_grad_blocks(dtype, kw, weighted):
     n, c = 10, 4099
@@ -345,13 +364,16 @@ def test_n_times_c_above_int32():
     check_close(torch.bfloat16, x[rows], want_g, rtol_lowp=LOWP[torch.bfloat16])
     zero = torch.ones(n, dtype=torch.bool)
     zero[rows] = False
-    torch.testing.assert_close(loss[zero], torch.full((n - len(rows),), math.log(c)), rtol=1e-6, atol=1e-5)
+    log_c = torch.full((n - len(rows),), math.log(c))
+    torch.testing.assert_close(loss[zero], log_c, rtol=1e-6, atol=1e-5)
     uniform = torch.tensor(1.0 / c).to(torch.bfloat16)
-    assert (x[n - 3, :-1] == uniform).all() and x[n - 3, -1] == (uniform.float() - 1).to(torch.bfloat16)
+    assert (x[n - 3, :-1] == uniform).all()
+    assert x[n - 3, -1] == (uniform.float() - 1).to(torch.bfloat16)
 
 
 def test_missing_extension_raises_import_error():
     code = ("import sys; sys.modules['celoss.cpu._kernels'] = None\n"
-            "try:\n    import celoss.backends.cython\nexcept ImportError as e:\n    print('ImportError', e)\n")
+            "try:\n    import celoss.backends.cython\n"
+            "except ImportError as e:\n    print('ImportError', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "ImportError" in out.stdout and "_kernels" in out.stdout, (out.stdout, out.stderr)
