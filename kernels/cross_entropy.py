@@ -572,8 +572,11 @@ def aot_plan(kernel="fused", dtype="bfloat16", block=MAX_BLOCK, aligned=True, *,
 
 
 def aot_cases(kernel="fused", heaviest=False):
-    """Flag combinations the launchers can produce for ``kernel`` (``heaviest``: the one with the
-    most live state). Focal excludes smoothing and probability targets, as celoss validates."""
+    """Flag combinations the launchers can produce for ``kernel``. Focal excludes smoothing and
+    probability targets, as celoss validates. ``heaviest``: per mode (stats, grad; fused with
+    index targets, probability targets, focal) the combination with every option on, which has
+    the most registers summed over all configurations in the full sweep (the single largest
+    variant, fp32 unaligned weight + smoothing without softcap, 128 registers, is close behind)."""
     if kernel in ("stats", "grad"):
         combos = [dict(weight=wt, softcap=sc) for wt in (False, True) for sc in (False, True)]
         return combos[-1:] if heaviest else combos
