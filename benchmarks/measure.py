@@ -9,8 +9,10 @@ just before the call. The kernel's high-water mark is reset before each measured
 (``/proc/self/clear_refs`` = 5), so every measured call gets its own peak without a new process;
 where that file can't be written, a 0.2 ms sampling thread stands in. Freed tensors of this size
 are returned to the OS by glibc (mmap'd allocations), so fresh N x V buffers pay their page faults
-in the time, as they would in real use. GPU -- ``torch.cuda.max_memory_allocated`` over
-``memory_allocated`` before the call (the caching allocator's reuse is counted as real use).
+in the time, as they would in real use; celoss keeps its own freed gradient buffers for reuse
+(``celoss._memory``), and what its cache holds before a call is counted in that call's peak.
+GPU -- ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` before the call (the caching
+allocator's reuse is counted as real use).
 
 Ceilings: a large copy (bandwidth, bytes read + written), first-touch writes to fresh pages (CPU,
 informative), a large matmul per dtype (FLOP/s). Measured once per run.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -101,13 +104,20 @@ def trim_heap():
         pass
 
 
+def _celoss_cached_bytes() -> int:
+    celoss = sys.modules.get("celoss")
+    return celoss.cpu_cache_bytes() if celoss is not None else 0
+
+
 class CpuMemory:
     def __init__(self):
         self.hwm = _can_reset_hwm()
         self.how = "peak RSS (VmHWM reset per call)" if self.hwm else "RSS sampled every 0.2 ms"
 
     def start(self):
-        self.base = rss_bytes()
+        # buffers celoss's CPU cache holds free count as the method's memory (as cached blocks
+        # count on CUDA, where max_memory_allocated sees them in use)
+        self.base = rss_bytes() - _celoss_cached_bytes()
         if self.hwm:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

@@ -326,8 +326,11 @@ def _celoss_check(backend: str):
     return check
 
 
-def _celoss_build(backend: str, inplace: bool = False):
+def _celoss_build(backend: str, inplace: bool = False, cache: bool = True):
     def build(op: Op, device: str, dtype: str, shape: dict):
+        import celoss
+        from celoss._memory import DEFAULT_CACHE_BYTES
+        celoss.set_cpu_cache_limit(DEFAULT_CACHE_BYTES if cache else 0)
         return Impl(celoss_fn(op.name, backend, inplace), op.keys)
     return build
 
@@ -414,6 +417,9 @@ for _b in ("triton", "cython", "torch"):
         _register(Method(f"celoss-{_b}-inplace", ("ce",),
                          f"celoss, {_what}, inplace_backward=True (gradient written into the logits)",
                          _celoss_check(_b), _celoss_build(_b, inplace=True), destroys=("train",)))
+_register(Method("celoss-cython-nocache", ("ce",), "celoss, OpenMP/Cython kernels (CPU), the gradient in a "
+                 "fresh buffer every call (CPU buffer cache off: CELOSS_CPU_CACHE_MB=0)",
+                 _celoss_check("cython"), _celoss_build("cython", cache=False)))
 _register(Method("eager", ALL_OPS, "PyTorch eager (F.cross_entropy / the F.* composition)", _ok, _eager_build))
 _register(Method("compile", ALL_OPS, "torch.compile of the eager composition (dynamic=False; compile time "
                  "is the '1st call' column)", _ok, _compile_build, compiles=True))
@@ -440,7 +446,8 @@ _register(Method("matmuls", ("linear",), "the bare products X W^T (fwd), G W and
 # Order of the tables: ours first, then the references. Order of execution: ours, then what the
 # ratios need (matmuls, eager), the peers, and the slow-to-start ones last (so a run budget cuts them).
 METHOD_ORDER = list(METHODS)
-RUN_ORDER = ["celoss-triton", "celoss-triton-inplace", "celoss-cython", "celoss-cython-inplace", "matmuls",
+RUN_ORDER = ["celoss-triton", "celoss-triton-inplace", "celoss-cython", "celoss-cython-inplace",
+             "celoss-cython-nocache", "matmuls",
              "eager", "liger", "cce", "cce-exact", "torch-lce", "torch-lce-chunked", "celoss-torch", "compile"]
 assert sorted(RUN_ORDER) == sorted(METHODS)
 

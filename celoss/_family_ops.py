@@ -54,6 +54,14 @@ def scaled(grad: Tensor, scale: Tensor) -> Tensor:
     return grad * scale.to(grad.dtype)
 
 
+def saved_or_recomputed(ctx, grad: Tensor, recompute):
+    """The input gradients of a loss whose forward either formed them (``ctx.fused``: saved, scaled
+    here by ``grad``) or saved its inputs (``recompute(*saved, grad)`` forms them now)."""
+    if ctx.fused:
+        return tuple(None if g is None else scaled(g, grad) for g in ctx.saved_tensors)
+    return recompute(*ctx.saved_tensors, grad)
+
+
 # ----------------------------------------------------------------------------------------------
 # binary cross-entropy with logits / sigmoid focal loss
 # ----------------------------------------------------------------------------------------------

@@ -42,14 +42,12 @@ class _Binary(torch.autograd.Function):
         if grad is None:
             return (None,) * 8
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.fused:
-            gx, gy = ctx.saved_tensors
-            gx = None if gx is None else _family_ops.scaled(gx, grad)
-            gy = None if gy is None else _family_ops.scaled(gy, grad)
-        else:
-            x, y, weight, pos_weight = ctx.saved_tensors
-            _, gx, gy = _family_ops.binary_forward(x, y, weight, pos_weight, grad.contiguous(),
-                                                   ctx.backend, False, need_x, need_y, **ctx.opts)
+
+        def recompute(x, y, weight, pos_weight, grad):
+            return _family_ops.binary_forward(x, y, weight, pos_weight, grad.contiguous(), ctx.backend,
+                                              False, need_x, need_y, **ctx.opts)[1:]
+
+        gx, gy = _family_ops.saved_or_recomputed(ctx, grad, recompute)
         return (gx if need_x else None, gy if need_y else None) + (None,) * 6
 
 

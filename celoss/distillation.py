@@ -48,16 +48,14 @@ class _Distill(torch.autograd.Function):
         if grad is None:
             return (None,) * 7
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.fused:
-            gs, gt = ctx.saved_tensors
-            gs = None if gs is None else _family_ops.scaled(gs, grad)
-            gt = None if gt is None else _family_ops.scaled(gt, grad)
-        else:
-            student, teacher, target = ctx.saved_tensors
-            _, gs, gt = _family_ops.distill_forward(
+
+        def recompute(student, teacher, target, grad):
+            return _family_ops.distill_forward(
                 student, teacher, target, grad.float().reshape(-1).contiguous(), ctx.backend,
-                grad_student=need_s, grad_teacher=need_t, **ctx.options)
-        return (gs if need_s else None, gt if need_t else None, None, None, None, None, None)
+                grad_student=need_s, grad_teacher=need_t, **ctx.options)[1:]
+
+        gs, gt = _family_ops.saved_or_recomputed(ctx, grad, recompute)
+        return (gs if need_s else None, gt if need_t else None) + (None,) * 5
 
 
 def _rows(x: Tensor, v: int) -> Tensor:

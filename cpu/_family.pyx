@@ -185,6 +185,12 @@ cdef extern from * nogil:
     } fam_bcfg;
 
     /* dispatch helpers of the row template (expanded inside FAM_DEFINE) */
+    /* the cases of `switch (kind * NF + f)` that call CALL with kind (0-3) and flag f as constants */
+    #define FAM_KIND_CASES(CALL, SFX, F, NF)                                                       \
+        case 0 * NF + F: CALL(SFX, 0, F); break;                                                   \
+        case 1 * NF + F: CALL(SFX, 1, F); break;                                                   \
+        case 2 * NF + F: CALL(SFX, 2, F); break;                                                   \
+        case 3 * NF + F: CALL(SFX, 3, F); break;
     #define FAM_P1_(SFX, K, S) fam_p1_##SFX(sp, tp, n, inv_T, ms, mt, m1, acc, K, S)
     #define FAM_G_(SFX, K, H)                                                                      \
         fam_gchunk_##SFX(sp, tp, gp, n, inv_T, ms, mt, lSs, lSt, r, lb, l1b, omb, cw, c1, m1, lS1, K, H)
@@ -354,14 +360,8 @@ cdef extern from * nogil:
                 continue;                                                                                     \
             }                                                                                                 \
             switch (kind * 2 + sep1) {                                                                        \
-            case 0: FAM_P1_(SFX, 0, 0); break;                                                                \
-            case 1: FAM_P1_(SFX, 0, 1); break;                                                                \
-            case 2: FAM_P1_(SFX, 1, 0); break;                                                                \
-            case 3: FAM_P1_(SFX, 1, 1); break;                                                                \
-            case 4: FAM_P1_(SFX, 2, 0); break;                                                                \
-            case 5: FAM_P1_(SFX, 2, 1); break;                                                                \
-            case 6: FAM_P1_(SFX, 3, 0); break;                                                                \
-            default: FAM_P1_(SFX, 3, 1); break;                                                               \
+            FAM_KIND_CASES(FAM_P1_, SFX, 0, 2)                                                                \
+            FAM_KIND_CASES(FAM_P1_, SFX, 1, 2)                                                                \
             }                                                                                                 \
         }                                                                                                     \
         const double dlSs = log(acc[0]), dlSt = log(acc[1]);                                                  \
@@ -420,18 +420,9 @@ cdef extern from * nogil:
             } else {                                                                                          \
                 const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                       \
                 switch (kind * 3 + hm) {                                                                      \
-                case 0: FAM_G_(SFX, 0, 0); break;                                                             \
-                case 1: FAM_G_(SFX, 0, 1); break;                                                             \
-                case 2: FAM_G_(SFX, 0, 2); break;                                                             \
-                case 3: FAM_G_(SFX, 1, 0); break;                                                             \
-                case 4: FAM_G_(SFX, 1, 1); break;                                                             \
-                case 5: FAM_G_(SFX, 1, 2); break;                                                             \
-                case 6: FAM_G_(SFX, 2, 0); break;                                                             \
-                case 7: FAM_G_(SFX, 2, 1); break;                                                             \
-                case 8: FAM_G_(SFX, 2, 2); break;                                                             \
-                case 9: FAM_G_(SFX, 3, 0); break;                                                             \
-                case 10: FAM_G_(SFX, 3, 1); break;                                                            \
-                default: FAM_G_(SFX, 3, 2); break;                                                            \
+                FAM_KIND_CASES(FAM_G_, SFX, 0, 3)                                                             \
+                FAM_KIND_CASES(FAM_G_, SFX, 1, 3)                                                             \
+                FAM_KIND_CASES(FAM_G_, SFX, 2, 3)                                                             \
                 }                                                                                             \
             }                                                                                                 \
             if (hard && y >= off && y < off + n) gp[y - off] = g_y;                                           \

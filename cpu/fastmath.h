@@ -214,12 +214,6 @@ static inline int64_t ce_chunk_len(int64_t C) {
 #define CE_LOAD(v) (v)
 #define CE_STORE(v) (v)
 #include "fastmath.h"
-#undef CE_SFX
-#undef CE_T
-#undef CE_ACC
-#undef CE_LOAD
-#undef CE_STORE
-#undef CE_NARROW
 
 #define CE_SFX f64
 #define CE_NARROW 0
@@ -228,12 +222,6 @@ static inline int64_t ce_chunk_len(int64_t C) {
 #define CE_LOAD(v) (v)
 #define CE_STORE(v) (v)
 #include "fastmath.h"
-#undef CE_SFX
-#undef CE_T
-#undef CE_ACC
-#undef CE_LOAD
-#undef CE_STORE
-#undef CE_NARROW
 
 #define CE_SFX f16
 #define CE_NARROW 1
@@ -242,12 +230,6 @@ static inline int64_t ce_chunk_len(int64_t C) {
 #define CE_LOAD(v) ce_h2f(v)
 #define CE_STORE(v) ce_f2h(v)
 #include "fastmath.h"
-#undef CE_SFX
-#undef CE_T
-#undef CE_ACC
-#undef CE_LOAD
-#undef CE_STORE
-#undef CE_NARROW
 
 #define CE_SFX bf16
 #define CE_NARROW 1
@@ -528,4 +510,11 @@ static CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g
         g[local] = CE_STORE((A * ce_exp(zy - l) - B - D * (w ? w[local] : 1)) * dzy);
 }
 
+/* each instantiation defines its own parameters */
+#undef CE_SFX
+#undef CE_T
+#undef CE_ACC
+#undef CE_LOAD
+#undef CE_STORE
+#undef CE_NARROW
 #endif /* CE_ROW_TEMPLATE */

@@ -101,6 +101,14 @@ def _lin_weight(w_ptr, t_ptr, cols, mask, one_minus_eps, eps_over_c, HAS_WEIGHT:
 
 
 @triton.jit
+def _row_coef(coef_ptr, row, PER_ROW_COEF: tl.constexpr):
+    """The gradient's scale for ``row``: its own upstream gradient, or one shared by all rows."""
+    if PER_ROW_COEF:
+        coef_ptr += row
+    return tl.load(coef_ptr).to(tl.float32)
+
+
+@triton.jit
 def _expm1(x):
     """exp(x) - 1 without cancellation near 0: 9-term Taylor series for |x| < 0.5 (relative
     truncation error < 1.1e-8), exp(x) - 1 elsewhere (relative error ~ 1e-7 / 0.5)."""
@@ -272,10 +280,7 @@ def _ce_fused_kernel(
 
     # ---- pass 2: gradient ----------------------------------------------------------------
     if HAS_GRAD:
-        if PER_ROW_COEF:
-            coef = tl.load(coef_ptr + row).to(tl.float32)
-        else:
-            coef = tl.load(coef_ptr).to(tl.float32)
+        coef = _row_coef(coef_ptr, row, PER_ROW_COEF)
         g_row = grad_ptr + row * stride_g
         n_read = tl.where(counted, C, 0)  # ignored rows: write zeros, read nothing,
         lse = tl.where(counted, lse, 0.0)  # even if their logits (hence lse) are inf / NaN

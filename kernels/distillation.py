@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cross_entropy import _row_coef
+
 KINDS = {"kl": 0, "reverse_kl": 1, "ce": 2, "jsd": 3}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCK = 64
@@ -231,10 +233,7 @@ def _distill_kernel(
 
     # ---- last pass: gradient --------------------------------------------------------------
     if HAS_GRAD:
-        if PER_ROW_COEF:
-            coef = tl.load(coef_ptr + row).to(tl.float32)
-        else:
-            coef = tl.load(coef_ptr).to(tl.float32)
+        coef = _row_coef(coef_ptr, row, PER_ROW_COEF)
         cw = coef * ws * inv_T
         c1 = coef * wh
         if KIND == 1:

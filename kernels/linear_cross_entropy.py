@@ -113,6 +113,20 @@ def _num_sms(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M: tl.constexpr, HAS_SRC: tl.constexpr):
+    """The rows of block ``pid_m``: indices, mask, the hidden-state row each reads (``src``, for
+    a shift without a copy) and its target (-1 past the end)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    if HAS_SRC:
+        src = tl.load(src_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    y = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    return rows, row_mask, src, y
+
+
+@triton.jit
 def _logit_tile(x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, src, row_mask,
                 cols, col_mask, D, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -148,13 +162,7 @@ def _lce_stats_kernel(
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    if HAS_SRC:
-        src = tl.load(src_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
-    y = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
 
     m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -221,13 +229,7 @@ def _lce_backward_kernel(
     pid_m = first_m + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    if HAS_SRC:
-        src = tl.load(src_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
-    y = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     c_ptr = coefs_ptr + rows.to(tl.int64) * 3
     a = tl.load(c_ptr, mask=row_mask, other=0.0).to(tl.float32)

@@ -70,6 +70,16 @@ def slices(world, vocab_size, layout):
     return [bounds[order[r]] for r in range(world)]
 
 
+def weight_and_upstreams(gen, shape, vocab_size, weight, reduction, mean_upstream):
+    """Class weights (or None), the loss's upstream gradient (``mean_upstream`` when reduced) and the
+    lse's, all drawn from ``gen``."""
+    w_full = torch.rand(vocab_size, generator=gen, dtype=torch.float64).to(torch.float32) + 0.25 \
+        if weight else None
+    up = torch.randn(shape, generator=gen, dtype=torch.float64) if reduction == "none" \
+        else torch.tensor(mean_upstream, dtype=torch.float64)
+    return w_full, up, torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
 def make_target(gen, shape, vocab_size, ignore_index, ignore_frac, lo=0, hi=None):
     hi = vocab_size if hi is None else hi
     t = torch.randint(lo, hi, shape, generator=gen)
@@ -96,11 +106,7 @@ def check_logits(rank, world, backend, *, seed, vocab_size, shape=(7,), layout="
     target = make_target(gen, shape, vocab_size, ignore_index, ignore_frac, lo, hi)
     if all_ignored:
         target = torch.full_like(target, ignore_index)
-    w_full = torch.rand(vocab_size, generator=gen, dtype=torch.float64).to(torch.float32) + 0.25 \
-        if weight else None
-    up = torch.randn(shape, generator=gen, dtype=torch.float64) if reduction == "none" \
-        else torch.tensor(0.7, dtype=torch.float64)
-    up_lse = torch.randn(shape, generator=gen, dtype=torch.float64)
+    w_full, up, up_lse = weight_and_upstreams(gen, shape, vocab_size, weight, reduction, 0.7)
     start, end = slices(world, vocab_size, layout)[rank]
 
     # float64 oracle on the full vocabulary
@@ -275,11 +281,7 @@ def check_linear(rank, world, backend, *, seed, vocab_size, n=9, d=12, layout="b
     w_lin = (torch.randn(vocab_size, d, generator=gen, dtype=torch.float64) / math.sqrt(d) * 2).to(dtype)
     b_lin = torch.randn(vocab_size, generator=gen, dtype=torch.float64).to(dtype) if bias else None
     target = make_target(gen, (n,), vocab_size, ignore_index, ignore_frac)
-    w_full = torch.rand(vocab_size, generator=gen, dtype=torch.float64).to(torch.float32) + 0.25 \
-        if weight else None
-    up = torch.randn(n, generator=gen, dtype=torch.float64) if reduction == "none" \
-        else torch.tensor(1.3, dtype=torch.float64)
-    up_lse = torch.randn(n, generator=gen, dtype=torch.float64)
+    w_full, up, up_lse = weight_and_upstreams(gen, (n,), vocab_size, weight, reduction, 1.3)
     start, end = slices(world, vocab_size, layout)[rank]
 
     h_o = hidden.detach().double().clone().requires_grad_(hidden_grad)

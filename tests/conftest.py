@@ -32,3 +32,32 @@ def lowp_error_bound(ours: torch.Tensor, torch_lowp: torch.Tensor, oracle: torch
     err = (ours.double() - oracle).abs().max().item()
     ref = (torch_lowp.double() - oracle).abs().max().item()
     assert err <= ref + margin * (1 + oracle.abs().max().item()), (err, ref)
+
+
+def lowp_margin(backend: str, dtype: torch.dtype, margin: float = 1e-3) -> float:
+    """The margin of ``lowp_error_bound``. Triton's interpreter truncates float32 -> bfloat16 stores
+    (a GPU rounds to nearest): allow one bf16 ulp there instead of the usual margin."""
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        return max(margin, torch.finfo(dtype).eps)
+    return margin
+
+
+def against_oracle(ours, oracle, *inputs, wrt=None, upstream_seed=1):
+    """Run ``ours`` on ``inputs`` and ``oracle`` on float64 copies of those in ``wrt`` (indices; all by
+    default; the others are passed to both unchanged), then backpropagate the same non-trivial upstream
+    gradient (uniform in [0.5, 1.5), rounded to the loss dtype) through both.
+
+    Returns (loss, oracle loss, grads, oracle grads); the grads are w.r.t. the inputs in ``wrt``, a
+    tensor each when there is one such input, else tuples.
+    """
+    wrt = range(len(inputs)) if wrt is None else wrt
+    xa, xb = list(inputs), list(inputs)
+    for i in wrt:
+        xa[i] = inputs[i].detach().clone().requires_grad_()
+        xb[i] = inputs[i].detach().double().requires_grad_()
+    a, b = ours(*xa), oracle(*xb)
+    up = torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+    up = (up + 0.5).to(device=b.device, dtype=a.dtype)
+    ga = torch.autograd.grad(a, [xa[i] for i in wrt], up)
+    gb = torch.autograd.grad(b, [xb[i] for i in wrt], up.double())
+    return (a, b) + ((ga[0], gb[0]) if len(ga) == 1 else (ga, gb))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from celoss.binary import binary_cross_entropy_with_logits as bce
-from conftest import backend_device, backend_params, lowp_error_bound
+from conftest import against_oracle, backend_device, backend_params, lowp_error_bound, lowp_margin
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
@@ -36,27 +36,6 @@ def _weights(kind, shape, device):
     }[kind]
 
 
-def _both(fn_ours, fn_ref, x, y, upstream_seed=1):
-    """Loss and gradients (input, target) of both functions with a non-trivial upstream gradient."""
-    xa, ya = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
-    xb, yb = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
-    a, b = fn_ours(xa, ya), fn_ref(xb, yb)
-    up = (torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
-          + 0.5).to(b.device)
-    up = up.to(a.dtype)  # the upstream gradient both get (rounded to the loss dtype)
-    gxa, gya = torch.autograd.grad(a, (xa, ya), up)
-    gxb, gyb = torch.autograd.grad(b, (xb, yb), up.double())
-    return a, b, (gxa, gya), (gxb, gyb)
-
-
-def lowp_margin(backend, dtype, margin=1e-3):
-    """Triton's interpreter truncates float32 -> bfloat16 stores (a GPU rounds to nearest): allow
-    one bf16 ulp there instead of the usual margin."""
-    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
-        return max(margin, torch.finfo(dtype).eps)
-    return margin
-
-
 def _dbl(t):
     return None if t is None else t.double()
 
@@ -70,8 +49,8 @@ def test_matches_pytorch(backend, reduction, weights):
     shape = (2, 9, 37)
     x, y = _data(shape, dev)
     w, pw = (None if t is None else t.to(dev) for t in _weights(weights, shape, dev))
-    a, b, ga, gb = _both(lambda u, v: bce(u, v, w, reduction=reduction, pos_weight=pw, backend=backend),
-                         lambda u, v: F.binary_cross_entropy_with_logits(u, v, _dbl(w), reduction=reduction,
+    a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, w, reduction=reduction, pos_weight=pw, backend=backend),
+                                  lambda u, v: F.binary_cross_entropy_with_logits(u, v, _dbl(w), reduction=reduction,
                                                                          pos_weight=_dbl(pw)), x, y)
     assert a.shape == b.shape and a.dtype == torch.float32
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
@@ -86,8 +65,8 @@ def test_shapes_and_rows_longer_than_a_chunk(backend, shape):
     x, y = _data(shape, dev, seed=2)
     pw = torch.rand(shape[-1:]).to(dev) + 0.5  # (C,), or () for a 0-d input
     for kw in (dict(), dict(pos_weight=pw, weight=pw.flip(0))):
-        a, b, ga, gb = _both(lambda u, v: bce(u, v, backend=backend, **kw),
-                             lambda u, v: F.binary_cross_entropy_with_logits(
+        a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, backend=backend, **kw),
+                                      lambda u, v: F.binary_cross_entropy_with_logits(
                                  u, v, **{k: t.double() for k, t in kw.items()}), x, y)
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
         for u, v in zip(ga, gb):
@@ -101,8 +80,8 @@ def test_stable_for_huge_logits(backend):
     for yv in (0.0, 1.0, 0.3):
         y = torch.full_like(x, yv)
         pw = torch.full_like(x, 2.5)
-        a, b, ga, gb = _both(lambda u, v: bce(u, v, reduction="none", pos_weight=pw, backend=backend),
-                             lambda u, v: F.binary_cross_entropy_with_logits(u, v, reduction="none",
+        a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, reduction="none", pos_weight=pw, backend=backend),
+                                      lambda u, v: F.binary_cross_entropy_with_logits(u, v, reduction="none",
                                                                              pos_weight=pw.double()), x, y)
         assert torch.isfinite(a).all() and all(torch.isfinite(g).all() for g in ga)
         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
@@ -117,9 +96,9 @@ def test_low_precision_no_worse_than_pytorch(backend, dtype):
     x, y = _data((6, 129), dev, dtype=dtype, seed=3)
     w = (torch.rand(129) + 0.5).to(dev, dtype)
     for reduction in ("none", "mean"):
-        a, b, ga, gb = _both(lambda u, v: bce(u, v, w, reduction=reduction, backend=backend),
-                             lambda u, v: F.binary_cross_entropy_with_logits(u, v, w.double(), reduction=reduction),
-                             x, y)
+        a, b, ga, gb = against_oracle(
+            lambda u, v: bce(u, v, w, reduction=reduction, backend=backend),
+            lambda u, v: F.binary_cross_entropy_with_logits(u, v, w.double(), reduction=reduction), x, y)
         assert a.dtype == dtype
         xp, yp = x.clone().requires_grad_(), y.clone().requires_grad_()
         lp = F.binary_cross_entropy_with_logits(xp, yp, w, reduction=reduction)
@@ -200,8 +179,8 @@ def test_module_mirrors_torch_and_top_level_export():
 def test_torch_compile_fullgraph_cpu():
     x, y = _data((6, 50), "cpu", seed=9)
     pw = torch.rand(50) + 0.5
-    a, b, ga, gb = _both(torch.compile(lambda u, v: bce(u, v, pos_weight=pw), fullgraph=True),
-                         lambda u, v: F.binary_cross_entropy_with_logits(u, v, pos_weight=pw.double()), x, y)
+    a, b, ga, gb = against_oracle(torch.compile(lambda u, v: bce(u, v, pos_weight=pw), fullgraph=True),
+                                  lambda u, v: F.binary_cross_entropy_with_logits(u, v, pos_weight=pw.double()), x, y)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6)

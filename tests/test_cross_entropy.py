@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import celoss
-from conftest import backend_device, backend_params, lowp_error_bound
+from conftest import against_oracle, backend_device, backend_params, lowp_error_bound
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
@@ -19,18 +19,6 @@ def _data(n, c, device, dtype=torch.float32, seed=0, ignore_frac=0.25):
     t[torch.rand(n, generator=g) < ignore_frac] = -100
     w = torch.rand(c, generator=g) + 0.1
     return x, t.to(device), w.to(device)
-
-
-def _both(fn_ours, fn_ref, x, upstream_seed=1):
-    """Loss and input gradient (with a non-trivial upstream gradient) of both functions."""
-    xa = x.detach().clone().requires_grad_()
-    xb = x.detach().double().clone().requires_grad_()
-    a, b = fn_ours(xa), fn_ref(xb)
-    up = torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
-    up = (up + 0.5).to(b.device)
-    ga, = torch.autograd.grad(a, xa, up.to(a.dtype))
-    gb, = torch.autograd.grad(b, xb, up)
-    return a, b, ga, gb
 
 
 OPTIONS = [dict(), dict(weight=True), dict(label_smoothing=0.15), dict(weight=True, label_smoothing=0.3),
@@ -48,8 +36,8 @@ def test_index_targets_match_pytorch(backend, reduction, opts):
         kw["weight"] = w
     if "ignore_index" in kw:
         t = torch.where(t == -100, kw["ignore_index"], t)
-    a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, reduction=reduction, backend=backend, **kw),
-                         lambda v: F.cross_entropy(v, t, reduction=reduction,
+    a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, t, reduction=reduction, backend=backend, **kw),
+                                  lambda v: F.cross_entropy(v, t, reduction=reduction,
                                                    **{k: (u.double() if torch.is_tensor(u) else u)
                                                       for k, u in kw.items()}), x)
     assert a.shape == b.shape and a.dtype == torch.float32
@@ -65,7 +53,7 @@ def test_probability_targets_match_pytorch(backend, reduction, smoothing, weight
     x, _, w = _data(19, 77, dev)
     p = torch.softmax(torch.randn(19, 77, generator=torch.Generator().manual_seed(5)), 1).to(dev)
     kw = dict(weight=w) if weighted else {}
-    a, b, ga, gb = _both(
+    a, b, ga, gb = against_oracle(
         lambda v: celoss.cross_entropy(v, p, reduction=reduction, label_smoothing=smoothing, backend=backend, **kw),
         lambda v: F.cross_entropy(v, p.double(), reduction=reduction, label_smoothing=smoothing,
                                   **{k: u.double() for k, u in kw.items()}), x)
@@ -83,8 +71,8 @@ def test_shapes_one_and_k_dimensional(backend, shape):
     t_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
     t = torch.randint(0, c, t_shape, generator=g).to(dev)
     for reduction in ("mean", "none"):
-        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, reduction=reduction, backend=backend),
-                             lambda v: F.cross_entropy(v, t, reduction=reduction), x)
+        a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, t, reduction=reduction, backend=backend),
+                                      lambda v: F.cross_entropy(v, t, reduction=reduction), x)
         assert a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
@@ -96,8 +84,8 @@ def test_odd_class_counts(backend, c):
     dev = backend_device(backend)
     n = 3 if c > 5000 else 9
     x, t, w = _data(n, c, dev, ignore_frac=0.0)
-    a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, weight=w, label_smoothing=0.1, backend=backend),
-                         lambda v: F.cross_entropy(v, t, weight=w.double(), label_smoothing=0.1), x)
+    a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, t, weight=w, label_smoothing=0.1, backend=backend),
+                                  lambda v: F.cross_entropy(v, t, weight=w.double(), label_smoothing=0.1), x)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
@@ -105,7 +93,8 @@ def test_odd_class_counts(backend, c):
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_large_prime_vocabulary(backend):
     x, t, _ = _data(4, 2 ** 17 + 1, "cpu", ignore_frac=0.0)
-    a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, backend=backend), lambda v: F.cross_entropy(v, t), x)
+    a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, t, backend=backend),
+                                  lambda v: F.cross_entropy(v, t), x)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
 
@@ -116,8 +105,8 @@ def test_non_contiguous_input(backend):
     base, t, _ = _data(11, 300, dev)
     for x in (base[:, ::2], base.t().contiguous().t(), base[::2]):
         tt = t[: x.shape[0]] % x.shape[1]
-        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, tt, reduction="none", backend=backend),
-                             lambda v: F.cross_entropy(v, tt, reduction="none"), x)
+        a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, tt, reduction="none", backend=backend),
+                                      lambda v: F.cross_entropy(v, tt, reduction="none"), x)
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
@@ -128,8 +117,9 @@ def test_low_precision_no_worse_than_pytorch(backend, dtype):
     dev = backend_device(backend)
     x, t, w = _data(64, 1531, dev, dtype=dtype)
     for reduction in ("mean", "none"):
-        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, weight=w, reduction=reduction, backend=backend),
-                             lambda v: F.cross_entropy(v, t, weight=w.double(), reduction=reduction), x)
+        a, b, ga, gb = against_oracle(
+            lambda v: celoss.cross_entropy(v, t, weight=w, reduction=reduction, backend=backend),
+            lambda v: F.cross_entropy(v, t, weight=w.double(), reduction=reduction), x)
         assert a.dtype == dtype and ga.dtype == dtype
         xl = x.detach().clone().requires_grad_()
         lp = F.cross_entropy(xl, t, weight=w.to(dtype), reduction=reduction)
@@ -168,8 +158,9 @@ def test_extras_scale_softcap_zloss(backend, reduction, scale, cap, zl):
     x, t, w = _data(23, 301, dev)
     for weight in (None, w):
         kw = dict(logit_scale=scale, softcap=cap, z_loss=zl, reduction=reduction, label_smoothing=0.1)
-        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, weight=weight, backend=backend, **kw),
-                             lambda v: _extras_oracle(v, t, weight=None if weight is None else weight.double(), **kw), x)
+        w64 = None if weight is None else weight.double()
+        a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, t, weight=weight, backend=backend, **kw),
+                                      lambda v: _extras_oracle(v, t, weight=w64, **kw), x)
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
@@ -198,13 +189,13 @@ def test_gradient_flows_through_returned_lse(backend):
         out = celoss.cross_entropy(v, t, reduction="sum", return_lse=True, backend=backend)
         return out.loss + 0.1 * (out.lse ** 2).sum()
 
-    a, b, ga, gb = _both(ours, lambda v: F.cross_entropy(v, t, reduction="sum")
-                         + 0.1 * (torch.logsumexp(v, 1) ** 2).sum(), x)
+    a, b, ga, gb = against_oracle(ours, lambda v: F.cross_entropy(v, t, reduction="sum")
+                                  + 0.1 * (torch.logsumexp(v, 1) ** 2).sum(), x)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
     for reduction in ("mean", "sum", "none"):  # returning the lse (unused) keeps the loss gradient right
-        a, b, ga, gb = _both(lambda v: celoss.cross_entropy(v, t, reduction=reduction, return_lse=True,
+        a, b, ga, gb = against_oracle(lambda v: celoss.cross_entropy(v, t, reduction=reduction, return_lse=True,
                                                             backend=backend).loss,
-                             lambda v: F.cross_entropy(v, t, reduction=reduction), x)
+                                      lambda v: F.cross_entropy(v, t, reduction=reduction), x)
         torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
 
@@ -212,8 +203,8 @@ def test_gradient_flows_through_returned_lse(backend):
 def test_loss_times_constant_and_mean_of_all_ignored(backend):
     dev = backend_device(backend)
     x, t, _ = _data(8, 50, dev)
-    a, b, ga, gb = _both(lambda v: 3 * celoss.cross_entropy(v, t, backend=backend),
-                         lambda v: 3 * F.cross_entropy(v, t), x)
+    a, b, ga, gb = against_oracle(lambda v: 3 * celoss.cross_entropy(v, t, backend=backend),
+                                  lambda v: 3 * F.cross_entropy(v, t), x)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
     ignored = torch.full_like(t, -100)
     xa = x.clone().requires_grad_()
@@ -274,11 +265,11 @@ def test_torch_compile_fullgraph_cpu():
         return celoss.cross_entropy(v, t, weight=w, label_smoothing=0.1)
 
     compiled = torch.compile(f, fullgraph=True)
-    a, b, ga, gb = _both(compiled, lambda v: F.cross_entropy(v, t, weight=w.double(), label_smoothing=0.1), x)
+    a, b, ga, gb = against_oracle(compiled, lambda v: F.cross_entropy(v, t, weight=w.double(), label_smoothing=0.1), x)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
     none = torch.compile(lambda v: celoss.cross_entropy(v, t, reduction="none"), fullgraph=True)
-    a, b, ga, gb = _both(none, lambda v: F.cross_entropy(v, t, reduction="none"), x)
+    a, b, ga, gb = against_oracle(none, lambda v: F.cross_entropy(v, t, reduction="none"), x)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
 

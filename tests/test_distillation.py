@@ -1,4 +1,5 @@
 """celoss.distillation_loss vs float64 PyTorch formulas on every backend: values and gradients."""
+import functools
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from celoss.distillation import distillation_loss
-from conftest import backend_device, backend_params, lowp_error_bound
+from conftest import against_oracle, backend_device, backend_params, lowp_error_bound, lowp_margin
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
@@ -45,12 +46,8 @@ def oracle(s, t, target=None, *, temperature=1.0, kind="kl", beta=0.5, alpha=1.0
             "mean": lambda: loss.sum() / (n * v)}[reduction]()
 
 
-def lowp_margin(backend, dtype, margin):
-    """Triton's interpreter truncates float32 -> bfloat16 stores (a GPU rounds to nearest): allow
-    one bf16 ulp there instead of the usual margin."""
-    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
-        return max(margin, torch.finfo(dtype).eps)
-    return margin
+# the teacher is a constant input: gradients w.r.t. the student only
+student_against_oracle = functools.partial(against_oracle, wrt=(0,))
 
 
 def _data(shape, device, dtype=torch.float32, seed=0, scale=3.0, ignore_frac=0.25):
@@ -64,19 +61,6 @@ def _data(shape, device, dtype=torch.float32, seed=0, scale=3.0, ignore_frac=0.2
     return s, t, y.to(device)
 
 
-def _both(ours, ref, s, t, upstream_seed=1):
-    """Loss and student gradient of both functions, with a non-trivial upstream gradient."""
-    sa = s.detach().clone().requires_grad_()
-    sb = s.detach().double().clone().requires_grad_()
-    a, b = ours(sa, t), ref(sb, t)
-    up = (torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
-          + 0.5).to(b.device)
-    up = up.to(a.dtype)  # the upstream gradient both get (rounded to the loss dtype)
-    ga, = torch.autograd.grad(a, sa, up)
-    gb, = torch.autograd.grad(b, sb, up.double())
-    return a, b, ga, gb
-
-
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -84,8 +68,8 @@ def _both(ours, ref, s, t, upstream_seed=1):
 def test_kinds_and_temperatures_match_formula(backend, kind, temperature, reduction):
     s, t, _ = _data((7, 203), backend_device(backend))
     kw = dict(temperature=temperature, kind=kind, beta=0.3, reduction=reduction)
-    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
-                         lambda u, v: oracle(u, v, **kw), s, t)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, **kw), s, t)
     assert a.shape == b.shape and a.dtype == torch.float32
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
@@ -97,8 +81,8 @@ def test_kinds_and_temperatures_match_formula(backend, kind, temperature, reduct
 def test_target_term_reductions_and_ignored_rows(backend, reduction, alpha, temperature):
     s, t, y = _data((2, 5, 67), backend_device(backend), seed=3)
     kw = dict(temperature=temperature, alpha=alpha, reduction=reduction)
-    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
-                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
     assert a.shape == b.shape
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
@@ -112,8 +96,8 @@ def test_class_term_and_custom_ignore_index(backend, kind):
     s, t, y = _data((9, 130), backend_device(backend), seed=4)
     y = torch.where(y == -100, 7, y)  # class 7 is "ignored" here
     kw = dict(temperature=1.5, alpha=0.4, kind=kind, ignore_index=7)
-    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
-                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
 
@@ -159,8 +143,8 @@ def test_temperature_one_vs_four(backend):
 def test_vocabulary_larger_than_blocks_and_chunks(backend, kind):
     s, t, y = _data((3, 8209), backend_device(backend), seed=7, ignore_frac=0.0)
     kw = dict(temperature=2.0, kind=kind, alpha=0.5)
-    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
-                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
 
@@ -174,8 +158,8 @@ def test_large_logits_fp32(backend, kind):
     s = (torch.randn(4, 300, generator=g) * 30 + 1e4).to(dev)
     t = (torch.randn(4, 300, generator=g) * 30 - 5e3).to(dev)
     kw = dict(temperature=2.0, kind=kind, beta=0.4, reduction="none")
-    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
-                         lambda u, v: oracle(u, v, **kw), s, t)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, **kw), s, t)
     assert torch.isfinite(a).all() and torch.isfinite(ga).all()
     sp = s.detach().clone().requires_grad_()  # PyTorch's own fp32 formula
     ls, lt = F.log_softmax(sp / 2, -1), F.log_softmax(t / 2, -1)
@@ -203,8 +187,8 @@ def test_low_precision_no_worse_than_pytorch(backend, dtypes, kind):
     s, t, y = _data((8, 257), backend_device(backend), seed=9)
     s, t = s.to(sd), t.to(td)
     kw = dict(temperature=2.0, kind=kind, alpha=0.5, reduction="none")
-    a, b, ga, gb = _both(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
-                         lambda u, v: oracle(u, v, y, **kw), s, t)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
     assert a.dtype == sd and ga.dtype == sd
     # PyTorch's own low-precision composition (autocast-style: log_softmax in the input dtype)
     sp = s.detach().clone().requires_grad_()

@@ -5,18 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from celoss.focal import focal_loss, sigmoid_focal_loss
-from conftest import backend_device, backend_params, lowp_error_bound
+from conftest import against_oracle, backend_device, backend_params, lowp_error_bound, lowp_margin
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-def lowp_margin(backend, dtype, margin=1e-3):
-    """Triton's interpreter truncates float32 -> bfloat16 stores (a GPU rounds to nearest)."""
-    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
-        return max(margin, torch.finfo(dtype).eps)
-    return margin
 
 
 def softmax_focal_oracle(x, t, gamma, alpha=None, ignore_index=-100, reduction="mean"):
@@ -51,17 +44,6 @@ def sigmoid_focal_oracle(x, t, alpha=0.25, gamma=2.0, reduction="none"):
     return {"none": lambda: loss, "mean": loss.mean, "sum": loss.sum}[reduction]()
 
 
-def _both(ours, ref, x, upstream_seed=1):
-    xa = x.detach().clone().requires_grad_()
-    xb = x.detach().double().requires_grad_()
-    a, b = ours(xa), ref(xb)
-    up = (torch.rand(b.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
-          + 0.5).to(b.device).to(a.dtype)
-    ga, = torch.autograd.grad(a, xa, up)
-    gb, = torch.autograd.grad(b, xb, up.double())
-    return a, b, ga, gb
-
-
 def _cls_data(shape, device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
@@ -87,8 +69,8 @@ def test_softmax_focal_matches_formula(backend, gamma, alpha):
     a = {"none": None, "scalar": 0.25,
          "tensor": (torch.rand(41, generator=torch.Generator().manual_seed(3)) + 0.1).to(dev)}[alpha]
     for reduction in ("mean", "sum", "none"):
-        ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, gamma, a, reduction=reduction, backend=backend),
-                                  lambda v: softmax_focal_oracle(v, t, gamma, a, reduction=reduction), x)
+        ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, gamma, a, reduction=reduction, backend=backend),
+                                           lambda v: softmax_focal_oracle(v, t, gamma, a, reduction=reduction), x)
         assert ours.shape == ref.shape and ours.dtype == torch.float32
         torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
@@ -102,8 +84,8 @@ def test_gamma_zero_is_cross_entropy(backend, reduction, shape):
     x, t = _cls_data(shape, dev, seed=1)
     if len(shape) == 1:
         reduction = "none" if reduction == "none" else reduction
-    ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, gamma=0.0, reduction=reduction, backend=backend),
-                              lambda v: F.cross_entropy(v, t, reduction=reduction), x)
+    ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, gamma=0.0, reduction=reduction, backend=backend),
+                                       lambda v: F.cross_entropy(v, t, reduction=reduction), x)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
@@ -120,8 +102,8 @@ def test_softmax_focal_confident_rows(backend, gamma):
     for i, m in enumerate((5.0, 12.0, 20.0, 30.0)):
         x[i, t[i]] = m
     x, t = x.to(dev), t.to(dev)
-    ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, gamma, reduction="none", backend=backend),
-                              lambda v: softmax_focal_oracle(v, t, gamma, reduction="none"), x)
+    ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, gamma, reduction="none", backend=backend),
+                                       lambda v: softmax_focal_oracle(v, t, gamma, reduction="none"), x)
     assert torch.isfinite(ga).all()
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)
@@ -132,8 +114,8 @@ def test_softmax_focal_confident_rows(backend, gamma):
 def test_softmax_focal_low_precision(backend, dtype):
     dev = backend_device(backend)
     x, t = _cls_data((16, 300), dev, dtype=dtype, seed=2)
-    ours, ref, ga, gb = _both(lambda v: focal_loss(v, t, 2.0, 0.5, reduction="none", backend=backend),
-                              lambda v: softmax_focal_oracle(v, t, 2.0, 0.5, reduction="none"), x)
+    ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, 2.0, 0.5, reduction="none", backend=backend),
+                                       lambda v: softmax_focal_oracle(v, t, 2.0, 0.5, reduction="none"), x)
     assert ours.dtype == dtype
     xp = x.clone().requires_grad_()  # PyTorch's own low-precision formula
     lp = F.log_softmax(xp, 1).gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
@@ -187,8 +169,8 @@ def test_sigmoid_focal_matches_torchvision_formula(backend, alpha, gamma, soft):
     dev = backend_device(backend)
     x, y = _bin_data((3, 5, 29), dev, soft=soft)
     for reduction in ("none", "mean", "sum"):
-        ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, alpha, gamma, reduction, backend=backend),
-                                  lambda v: sigmoid_focal_oracle(v, y, alpha, gamma, reduction), x)
+        ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, alpha, gamma, reduction, backend=backend),
+                                           lambda v: sigmoid_focal_oracle(v, y, alpha, gamma, reduction), x)
         assert ours.shape == ref.shape
         torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
@@ -198,8 +180,8 @@ def test_sigmoid_focal_matches_torchvision_formula(backend, alpha, gamma, soft):
 def test_sigmoid_focal_gamma_zero_no_alpha_is_bce(backend):
     dev = backend_device(backend)
     x, y = _bin_data((4, 1500), dev, soft=True, seed=1)
-    ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, -1.0, 0.0, "mean", backend=backend),
-                              lambda v: F.binary_cross_entropy_with_logits(v, y.double()), x)
+    ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, -1.0, 0.0, "mean", backend=backend),
+                                       lambda v: F.binary_cross_entropy_with_logits(v, y.double()), x)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-9)
 
@@ -212,8 +194,8 @@ def test_sigmoid_focal_huge_logits(backend):
     for yv in (0.0, 1.0):
         y = torch.full_like(x, yv)
         for gamma in (0.5, 2.0):
-            ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, 0.25, gamma, backend=backend),
-                                      lambda v: sigmoid_focal_oracle(v, y, 0.25, gamma), x)
+            ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, 0.25, gamma, backend=backend),
+                                               lambda v: sigmoid_focal_oracle(v, y, 0.25, gamma), x)
             assert torch.isfinite(ours).all() and torch.isfinite(ga).all()
             # float64 autograd of q**gamma at q == 0 (|x| = 1e4) is 0 * inf = NaN; the true value is 0
             gb = torch.nan_to_num(gb, nan=0.0)
@@ -226,8 +208,8 @@ def test_sigmoid_focal_huge_logits(backend):
 def test_sigmoid_focal_low_precision(backend, dtype):
     dev = backend_device(backend)
     x, y = _bin_data((8, 65), dev, dtype=dtype, seed=2)
-    ours, ref, ga, gb = _both(lambda v: sigmoid_focal_loss(v, y, backend=backend),
-                              lambda v: sigmoid_focal_oracle(v, y), x)
+    ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, backend=backend),
+                                       lambda v: sigmoid_focal_oracle(v, y), x)
     assert ours.dtype == dtype
     xp = x.clone().requires_grad_()
     p = torch.sigmoid(xp)

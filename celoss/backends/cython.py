@@ -6,9 +6,18 @@ falls back to another backend then.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from .. import _memory
 from ..cpu import _kernels as _K
+from . import reference
+
+try:
+    from ..cpu import _family as _F
+except ImportError as exc:  # a build without cpu/_family.pyx: keep the cross-entropy kernels usable
+    _F, _FAMILY_ERROR = None, f"{type(exc).__name__}: {exc}"
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -107,47 +116,26 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
 # on the OpenMP kernels of celoss.cpu._family (cpu/_family.pyx). A teacher gradient (rare) runs
 # on the reference backend.
 # ==============================================================================================
-import warnings as _fam_warnings
-
-from .._memory import fresh_like
-
-import torch
-
-from . import reference as _fam_reference
-
-try:
-    from ..cpu import _family as _FAM
-except ImportError as _fam_exc:  # a build without cpu/_family.pyx: keep the cross-entropy kernels usable
-    _FAM, _FAM_MISSING = None, f"{type(_fam_exc).__name__}: {_fam_exc}"
-
-
-def _fam_fallback(name):
+def _family_missing(name):
     """True (after a one-time warning) when the loss-family extension is missing."""
-    if _FAM is not None:
+    if _F is not None:
         return False
-    if not getattr(_fam_fallback, "warned", False):
-        _fam_fallback.warned = True
-        _fam_warnings.warn(f"celoss: celoss.cpu._family is unavailable ({_FAM_MISSING}); {name} runs on the "
-                           f"torch reference backend", RuntimeWarning, stacklevel=3)
+    if not getattr(_family_missing, "warned", False):
+        _family_missing.warned = True
+        warnings.warn(f"celoss: celoss.cpu._family is unavailable ({_FAMILY_ERROR}); {name} runs on the "
+                      f"torch reference backend", RuntimeWarning, stacklevel=3)
     return True
 
 
-_FAM_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def _fam_ptr(x):
-    return 0 if x is None else x.data_ptr()
-
-
-def _fam_threads(work: int) -> int:
+def _threads(work: int) -> int:
     """One thread for small problems (an OpenMP team costs more than it saves there)."""
     return 1 if work < (1 << 15) else torch.get_num_threads()
 
 
 def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
                  focal_alpha, focal_gamma):
-    if _fam_fallback("binary_fused"):
-        return _fam_reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
+    if _family_missing("binary_fused"):
+        return reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
                                            grad_input=grad_input, grad_target=grad_target,
                                            focal_alpha=focal_alpha, focal_gamma=focal_gamma)
     r, c = x.shape
@@ -158,10 +146,10 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
     weight = None if weight is None else weight.to(acc)
     pos_weight = None if pos_weight is None else pos_weight.to(acc)
     weighted = weight is not None or pos_weight is not None
-    partials = torch.empty(_FAM.binary_segments(r, c, weighted), dtype=acc)
-    loss = fresh_like(x) if per_element else None
-    gx = fresh_like(x) if grad_input else None
-    gy = fresh_like(y) if grad_target else None
+    partials = torch.empty(_F.binary_segments(r, c, weighted), dtype=acc)
+    loss = _memory.fresh_like(x) if per_element else None
+    gx = _memory.fresh_like(x) if grad_input else None
+    gy = _memory.fresh_like(y) if grad_target else None
     up = None
     coef_value = 1.0
     if grad_input or grad_target:
@@ -170,23 +158,23 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
         else:
             up = coef.contiguous()
     if x.numel():
-        _FAM.binary(r, c, x.data_ptr(), _FAM_CODE[x.dtype], y.data_ptr(), _FAM_CODE[y.dtype],
-                    _fam_ptr(weight), weight.stride(0) if weight is not None else 0,
-                    weight.stride(1) if weight is not None else 0, _fam_ptr(pos_weight),
+        _F.binary(r, c, x.data_ptr(), _DTYPE_CODE[x.dtype], y.data_ptr(), _DTYPE_CODE[y.dtype],
+                    _ptr(weight), weight.stride(0) if weight is not None else 0,
+                    weight.stride(1) if weight is not None else 0, _ptr(pos_weight),
                     pos_weight.stride(0) if pos_weight is not None else 0,
                     pos_weight.stride(1) if pos_weight is not None else 0,
-                    _fam_ptr(up), _FAM_CODE[up.dtype] if up is not None else 0, coef_value,
-                    _fam_ptr(loss), _fam_ptr(gx), _FAM_CODE[x.dtype], _fam_ptr(gy),
-                    _FAM_CODE[y.dtype], partials.data_ptr(), focal=focal_gamma is not None,
+                    _ptr(up), _DTYPE_CODE[up.dtype] if up is not None else 0, coef_value,
+                    _ptr(loss), _ptr(gx), _DTYPE_CODE[x.dtype], _ptr(gy),
+                    _DTYPE_CODE[y.dtype], partials.data_ptr(), focal=focal_gamma is not None,
                     alpha=float(focal_alpha), gamma=float(focal_gamma or 0.0),
-                    use_double=use_double, num_threads=_fam_threads(x.numel()))
+                    use_double=use_double, num_threads=_threads(x.numel()))
     return (loss if per_element else partials), gx, gy
 
 
 def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
                   beta, alpha, ignore_index):
-    if grad_teacher is not None or _fam_fallback("distill_fused"):
-        return _fam_reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
+    if grad_teacher is not None or _family_missing("distill_fused"):
+        return reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
                                             kind=kind, temperature=temperature, beta=beta,
                                             alpha=alpha, ignore_index=ignore_index)
     n, v = student.shape
@@ -202,14 +190,14 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
     has_target = y is not None
     T = float(temperature)
     if n:
-        _FAM.distill(n, v, s.data_ptr(), _FAM_CODE[s.dtype], s.stride(0), t.data_ptr(),
-                     _FAM_CODE[t.dtype], t.stride(0), _fam_ptr(y), int(ignore_index), _fam_ptr(cf),
-                     0 if cf is None or cf.numel() == 1 else 1, _fam_ptr(g),
-                     _FAM_CODE[g.dtype] if g is not None else 0, g.stride(0) if g is not None else 0,
-                     loss.data_ptr(), kind=_FAM.KINDS[kind], t_is_one=T == 1.0, inv_T=1.0 / T,
+        _F.distill(n, v, s.data_ptr(), _DTYPE_CODE[s.dtype], s.stride(0), t.data_ptr(),
+                     _DTYPE_CODE[t.dtype], t.stride(0), _ptr(y), int(ignore_index), _ptr(cf),
+                     0 if cf is None or cf.numel() == 1 else 1, _ptr(g),
+                     _DTYPE_CODE[g.dtype] if g is not None else 0, g.stride(0) if g is not None else 0,
+                     loss.data_ptr(), kind=_F.KINDS[kind], t_is_one=T == 1.0, inv_T=1.0 / T,
                      ws=T * T * (float(alpha) if has_target else 1.0),
                      wh=(1.0 - float(alpha)) if has_target else 0.0, beta=float(beta),
-                     use_double=use_double, num_threads=_fam_threads(n * v))
+                     use_double=use_double, num_threads=_threads(n * v))
     if g is not grad_out:
         grad_out.copy_(g)
     return loss

@@ -4,6 +4,8 @@ Runs on any device. Never holds more than ``CHUNK_ELEMENTS`` float32 probabiliti
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import stats as S
@@ -111,21 +113,9 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
 # ==============================================================================================
 # Loss family: binary CE with logits, sigmoid focal loss, distillation (celoss/_family_ops.py).
 # Contract of binary_fused / distill_fused: see celoss/_family_ops.py. Plain PyTorch, a bounded
-# chunk of rows at a time (never more than ~CHUNK_ELEMENTS probabilities per tensor).
+# chunk of rows at a time (``_row_chunks``).
 # ==============================================================================================
-import torch
-import math as _fam_math
-
-_FAM_CHUNK = 1 << 22
-
-
-def _fam_chunks(n: int, c: int):
-    step = max(1, _FAM_CHUNK // max(c, 1))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
-
-
-def _fam_binary_math(x, y, w, pw, focal_alpha, focal_gamma):
+def _binary_math(x, y, w, pw, focal_alpha, focal_gamma):
     """(loss, dloss/dx, dloss/dy) elementwise, in x's (accumulation) dtype."""
     e = torch.exp(-x.abs())
     spn = torch.clamp_min(-x, 0) + torch.log1p(e)      # softplus(-x)
@@ -161,10 +151,10 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
     gy = torch.empty_like(y) if grad_target else None
     partials = []
     per_elem_coef = coef is not None and coef.numel() != 1
-    for rows in _fam_chunks(r, c):
+    for rows in _row_chunks(r, c):
         w = None if weight is None else weight[rows].to(acc)
         pw = None if pos_weight is None else pos_weight[rows].to(acc)
-        loss, dx, dy = _fam_binary_math(x[rows].to(acc), y[rows].to(acc), w, pw, focal_alpha,
+        loss, dx, dy = _binary_math(x[rows].to(acc), y[rows].to(acc), w, pw, focal_alpha,
                                         focal_gamma)
         partials.append(loss.sum().reshape(1))
         if loss_el is not None:
@@ -179,7 +169,7 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
     return (loss_el if per_element else partials), gx, gy
 
 
-def _fam_distill_rows(s, t, kind, temperature, beta):
+def _distill_rows(s, t, kind, temperature, beta):
     """Per row D and (dD/da, dD/db) for a = s / T, b = t / T (float, no autograd)."""
     ls = torch.log_softmax(s / temperature, dim=1)
     lt = torch.log_softmax(t / temperature, dim=1)
@@ -197,7 +187,7 @@ def _fam_distill_rows(s, t, kind, temperature, beta):
         d = torch.where(ps > 0, ps * (ls - lt), zero).sum(1)
         gs = torch.where(ps > 0, ps * ((ls - lt) - d.unsqueeze(1)), zero)
         return d, gs, pt - ps
-    lm = torch.logaddexp(lt + _fam_math.log(beta), ls + _fam_math.log1p(-beta))
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
     kt = torch.where(pt > 0, pt * (lt - lm), zero).sum(1)
     ks = torch.where(ps > 0, ps * (ls - lm), zero).sum(1)
     gs = (1 - beta) * torch.where(ps > 0, ps * (ls - lm - ks.unsqueeze(1)), zero)
@@ -214,10 +204,10 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
     has_target = target is not None
     ws = T * T * (float(alpha) if has_target else 1.0)
     wh = (1.0 - float(alpha)) if has_target else 0.0
-    for rows in _fam_chunks(n, v):
+    for rows in _row_chunks(n, v):
         s = student[rows].to(acc)
         t = teacher[rows].to(acc)
-        d, gs, gt = _fam_distill_rows(s, t, kind, T, beta)
+        d, gs, gt = _distill_rows(s, t, kind, T, beta)
         row_loss = ws * d
         keep = None
         if has_target:

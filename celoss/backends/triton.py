@@ -7,7 +7,12 @@ accumulate in float32; float64 logits go to the reference backend (statistics in
 """
 from __future__ import annotations
 
+import torch
+
+from celoss.kernels import binary as _kb
 from celoss.kernels import cross_entropy as _k
+from celoss.kernels import distillation as _kd
+from celoss.kernels import linear_cross_entropy as _lce
 
 from . import reference as _reference
 
@@ -50,9 +55,6 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
 # celoss.kernels.linear_cross_entropy; a backend exposing these gets the fused engine.
 # ------------------------------------------------------------------------------------------------
 
-from celoss.kernels import linear_cross_entropy as _lce  # noqa: E402
-
-
 def lce_stats(x, w, b, src, tgt, weight, *, logit_scale, softcap, need_wz):
     """(S, M, 4) partial row statistics of X[src] W^T + b over S vocabulary splits."""
     return _lce.stats(x, w, b, src, tgt, weight, logit_scale=logit_scale, softcap=softcap, need_wz=need_wz)
@@ -70,24 +72,18 @@ def lce_backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, 
 # on celoss.kernels.binary / celoss.kernels.distillation. float64 inputs and a teacher gradient
 # (rare) run on the reference backend.
 # ==============================================================================================
-import torch
-from celoss.kernels import binary as _fam_kb
-from celoss.kernels import distillation as _fam_kd
-
-from . import reference as _fam_reference
-
 
 def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
                  focal_alpha, focal_gamma):
-    if x.dtype not in _fam_kb.SUPPORTED_DTYPES or y.dtype not in _fam_kb.SUPPORTED_DTYPES:
-        return _fam_reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
+    if x.dtype not in _kb.SUPPORTED_DTYPES or y.dtype not in _kb.SUPPORTED_DTYPES:
+        return _reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
                                            grad_input=grad_input, grad_target=grad_target,
                                            focal_alpha=focal_alpha, focal_gamma=focal_gamma)
     weight = None if weight is None else weight.to(torch.float32)
     pos_weight = None if pos_weight is None else pos_weight.to(torch.float32)
     if coef is not None:
         coef = coef.contiguous()
-    loss, partials, gx, gy = _fam_kb.binary(
+    loss, partials, gx, gy = _kb.binary(
         x.contiguous(), y.contiguous(), weight, pos_weight, coef, per_element=per_element,
         grad_input=grad_input, grad_target=grad_target, focal_alpha=focal_alpha,
         focal_gamma=focal_gamma)
@@ -96,11 +92,11 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
 
 def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
                   beta, alpha, ignore_index):
-    if (grad_teacher is not None or student.dtype not in _fam_kd.SUPPORTED_DTYPES
-            or teacher.dtype not in _fam_kd.SUPPORTED_DTYPES):
-        return _fam_reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
+    if (grad_teacher is not None or student.dtype not in _kd.SUPPORTED_DTYPES
+            or teacher.dtype not in _kd.SUPPORTED_DTYPES):
+        return _reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
                                             kind=kind, temperature=temperature, beta=beta,
                                             alpha=alpha, ignore_index=ignore_index)
-    return _fam_kd.distill(student, teacher, target, coef, grad_out, kind=kind,
+    return _kd.distill(student, teacher, target, coef, grad_out, kind=kind,
                            temperature=temperature, beta=beta, alpha=alpha,
                            ignore_index=ignore_index)

@@ -63,6 +63,14 @@ def ref_stats(z, tgt, cw, need_wz):
     return torch.stack([m, s, zy, wz], 1)
 
 
+def rows_and_targets(n_in, v, n_src, seed):
+    """Targets for all ``n_in`` rows, or for ``n_src`` of them picked (sorted) through ``src``."""
+    g = torch.Generator().manual_seed(seed)
+    src = None if n_src is None else torch.randperm(n_in, generator=g)[:n_src].sort().values.to(DEVICE)
+    tgt = torch.randint(0, v, (n_in if n_src is None else n_src,), generator=g).to(DEVICE)
+    return src, tgt
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["plain", "src_bias", "softcap_weight_wz", "strided_splits", "d1"])
 def test_stats_match_float64(dtype, case):
@@ -70,13 +78,8 @@ def test_stats_match_float64(dtype, case):
     if case == "d1":
         d = 1
     x, w, b, cw = make(n_in, d, v, dtype, strided=case == "strided_splits")
-    g = torch.Generator().manual_seed(1)
-    src = None
-    m = n_in
-    if case in ("src_bias", "softcap_weight_wz"):
-        src = torch.randperm(n_in, generator=g)[:17].sort().values.to(DEVICE)
-        m = 17
-    tgt = torch.randint(0, v, (m,), generator=g).to(DEVICE)
+    src, tgt = rows_and_targets(n_in, v, 17 if case in ("src_bias", "softcap_weight_wz") else None, seed=1)
+    m = tgt.numel()
     tgt[::4] = -100  # "no target in this block": zy must be 0
     bias = b if case in ("src_bias", "softcap_weight_wz") else None
     softcap = 2.5 if case == "softcap_weight_wz" else None
@@ -122,13 +125,8 @@ def ref_grads(x, w, b, src, tgt, cw, lse, coefs, scale, softcap, has_d):
 def test_backward_matches_float64(dtype, case):
     n_in, d, v = 27, 20, 61
     x, w, b, cw = make(n_in, d, v, dtype, strided=case == "strided")
-    g = torch.Generator().manual_seed(2)
-    src = None
-    m = n_in
-    if case in ("src_bias_smooth", "softcap_weight"):
-        src = torch.randperm(n_in, generator=g)[:19].sort().values.to(DEVICE)
-        m = 19
-    tgt = torch.randint(0, v, (m,), generator=g).to(DEVICE)
+    src, tgt = rows_and_targets(n_in, v, 19 if case in ("src_bias_smooth", "softcap_weight") else None, seed=2)
+    m = tgt.numel()
     bias = b if case == "src_bias_smooth" else None
     softcap = 3.0 if case == "softcap_weight" else None
     scale = 0.9 if case == "softcap_weight" else 1.0
@@ -136,7 +134,7 @@ def test_backward_matches_float64(dtype, case):
     has_d = case in ("src_bias_smooth", "softcap_weight")
     z, _ = logits64(x, w, bias, src, scale, softcap)
     lse = torch.logsumexp(z, 1).float()
-    coefs = (torch.rand(m, 3, generator=g) + 0.2).to(DEVICE)
+    coefs = (torch.rand(m, 3, generator=torch.Generator().manual_seed(3)) + 0.2).to(DEVICE)
     if not has_d:
         coefs[:, 2] = 0
     f32 = dict(dtype=torch.float32, device=DEVICE)
