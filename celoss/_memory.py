@@ -8,8 +8,9 @@ buffers back to the OS when they are freed, so every training step would pay tho
 So large CPU buffers (``MIN_CACHED_BYTES`` and up) come from huge-page-advised anonymous mappings,
 and when the last tensor on one is freed (autograd is done with the gradient) the mapping goes
 back to a cache instead of the OS, for the next step to reuse, already faulted in. That is what
-PyTorch's caching allocator does on CUDA. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` (default
-2048) of free buffers, least recently used dropped first; ``CELOSS_CPU_CACHE_MB=0`` turns it off.
+PyTorch's caching allocator does on CUDA. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` of free
+buffers (default: an eighth of the physical memory, at most 8 GiB), least recently used dropped
+first; ``CELOSS_CPU_CACHE_MB=0`` turns it off.
 ``set_cpu_cache_limit(bytes)`` changes the cap, ``empty_cpu_cache()`` releases the free buffers and
 ``cpu_cache_bytes()`` says how much they hold.
 """
@@ -106,7 +107,25 @@ class _CpuCache:
             self._free_bytes = 0
 
 
-DEFAULT_CACHE_BYTES = int(float(os.environ.get("CELOSS_CPU_CACHE_MB", "2048")) * 2 ** 20)
+def _default_cache_bytes() -> int:
+    """``CELOSS_CPU_CACHE_MB``, else an eighth of the physical memory, at most 8 GiB."""
+    value = os.environ.get("CELOSS_CPU_CACHE_MB")
+    if value is not None:
+        try:
+            megabytes = float(value)
+        except ValueError:
+            megabytes = -1.0
+        if not megabytes >= 0:
+            raise ValueError(f"CELOSS_CPU_CACHE_MB must be a number of megabytes >= 0, got {value!r}")
+        return int(megabytes * 2 ** 20)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a fixed 2 GiB
+        physical = 16 << 30
+    return min(8 << 30, physical // 8)
+
+
+DEFAULT_CACHE_BYTES = _default_cache_bytes()
 _CACHE = _CpuCache(DEFAULT_CACHE_BYTES)
 
 
