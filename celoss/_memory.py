@@ -8,9 +8,9 @@ buffers back to the OS when they are freed, so every training step would pay tho
 So large CPU buffers (``MIN_CACHED_BYTES`` and up) come from huge-page-advised anonymous mappings,
 and when the last tensor on one is freed (autograd is done with the gradient) the mapping goes
 back to a cache instead of the OS, for the next step to reuse, already faulted in. That is what
-PyTorch's caching allocator does on CUDA. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` of free
-buffers (default: an eighth of the physical memory, at most 8 GiB), least recently used dropped
-first; ``CELOSS_CPU_CACHE_MB=0`` turns it off.
+PyTorch's caching allocator does on CUDA. When the shapes change, the free buffers go back to the
+OS. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` of free buffers (default: an eighth of the
+physical memory, at most 8 GiB), oldest dropped first; ``CELOSS_CPU_CACHE_MB=0`` turns it off.
 ``set_cpu_cache_limit(bytes)`` changes the cap, ``empty_cpu_cache()`` releases the free buffers and
 ``cpu_cache_bytes()`` says how much they hold.
 """
@@ -50,16 +50,18 @@ def _advise_huge_pages(address: int, nbytes: int) -> None:
 
 
 class _CpuCache:
-    """Free anonymous mappings by size, LRU first; buffers come back through ``weakref.finalize``.
+    """Free anonymous mappings, oldest first; buffers come back through ``weakref.finalize``.
 
-    A finalizer may run in any thread, or inside ``take`` itself (a decref there), so it only appends
-    to a deque (atomic); ``take`` moves returned mappings into the free list under the lock.
+    A request takes the smallest free mapping that fits it without wasting more than half of it
+    (so varying token counts reuse the largest recent buffer). A request that nothing fits means the
+    shapes changed: the free mappings are stale and go back to the OS. A finalizer may run in any
+    thread, or inside ``take`` itself (a decref there), so it only appends to a deque (atomic);
+    ``take`` moves returned mappings into the free list under the lock.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._free: collections.OrderedDict[int, list[mmap.mmap]] = collections.OrderedDict()
-        self._free_bytes = 0
+        self._free: list[mmap.mmap] = []
         self._returned: collections.deque[mmap.mmap] = collections.deque()
         self._lock = threading.Lock()
 
@@ -68,43 +70,34 @@ class _CpuCache:
         size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
         with self._lock:
             self._collect()
-            blocks = self._free.get(size)
-            block = blocks.pop() if blocks else None
-            if block is not None:
-                self._free_bytes -= size
-                if not blocks:
-                    del self._free[size]
+            fits = [b for b in self._free if size <= len(b) <= 2 * size]
+            block = min(fits, key=len) if fits else None
+            if block is None:
+                self._free.clear()
+            else:
+                self._free.remove(block)
         if block is None:
             block = mmap.mmap(-1, size)
-            array = np.frombuffer(block, dtype=np.uint8)
-            _advise_huge_pages(array.ctypes.data, size)
+            _advise_huge_pages(np.frombuffer(block, dtype=np.uint8).ctypes.data, size)
         array = np.frombuffer(block, dtype=np.uint8, count=nbytes)
         weakref.finalize(array, self._returned.append, block).atexit = False
         return array
 
     def _collect(self) -> None:
         while self._returned:
-            block = self._returned.popleft()
-            self._free.setdefault(len(block), []).append(block)
-            self._free.move_to_end(len(block))
-            self._free_bytes += len(block)
-        while self._free_bytes > self.max_bytes:
-            size, blocks = next(iter(self._free.items()))
-            blocks.pop(0)
-            self._free_bytes -= size
-            if not blocks:
-                del self._free[size]
+            self._free.append(self._returned.popleft())
+        while self._free and sum(map(len, self._free)) > self.max_bytes:
+            self._free.pop(0)
 
     def free_bytes(self) -> int:
         with self._lock:
             self._collect()
-            return self._free_bytes
+            return sum(map(len, self._free))
 
     def clear(self) -> None:
         with self._lock:
             self._collect()
             self._free.clear()
-            self._free_bytes = 0
 
 
 def _default_cache_bytes() -> int:

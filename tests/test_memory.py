@@ -83,6 +83,25 @@ def test_limit_evicts_least_recently_freed_and_zero_disables():
     assert celoss.cpu_cache_bytes() == 0
 
 
+def test_a_smaller_request_reuses_a_larger_free_buffer():
+    big = _memory.fresh_like(like((1024, 8192)))
+    address = big.data_ptr()
+    del big
+    smaller = _memory.fresh_like(like((700, 8192)))  # fits without wasting more than half
+    assert smaller.data_ptr() == address and smaller.shape == (700, 8192)
+
+
+def test_a_new_shape_releases_the_stale_free_buffers():
+    celoss.set_cpu_cache_limit(16 * BIG_BYTES)
+    stale = [_memory.fresh_like(like()) for _ in range(2)]
+    del stale
+    assert celoss.cpu_cache_bytes() == 2 * BIG_BYTES
+    tiny_enough = _memory.fresh_like(like((256, 8192)))  # under half of a free buffer: no fit
+    assert celoss.cpu_cache_bytes() == 0
+    del tiny_enough
+    assert celoss.cpu_cache_bytes() == BIG_BYTES // 4
+
+
 def test_empty_cpu_cache_and_bad_limits():
     del_me = _memory.fresh_like(like())
     del del_me
