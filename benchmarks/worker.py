@@ -91,6 +91,8 @@ class Worker:
             return {"status": "unavailable", "note": reason}
         phases = job.get("phases", ["fwd", "train"])
         warmup, repeats = int(job.get("warmup", 1)), max(1, int(job.get("repeats", 3)))
+        if "celoss" in sys.modules:  # each cell starts as a fresh process would: no cached buffers
+            sys.modules["celoss"].empty_cpu_cache()
 
         # rotate through enough input sets that together they exceed 4x the last-level cache (so no
         # call finds its inputs in cache); a set that is alone that large is used by itself
