@@ -136,6 +136,9 @@ class Worker:
                 out = impl.train(inp, clock.mark)
             segs = clock.stop()
             extra = mem.stop() if timed else None
+            if phase == "train":  # a training loop releases the gradients every step
+                for k in op.grad_keys:
+                    inp[k].grad = None
             loss = out
             del out
             return segs, extra, loss
@@ -164,9 +167,6 @@ class Worker:
                     del loss
                     segs_all.append(segs)
                     extras.append(extra)
-                    if phase == "train":
-                        for k in op.grad_keys:
-                            sets[(1 + warmup + r) % n_sets][k].grad = None
                 if phase == "fwd":
                     result["fwd_ms"] = measure.median([s[0] for s in segs_all])
                     result["fwd_min_ms"] = min(s[0] for s in segs_all)
