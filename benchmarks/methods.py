@@ -329,8 +329,7 @@ def _celoss_check(backend: str):
 def _celoss_build(backend: str, inplace: bool = False, cache: bool = True):
     def build(op: Op, device: str, dtype: str, shape: dict):
         import celoss
-        from celoss._memory import DEFAULT_CACHE_BYTES
-        celoss.set_cpu_cache_limit(DEFAULT_CACHE_BYTES if cache else 0)
+        celoss.set_cpu_cache_limit(None if cache else 0)
         return Impl(celoss_fn(op.name, backend, inplace), op.keys)
     return build
 

@@ -120,8 +120,6 @@ class Worker:
                 with torch.no_grad():
                     for k, t in pristine[i % n_sets].items():
                         inp[k].copy_(t)
-            for k in op.grad_keys:
-                inp[k].grad = None
             if phase == "fwd":  # evaluation: activations made under no_grad don't require grad,
                 # parameters (the classifier weight) still do
                 args = {k: (t if k in op.param_keys else t.detach()) for k, t in inp.items()}

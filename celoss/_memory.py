@@ -1,9 +1,10 @@
 """Fresh gradient buffers, and a cache that recycles the large CPU ones.
 
-A fresh N x C buffer costs its page faults: the kernel zeroes every page on first touch, at ~5 GB/s
-with 4 KB pages and ~20 GB/s with huge pages on the reference machine (shared notes on the CPU
-baseline), while the cross-entropy kernel itself writes at ~40 GB/s. PyTorch hands large CPU
-buffers back to the OS when they are freed, so every training step would pay those faults again.
+A fresh N x C buffer costs its page faults: the OS zeroes every page on first touch (about 5 GB/s
+with 4 KB pages on the reference machine: shared notes on the CPU baseline). Even with huge pages,
+a fused cross-entropy forward+backward into a fresh gradient took 1.5-1.7x as long as into a
+recycled one (``celoss-cython-nocache`` vs ``celoss-cython`` in benchmarks/results). PyTorch hands
+large CPU buffers back to the OS when they are freed, so every training step would pay again.
 
 So large CPU buffers (``MIN_CACHED_BYTES`` and up) come from huge-page-advised anonymous mappings,
 and when the last tensor on one is freed (autograd is done with the gradient) the mapping goes
@@ -89,6 +90,11 @@ class _CpuCache:
         while self._free and sum(map(len, self._free)) > self.max_bytes:
             self._free.pop(0)
 
+    def set_limit(self, max_bytes: int) -> None:
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._collect()
+
     def free_bytes(self) -> int:
         with self._lock:
             self._collect()
@@ -122,12 +128,14 @@ DEFAULT_CACHE_BYTES = _default_cache_bytes()
 _CACHE = _CpuCache(DEFAULT_CACHE_BYTES)
 
 
-def set_cpu_cache_limit(max_bytes: int) -> None:
-    """Caps the free CPU buffers kept for reuse (0: none; buffers larger than the cap are not cached)."""
+def set_cpu_cache_limit(max_bytes: int | None = None) -> None:
+    """Caps the free CPU buffers kept for reuse (0: none; buffers larger than the cap are not
+    cached; None: the default, ``CELOSS_CPU_CACHE_MB`` or an eighth of the physical memory)."""
+    if max_bytes is None:
+        max_bytes = DEFAULT_CACHE_BYTES
     if max_bytes < 0:
         raise ValueError(f"set_cpu_cache_limit: max_bytes must be >= 0, got {max_bytes}")
-    _CACHE.max_bytes = int(max_bytes)
-    _CACHE.free_bytes()  # applies the cap now
+    _CACHE.set_limit(int(max_bytes))
 
 
 def cpu_cache_bytes() -> int:

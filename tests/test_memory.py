@@ -20,7 +20,7 @@ def fresh_cache():
     celoss.empty_cpu_cache()
     celoss.set_cpu_cache_limit(4 * BIG_BYTES)
     yield
-    celoss.set_cpu_cache_limit(_memory.DEFAULT_CACHE_BYTES)
+    celoss.set_cpu_cache_limit(None)
     celoss.empty_cpu_cache()
 
 
