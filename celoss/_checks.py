@@ -20,8 +20,9 @@ def floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
-def class_weight(weight, num_classes: int, like: torch.Tensor, name: str = "weight"):
-    """Validated per-class weight as a contiguous float32 (float64 for float64 input) tensor."""
+def class_weight(weight, num_classes: int, like: torch.Tensor, name: str = "weight", differentiable: bool = False):
+    """Validated per-class weight as a contiguous float32 (float64 for float64 input) tensor; detached
+    unless `differentiable` (the caller then owns its gradient)."""
     if weight is None:
         return None
     floating(name, weight)
@@ -31,7 +32,20 @@ def class_weight(weight, num_classes: int, like: torch.Tensor, name: str = "weig
     if weight.device != like.device:
         raise ValueError(f"{name} is on {weight.device} but input is on {like.device}")
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return weight.detach().to(acc).contiguous()
+    return (weight if differentiable else weight.detach()).to(acc).contiguous()
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def index_value(name: str, value) -> int:
+    """An int64 class index (ignore_index): a float is a TypeError, as in PyTorch."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value.__index__())
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 (class indices are int64), got {value}")
+    return value
 
 
 def probability(name: str, value: float) -> float:
@@ -50,9 +64,15 @@ def positive_or_none(name: str, value):
     return value
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured: no host synchronisation (hence no data-dependent
+    check) is allowed then; the kernels never read out of bounds whatever the targets."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def target_indices(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise IndexError naming the first class index outside [0, C) that isn't ignore_index."""
-    if target.numel() == 0:
+    if target.numel() == 0 or _capturing(target):
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):

@@ -95,11 +95,42 @@ def _(logits, target, weight, lse, row_coefs, backend, class_start, logit_scale,
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+def scale_is_one(scale: Tensor) -> bool:
+    """Whether a one-element upstream gradient is exactly 1 (the usual ``loss.backward()``), so a
+    pass over the gradient can be skipped. False when asking would break tracing or a CUDA graph
+    capture (the caller then multiplies: correct, one pass more)."""
+    if torch.compiler.is_compiling() or (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(scale.reshape(()) == 1)
+
+
+@torch.library.custom_op("celoss::ce_target_grads", mutates_args=())
+def ce_target_grads(logits: Tensor, soft_target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                    row_coef: Tensor, grad_target: bool, grad_weight: bool, label_smoothing: float,
+                    logit_scale: float, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Gradients of sum_n row_coef_n loss_n w.r.t. probability targets and class weights (empty when
+    not asked for). One chunked plain-PyTorch pass on every backend: these gradients are rare, and
+    -log p = lse - z is all they need."""
+    gt, gw = _dispatch.module("torch").ce_target_grads(
+        logits, soft_target, weight, lse, row_coef, grad_target=grad_target, grad_weight=grad_weight,
+        label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap)
+    return (gt if gt is not None else logits.new_empty(0)), (gw if gw is not None else logits.new_empty(0))
+
+
+@ce_target_grads.register_fake
+def _(logits, soft_target, weight, lse, row_coef, grad_target, grad_weight, label_smoothing, logit_scale,
+      softcap):
+    gt = torch.empty_like(soft_target, memory_format=torch.contiguous_format) if grad_target \
+        else logits.new_empty(0)
+    gw = torch.empty_like(weight) if grad_weight else logits.new_empty(0)
+    return gt, gw
+
+
 @torch.library.custom_op("celoss::scale_", mutates_args=("grad",))
 def scale_(grad: Tensor, scale: Tensor) -> None:
     """grad *= scale, in place; `scale` is one value (skipped when it is 1) or one per row."""
     if scale.numel() == 1:
-        if float(scale) != 1.0:
+        if not scale_is_one(scale):
             grad.mul_(scale.to(grad.dtype))
     else:
         grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))

@@ -1,12 +1,15 @@
 """celoss.cross_entropy: torch.nn.functional.cross_entropy semantics on online-softmax kernels."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, _dispatch, _ops
+from ._autograd import once_differentiable
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -24,6 +27,9 @@ class SoftmaxRows(NamedTuple):
     out_shape: tuple               # shape of the unreduced loss
 
 
+INDEX_DTYPES = (torch.int64, torch.uint8)  # what torch.nn.functional.cross_entropy accepts
+
+
 def as_rows(input: Tensor, target: Tensor, class_dim_last: bool = False) -> SoftmaxRows:
     """Flatten (C), (N, C) or (N, C, d1..dK) input (class dim 1, or last if `class_dim_last`)."""
     _checks.floating("input", input)
@@ -37,24 +43,27 @@ def as_rows(input: Tensor, target: Tensor, class_dim_last: bool = False) -> Soft
     c = input.shape[class_dim]
     moved = input.movedim(class_dim, -1)
     out_shape = tuple(moved.shape[:-1])
-    logits = moved.reshape(-1, c)
+    n = math.prod(out_shape)  # explicit: -1 is ambiguous when C = 0
+    logits = moved.reshape(n, c)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if target.dtype.is_floating_point:
         if target.shape != input.shape:
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
-        if target.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("celoss: gradients with respect to probability targets are not "
-                                      "supported; pass target.detach()")
-        soft = target.movedim(class_dim, -1).reshape(-1, c).to(input.dtype).contiguous()
-        return SoftmaxRows(logits, None, soft, out_shape)
-    if target.dtype != torch.int64:
-        raise TypeError(f"class-index targets must be int64 (torch.long), got {target.dtype}")
+        # differentiable: .to / reshape carry the gradient back to the caller's target
+        soft = target.movedim(class_dim, -1).reshape(n, c).to(input.dtype)
+        return SoftmaxRows(logits, None, soft if soft.stride(-1) == 1 else soft.contiguous(), out_shape)
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"class-index targets must be int64 (torch.long) or uint8, got {target.dtype}")
     if tuple(target.shape) != out_shape:
+        hint = ""
+        if input.dim() == 3 and tuple(target.shape) == tuple(input.shape[:2]) and not class_dim_last:
+            hint = (" (classes are dim 1, as in torch.nn.functional.cross_entropy: for (B, T, V) logits "
+                    "use input.flatten(0, 1) with target.flatten(), or input.transpose(1, 2))")
         raise ValueError(f"expected target of shape {out_shape} for input of shape {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
-    return SoftmaxRows(logits, target.reshape(-1).contiguous(), None, out_shape)
+                         f"got {tuple(target.shape)}{hint}")
+    return SoftmaxRows(logits, target.reshape(-1).to(torch.int64).contiguous(), None, out_shape)
 
 
 def counted_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> Tensor:
@@ -68,28 +77,59 @@ def counted_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int) 
 
 def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
     """grad * scale for a one-element scale, without a pass over grad when the scale is 1 (the usual
-    ``loss.backward()``). The saved gradient itself is never modified, so backward can run twice."""
-    if not torch.compiler.is_compiling() and float(scale) == 1.0:
+    ``loss.backward()``; not checked where it would sync a captured CUDA graph). The saved gradient
+    itself is never modified, so backward can run twice."""
+    if _ops.scale_is_one(scale):
         return grad
     return grad * scale.to(grad.dtype)
+
+
+def _reduction_coef(denom: Tensor, reduction: str) -> Tensor:
+    """d(reduced loss)/d(row loss), float64 (one value). A zero mean denominator gives NaN, as
+    PyTorch's 0/0: counted rows get NaN gradients, ignored rows still exact zeros (the kernels
+    write them without the coefficient). A negative denominator is used as it is."""
+    one = torch.ones((), dtype=torch.float64, device=denom.device)
+    if reduction != "mean":
+        return one.reshape(1)
+    denom = denom.to(torch.float64)
+    return torch.where(denom != 0, one / denom, torch.nan).reshape(1)
+
+
+def _no_inplace_hazard(input: Tensor, logits: Tensor) -> None:
+    """Refuse in-place gradients where PyTorch refuses in-place ops: a leaf that requires grad (or a
+    view of one) would be overwritten, and rows sharing memory would read each other's gradients."""
+    base = input
+    while base._base is not None:
+        base = base._base
+    if base.is_leaf and base.requires_grad:
+        raise RuntimeError("celoss: inplace_backward=True would overwrite a leaf tensor that requires grad "
+                           "(an nn.Parameter, a tensor created with requires_grad=True, or a view of one) "
+                           "with its gradient; pass inplace_backward=False, or logits computed from it")
+    n, c = logits.shape
+    if n > 1 and logits.stride(0) < c:
+        raise RuntimeError(f"celoss: inplace_backward=True needs logits whose rows don't share memory "
+                           f"(got row stride {logits.stride(0)} for {c} classes, e.g. from expand or "
+                           f"as_strided); pass inplace_backward=False or input.contiguous()")
 
 
 class _SoftmaxLoss(torch.autograd.Function):
     """Row losses reduced in forward. With reduction mean/sum (or `inplace`), the gradient is formed in
     the same kernel call as the loss and only rescaled by grad_output in backward; with reduction
-    none it is recomputed in backward with the per-row upstream gradient (one read + one write)."""
+    none it is recomputed in backward with the per-row upstream gradient (one read + one write).
+    Gradients of probability targets (and of class weights with probability targets) take one more
+    pass over the logits in backward."""
 
     @staticmethod
-    def forward(ctx, logits, target, soft_target, weight, denom, reduction, needs_grad, inplace, lse_used,
-                backend, options):
+    def forward(ctx, logits, target, soft_target, weight, denom, reduction, inplace, lse_used, backend, options):
         ctx.set_materialize_grads(False)
-        # a used lse needs the logits in backward: fuse only if they needn't be kept (or in place)
-        fused = needs_grad and (inplace or (reduction != "none" and not lse_used))
-        # d(reduced loss)/d(row loss); an all-ignored mean is NaN, but its gradient is 0 (as in PyTorch)
-        one = torch.ones((), device=logits.device)
-        coef = torch.where(denom > 0, one / denom, 0.0) if reduction == "mean" else one
-        coef = coef.reshape(1).to(torch.float32)
-        if fused:
+        needs_x = ctx.needs_input_grad[0]
+        ctx.needs_t = soft_target is not None and ctx.needs_input_grad[2]
+        ctx.needs_w = weight is not None and ctx.needs_input_grad[3]
+        keep_logits = lse_used or ctx.needs_t or ctx.needs_w
+        # form the gradient in this call unless the upstream gradient is per row and the logits survive
+        ctx.fused = needs_x and (inplace or (reduction != "none" and not keep_logits))
+        coef = _reduction_coef(denom, reduction)
+        if ctx.fused:
             if inplace:
                 loss_rows, lse = _ops.ce_forward_inplace(logits, target, soft_target, weight, coef, backend,
                                                          **options)
@@ -101,30 +141,41 @@ class _SoftmaxLoss(torch.autograd.Function):
         else:
             loss_rows, lse, _ = _ops.ce_forward(logits, target, soft_target, weight, None, backend, **options)
             ctx.save_for_backward(logits, target, soft_target, weight, lse)
-        ctx.coef = coef
-        ctx.fused, ctx.inplace, ctx.backend, ctx.options = fused, inplace, backend, options
+        ctx.coef, ctx.inplace, ctx.backend, ctx.options = coef, inplace, backend, options
+        ctx.needs_x = needs_x
         if reduction == "none":
             loss = loss_rows
+        elif reduction == "sum":
+            loss = loss_rows.sum()
         else:
-            loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / denom
+            loss = loss_rows.sum() / denom
+            if options["label_smoothing"] > 0:  # PyTorch sums two 0/0 terms: NaN, not the +-inf of one
+                loss = torch.where(denom == 0, torch.nan, loss)
         return loss, lse
 
     @staticmethod
+    @once_differentiable("celoss.cross_entropy")
     def backward(ctx, grad_loss, grad_lse):
         saved, target, soft_target, weight, lse = ctx.saved_tensors
         opts = ctx.options
-        grad = None
-        if grad_loss is not None:
+        grad = grad_t = grad_w = None
+        if grad_loss is not None and ctx.needs_x:
             if ctx.inplace:
                 grad = saved
-                _ops.scale_(grad, grad_loss.float())
+                _ops.scale_(grad, grad_loss)
             elif ctx.fused:
                 grad = _scaled(saved, grad_loss)
             else:
-                grad = _ops.ce_forward(saved, target, soft_target, weight,
-                                       (grad_loss.float() * ctx.coef).reshape(-1).contiguous(), ctx.backend,
-                                       **opts)[2]
-        if grad_lse is not None:
+                row_coef = (grad_loss.to(torch.float64) * ctx.coef).reshape(-1).contiguous()
+                grad = _ops.ce_forward(saved, target, soft_target, weight, row_coef, ctx.backend, **opts)[2]
+        if grad_loss is not None and (ctx.needs_t or ctx.needs_w):
+            row_coef = (grad_loss.to(torch.float64) * ctx.coef).reshape(-1).contiguous()
+            grad_t, grad_w = _ops.ce_target_grads(saved, soft_target, weight, lse, row_coef, ctx.needs_t,
+                                                  ctx.needs_w, opts["label_smoothing"], opts["logit_scale"],
+                                                  opts["softcap"])
+            grad_t = grad_t if ctx.needs_t else None
+            grad_w = grad_w if ctx.needs_w else None
+        if grad_lse is not None and ctx.needs_x:
             if ctx.inplace:
                 raise RuntimeError("celoss: the gradient of the returned lse can't flow with "
                                    "inplace_backward=True (the logits were overwritten); use "
@@ -134,7 +185,25 @@ class _SoftmaxLoss(torch.autograd.Function):
             extra = _ops.ce_grad(saved, target if target is not None else torch.zeros_like(lse, dtype=torch.int64),
                                  weight, lse, coefs, ctx.backend, 0, opts["logit_scale"], opts["softcap"])
             grad = extra if grad is None else grad + extra
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, grad_t, grad_w, None, None, None, None, None, None
+
+
+def _no_classes(input: Tensor, target: Tensor, rows: SoftmaxRows, weight, *, ignore_index, reduction,
+                label_smoothing, z_loss, return_lse, return_z_loss):
+    """C = 0: PyTorch's own result (an index target must then be ignored; probability-target means
+    divide 0 by 0), and an lse of -inf."""
+    loss = F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if not (return_lse or return_z_loss):
+        return loss
+    lse = torch.full(rows.out_shape, -torch.inf, dtype=loss.dtype, device=input.device)
+    z_term = None
+    if return_z_loss:
+        per_row = (torch.ones_like(lse) if rows.target is None
+                   else (rows.target != ignore_index).to(lse.dtype).reshape(rows.out_shape))
+        z_rows = torch.where(per_row != 0, z_loss * lse * lse, 0.0)
+        z_term = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / per_row.sum()}[reduction]
+    return CrossEntropyOutput(loss, lse if return_lse else None, z_term)
 
 
 def softmax_loss(input: Tensor, target: Tensor, weight, *, ignore_index: int, reduction: str,
@@ -143,34 +212,51 @@ def softmax_loss(input: Tensor, target: Tensor, weight, *, ignore_index: int, re
                  backend, class_dim_last: bool = False):
     """Shared driver of cross_entropy and focal_loss: checks, rows, dispatch, reduction."""
     _checks.reduction(reduction)
+    ignore_index = _checks.index_value("ignore_index", ignore_index)
     rows = as_rows(input, target, class_dim_last)
-    c = rows.logits.shape[1]
-    weight = _checks.class_weight(weight, c, input)
+    n, c = rows.logits.shape
+    soft = rows.soft_target is not None
+    if soft and ignore_index != -100:
+        raise RuntimeError(f"ignore_index is not supported for probability (floating point) targets "
+                         f"(got ignore_index={ignore_index}), as in torch.nn.functional.cross_entropy")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not soft:
+        raise RuntimeError("celoss: the loss is not differentiable with respect to the class weight with "
+                           "class-index targets (as torch.nn.functional.cross_entropy); pass weight.detach()")
+    weight = _checks.class_weight(weight, c, input, differentiable=soft)
+    if c == 0:
+        return _no_classes(input, target, rows, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing, z_loss=z_loss, return_lse=return_lse,
+                           return_z_loss=return_z_loss)
     name = _dispatch.resolve(input.device, backend)
     if rows.target is not None:
         per_row = counted_weight(rows.target, weight if weighted_mean else None, ignore_index)
     else:
-        per_row = torch.ones(rows.logits.shape[0], device=input.device)
+        per_row = torch.ones(n, device=input.device)
     denom = per_row.sum()
-    options = dict(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing),
+    options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                    logit_scale=float(logit_scale), softcap=softcap, z_loss=float(z_loss),
                    focal_gamma=focal_gamma)
-    needs_grad = torch.is_grad_enabled() and input.requires_grad
-    if inplace_backward and needs_grad and rows.logits.data_ptr() != input.data_ptr():
-        inplace_backward = False  # rows are a copy of the input: writing into them saves nothing
+    grad_on = torch.is_grad_enabled()
+    inplace = inplace_backward and grad_on and input.requires_grad
+    if inplace:
+        if soft and (rows.soft_target.requires_grad or (weight is not None and weight.requires_grad)):
+            raise ValueError("celoss: inplace_backward=True can't be combined with gradients of the targets "
+                             "or class weight (they need the logits, which it overwrites)")
+        _no_inplace_hazard(input, rows.logits)
     loss, lse = _SoftmaxLoss.apply(rows.logits, rows.target, rows.soft_target, weight, denom, reduction,
-                                   needs_grad, inplace_backward and needs_grad, return_lse, name, options)
+                                   inplace, return_lse, name, options)
     if reduction == "none":
         loss = loss.reshape(rows.out_shape)
-    loss = loss.to(input.dtype)
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
+    loss = loss.to(out_dtype)
     if not (return_lse or return_z_loss):
         return loss
     z_term = None
     if return_z_loss:
         lse_d = lse.detach()
-        z_rows = z_loss * per_row.to(lse_d.dtype) * lse_d * lse_d
+        z_rows = torch.where(per_row != 0, z_loss * per_row.to(lse_d.dtype) * lse_d * lse_d, 0.0)
         z_term = {"none": lambda: z_rows.reshape(rows.out_shape), "sum": z_rows.sum,
-                  "mean": lambda: z_rows.sum() / denom}[reduction]().to(input.dtype)
+                  "mean": lambda: z_rows.sum() / denom}[reduction]().to(out_dtype)
     return CrossEntropyOutput(loss, lse.reshape(rows.out_shape) if return_lse else None, z_term)
 
 

@@ -1,11 +1,28 @@
 """nn.Module wrappers mirroring torch.nn's loss modules (same constructor arguments plus extras)."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from torch import Tensor, nn
 
+from .binary import binary_cross_entropy_with_logits
 from .cross_entropy import cross_entropy
+from .distillation import distillation_loss
+from .focal import focal_loss, sigmoid_focal_loss
+from .linear_cross_entropy import linear_cross_entropy
+
+
+def _keyword_extras(fn, extras: dict, taken=()) -> dict:
+    """`extras` after checking that each is a keyword option of `fn` the module doesn't already set:
+    a typo fails at construction, not at the first forward."""
+    known = {name for name, p in inspect.signature(fn).parameters.items()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - set(taken)
+    unknown = sorted(set(extras) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown} for {fn.__name__}; "
+                        f"expected some of {sorted(known)}")
+    return extras
 
 
 class CrossEntropyLoss(nn.Module):
@@ -19,7 +36,9 @@ class CrossEntropyLoss(nn.Module):
             reduction = nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.backend, self.extras = backend, extras
+        self.backend = backend
+        self.extras = _keyword_extras(cross_entropy, extras, ("input", "target", "weight", "ignore_index",
+                                                              "reduction", "label_smoothing", "backend"))
 
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
@@ -35,11 +54,13 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.backend, self.extras = backend, extras
+        self.backend = backend
+        self.extras = _keyword_extras(linear_cross_entropy, extras,
+                                      ("input", "linear_weight", "target", "linear_bias", "weight", "reduction",
+                                       "ignore_index", "label_smoothing", "backend"))
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None):
-        from .linear_cross_entropy import linear_cross_entropy
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, backend=self.backend, **self.extras)
@@ -63,7 +84,6 @@ class FocalLoss(nn.Module):
             self.alpha = alpha
 
     def forward(self, input: Tensor, target: Tensor):
-        from .focal import focal_loss
         return focal_loss(input, target, self.gamma, self.alpha, self.ignore_index, self.reduction,
                           backend=self.backend)
 
@@ -77,7 +97,6 @@ class SigmoidFocalLoss(nn.Module):
         self.alpha, self.gamma, self.reduction, self.backend = alpha, gamma, reduction, backend
 
     def forward(self, inputs: Tensor, targets: Tensor):
-        from .focal import sigmoid_focal_loss
         return sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction, backend=self.backend)
 
 
@@ -95,7 +114,6 @@ class BCEWithLogitsLoss(nn.Module):
         self.reduction, self.backend = reduction, backend
 
     def forward(self, input: Tensor, target: Tensor):
-        from .binary import binary_cross_entropy_with_logits
         return binary_cross_entropy_with_logits(input, target, self.weight, self.reduction, self.pos_weight,
                                                 backend=self.backend)
 
@@ -111,7 +129,6 @@ class DistillationLoss(nn.Module):
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None):
-        from .distillation import distillation_loss
         return distillation_loss(student_logits, teacher_logits, target, temperature=self.temperature,
                                  kind=self.kind, beta=self.beta, alpha=self.alpha,
                                  ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)

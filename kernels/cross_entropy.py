@@ -280,7 +280,8 @@ def _ce_fused_kernel(
 
     # ---- pass 2: gradient ----------------------------------------------------------------
     if HAS_GRAD:
-        coef = _row_coef(coef_ptr, row, PER_ROW_COEF)
+        # ignored rows: exact zeros even when the coefficient is NaN (a 0/0 mean)
+        coef = tl.where(counted, _row_coef(coef_ptr, row, PER_ROW_COEF), 0.0)
         g_row = grad_ptr + row * stride_g
         n_read = tl.where(counted, C, 0)  # ignored rows: write zeros, read nothing,
         lse = tl.where(counted, lse, 0.0)  # even if their logits (hence lse) are inf / NaN

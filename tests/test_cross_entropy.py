@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import celoss
-from conftest import against_oracle, backend_device, backend_params, lowp_error_bound
+from conftest import AVAILABLE, against_oracle, backend_device, backend_params, lowp_error_bound
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
@@ -354,3 +354,173 @@ def _loss_and_grad(fn, x):
     loss = fn(v)
     up = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
     return loss.detach(), torch.autograd.grad(loss, v, up)[0]
+
+
+# ---- issue 11 regressions: one test per item, every backend --------------------------------------
+
+def _pair(backend, x, fn_ours, fn_torch, *extra):
+    """Loss and input gradient of ours (on `backend`'s device) and PyTorch's float64 composition."""
+    dev = backend_device(backend)
+    xa = x.detach().clone().to(dev).requires_grad_()
+    xb = x.detach().double().requires_grad_()
+    a, b = fn_ours(xa), fn_torch(xb)
+    up = torch.rand(b.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    (ga,) = torch.autograd.grad(a, xa, up.to(dev, a.dtype))
+    (gb,) = torch.autograd.grad(b, xb, up)
+    return a.cpu(), b, ga.cpu(), gb
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("weights,targets,smoothing", [
+    ([-1.0, -0.5, 2.0], [0, 1], 0.0),          # negative denominator (-1.5)
+    ([-1.0, -0.5, 2.0], [0, 1], 0.2),
+    ([0.0, 0.0, 0.0], [0, 1], 0.0),            # all-zero target weights: NaN loss, NaN gradients
+    ([0.0, 0.0, 1.0], [0, 1], 0.1),            # zero denominator with smoothing: NaN, not inf
+    ([0.0, 0.0, 1.0], [0, -100], 0.1),         # ... and the ignored row keeps a zero gradient
+    (None, [-100, -100], 0.0),                 # all ignored: NaN loss, zero gradients
+    (None, [-100, -100], 0.3),
+])
+def test_issue11_negative_and_zero_weight_sums_match_pytorch(backend, weights, targets, smoothing):
+    x = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]])
+    y = torch.tensor(targets)
+    w = None if weights is None else torch.tensor(weights)
+    a, b, ga, gb = _pair(
+        backend, x,
+        lambda v: celoss.cross_entropy(v, y.to(v.device), None if w is None else w.to(v.device),
+                                       label_smoothing=smoothing, backend=backend),
+        lambda v: F.cross_entropy(v, y, None if w is None else w.double(), label_smoothing=smoothing))
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert ga.abs().sum() > 0 or torch.isnan(gb).any() or (gb == 0).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_exactly_cancelling_weights_documented(backend):
+    """Mixed-sign target weights summing to exactly 0: the loss is PyTorch's (sum / 0 = +-inf); the
+    counted rows' gradients are all NaN (PyTorch mixes NaN and +-inf there, by its internal order)."""
+    x = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [0.1, 0.2, 0.3]])
+    y = torch.tensor([0, 1, -100])
+    w = torch.tensor([1.0, -1.0, 3.0])
+    a, b, ga, gb = _pair(backend, x,
+                         lambda v: celoss.cross_entropy(v, y.to(v.device), w.to(v.device), backend=backend),
+                         lambda v: F.cross_entropy(v, y, w.double()))
+    assert torch.isinf(b) and a.double() == b
+    assert torch.isnan(ga[:2]).all() and (ga[2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_inplace_backward_refuses_leaves_and_overlapping_rows(backend):
+    dev = backend_device(backend)
+    t = torch.zeros(4, dtype=torch.long, device=dev)
+    leaf = torch.randn(4, 7, device=dev, requires_grad=True)
+    param = torch.nn.Parameter(torch.randn(5, 7, device=dev))
+    base = torch.randn(1, 7, device=dev, requires_grad=True) * 1.0
+    flat = (torch.randn(40, device=dev, requires_grad=True) * 1.0)
+    cases = [(leaf, "leaf"), (param[1:], "leaf"), (base.expand(4, 7), "share memory"),
+             (flat.as_strided((4, 7), (3, 1)), "share memory")]
+    for logits, match in cases:
+        before = logits.detach().clone()
+        with pytest.raises(RuntimeError, match=match):
+            celoss.cross_entropy(logits, t, inplace_backward=True, backend=backend)
+        assert torch.equal(logits.detach(), before)  # nothing was overwritten
+    # a non-leaf with its own memory is fine, and its producer gets the right gradient
+    h = torch.randn(4, 7, device=dev, requires_grad=True)
+    celoss.cross_entropy(h * 2, t, inplace_backward=True, backend=backend).backward()
+    h2 = h.detach().clone().requires_grad_()
+    F.cross_entropy(h2 * 2, t).backward()
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_issue11_probability_target_and_weight_gradients(backend, reduction):
+    dev = backend_device(backend)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 9, generator=g)
+    t = torch.softmax(torch.randn(6, 9, generator=g), 1)
+    w = torch.rand(9, generator=g) + 0.2
+    ins = [x.to(dev).requires_grad_(), t.to(dev).requires_grad_(), w.to(dev).requires_grad_()]
+    ref = [x.double().requires_grad_(), t.double().requires_grad_(), w.double().requires_grad_()]
+    a = celoss.cross_entropy(ins[0], ins[1], weight=ins[2], label_smoothing=0.15, reduction=reduction,
+                             backend=backend)
+    b = F.cross_entropy(ref[0], ref[1], weight=ref[2], label_smoothing=0.15, reduction=reduction)
+    up = torch.rand(b.shape, generator=g, dtype=torch.float64) + 0.5
+    ga = torch.autograd.grad(a, ins, up.to(dev, a.dtype))
+    gb = torch.autograd.grad(b, ref, up)
+    torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=1e-6)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u.cpu().double(), v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_uint8_targets_and_promoted_probability_targets(backend):
+    dev = backend_device(backend)
+    x = torch.randn(5, 7, device=dev)
+    y = torch.tensor([0, 6, 2, 3, 4], dtype=torch.uint8, device=dev)
+    torch.testing.assert_close(celoss.cross_entropy(x, y, backend=backend), F.cross_entropy(x, y))
+    p = torch.softmax(torch.randn(5, 7, dtype=torch.float64), 1).to(dev)
+    out = celoss.cross_entropy(x, p, backend=backend)
+    assert out.dtype == F.cross_entropy(x, p).dtype == torch.float64
+    torch.testing.assert_close(out, F.cross_entropy(x.double(), p), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_issue11_zero_classes_as_pytorch(backend, reduction):
+    dev = backend_device(backend)
+    x = torch.randn(3, 0, device=dev, requires_grad=True)
+    for target in (torch.randn(3, 0, device=dev), torch.full((3,), -100, device=dev)):
+        ours = celoss.cross_entropy(x, target, reduction=reduction, backend=backend)
+        theirs = F.cross_entropy(x, target, reduction=reduction)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        (g,) = torch.autograd.grad(ours.sum(), x)
+        assert g.shape == x.shape
+    with pytest.raises(IndexError):
+        celoss.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=dev), backend=backend)
+
+
+def test_issue11_float64_gradients_carry_an_exact_scale():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    for backend in ("cython", "torch"):
+        if AVAILABLE[backend] is not None:
+            continue
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        celoss.cross_entropy(a, y, backend=backend).backward()
+        F.cross_entropy(b, y).backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(target=torch.softmax(torch.randn(4, 5), 1), ignore_index=3), RuntimeError, "ignore_index"),
+    (dict(weight=torch.rand(5, requires_grad=True)), RuntimeError, "weight"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(ignore_index=2 ** 63), ValueError, "int64"),
+])
+def test_issue11_rejected_like_pytorch(kwargs, error, match):
+    kw = dict(input=torch.randn(4, 5, requires_grad=True), target=torch.tensor([0, 1, 2, 3]))
+    kw.update(kwargs)
+    with pytest.raises(error, match=match):
+        celoss.cross_entropy(**kw)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_double_backward_says_once_differentiable(backend):
+    x = torch.randn(4, 5, device=backend_device(backend), requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3], device=x.device)
+    (g,) = torch.autograd.grad(celoss.cross_entropy(x, y, backend=backend), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        g.sum().backward()
+
+
+def test_issue11_module_typo_fails_at_construction():
+    with pytest.raises(TypeError, match="z_los"):
+        celoss.CrossEntropyLoss(z_los=1e-4)
+    assert celoss.CrossEntropyLoss(z_loss=1e-4).extras == {"z_loss": 1e-4}
+
+
+def test_issue15_class_dim_hint_for_sequence_logits():
+    with pytest.raises(ValueError, match="transpose"):
+        celoss.cross_entropy(torch.randn(2, 3, 11), torch.zeros(2, 3, dtype=torch.long))

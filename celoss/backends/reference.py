@@ -66,6 +66,27 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
         grad_out[rows] = (g * dz).to(grad_out.dtype)
 
 
+def ce_target_grads(logits, soft_target, weight, lse, row_coef, *, grad_target, grad_weight,
+                    label_smoothing, logit_scale, softcap):
+    """d(sum_n coef_n loss_n)/dt_nj = coef_n (1 - eps) w_j (lse_n - z_nj) for probability targets t,
+    and /dw_j = sum_n coef_n t'_nj (lse_n - z_nj) with t' = (1 - eps) t + eps / C."""
+    n, c = logits.shape
+    acc = _acc_dtype(logits)
+    gt = torch.empty_like(soft_target, memory_format=torch.contiguous_format) if grad_target else None
+    gw = torch.zeros(c, dtype=acc, device=logits.device) if grad_weight else None
+    for rows in _row_chunks(n, c):
+        z, _ = transform(logits[rows], logit_scale, softcap)
+        nlp = lse[rows].to(acc).unsqueeze(1) - z  # -log p
+        k = (row_coef if row_coef.numel() == 1 else row_coef[rows].unsqueeze(1)).to(acc)
+        if gt is not None:
+            g = k * (1 - label_smoothing) * nlp
+            gt[rows] = (g if weight is None else g * weight.to(acc)).to(gt.dtype)
+        if gw is not None:
+            t = soft_target[rows].to(acc) * (1 - label_smoothing) + label_smoothing / c
+            gw += (k * t * nlp).sum(0)
+    return gt, (None if gw is None else gw.to(weight.dtype))
+
+
 def _soft_target_rows(z, lse, t, weight, label_smoothing, z_loss):
     """Loss and dloss/dz for probability targets (t already in z's dtype)."""
     c = z.shape[1]
@@ -105,8 +126,11 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
             g = a.unsqueeze(1) * torch.exp(z - row_lse.unsqueeze(1)) - d.unsqueeze(1) * _weights(weight, c, z)
             g.scatter_add_(1, safe_t.unsqueeze(1), -b.unsqueeze(1))
         if grad_out is not None:
-            row_coef = coef if coef.numel() == 1 else coef[rows].unsqueeze(1)
-            grad_out[rows] = (g * dz * row_coef.to(acc)).to(grad_out.dtype)
+            row_coef = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
+            g = g * dz * row_coef
+            if soft_target is None:  # ignored rows: exact zeros, whatever the coefficient or logits
+                g = torch.where(counted.unsqueeze(1), g, 0.0)
+            grad_out[rows] = g.to(grad_out.dtype)
     return loss, lse
 
 
