@@ -143,6 +143,8 @@ class _SoftmaxLoss(torch.autograd.Function):
             ctx.save_for_backward(logits, target, soft_target, weight, lse)
         ctx.coef, ctx.inplace, ctx.backend, ctx.options = coef, inplace, backend, options
         ctx.needs_x = needs_x
+        if inplace:  # the logits are overwritten: nothing can flow back through the lse
+            ctx.mark_non_differentiable(lse)
         if reduction == "none":
             loss = loss_rows
         elif reduction == "sum":
@@ -175,11 +177,7 @@ class _SoftmaxLoss(torch.autograd.Function):
                                                   opts["softcap"])
             grad_t = grad_t if ctx.needs_t else None
             grad_w = grad_w if ctx.needs_w else None
-        if grad_lse is not None and ctx.needs_x:
-            if ctx.inplace:
-                raise RuntimeError("celoss: the gradient of the returned lse can't flow with "
-                                   "inplace_backward=True (the logits were overwritten); use "
-                                   "inplace_backward=False")
+        if grad_lse is not None and ctx.needs_x and not ctx.inplace:
             zeros = torch.zeros_like(grad_lse, dtype=lse.dtype)
             coefs = torch.stack([grad_lse.to(lse.dtype), zeros, zeros], dim=1)
             extra = _ops.ce_grad(saved, target if target is not None else torch.zeros_like(lse, dtype=torch.int64),
@@ -266,14 +264,44 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   return_z_loss: bool = False, inplace_backward: bool = False, backend: Optional[str] = None):
     """Drop-in for ``torch.nn.functional.cross_entropy`` (class dimension 1), on online-softmax kernels.
 
+    The N x C probabilities are never stored: each row's statistics (max, sum of exps, target logit)
+    are computed online, and the gradient is formed in the same pass as the loss.
+
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``; float32/float16/bfloat16/float64.
+        target: class indices ``()``, ``(N)`` or ``(N, d1, ..., dK)`` (int64 or uint8), or class
+            probabilities with ``input``'s shape (differentiable, like PyTorch's).
+        weight: ``(C)`` class weights (any sign; a weighted mean divides by their sum over counted
+            targets whatever its sign; differentiable only with probability targets, as in PyTorch).
+        ignore_index: target value that is skipped (index targets only).
+        reduction: ``"mean"`` (weighted), ``"sum"`` or ``"none"``.
+        label_smoothing: in [0, 1].
+
     Extras (keyword-only): ``logit_scale`` multiplies the logits first; ``softcap`` then applies
     ``softcap * tanh(x / softcap)``; ``z_loss`` adds ``z_loss * lse**2`` per counted row, weighted by the
     row's target class weight like the main term (so the weighted mean stays a weighted average);
     ``return_lse`` / ``return_z_loss`` return ``CrossEntropyOutput(loss, lse, z_loss)`` with the per-row
     lse (differentiable) and the z-loss part of the loss (reduced like the loss, for logging).
-    ``inplace_backward=True`` writes the gradient into the logits' buffer during forward (their
-    values are destroyed; autograd's version counter is bumped so an op that saved them raises
-    instead of silently using the gradient). ``backend``: "triton", "cython", "torch" or None (auto).
+    ``inplace_backward=True`` writes the gradient into the logits' buffer during forward: their values
+    are destroyed, autograd's version counter is bumped (an op that saved them raises instead of
+    silently using the gradient), the returned lse is then not differentiable, and it is refused
+    (RuntimeError) on a leaf that requires grad or a view of one, and on rows sharing memory.
+    ``backend``: "triton", "cython", "torch" or None (automatic by device).
+
+    Edge cases follow PyTorch: every target ignored (or no rows) with ``"mean"`` gives NaN and zero
+    gradients; a zero weighted-mean denominator gives NaN gradients on the counted rows (for
+    target weights of mixed sign that cancel exactly, PyTorch's gradient mixes NaN and +-inf; celoss's
+    is NaN); C = 0 returns what PyTorch returns. The loss is differentiable once (kernels form the
+    first-order gradient directly): a second derivative raises.
+
+    Shape: loss ``()`` or, with ``reduction="none"``, the target's shape (index targets) or
+    ``input``'s shape without dim 1 (probability targets).
+
+    Example::
+
+        >>> logits = torch.randn(8, 32000, requires_grad=True)
+        >>> target = torch.randint(0, 32000, (8,))
+        >>> celoss.cross_entropy(logits, target, label_smoothing=0.1).backward()
     """
     softcap = _checks.positive_or_none("softcap", softcap)
     label_smoothing = _checks.probability("label_smoothing", label_smoothing)

@@ -524,3 +524,16 @@ def test_issue11_module_typo_fails_at_construction():
 def test_issue15_class_dim_hint_for_sequence_logits():
     with pytest.raises(ValueError, match="transpose"):
         celoss.cross_entropy(torch.randn(2, 3, 11), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_issue15_compile_fullgraph_inplace_backward():
+    h = torch.randn(8, 33, requires_grad=True)
+    y = torch.randint(0, 33, (8,))
+    compiled = torch.compile(lambda v: celoss.cross_entropy(v * 2, y, inplace_backward=True), fullgraph=True)
+    loss = compiled(h)
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 * 2, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
