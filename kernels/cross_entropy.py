@@ -210,7 +210,10 @@ def _ce_fused_kernel(
     else:
         y = tl.load(target_ptr + row)
         counted = y != ignore_index
-        y = tl.where(counted, y, 0).to(tl.int32)  # a valid class (< C < 2^31): int32 compares
+        # an out-of-range target (the host check is skipped while a CUDA graph is captured) reads
+        # class 0 and makes the row's loss NaN: never an out-of-bounds read
+        bad_target = counted & ((y < 0) | (y >= C))
+        y = tl.where(counted & (y >= 0) & (y < C), y, 0).to(tl.int32)  # valid (< C < 2^31): int32 compares
         y_out = tl.where(counted, y, -1)  # the class left out of pass 1 (none if ignored)
     NEED_LIN: tl.constexpr = HAS_SOFT_TARGET or (HAS_SMOOTHING and not IS_FOCAL)
 
@@ -272,7 +275,7 @@ def _ce_fused_kernel(
         # target element of dloss/dz: A p_y - B - D w_y without the 1 - p_y cancellation
         g_y = (a - b) * p_y - b * omp - d * w_y
         # ignored rows: exact zeros, whatever their logits (0 * inf / NaN would not be)
-        loss = tl.where(counted, loss, 0.0)
+        loss = tl.where(bad_target, float("nan"), tl.where(counted, loss, 0.0))
         a = tl.where(counted, a, 0.0)
         g_y = tl.where(counted, g_y, 0.0)
     tl.store(loss_ptr + row, loss)
