@@ -3,7 +3,7 @@
 The statistics of a row (or of any block of its classes) are ``(max, sumexp, target_z,
 weighted_z)`` -- see :mod:`celoss.backends`. They merge exactly across class blocks, chunks and
 ranks, so every path in celoss (fused kernels, chunked linear cross-entropy, vocab-parallel) reduces
-to: compute block statistics, :func:`merge` them, turn them into a loss and gradient coefficients
+to: compute block statistics, :func:`merge_all` them, turn them into a loss and gradient coefficients
 with :func:`coefficients`.
 
 Math (z = transformed logits, p = softmax(z), lse = log sum exp z, w = class weights or 1,
@@ -33,16 +33,11 @@ import torch
 NUM_STATS = 4  # max, sumexp, target_z, weighted_z
 
 
-def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Merge two (..., 4) row-statistics tensors of disjoint class blocks of the same rows."""
-    m = torch.maximum(a[..., 0], b[..., 0])
-    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = a[..., 1] * torch.exp(a[..., 0] - safe_m) + b[..., 1] * torch.exp(b[..., 0] - safe_m)
-    return torch.stack([m, s, a[..., 2] + b[..., 2], a[..., 3] + b[..., 3]], dim=-1)
-
-
 def merge_all(stats: torch.Tensor) -> torch.Tensor:
-    """Merge (K, N, 4) statistics of K class blocks (or ranks) into (N, 4)."""
+    """Merge (K, N, 4) statistics of K disjoint class blocks (or ranks) of the same rows into (N, 4).
+
+    The sums rescale to the common max; a row whose max is +-inf or NaN shifts by 0 instead (the
+    "safe shift" every kernel uses too), so exp never sees inf - inf."""
     m = stats[..., 0].amax(dim=0)
     safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = (stats[..., 1] * torch.exp(stats[..., 0] - safe_m)).sum(dim=0)

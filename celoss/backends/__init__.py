@@ -13,7 +13,7 @@ For a row of logits ``x`` (any block of its classes), with the transformed logit
 the *row statistics* are ``(max, sumexp, target_z, weighted_z)``:
 ``max = max_j z_j``, ``sumexp = sum_j exp(z_j - max)``, ``target_z = z_y`` if the target class
 ``y`` falls in this block else 0, ``weighted_z = sum_j w_j z_j`` (w = 1 without class weights).
-Blocks, chunks and ranks merge them exactly (``celoss.stats.merge``); ``lse = max + log(sumexp)``.
+Blocks, chunks and ranks merge them exactly (``celoss.stats.merge_all``); ``lse = max + log(sumexp)``.
 
 Gradient in coefficient form
 ----------------------------
