@@ -3,18 +3,25 @@ ever holding the N x V logits.
 
 Two engines, both built on the per-row statistics of :mod:`celoss.stats`:
 
-* **Chunked (CPU, and any backend without fused linear kernels).** The counted rows are processed
-  in chunks whose logits workspace never exceeds ``chunk_bytes`` (default
-  :data:`DEFAULT_CHUNK_BYTES` = 256 MB): ``L = X_c W^T (+ b)`` by BLAS into one reused buffer, then
-  the backend's fused row kernel (``celoss::ce_forward_inplace``) overwrites ``L`` with
-  ``coef * dloss/dlogits``, and ``dX_c = L W``, ``dW += L^T X_c``, ``db += sum_rows L``. With
-  reduction "mean"/"sum" this runs in forward (three matrix products in all) and backward only
-  rescales the saved gradients by ``grad_output``; with reduction "none" (a per-row upstream
-  gradient) or a returned lse, forward computes the loss only and backward recomputes.
-* **Fused (Triton).** ``lce_stats`` computes partial row statistics of logit tiles (``tl.dot``)
-  merged with :func:`celoss.stats.merge_all`; backward recomputes logit tiles and accumulates dX,
-  dW, db in float32 from the row coefficients of :func:`celoss.stats.coefficients`, with optional
-  gradient filtering (``filter_eps``). See ``celoss/kernels/linear_cross_entropy.py``.
+* **Chunked (the default, every device and backend).** The counted rows are processed in chunks
+  whose logits workspace never exceeds ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES` =
+  256 MB): ``L = X_c W^T (+ b)`` by one matrix product (BLAS on CPU, cuBLAS on CUDA) into one
+  reused buffer, then the backend's row kernel (``celoss::ce_forward_inplace``: Cython, plain
+  PyTorch or Triton) overwrites ``L`` with ``coef * dloss/dlogits``, and ``dX_c = L W``,
+  ``dW += L^T X_c``, ``db += sum_rows L`` (``addmm``-style products: no atomics). With reduction
+  "mean"/"sum" this runs in forward (three matrix products in all) and backward only rescales the
+  saved gradients by ``grad_output``; with reduction "none" (a per-row upstream gradient), a
+  returned lse, float64 inputs or ``allow_retain_graph``, forward computes the loss only and
+  backward recomputes.
+* **Fused (Triton, ``engine="fused"``).** ``lce_stats`` computes partial row statistics of logit
+  tiles (``tl.dot``) merged with :func:`celoss.stats.merge_all`; backward recomputes logit tiles and
+  accumulates dX, dW, db in float32 from the row coefficients of :func:`celoss.stats.coefficients`,
+  with optional gradient filtering (``filter_eps``). No logits workspace at all, but its backward
+  accumulates with atomics. See ``celoss/kernels/linear_cross_entropy.py``.
+
+Both engines run inside two custom ops (``celoss::lce_forward`` / ``celoss::lce_backward``), so
+``torch.compile`` sees two opaque ops with shape-only fake implementations: the data-dependent
+parts (compaction of the ignored rows, the chunk loop, target checks) stay in eager code.
 
 Rows whose target is ``ignore_index`` are compacted away before any matrix product (unless
 ``return_lse`` asks for every row's lse). ``shift=True`` maps output row ``r`` of a
@@ -23,19 +30,22 @@ states) and reads its label from ``target[..., 1:]``.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _checks, _dispatch, _ops
 from . import stats as S
+from ._autograd import once_differentiable
 from .cross_entropy import CrossEntropyOutput, counted_weight
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # logits workspace of the chunked engine (bytes)
 _LOWP_ACC_BYTES = 16 << 20       # bound of the per-slice temporary of a low-precision dW update
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ENGINES = ("chunked", "fused")
+_NAME = "celoss.linear_cross_entropy"
 
 
 class _Rows(NamedTuple):
@@ -44,6 +54,26 @@ class _Rows(NamedTuple):
     tgt: Tensor             # (M,) int64 targets
     proc: Optional[Tensor]  # (M,) int64 output positions; None: all n_out rows, in order
     n_out: int
+
+
+class _Plan(NamedTuple):
+    """The non-tensor arguments of the custom ops (constants to torch.compile), in their order."""
+    backend: str
+    engine: str             # "chunked" or "fused"
+    ignore_index: int
+    label_smoothing: float
+    logit_scale: float
+    softcap: Optional[float]
+    z_loss: float
+    seq_len: int            # T with shift=True, else 0
+    keep_all: bool          # process ignored rows too (return_lse: every row's lse)
+    chunk_bytes: int
+    chunk_rows: int         # rows per chunk (options.batch_chunk_size); 0: from chunk_bytes
+    filter_eps: Optional[float]
+
+    def opts(self) -> dict:
+        return dict(ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                    logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss, focal_gamma=None)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,6 +98,8 @@ def _row_coefs(lse: Tensor, tgt: Tensor, weight, num_classes: int, opts: dict) -
 
 
 def _scaled_coefs(lse, tgt, weight, num_classes, opts, scale, grad_lse):
+    """Row coefficients times the per-row upstream scale (already 0 on ignored rows), plus the
+    returned lse's gradient (which flows for every row)."""
     coefs = _row_coefs(lse, tgt, weight, num_classes, opts) * scale.to(lse.dtype).reshape(-1, 1)
     if grad_lse is not None:
         coefs[:, 0] += grad_lse.to(lse.dtype)
@@ -75,18 +107,23 @@ def _scaled_coefs(lse, tgt, weight, num_classes, opts, scale, grad_lse):
 
 
 # ------------------------------------------------------------------------------------------------
-# Chunked engine: BLAS products + the backend's row kernels
+# Chunked engine: library matrix products + the backend's row kernels
 # ------------------------------------------------------------------------------------------------
 
 class _ChunkedEngine:
-    """Row chunks bounded by ``chunk_bytes``; products by torch (BLAS), rows by ``backend``."""
+    """Row chunks bounded by ``chunk_bytes`` (or of ``chunk_rows`` rows); products by torch (BLAS /
+    cuBLAS), rows by ``backend``'s row kernel."""
     fuses = True
 
-    def __init__(self, backend: str, weight, opts: dict, chunk_bytes: int):
-        self.backend, self.weight, self.opts, self.chunk_bytes = backend, weight, opts, chunk_bytes
+    def __init__(self, backend: str, weight, opts: dict, chunk_bytes: int, chunk_rows: int = 0):
+        self.backend, self.weight, self.opts = backend, weight, opts
+        self.chunk_bytes, self.chunk_rows = chunk_bytes, chunk_rows
 
     def _step(self, x2d, w, buffers: int) -> int:
-        """Rows per chunk: `buffers` logits-sized buffers plus gathered rows within chunk_bytes."""
+        """Rows per chunk: ``chunk_rows`` if set, else as many as fit `buffers` logits-sized buffers
+        plus the gathered rows within chunk_bytes."""
+        if self.chunk_rows:
+            return self.chunk_rows
         v, d = w.shape
         per_row = x2d.element_size() * (buffers * v + 2 * d)
         return max(1, self.chunk_bytes // max(per_row, 1))
@@ -159,17 +196,18 @@ class _ChunkedEngine:
         return loss, lse, (_finish(out, w, b) if grads else None)
 
     def backward(self, x2d, w, b, rows: _Rows, lse, scale, grad_lse, need):
-        """Gradients of ``sum_n scale_n loss_n + grad_lse_n lse_n`` by recomputing the logits."""
+        """Gradients of ``sum_n scale_n loss_n + grad_lse_n lse_n`` (``scale`` (M,)) by recomputing
+        the logits."""
         opts = self.opts
-        if grad_lse is None and x2d.dtype != torch.float64:  # (the in-place kernel takes a float32 scale)
+        if grad_lse is None and x2d.dtype != torch.float64:  # (float64 keeps a float64 scale below)
             def make_grad(logits, s, e):
-                c = scale if scale.numel() == 1 else scale[s:e]
-                _ops.ce_forward_inplace(logits, rows.tgt[s:e], None, self.weight, c, self.backend, **opts)
+                _ops.ce_forward_inplace(logits, rows.tgt[s:e], None, self.weight, scale[s:e].contiguous(),
+                                        self.backend, **opts)
                 return logits
             return _finish(self._pass(x2d, w, b, rows, need, make_grad), w, b)
 
         v = w.shape[0]
-        coefs = _scaled_coefs(lse, rows.tgt, self.weight, v, opts, scale.expand(lse.shape[0]), grad_lse)
+        coefs = _scaled_coefs(lse, rows.tgt, self.weight, v, opts, scale, grad_lse)
 
         def make_grad_lse(logits, s, e):
             return _ops.ce_grad(logits, rows.tgt[s:e], self.weight, lse[s:e], coefs[s:e], self.backend,
@@ -179,9 +217,12 @@ class _ChunkedEngine:
 
 def _contiguous_rows(src, s, e):
     """Rows [s, e) of the processed set as a slice of the hidden states when they are one
-    contiguous run (always without a row map), else the int64 index tensor."""
+    contiguous run (always without a row map), else the int64 index tensor. Off the CPU a row map
+    is always gathered: asking whether the run is contiguous would stop the host every chunk."""
     if src is None:
         return slice(s, e)
+    if src.device.type != "cpu":
+        return src[s:e]
     idx = src[s:e]
     first, last = int(idx[0]), int(idx[-1])
     if last - first == e - s - 1:  # src is strictly increasing
@@ -189,16 +230,29 @@ def _contiguous_rows(src, s, e):
     return idx
 
 
+_MIXED_GEMM = {"cuda": True}  # device types whose fp16/bf16 GEMMs may write float32 (torch >= 2.8 on CUDA)
+
+
 def _accumulate_dw(dw: Tensor, g: Tensor, xc: Tensor, first: bool) -> None:
     """dw (+)= g^T xc (``first``: dw is uninitialised), with float32 accumulation across chunks for
-    fp16/bf16 (the product of one chunk is rounded once, in vocabulary slices that bound its
-    temporary)."""
+    fp16/bf16. On CUDA one cuBLAS GEMM accumulates in float32 straight into the float32 dw
+    (``addmm`` with ``out_dtype``, beta = 1); elsewhere the product of one chunk is rounded once, in
+    vocabulary slices that bound its temporary, and added."""
     if dw.dtype == g.dtype:
         if first:
             torch.mm(g.t(), xc, out=dw)
         else:
             dw.addmm_(g.t(), xc)
         return
+    if _MIXED_GEMM.get(dw.device.type, False):
+        try:
+            if first:
+                torch.mm(g.t(), xc, out_dtype=dw.dtype, out=dw)
+            else:
+                torch.addmm(dw, g.t(), xc, out_dtype=dw.dtype, out=dw)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # an older torch: no mixed-output GEMM
+            _MIXED_GEMM[dw.device.type] = False
     v, d = dw.shape
     step = max(1, _LOWP_ACC_BYTES // max(d * g.element_size(), 1))
     for s in range(0, v, step):
@@ -220,7 +274,7 @@ def _finish(grads, w, b):
 # ------------------------------------------------------------------------------------------------
 
 class _FusedEngine:
-    """Logit tiles never leave the kernels (Triton)."""
+    """Logit tiles never leave the kernels (Triton); backward accumulates with atomics."""
     fuses = False  # backward recomputes tiles; nothing to precompute in forward
 
     def __init__(self, module, weight, opts: dict, filter_eps):
@@ -240,7 +294,7 @@ class _FusedEngine:
         o = self.opts
         m = rows.tgt.shape[0]
         v, d = w.shape
-        scale = scale.to(torch.float32).expand(m).contiguous()
+        scale = scale.to(torch.float32).contiguous()
         coefs = _scaled_coefs(lse, rows.tgt, self.weight, v, o, scale, grad_lse).contiguous()
         thresholds = None
         if self.filter_eps is not None:
@@ -264,92 +318,197 @@ class _FusedEngine:
 
 
 # ------------------------------------------------------------------------------------------------
+# Custom ops: the engines behind opaque ops (eager inside, shapes only to torch.compile)
+# ------------------------------------------------------------------------------------------------
+
+def _plan_rows(labels: Tensor, seq_len: int, ignore_index: int, keep_all: bool) -> _Rows:
+    """The processed rows of the output rows ``labels`` (already shifted when ``seq_len``)."""
+    n_out = labels.shape[0]
+    proc = None
+    if not keep_all and n_out:
+        counted = labels != ignore_index
+        if not bool(counted.all()):
+            proc = counted.nonzero().squeeze(1)
+    tgt = labels if proc is None else labels[proc]
+    src = proc  # rows of the flattened hidden states
+    if seq_len and n_out:
+        pos = proc if proc is not None else torch.arange(n_out, device=labels.device)
+        src = pos + pos // (seq_len - 1)
+    return _Rows(src, tgt, proc, n_out)
+
+
+def _engine(plan: _Plan, weight):
+    if plan.engine == "fused":
+        return _FusedEngine(_dispatch.module(plan.backend), weight, plan.opts(), plan.filter_eps)
+    return _ChunkedEngine(plan.backend, weight, plan.opts(), plan.chunk_bytes, plan.chunk_rows)
+
+
+def _output_rows(values: Tensor, rows: _Rows) -> Tensor:
+    """Per processed row -> per output row (0 for rows not processed)."""
+    if rows.proc is None:
+        return values
+    return values.new_zeros(rows.n_out).index_copy_(0, rows.proc, values)
+
+
+def _or_empty(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if g is None else g
+
+
+def _zero_grads(x, w, b, need):
+    return tuple(torch.zeros_like(t) if n and t is not None else None for t, n in zip((x, w, b), need))
+
+
+@torch.library.custom_op("celoss::lce_forward", mutates_args=())
+def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, weight: Optional[Tensor],
+                 coef: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool, backend: str,
+                 engine: str, ignore_index: int, label_smoothing: float, logit_scale: float,
+                 softcap: Optional[float], z_loss: float, seq_len: int, keep_all: bool, chunk_bytes: int,
+                 chunk_rows: int, filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-output-row loss and lse (0 where not processed; -inf lse without classes) and, with
+    ``coef`` (chunked engine), the gradients of ``coef * sum(loss)`` (empty where not asked for)."""
+    plan = _Plan(backend, engine, ignore_index, label_smoothing, logit_scale, softcap, z_loss, seq_len,
+                 keep_all, chunk_bytes, chunk_rows, filter_eps)
+    v = w.shape[0]
+    _checks.target_indices(labels, v, ignore_index)
+    need = (need_dx, need_dw, need_db and b is not None)
+    acc = _acc_dtype(x.dtype)
+    if v == 0:  # every row is ignored (checked above): only an lse of -inf to report
+        n = labels.shape[0]
+        grads = _zero_grads(x, w, b, need) if coef is not None else (None,) * 3
+        return (x.new_zeros(n, dtype=acc), x.new_full((n,), -math.inf, dtype=acc),
+                *(_or_empty(g, x) for g in grads))
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all)
+    loss, lse, grads = _engine(plan, weight).forward(x, w, b, rows, coef=coef, need=need)
+    grads = grads or (None,) * 3
+    return (_output_rows(loss, rows), _output_rows(lse, rows), *(_or_empty(g, x) for g in grads))
+
+
+@_lce_forward.register_fake
+def _(x, w, b, labels, weight, coef, need_dx, need_dw, need_db, *plan):
+    n = labels.shape[0]
+    acc = _acc_dtype(x.dtype)
+    grads = coef is not None
+
+    def grad_like(t, needed):
+        return torch.empty_like(t) if grads and needed and t is not None else x.new_empty(0)
+
+    return (x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc), grad_like(x, need_dx), grad_like(w, need_dw),
+            grad_like(b, need_db))
+
+
+@torch.library.custom_op("celoss::lce_backward", mutates_args=())
+def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, weight: Optional[Tensor],
+                  lse: Tensor, scale: Tensor, grad_lse: Optional[Tensor], need_dx: bool, need_dw: bool,
+                  need_db: bool, backend: str, engine: str, ignore_index: int, label_smoothing: float,
+                  logit_scale: float, softcap: Optional[float], z_loss: float, seq_len: int, keep_all: bool,
+                  chunk_bytes: int, chunk_rows: int, filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_n scale_n loss_n + grad_lse_n lse_n`` over the output rows (``scale``: one
+    value or one per output row; ``lse`` as returned by ``lce_forward``) by recomputing the logits."""
+    plan = _Plan(backend, engine, ignore_index, label_smoothing, logit_scale, softcap, z_loss, seq_len,
+                 keep_all, chunk_bytes, chunk_rows, filter_eps)
+    need = (need_dx, need_dw, need_db and b is not None)
+    if w.shape[0] == 0:
+        return tuple(_or_empty(g, x) for g in _zero_grads(x, w, b, need))
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all)
+    m = rows.tgt.shape[0]
+
+    def processed(t):
+        return t if rows.proc is None else t[rows.proc]
+
+    scale = scale.expand(m) if scale.numel() == 1 else processed(scale)
+    # an ignored row's gradient is 0 whatever its upstream gradient or the mean's coefficient (NaN
+    # for a zero denominator), as in PyTorch
+    scale = torch.where(rows.tgt != ignore_index, scale, 0.0).contiguous()
+    gl = None if grad_lse is None else processed(grad_lse).contiguous()
+    grads = _engine(plan, weight).backward(x, w, b, rows, processed(lse).contiguous(), scale, gl, need)
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@_lce_backward.register_fake
+def _(x, w, b, labels, weight, lse, scale, grad_lse, need_dx, need_dw, need_db, *plan):
+    return tuple(torch.empty_like(t) if n and t is not None else x.new_empty(0)
+                 for t, n in zip((x, w, b), (need_dx, need_dw, need_db)))
+
+
+# ------------------------------------------------------------------------------------------------
 # Autograd
 # ------------------------------------------------------------------------------------------------
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, w, b, rows, engine, reduction, denom, return_lse, grad_enabled):
+    def forward(ctx, x2d, w, b, labels, weight, coef, plan, reduction, denom, return_lse, grad_enabled, retain):
         ctx.set_materialize_grads(False)
         need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
-        fused = any(need) and engine.fuses and reduction != "none" and not return_lse
+        # gradients formed in forward unless backward must recompute anyway (per-row upstream
+        # gradient, returned lse), may run twice (retain), or float64 wants a float64 scale
+        fused = (any(need) and plan.engine == "chunked" and reduction != "none" and not return_lse
+                 and not retain and x2d.dtype != torch.float64)
         if fused:
-            # backends take a float32 coef: float64 gradients are formed unscaled, scaled in backward
-            exact = x2d.dtype == torch.float64
-            den = denom.to(_acc_dtype(x2d.dtype))
-            one = torch.ones((), dtype=den.dtype, device=den.device)
-            coef = torch.where(den > 0, one / den, 0.0) if reduction == "mean" else one
-            fwd_coef = torch.ones(1, dtype=torch.float32, device=x2d.device) if exact else \
-                coef.reshape(1).to(torch.float32)
-            loss_p, lse_p, grads = engine.forward(x2d, w, b, rows, coef=fwd_coef, need=need)
+            loss_rows, lse, *grads = _lce_forward(x2d, w, b, labels, weight, coef.reshape(1).to(torch.float32),
+                                                  *need, *plan)
             # saved (not kept on ctx): without retain_graph autograd releases them right after
             # backward, so AccumulateGrad can adopt the returned tensors without a copy
-            ctx.save_for_backward(*grads)
-            ctx.post_scale = coef.to(torch.float64) if exact else None
+            ctx.save_for_backward(*(g if n else None for g, n in zip(grads, need)))
         else:
-            loss_p, lse_p, _ = engine.forward(x2d, w, b, rows)
+            loss_rows, lse, *_ = _lce_forward(x2d, w, b, labels, weight, None, False, False, False, *plan)
             if any(need):
-                ctx.save_for_backward(x2d, w, b, lse_p)
-        ctx.fused, ctx.rows, ctx.engine, ctx.need, ctx.consumed = fused, rows, engine, need, False
-        ctx.reduction, ctx.denom = reduction, denom
+                ctx.save_for_backward(x2d, w, b, labels, weight, lse, coef)
+        ctx.fused, ctx.plan, ctx.need, ctx.reduction, ctx.consumed = fused, plan, need, reduction, False
         if reduction == "none":
-            loss = loss_p if rows.proc is None else \
-                loss_p.new_zeros(rows.n_out).index_copy_(0, rows.proc, loss_p)
+            loss = loss_rows
         elif reduction == "sum":
-            loss = loss_p.sum()
+            loss = loss_rows.sum()
         else:
-            loss = loss_p.sum() / denom
+            loss = loss_rows.sum() / denom
+            if plan.label_smoothing > 0:  # PyTorch sums two 0/0 terms: NaN, not the +-inf of one
+                loss = torch.where(denom == 0, torch.nan, loss)
         if not return_lse:
-            ctx.mark_non_differentiable(lse_p)
-        return loss, lse_p
+            ctx.mark_non_differentiable(lse)
+        return loss, lse
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable(_NAME)
     def backward(ctx, grad_loss, grad_lse):
-        nothing = (None,) * 6
+        nothing = (None,) * 9
         if ctx.fused:
-            if ctx.consumed:
+            compiling = torch.compiler.is_compiling()  # a traced graph can't keep the `consumed` guard
+            if ctx.consumed and not compiling:  # (before saved_tensors: its version check says less)
                 raise RuntimeError(
-                    "celoss.linear_cross_entropy: backward ran twice through a loss (reduction 'mean'/'sum') "
-                    "whose gradients were formed in forward and handed over (rescaled in place) by the first "
-                    "backward; use reduction='none' (recomputes in backward) to backpropagate through the "
-                    "same graph several times")
+                    f"{_NAME}: backward ran twice through a loss (reduction 'mean'/'sum') whose gradients "
+                    "were formed in forward and handed over (rescaled in place) by the first backward; use "
+                    "reduction='none' or options=torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True) "
+                    "(both recompute in backward) to backpropagate through the same graph several times")
             grads = ctx.saved_tensors
             if grad_loss is None:
                 return (None, None, None) + nothing
-            scale = grad_loss.detach().to(_acc_dtype(grad_loss.dtype)).reshape(1)
-            if ctx.post_scale is not None:
-                scale = scale * ctx.post_scale
-            if ctx.post_scale is not None:  # float64: repeatable (gradcheck), returns scaled copies
-                return tuple(None if g is None else g * scale for g in grads) + nothing
+            if compiling:
+                return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads) + nothing
             ctx.consumed = True
             for g in grads:
                 if g is not None:
-                    _ops.scale_(g, scale)  # skipped when the scale is 1 (plain loss.backward())
+                    _ops.scale_(g, grad_loss)  # skipped when the scale is 1 (plain loss.backward())
             return tuple(grads) + nothing
         if grad_loss is None and grad_lse is None:
             return (None, None, None) + nothing
-        x2d, w, b, lse_p = ctx.saved_tensors
-        rows = ctx.rows
-        m = rows.tgt.shape[0]
+        x2d, w, b, labels, weight, lse, coef = ctx.saved_tensors
         acc = _acc_dtype(x2d.dtype)
         if grad_loss is None:
-            scale = torch.zeros(m, dtype=acc, device=x2d.device)
+            scale = torch.zeros(1, dtype=acc, device=x2d.device)
         elif ctx.reduction == "none":
             scale = grad_loss.reshape(-1).to(acc)
-            scale = (scale if rows.proc is None else scale[rows.proc]).contiguous()
-        else:
-            scale = grad_loss.reshape(1).to(acc)
-            if ctx.reduction == "mean":
-                scale = torch.where(ctx.denom > 0, scale / ctx.denom, 0.0).reshape(1).to(acc)
-        gl = None if grad_lse is None else grad_lse.reshape(-1).contiguous()
-        dx, dw, db = ctx.engine.backward(x2d, w, b, rows, lse_p, scale, gl, ctx.need)
-        return (dx, dw, db) + nothing
+        else:  # coef: 1 for "sum", d(mean)/d(row loss) for "mean"
+            scale = (grad_loss.to(acc) * coef).reshape(1)
+        gl = None if grad_lse is None else grad_lse.reshape(-1)
+        grads = _lce_backward(x2d, w, b, labels, weight, lse, scale, gl, *ctx.need, *ctx.plan)
+        return tuple(g if n else None for g, n in zip(grads, ctx.need)) + nothing
 
 
 # ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
+
+_INDEX_DTYPES = (torch.int64, torch.uint8)  # what torch.nn.functional.cross_entropy accepts
+
 
 def _check_args(input, linear_weight, target, linear_bias, shift):
     _checks.floating("input", input)
@@ -363,8 +522,6 @@ def _check_args(input, linear_weight, target, linear_bias, shift):
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (the features)")
     v, d = linear_weight.shape
-    if v == 0:
-        raise ValueError("linear_weight must have at least one row (class)")
     if input.shape[-1] != d:
         raise ValueError(f"input has {input.shape[-1]} features (last dimension of shape "
                          f"{tuple(input.shape)}) but linear_weight expects {d} (shape {tuple(linear_weight.shape)})")
@@ -384,10 +541,9 @@ def _check_args(input, linear_weight, target, linear_bias, shift):
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.dtype.is_floating_point:
-        raise TypeError("celoss.linear_cross_entropy takes class-index targets (int64); probability "
-                        "targets are not supported")
-    if target.dtype != torch.int64:
-        raise TypeError(f"class-index targets must be int64 (torch.long), got {target.dtype}")
+        raise TypeError(f"{_NAME} takes class-index targets (int64); probability targets are not supported")
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"class-index targets must be int64 (torch.long) or uint8, got {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"expected target of shape {tuple(input.shape[:-1])} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
@@ -396,40 +552,67 @@ def _check_args(input, linear_weight, target, linear_bias, shift):
                          f"target (..., T); got input of shape {tuple(input.shape)}")
 
 
-def _plan_rows(target: Tensor, shift: bool, ignore_index: int, keep_all: bool):
-    """(rows, labels of every output row, unreduced output shape)."""
-    if shift:
-        t_len = target.shape[-1]
-        labels = target[..., 1:].reshape(-1)
-        out_shape = tuple(target.shape[:-1]) + (max(t_len - 1, 0),)
-    else:
-        labels = target.reshape(-1)
-        out_shape = tuple(target.shape)
-    n_out = labels.numel()
-    proc = None
-    if not keep_all and n_out:
-        counted = labels != ignore_index
-        if not bool(counted.all()):
-            proc = counted.nonzero().squeeze(1)
-    tgt = labels.contiguous() if proc is None else labels[proc]
-    src = proc  # rows of the flattened hidden states
-    if shift:
-        pos = proc if proc is not None else torch.arange(n_out, device=target.device)
-        src = pos + pos // (target.shape[-1] - 1) if n_out else pos
-    return _Rows(src, tgt, proc, n_out), labels, out_shape
+def _read_options(options, n: int, d: int, v: int) -> tuple[int, bool]:
+    """(rows per chunk, 0 for the chunk_bytes bound; allow_retain_graph) of a
+    ``torch.nn.LinearCrossEntropyOptions``."""
+    if options is None:
+        return 0, False
+    cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if cls is None or not isinstance(options, cls):
+        raise TypeError(f"options must be None or a torch.nn.LinearCrossEntropyOptions (PyTorch >= 2.13), got "
+                        f"{type(options).__name__}")
+    rows = options.batch_chunk_size or 0
+    method = options.chunking_method
+    if not rows and method not in (None, "auto") and n:
+        # PyTorch's "aspect_ratio[:k]": a chunk's logits about as large as the input, over k
+        factor = int(method.partition(":")[2] or 1)
+        target = -(-n // -(-v // max(d, 1)))
+        rows = max(1, min((1 << (target - 1).bit_length()) // factor, n))
+    return rows, bool(options.allow_retain_graph)
+
+
+def _select_engine(backend: str, dtype: torch.dtype, engine: Optional[str]) -> str:
+    if engine is None or engine == "chunked":
+        return "chunked"
+    if engine != "fused":
+        raise ValueError(f"engine must be None, 'chunked' or 'fused', got {engine!r}")
+    if not hasattr(_dispatch.module(backend), "lce_stats"):
+        raise ValueError(f"engine='fused' needs the triton backend's fused kernels; backend {backend!r} has "
+                         f"none (use engine='chunked')")
+    if dtype not in _FUSED_DTYPES:
+        raise TypeError(f"engine='fused' takes float32, float16 or bfloat16 inputs, got {dtype} "
+                        f"(use engine='chunked')")
+    return "fused"
+
+
+def _mean_coef(labels: Tensor, denom: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """d(reduced loss)/d(row loss): 1 for "sum"; for "mean" 1/denom whatever its sign, NaN for a zero
+    denominator with counted rows (PyTorch: 0/0 in every counted row) and 0 when every row is
+    ignored (PyTorch: zero gradients)."""
+    one = torch.ones((), dtype=denom.dtype, device=denom.device)
+    if reduction != "mean":
+        return one
+    counted = (labels != ignore_index).any()
+    return torch.where(denom != 0, one / denom, torch.where(counted, torch.nan, 0.0))
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
-                         reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
-                         logit_scale: float = 1.0, softcap: Optional[float] = None, z_loss: float = 0.0,
-                         shift: bool = False, return_lse: bool = False, filter_eps: Optional[float] = None,
-                         chunk_bytes: Optional[int] = None, backend: Optional[str] = None):
+                         reduction: str = "mean", ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
+                         options=None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                         z_loss: float = 0.0, shift: bool = False, return_lse: bool = False,
+                         filter_eps: Optional[float] = None, chunk_bytes: Optional[int] = None,
+                         engine: Optional[str] = None, backend: Optional[str] = None):
     """``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N x V logits.
 
     Matches ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) for the arguments they share
-    (class-index targets; values and gradients for ``input``, ``linear_weight``, ``linear_bias``),
-    and also accepts ``input (..., D)`` with ``target (...)`` (e.g. ``(B, T, D)`` / ``(B, T)``).
+    (class-index targets, int64 or uint8; values and gradients for ``input``, ``linear_weight``,
+    ``linear_bias``; ``ignore_index=None`` means -100), edges included: class weights of any sign
+    (a "mean" divides by the counted rows' target-weight sum whatever its sign; a zero sum gives
+    NaN gradients in the counted rows, as PyTorch's 0/0; an all-ignored "mean" is NaN with zero
+    gradients), D = 0 (logits = bias), N = 0, V = 0 (every row then must be ignored). It also
+    accepts ``input (..., D)`` with ``target (...)`` (e.g. ``(B, T, D)`` / ``(B, T)``). A class
+    ``weight`` that requires grad is refused (as PyTorch: the loss is not differentiable in it).
 
     Extras (as in :func:`celoss.cross_entropy`): ``logit_scale``, then ``softcap``
     (``softcap * tanh(x / softcap)``), then softmax; ``z_loss`` adds ``z_loss * lse**2`` per counted
@@ -442,65 +625,83 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     as ``input.reshape(-1, D)`` is a view, e.g. any contiguous input).
 
     Rows whose target is ``ignore_index`` cost no matrix-product work (they are compacted away;
-    with ``return_lse`` every row is computed, since every row's lse is returned). An all-ignored
-    "mean" is NaN with zero gradients, as in PyTorch.
+    with ``return_lse`` every row is computed, since every row's lse is returned).
 
-    Gradients: with reduction "mean"/"sum" (and no ``return_lse``) the chunked (CPU) engine forms
-    them during forward and backward only rescales them, so a second backward through the same
-    graph raises (except in float64); reduction "none" recomputes in backward and supports any
-    per-row upstream gradient and repeated backward.
+    Gradients: with reduction "mean"/"sum" (and no ``return_lse``) the chunked engine forms them
+    during forward and backward only rescales them, so a second backward through the same graph
+    raises (except in float64, or with ``allow_retain_graph``); reduction "none" recomputes in
+    backward and supports any per-row upstream gradient and repeated backward. celoss losses are
+    differentiable once (double backward raises; use the plain PyTorch composition for that).
 
-    ``filter_eps``: None (default) computes exact gradients. A float enables gradient filtering in
-    the fused (Triton) kernels: a (rows x vocabulary) tile whose every ``|dloss/dz|`` (before the
-    upstream / mean scaling; ``|softmax - onehot|`` for plain cross-entropy) is at most
-    ``filter_eps`` contributes nothing to the gradients. Each skipped element changes a gradient
-    by at most ``filter_eps`` times the row's scale times ``|W|`` (or ``|X|``). Cut Cross-Entropy's
-    default, ``2**-12`` (bf16's epsilon / 32), is below the rounding of a bf16 gradient element;
-    for a confident model most tiles are skipped and the backward cost falls towards the
-    recomputation of the logit tiles -- so runtime then depends on the data. Not measured on a
-    GPU here yet. CPU (chunked) paths ignore it: BLAS gains nothing from sparse tiles, and their
-    gradients stay exact.
+    ``options``: None or a ``torch.nn.LinearCrossEntropyOptions`` (PyTorch >= 2.13), as in
+    ``torch.nn.functional.linear_cross_entropy``. Here: ``batch_chunk_size`` sets the rows per chunk
+    of the chunked engine (overriding ``chunk_bytes``); ``chunking_method="aspect_ratio[:k]"``
+    (without ``batch_chunk_size``) picks it by PyTorch's formula, ``"auto"``/None leave it to
+    ``chunk_bytes``; ``allow_retain_graph=True`` makes "mean"/"sum" recompute in backward, so the
+    graph can be backpropagated several times; ``acc_policy`` and ``acc_dtype`` are ignored: celoss
+    always accumulates in float32 (float64 for float64 inputs) and rounds each chunk's dW product
+    once. The fused engine has no chunks and ignores ``batch_chunk_size`` / ``chunking_method``.
+
+    ``engine``: None or "chunked" (the default on every device: logits of a chunk of rows by one
+    matrix product, the backend's row kernel in place on them, dX and dW by matrix products), or
+    "fused" (triton backend only: the Triton kernels that never write logits; smallest memory, but
+    their backward accumulates with atomics).
+
+    ``filter_eps`` (fused engine only; the chunked engine ignores it and stays exact): None
+    (default) computes exact gradients. A float enables gradient filtering: a (rows x vocabulary)
+    tile whose every ``|dloss/dz|`` (before the upstream / mean scaling; ``|softmax - onehot|``
+    for plain cross-entropy) is at most ``filter_eps`` contributes nothing to the gradients. Each
+    skipped element changes a gradient by at most ``filter_eps`` times the row's scale times
+    ``|W|`` (or ``|X|``); a tile holding a NaN is never skipped. Cut Cross-Entropy's default,
+    ``2**-12`` (bf16's epsilon / 32), is below the rounding of a bf16 gradient element; for a
+    confident model most tiles are skipped and the backward cost falls towards the recomputation
+    of the logit tiles -- so runtime then depends on the data. Not measured on a GPU here yet.
 
     ``chunk_bytes``: bound of the chunked engine's workspace (the logits of a chunk of rows plus
     their gathered hidden states), default :data:`DEFAULT_CHUNK_BYTES` (256 MB); at least one row.
-    Larger chunks amortise the dW accumulation, smaller ones bound memory. fp16/bf16 inputs on CPU
-    add at most 16 MB for the float32 accumulation of dW.
+    Larger chunks amortise the dW accumulation, smaller ones bound memory. fp16/bf16 inputs add at
+    most 16 MB for the float32 accumulation of dW, plus that float32 dW itself.
 
-    ``backend``: "triton", "cython", "torch" or None (auto: CUDA -> triton, CPU -> cython).
+    ``backend``: "triton", "cython", "torch" or None (auto: CUDA -> triton, CPU -> cython): the row
+    kernel of the chunked engine.
+
+    Under ``torch.compile`` (``fullgraph=True`` works) the engines are two opaque custom ops.
     """
     _checks.reduction(reduction)
     _check_args(input, linear_weight, target, linear_bias, shift)
     softcap = _checks.positive_or_none("softcap", softcap)
     label_smoothing = _checks.probability("label_smoothing", label_smoothing)
+    ignore_index = _checks.index_value("ignore_index", -100 if ignore_index is None else ignore_index)
     if float(z_loss) < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if filter_eps is not None and not float(filter_eps) >= 0:
         raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps}")
-    if chunk_bytes is None:
-        chunk_bytes = DEFAULT_CHUNK_BYTES
-    if int(chunk_bytes) <= 0:
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{_NAME} is not differentiable with respect to the class weight (as "
+                           f"torch.nn.functional.cross_entropy with class-index targets); pass weight.detach()")
     v, d = linear_weight.shape
     weight = _checks.class_weight(weight, v, input)
-    ignore_index = int(ignore_index)
+    x2d = input.flatten(0, -2) if input.dim() > 1 else input.unsqueeze(0)
+    chunk_rows, retain = _read_options(options, x2d.shape[0], d, v)
     name = _dispatch.resolve(input.device, backend)
+    kind = _select_engine(name, input.dtype, engine)
 
-    rows, labels, out_shape = _plan_rows(target, shift, ignore_index, keep_all=return_lse)
-    _checks.target_indices(labels, v, ignore_index)
-    denom = counted_weight(labels, weight, ignore_index).sum()
-    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, logit_scale=float(logit_scale),
-                softcap=softcap, z_loss=float(z_loss), focal_gamma=None)
-
-    module = _dispatch.module(name)
-    if hasattr(module, "lce_stats") and input.dtype in _FUSED_DTYPES:
-        engine = _FusedEngine(module, weight, opts, None if filter_eps is None else float(filter_eps))
+    if shift:
+        labels, seq_len = target[..., 1:], target.shape[-1]
     else:
-        engine = _ChunkedEngine(name, weight, opts, int(chunk_bytes))
-
-    x2d = input.reshape(-1, d)
-    grad_enabled = torch.is_grad_enabled()
-    loss, lse = _LinearCrossEntropy.apply(x2d, linear_weight, linear_bias, rows, engine, reduction, denom,
-                                          return_lse, grad_enabled)
+        labels, seq_len = target, 0
+    out_shape = tuple(labels.shape)
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
+    acc = _acc_dtype(input.dtype)
+    denom = counted_weight(labels, weight, ignore_index).to(acc).sum()
+    coef = _mean_coef(labels, denom, ignore_index, reduction)
+    plan = _Plan(name, kind, ignore_index, label_smoothing, float(logit_scale), softcap, float(z_loss), seq_len,
+                 bool(return_lse), chunk_bytes, chunk_rows, None if filter_eps is None else float(filter_eps))
+    loss, lse = _LinearCrossEntropy.apply(x2d, linear_weight, linear_bias, labels, weight, coef, plan, reduction,
+                                          denom, return_lse, torch.is_grad_enabled(), retain)
     if reduction == "none":
         loss = loss.reshape(out_shape)
     loss = loss.to(input.dtype)

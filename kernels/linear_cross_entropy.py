@@ -25,7 +25,8 @@ Kernels
                        into A), then accumulates ``dX[src] += g W_tile`` and ``dW += g^T X_tile``
                        (and ``db += sum_rows g``) with float32 atomics, one D block at a time.
                        Gradient filtering (``FILTER``): a tile whose every
-                       ``|A p - B onehot - D w|`` is at most the row's threshold (``eps`` times
+                       ``|A p - B onehot - D w|`` is at most the row's threshold (never one
+                       holding a NaN; ``eps`` times
                        the row's upstream scale, so the test is on the unscaled
                        ``|softmax - onehot|`` of Cut Cross-Entropy) skips its dX/dW/db updates.
 
@@ -259,7 +260,8 @@ def _lce_backward_kernel(
     keep = True
     if FILTER:
         thr = tl.load(thr_ptr + rows, mask=row_mask, other=float("inf"))
-        keep = tl.max(tl.max(tl.where(tl.abs(g) > thr[:, None], 1, 0), axis=1), axis=0) > 0
+        # "not <=" rather than ">": a NaN element (or threshold) keeps the tile, so NaN propagates
+        keep = tl.max(tl.max(tl.where(tl.abs(g) <= thr[:, None], 0, 1), axis=1), axis=0) > 0
     if keep:
         g = g * dz
         if NEED_DB:

@@ -14,19 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import celoss
-from celoss import _dispatch
-from celoss.linear_cross_entropy import linear_cross_entropy
+from celoss.linear_cross_entropy import ENGINES, linear_cross_entropy
 
 from conftest import AVAILABLE, backend_device, backend_params, lowp_error_bound
 
 IGNORE = -100
 ALL_BACKENDS = backend_params("torch", "cython", "triton")
 HAS_F_LCE = hasattr(F, "linear_cross_entropy")
-
-
-def _fused_triton() -> bool:
-    mod = _dispatch.module("triton")
-    return mod is not None and hasattr(mod, "lce_stats")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,21 +107,22 @@ OPTIONS = {
 
 
 def _oracle_cases():
-    """Every option x reduction x backend; on the (slow) Triton interpreter "sum" only for two option
-    sets (it differs from "mean" by the scale alone)."""
+    """Every option x reduction x backend (chunked engine) and the Triton fused engine; on the (slow)
+    Triton interpreter "sum" only for two option sets (it differs from "mean" by the scale alone)."""
     cases = []
-    for p in ALL_BACKENDS:
+    engines = [(p, None) for p in ALL_BACKENDS] + [(p, "fused") for p in backend_params("triton")]
+    for p, engine in engines:
         for reduction in ("mean", "sum", "none"):
             for opt in OPTIONS:
                 if p.id == "triton" and reduction == "sum" and opt not in ("plain", "everything"):
                     continue
-                cases.append(pytest.param(p.values[0], reduction, opt, marks=p.marks,
-                                          id=f"{opt}-{reduction}-{p.id}"))
+                cases.append(pytest.param(p.values[0], engine, reduction, opt, marks=p.marks,
+                                          id=f"{opt}-{reduction}-{p.id}{'-' + engine if engine else ''}"))
     return cases
 
 
-@pytest.mark.parametrize("backend,reduction,opt", _oracle_cases())
-def test_matches_float64_oracle(backend, reduction, opt):
+@pytest.mark.parametrize("backend,engine,reduction,opt", _oracle_cases())
+def test_matches_float64_oracle(backend, engine, reduction, opt):
     o = dict(OPTIONS[opt])
     n, d, v = (37, 21, 101)  # V prime: no block size divides it
     x, w, b, t, cw = make(n, d, v, bias=o.pop("bias", False), ignore=o.pop("ignore", False),
@@ -137,7 +132,8 @@ def test_matches_float64_oracle(backend, reduction, opt):
     go = torch.randn(n) if reduction == "none" else torch.tensor(1.7)
 
     def ours(x_, w_, b_):
-        return linear_cross_entropy(x_, w_, t, linear_bias=b_, backend=backend, chunk_bytes=6000, **kw)
+        return linear_cross_entropy(x_, w_, t, linear_bias=b_, backend=backend, engine=engine, chunk_bytes=6000,
+                                    **kw)
 
     loss, grads = grads_of(ours, (x, w, b), go)
     ref_loss, ref_grads = grads_of(lambda x_, w_, b_: oracle(x_, w_, t, b_, **kw), (x, w, b), go.double())
@@ -364,21 +360,21 @@ def test_module_wrapper():
 # low precision and gradcheck
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,dtype", [
-    *[pytest.param(p.values[0], torch.bfloat16, marks=p.marks, id=f"{p.id}-bf16")
+@pytest.mark.parametrize("backend,engine,dtype", [
+    *[pytest.param(p.values[0], None, torch.bfloat16, marks=p.marks, id=f"{p.id}-bf16")
       for p in backend_params("torch", "cython")],
-    *[pytest.param(p.values[0], torch.float16, marks=p.marks, id=f"{p.id}-fp16")
-      for p in backend_params("triton")],
+    *[pytest.param(p.values[0], engine, torch.float16, marks=p.marks, id=f"{p.id}-{engine}-fp16")
+      for p in backend_params("triton") for engine in ENGINES],
     # bf16 tl.dot is wrong in Triton's interpreter: bf16 kernels are AOT-checked here, run on a GPU
-    *[pytest.param(p.values[0], torch.bfloat16, marks=p.marks, id=f"{p.id}-bf16")
-      for p in backend_params("triton") if torch.cuda.is_available()],
+    *[pytest.param(p.values[0], engine, torch.bfloat16, marks=p.marks, id=f"{p.id}-{engine}-bf16")
+      for p in backend_params("triton") for engine in ENGINES if torch.cuda.is_available()],
 ])
-def test_low_precision_no_worse_than_torch(backend, dtype):
+def test_low_precision_no_worse_than_torch(backend, engine, dtype):
     n, d, v = 33, 24, 89
     x, w, b, t, _ = make(n, d, v, dtype, bias=True, ignore=True, device=backend_device(backend))
     go = torch.tensor(1.0)
     loss, grads = grads_of(lambda x_, w_, b_: linear_cross_entropy(x_, w_, t, linear_bias=b_, backend=backend,
-                                                                   chunk_bytes=4000), (x, w, b), go)
+                                                                   engine=engine, chunk_bytes=4000), (x, w, b), go)
     t_loss, t_grads = grads_of(lambda x_, w_, b_: F.cross_entropy(F.linear(x_, w_, b_), t), (x, w, b), go)
     o_loss, o_grads = grads_of(lambda x_, w_, b_: oracle(x_, w_, t, b_), (x, w, b), go.double())
     assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -404,13 +400,8 @@ def test_gradcheck_float64(backend, reduction):
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton fused path specifics
+# Triton fused engine specifics
 # ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", backend_params("triton"))
-def test_triton_uses_fused_kernels(backend):
-    assert _fused_triton(), "celoss.backends.triton must expose lce_stats / lce_backward"
-
 
 @pytest.mark.parametrize("backend", backend_params("triton"))
 def test_triton_filter_eps(backend):
@@ -421,7 +412,7 @@ def test_triton_filter_eps(backend):
 
     def run(eps):
         return grads_of(lambda x_, w_, b_: linear_cross_entropy(x_, w_, t, linear_bias=b_, backend=backend,
-                                                                filter_eps=eps), (x, w, b), go)
+                                                                engine="fused", filter_eps=eps), (x, w, b), go)
 
     exact_loss, exact = run(None)
     loss0, g0 = run(0.0)  # threshold 0 skips only all-zero tiles: exact

@@ -230,6 +230,23 @@ def test_backward_filtering(dtype):
     assert torch.allclose(dw.double(), gk.t() @ x.double(), atol=tol * 4, rtol=0)
 
 
+def test_backward_filtering_never_skips_nan():
+    """A row whose coefficients are NaN (a 0/0 mean) reaches dX / dW even where every finite
+    element of its tile is below the threshold: filtering never hides a NaN."""
+    n_in, d, v = 16, 16, 32
+    x, w, _, _ = make(n_in, d, v, torch.float32)
+    tgt = torch.zeros(n_in, dtype=torch.long, device=DEVICE)
+    lse = torch.logsumexp(x.double() @ w.double().t(), 1).float()
+    coefs = torch.zeros(n_in, 3, device=DEVICE)
+    coefs[3] = float("nan")
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    dx, dw = torch.zeros(n_in, d, **f32), torch.zeros(v, d, **f32)
+    lk.backward(x, w, None, None, tgt, None, lse, coefs, torch.full((n_in,), 10.0, **f32), dx, dw, None,
+                has_d=False, config=SMALL)
+    assert torch.isnan(dx[3]).all() and torch.isnan(dw).all()
+    assert torch.count_nonzero(torch.nan_to_num(dx, nan=0.0)) == 0
+
+
 def test_rejects_mixed_dtypes():
     x, w, b, _ = make(4, 8, 16, torch.float32)
     with pytest.raises(TypeError):

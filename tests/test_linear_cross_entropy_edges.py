@@ -1,0 +1,349 @@
+"""celoss.linear_cross_entropy at PyTorch's edges (issue 11) on every backend and engine, against
+``F.cross_entropy(F.linear(x, W, b), y)`` in float64; its options, errors, engine selection and
+``torch.compile`` (issue 15; inductor on CPU).
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celoss
+from celoss.linear_cross_entropy import linear_cross_entropy
+
+from conftest import against_oracle, backend_device, backend_params
+
+IGNORE = -100
+lce_mod = importlib.import_module("celoss.linear_cross_entropy")  # (the package attribute is the function)
+
+
+def _engine_params():
+    """(backend, engine) pairs: the chunked engine on every backend, the fused one on triton."""
+    out = [pytest.param(p.values[0], "chunked", marks=p.marks, id=p.id)
+           for p in backend_params("torch", "cython", "triton")]
+    out += [pytest.param(p.values[0], "fused", marks=p.marks, id="triton-fused") for p in backend_params("triton")]
+    return out
+
+
+ENGINES = _engine_params()
+
+
+def _data(n, d, v, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(max(d, 1))
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.3
+    return x.to(dtype).to(device), w.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def _torch_lce(x, w, b, y, **kw):
+    return F.cross_entropy(F.linear(x, w, b), y, **kw)
+
+
+def _compare(backend, engine, x, w, b, y, tol, **kw):
+    """Loss and gradients (random upstream) of celoss vs the float64 composition; non-finite
+    entries must sit in the same places with the same values (NaN, +-inf)."""
+    ours = lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, backend=backend, engine=engine,  # noqa: E731
+                                                   chunk_bytes=3000, **kw)
+    ref_kw = {k: a.double() if isinstance(a, torch.Tensor) else a for k, a in kw.items() if k != "options"}
+    ref = lambda x_, w_, b_: _torch_lce(x_, w_, b_, y, **ref_kw)  # noqa: E731
+    loss, ref_loss, grads, ref_grads = against_oracle(ours, ref, x, w, b)
+    for name, a, r in (("loss", loss, ref_loss),) + tuple(zip(("input", "weight", "bias"), grads, ref_grads)):
+        a = a.double().cpu()
+        r = r.cpu()
+        fin = torch.isfinite(r)
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), f"{name}: NaN pattern differs"
+        assert torch.equal(a[~fin & ~torch.isnan(r)], r[~fin & ~torch.isnan(r)]), f"{name}: inf pattern differs"
+        if fin.any():
+            err = (a[fin] - r[fin]).abs().max().item()
+            assert err <= tol * (1 + r[fin].abs().max().item()), f"{name}: error {err:.3g}"
+    return loss, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 item 1 and 6: weighted-mean denominators of any sign, and zero
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,engine", ENGINES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_issue11_negative_weight_sum_gradients(backend, engine, smoothing):
+    """A negative weighted-mean denominator divides like PyTorch (gradients were all 0)."""
+    dev = backend_device(backend)
+    x, w, b = _data(6, 5, 3, device=dev)
+    y = torch.tensor([0, 1, IGNORE, 0, 2, 1], device=dev)
+    cw = torch.tensor([-1.0, -0.5, 0.25], device=dev)  # target-weight sum -3.25
+    loss, grads = _compare(backend, engine, x, w, b, y, 2e-5, weight=cw, label_smoothing=smoothing)
+    assert loss.item() != 0 and all(g.abs().max() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend,engine", ENGINES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_issue11_zero_denominators(backend, engine, smoothing):
+    """All-zero target weights: NaN loss and NaN gradients in the counted rows (zero in ignored
+    ones), as PyTorch -- with label smoothing too (item 6: NaN, not +inf). All rows ignored: NaN
+    loss, zero gradients."""
+    dev = backend_device(backend)
+    x, w, b = _data(5, 4, 3, device=dev)
+    cw = torch.tensor([0.0, 0.0, 1.5], device=dev)
+    y = torch.tensor([0, IGNORE, 1, 0, IGNORE], device=dev)
+    loss, grads = _compare(backend, engine, x, w, b, y, 0.0, weight=cw, label_smoothing=smoothing)
+    assert math.isnan(loss.item()) and torch.isnan(grads[1]).all()
+    assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))  # an ignored row
+    y = torch.full((5,), IGNORE, device=dev)
+    loss, grads = _compare(backend, engine, x, w, b, y, 0.0, weight=cw, label_smoothing=smoothing)
+    assert math.isnan(loss.item()) and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend,engine", ENGINES)
+def test_issue11_zero_denominator_with_returned_lse(backend, engine):
+    """The recomputing backward (returned lse) keeps ignored rows at exactly zero too."""
+    dev = backend_device(backend)
+    x, w, b = _data(4, 3, 5, device=dev)
+    y = torch.tensor([1, IGNORE, 1, IGNORE], device=dev)
+    cw = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], device=dev)
+    xg = x.clone().requires_grad_()
+    out = linear_cross_entropy(xg, w, y, linear_bias=b, weight=cw, return_lse=True, backend=backend, engine=engine)
+    (out.loss + out.lse.sum()).backward()
+    xr = x.double().clone().requires_grad_()
+    z = F.linear(xr, w.double(), b.double())
+    (F.cross_entropy(z, y, weight=cw.double()) + torch.logsumexp(z, 1).sum()).backward()
+    assert torch.equal(torch.isnan(xg.grad), torch.isnan(xr.grad))
+    assert torch.isnan(xg.grad[0]).all() and torch.allclose(xg.grad[1].double(), xr.grad[1], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 item 5: large finite logits with a scale
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,engine", ENGINES)
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e5), (torch.float64, 1e15)], ids=["fp32", "fp64"])
+def test_issue11_large_scaled_logits_finite(backend, engine, dtype, big):
+    """h = [[1e5, 0]], W = [[1e5, 0], [0, 1]], logit_scale 0.7: logits 7e9 (cython gave NaN)."""
+    if engine == "fused" and dtype == torch.float64:
+        pytest.skip("the fused kernels take fp32/fp16/bf16")
+    dev = backend_device(backend)
+    x = torch.tensor([[big, 0.0], [big, 0.0]], dtype=dtype, device=dev)
+    w = torch.tensor([[big, 0.0], [0.0, 1.0]], dtype=dtype, device=dev)
+    b = torch.zeros(2, dtype=dtype, device=dev)
+    for scale in (0.7, 1.1):
+        y = torch.tensor([0, 1], device=dev)
+        ours = lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, logit_scale=scale,  # noqa: E731
+                                                       reduction="none", backend=backend, engine=engine)
+        ref = lambda x_, w_, b_: F.cross_entropy(F.linear(x_, w_, b_) * scale, y, reduction="none")  # noqa: E731
+        loss, ref_loss, grads, ref_grads = against_oracle(ours, ref, x, w, b)
+        assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), r, rtol=1e-6, atol=1e-6 * r.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 item 7: empty dimensions, options, float64 scale
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,engine", ENGINES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,d,v,ignored", [(3, 0, 5, False), (0, 4, 5, False), (0, 0, 3, False),
+                                           (3, 4, 0, True), (0, 4, 0, False)],
+                         ids=["D0", "N0", "N0D0", "V0", "N0V0"])
+def test_issue11_empty_dims(backend, engine, reduction, n, d, v, ignored):
+    """What F.cross_entropy(F.linear(x, W, b), y) returns (was a reshape error for D = 0)."""
+    dev = backend_device(backend)
+    x, w, b = _data(n, d, v, device=dev)
+    y = torch.full((n,), IGNORE, device=dev) if ignored else torch.arange(n, device=dev) % max(v, 1)
+    for bias in (b, None):
+        xs = [t.clone().requires_grad_() for t in (x, w)] + ([bias.clone().requires_grad_()] if bias is not None else [])
+        loss = linear_cross_entropy(xs[0], xs[1], y, linear_bias=xs[2] if bias is not None else None,
+                                    reduction=reduction, backend=backend, engine=engine)
+        xr = [t.detach().double().requires_grad_() for t in xs]
+        ref = _torch_lce(xr[0], xr[1], xr[2] if bias is not None else None, y, reduction=reduction)
+        assert loss.shape == ref.shape and loss.dtype == x.dtype
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+        if ref.numel():
+            up = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64, device=dev).reshape(ref.shape)
+            g = torch.autograd.grad(loss, xs, up.to(loss.dtype), allow_unused=True)
+            gr = torch.autograd.grad(ref, xr, up, allow_unused=True)
+            for a, r, leaf in zip(g, gr, xs):
+                a = torch.zeros_like(leaf) if a is None else a
+                r = torch.zeros_like(leaf, dtype=torch.float64) if r is None else r
+                assert a.shape == leaf.shape
+                torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+def test_issue11_float64_scale_not_rounded_to_float32(backend):
+    """float64 gradients of a mean over 3 rows (1/3 is not a float32) agree with the float64
+    composition to ~1e-12, for every reduction and a returned lse."""
+    x, w, b = _data(7, 5, 11, torch.float64, seed=3)
+    y = torch.tensor([1, IGNORE, 4, 10, IGNORE, IGNORE, 0])
+    cw = torch.rand(11, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.3
+    for reduction in ("mean", "sum", "none"):
+        _compare(backend, None, x, w, b, y, 1e-12, weight=cw, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyOptions"), reason="PyTorch < 2.13")
+@pytest.mark.parametrize("backend", backend_params("torch", "cython", "triton"))
+def test_issue11_options(backend, monkeypatch):
+    """options=LinearCrossEntropyOptions(...): batch_chunk_size is the rows per chunk,
+    allow_retain_graph makes mean/sum recompute in backward (so backward may run twice)."""
+    dev = backend_device(backend)
+    x, w, b = _data(10, 4, 7, device=dev)
+    y = torch.tensor([0, 1, 2, IGNORE, 4, 5, 6, 0, 1, 2], device=dev)
+    chunks = []
+    real = lce_mod._ops.ce_forward_inplace
+
+    def counting(logits, *args, **kw):
+        chunks.append(logits.shape[0])
+        return real(logits, *args, **kw)
+
+    monkeypatch.setattr(lce_mod._ops, "ce_forward_inplace", counting)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4)
+    _compare(backend, None, x, w, b, y, 2e-5, options=opts)
+    assert chunks == [4, 4, 1]  # 9 counted rows
+    chunks.clear()
+    xg = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xg, w, y, backend=backend,
+                                options=torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True))
+    loss.backward(retain_graph=True)
+    first = xg.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(xg.grad, 2 * first)
+    chunks.clear()
+    linear_cross_entropy(x, w.clone().requires_grad_(), y, backend=backend,
+                         options=torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio:4")).backward()
+    assert chunks == [2, 2, 2, 2, 1]  # next_pow2(ceil(10 / ceil(7 / 4))) // 4 = 2
+    with pytest.raises(TypeError, match="LinearCrossEntropyOptions"):
+        linear_cross_entropy(x, w, y, options={"batch_chunk_size": 4})
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 items 8 and 9: refused arguments, clear errors, double backward
+# ------------------------------------------------------------------------------------------------
+
+def test_issue11_bad_arguments():
+    x, w, b = _data(3, 4, 5)
+    y = torch.tensor([0, 1, 2])
+    cw = torch.rand(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to the class weight"):
+        linear_cross_entropy(x, w, y, weight=cw)
+    with torch.no_grad():  # as PyTorch: only refused when a graph is being built
+        linear_cross_entropy(x, w, y, weight=cw)
+    with pytest.raises(TypeError, match="ignore_index"):
+        linear_cross_entropy(x, w, y, ignore_index=1.5)
+    with pytest.raises(TypeError, match="ignore_index"):
+        linear_cross_entropy(x, w, y, ignore_index=True)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        linear_cross_entropy(x, w, y, ignore_index=2 ** 63)
+    with pytest.raises(ValueError, match="engine must be"):
+        linear_cross_entropy(x, w, y, engine="tiled")
+    with pytest.raises(ValueError, match="engine='fused' needs the triton backend"):
+        linear_cross_entropy(x, w, y, engine="fused", backend="torch")
+    # ignore_index=None is PyTorch's default (-100); uint8 targets as in F.cross_entropy
+    ref = _torch_lce(x, w, None, y)
+    torch.testing.assert_close(linear_cross_entropy(x, w, y, ignore_index=None), ref)
+    torch.testing.assert_close(linear_cross_entropy(x, w, y.to(torch.uint8)), ref)
+
+
+@pytest.mark.parametrize("backend,engine", ENGINES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_issue11_double_backward_says_once_differentiable(backend, engine, reduction):
+    dev = backend_device(backend)
+    x, w, b = _data(4, 3, 5, device=dev)
+    x.requires_grad_()
+    loss = linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3], device=dev), reduction=reduction,
+                                backend=backend, engine=engine).sum()
+    gx = torch.autograd.grad(loss, x, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once"):
+        gx.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 12 A: engine selection (the chunked engine is the default everywhere, CUDA included)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cython", "triton"))
+def test_issue12_default_engine_is_chunked(backend, monkeypatch):
+    """No fused kernel runs unless engine='fused' asks for it; the chunked engine then runs the
+    backend's own row kernel."""
+    dev = backend_device(backend)
+    module = celoss._dispatch.module(backend)
+    if hasattr(module, "lce_stats"):
+        for name in ("lce_stats", "lce_backward"):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("fused kernel launched"))
+    seen = []
+    real = lce_mod._ops.ce_forward_inplace
+    monkeypatch.setattr(lce_mod._ops, "ce_forward_inplace", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    x, w, b = _data(5, 4, 6, device=dev)
+    _compare(backend, None, x, w, b, torch.tensor([0, 1, 2, 3, 4], device=dev), 2e-5)
+    assert seen and set(seen) == {backend}
+    assert lce_mod._select_engine(backend, torch.float32, None) == "chunked"
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_issue12_fused_engine_on_request(backend):
+    assert lce_mod._select_engine(backend, torch.bfloat16, "fused") == "fused"
+    with pytest.raises(TypeError, match="engine='fused' takes"):
+        lce_mod._select_engine(backend, torch.float64, "fused")
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: torch.compile (fullgraph, dynamic shapes) with inductor on CPU
+# ------------------------------------------------------------------------------------------------
+
+def _counting_inductor():
+    """An inductor backend that counts the graphs it compiles."""
+    from torch._inductor.compile_fx import compile_fx
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+    return backend, graphs
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_issue15_compile_fullgraph_dynamic(backend, reduction):
+    """fullgraph=True compiles (no data-dependent guard); ten batch sizes give at most two graphs;
+    loss and gradients equal eager's."""
+    torch._dynamo.reset()
+    compiler, graphs = _counting_inductor()
+    d, v = 6, 13
+    cw = torch.rand(v, generator=torch.Generator().manual_seed(2)) + 0.5
+
+    def step(x, w, b, y):
+        loss = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, reduction=reduction, label_smoothing=0.1,
+                                    backend=backend, chunk_bytes=400)
+        return loss.sum() if reduction == "none" else loss
+
+    compiled = torch.compile(step, backend=compiler, fullgraph=True, dynamic=True)
+    for n in range(2, 12):
+        x, w, b = _data(n, d, v, seed=n)
+        y = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(n))
+        y[::3] = IGNORE
+        results = []
+        for fn in (step, compiled):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            loss = fn(*leaves, y)
+            results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+        (le, ge), (lc, gc) = results
+        torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-6)
+        for a, r in zip(gc, ge):
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+    assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs for 10 batch sizes"
+
+
+def test_issue12_lowp_dw_without_mixed_gemm_falls_back(monkeypatch):
+    """Where a float32-output fp16/bf16 GEMM is missing (here: CPU claimed to have one), the dW
+    accumulation falls back to rounded slices, and remembers it."""
+    monkeypatch.setitem(lce_mod._MIXED_GEMM, "cpu", True)
+    x, w, b = _data(9, 8, 21, torch.bfloat16)
+    y = torch.arange(9) % 21
+    wg = w.clone().requires_grad_()
+    linear_cross_entropy(x, wg, y, backend="torch", chunk_bytes=200).backward()
+    assert lce_mod._MIXED_GEMM["cpu"] is False
+    wr = w.double().requires_grad_()
+    _torch_lce(x.double(), wr, None, y).backward()
+    torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=2e-2, atol=2e-3)
