@@ -11,19 +11,24 @@ and when the last tensor on one is freed (autograd is done with the gradient) th
 back to a cache instead of the OS, for the next step to reuse, already faulted in. That is what
 PyTorch's caching allocator does on CUDA. When the shapes change, the free buffers go back to the
 OS. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` of free buffers (default: an eighth of the
-physical memory, at most 8 GiB), oldest dropped first; ``CELOSS_CPU_CACHE_MB=0`` turns it off.
-``set_cpu_cache_limit(bytes)`` changes the cap, ``empty_cpu_cache()`` releases the free buffers and
-``cpu_cache_bytes()`` says how much they hold.
+physical memory, at most 8 GiB; a value that is not a finite number >= 0 warns and gives the
+default), the oldest released as soon as a returning buffer takes it over the cap;
+``CELOSS_CPU_CACHE_MB=0`` turns it off. ``set_cpu_cache_limit(bytes)`` changes the cap,
+``empty_cpu_cache()`` releases the free buffers and ``cpu_cache_bytes()`` says how much they hold.
+The mappings are private, so a forked child (``multiprocessing`` with fork) writes to its own copy of
+a buffer, and it starts with an empty cache.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
 import functools
+import math
 import mmap
 import os
 import sys
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -50,14 +55,23 @@ def _advise_huge_pages(address: int, nbytes: int) -> None:
         _madvise()(start, end - start, _MADV_HUGEPAGE)
 
 
+# Private mappings: after os.fork the child's writes to a buffer are copy-on-write, never seen by
+# the parent (a shared anonymous mapping would hand the parent the child's gradients).
+_MAP_FLAGS = ({"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {})
+
+
 class _CpuCache:
     """Free anonymous mappings, oldest first; buffers come back through ``weakref.finalize``.
 
     A request takes the smallest free mapping that fits it without wasting more than half of it
     (so varying token counts reuse the largest recent buffer). A request that nothing fits means the
-    shapes changed: the free mappings are stale and go back to the OS. A finalizer may run in any
-    thread, or inside ``take`` itself (a decref there), so it only appends to a deque (atomic);
-    ``take`` moves returned mappings into the free list under the lock.
+    shapes changed: the free mappings are stale and go back to the OS.
+
+    The cap holds whenever no cache call is running: a returned buffer is filed (and the oldest free
+    ones released) at once. A finalizer may run in any thread, or inside a cache call that holds the
+    lock (a decref or a garbage collection there), so it never waits: it appends to a deque (atomic)
+    and files the deque only if the lock is free; every call that held the lock files it after
+    releasing it, so nothing returned while the lock was held stays unfiled.
     """
 
     def __init__(self, max_bytes: int):
@@ -77,14 +91,28 @@ class _CpuCache:
                 self._free.clear()
             else:
                 self._free.remove(block)
+        self._file_returned()
         if block is None:
-            block = mmap.mmap(-1, size)
+            block = mmap.mmap(-1, size, **_MAP_FLAGS)
             _advise_huge_pages(np.frombuffer(block, dtype=np.uint8).ctypes.data, size)
         array = np.frombuffer(block, dtype=np.uint8, count=nbytes)
-        weakref.finalize(array, self._returned.append, block).atexit = False
+        weakref.finalize(array, self._give_back, block).atexit = False
         return array
 
+    def _give_back(self, block: mmap.mmap) -> None:
+        self._returned.append(block)
+        self._file_returned()
+
+    def _file_returned(self) -> None:
+        """Files returned buffers unless another call holds the lock (that one files them after)."""
+        while self._returned and self._lock.acquire(blocking=False):
+            try:
+                self._collect()
+            finally:
+                self._lock.release()
+
     def _collect(self) -> None:
+        """Under the lock: returned buffers join the free list, the oldest go beyond the cap."""
         while self._returned:
             self._free.append(self._returned.popleft())
         while self._free and sum(map(len, self._free)) > self.max_bytes:
@@ -94,38 +122,57 @@ class _CpuCache:
         with self._lock:
             self.max_bytes = max_bytes
             self._collect()
+        self._file_returned()
 
     def free_bytes(self) -> int:
         with self._lock:
             self._collect()
-            return sum(map(len, self._free))
+            held = sum(map(len, self._free))
+        self._file_returned()
+        return held
 
     def clear(self) -> None:
         with self._lock:
             self._collect()
             self._free.clear()
+        self._file_returned()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child drops the free buffers it inherited (their pages stay the parent's) and
+        gets a new lock: another thread of the parent may have held it at the fork."""
+        self._lock = threading.Lock()
+        self._returned.clear()
+        self._free.clear()
 
 
 def _default_cache_bytes() -> int:
-    """``CELOSS_CPU_CACHE_MB``, else an eighth of the physical memory, at most 8 GiB."""
-    value = os.environ.get("CELOSS_CPU_CACHE_MB")
-    if value is not None:
-        try:
-            megabytes = float(value)
-        except ValueError:
-            megabytes = -1.0
-        if not megabytes >= 0:
-            raise ValueError(f"CELOSS_CPU_CACHE_MB must be a number of megabytes >= 0, got {value!r}")
-        return int(megabytes * 2 ** 20)
+    """``CELOSS_CPU_CACHE_MB``, else an eighth of the physical memory, at most 8 GiB.
+
+    A bad value warns and gives the default: a typo in the environment must not break ``import celoss``.
+    """
     try:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a fixed 2 GiB
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): 16 GiB assumed
         physical = 16 << 30
-    return min(8 << 30, physical // 8)
+    default = min(8 << 30, physical // 8)
+    value = os.environ.get("CELOSS_CPU_CACHE_MB", "").strip()
+    if not value:
+        return default
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = math.nan
+    if not 0 <= megabytes < math.inf:
+        warnings.warn(f"celoss: CELOSS_CPU_CACHE_MB must be a finite number of megabytes >= 0, got {value!r}; "
+                      f"using the default, {default >> 20} MiB", RuntimeWarning, stacklevel=2)
+        return default
+    return int(megabytes * 2 ** 20)
 
 
 DEFAULT_CACHE_BYTES = _default_cache_bytes()
 _CACHE = _CpuCache(DEFAULT_CACHE_BYTES)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_CACHE.after_fork_in_child)
 
 
 def set_cpu_cache_limit(max_bytes: int | None = None) -> None:

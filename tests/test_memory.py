@@ -1,9 +1,16 @@
 """celoss._memory: the CPU buffer cache recycles large gradient buffers, never one still in use."""
+import json
+import multiprocessing
 import os
+import pickle
+import re
 import subprocess
 import sys
+import textwrap
 import threading
+import warnings
 
+import psutil
 import pytest
 import torch
 
@@ -112,11 +119,78 @@ def test_empty_cpu_cache_and_bad_limits():
         celoss.set_cpu_cache_limit(-1)
 
 
-@pytest.mark.parametrize("value", ["lots", "-5", "nan"])
-def test_bad_environment_value_names_the_variable(value):
-    env = dict(os.environ, CELOSS_CPU_CACHE_MB=value)
-    run = subprocess.run([sys.executable, "-c", "import celoss"], env=env, capture_output=True, text=True)
-    assert run.returncode != 0 and "CELOSS_CPU_CACHE_MB" in run.stderr
+def test_issue11_bad_cache_environment_value_does_not_break_import():
+    code = textwrap.dedent("""
+        import json, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import celoss
+        from celoss import _memory
+        print(json.dumps([_memory._CACHE.max_bytes, [str(w.message) for w in caught if "celoss" in str(w.message)]]))
+    """)
+    env = dict(os.environ, CELOSS_CPU_CACHE_MB="1e400")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    cap, warned = json.loads(run.stdout.splitlines()[-1])
+    assert len(warned) == 1 and "CELOSS_CPU_CACHE_MB" in warned[0] and "'1e400'" in warned[0], warned
+    assert cap == _default_without_environment()
+
+
+def _default_without_environment():
+    saved = os.environ.pop("CELOSS_CPU_CACHE_MB", None)
+    try:
+        return _memory._default_cache_bytes()
+    finally:
+        if saved is not None:
+            os.environ["CELOSS_CPU_CACHE_MB"] = saved
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "abc", "-5", "nan", "-inf", "64MB"])
+def test_issue11_bad_cache_environment_value_warns_and_gives_the_default(value, monkeypatch):
+    default = _default_without_environment()
+    monkeypatch.setenv("CELOSS_CPU_CACHE_MB", value)
+    with pytest.warns(RuntimeWarning, match=r"CELOSS_CPU_CACHE_MB .*" + re.escape(repr(value))):
+        assert _memory._default_cache_bytes() == default
+
+
+@pytest.mark.parametrize("value, expected", [("64", 64 << 20), (" 0.5 ", 1 << 19), ("0", 0), ("", None)])
+def test_cache_environment_value_sets_the_cap(value, expected, monkeypatch):
+    default = _default_without_environment()
+    monkeypatch.setenv("CELOSS_CPU_CACHE_MB", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _memory._default_cache_bytes() == (default if expected is None else expected)
+
+
+def _held_bytes():
+    """What the cache holds right now, read without a cache call (a call would file returned buffers)."""
+    return sum(map(len, list(_memory._CACHE._free) + list(_memory._CACHE._returned)))
+
+
+def test_issue11_cache_limit_holds_as_soon_as_buffers_come_back():
+    celoss.set_cpu_cache_limit(2 * BIG_BYTES)
+    buffers = [_memory.fresh_like(like()).fill_(1.0) for _ in range(8)]  # 256 MiB faulted in
+    process = psutil.Process()
+    resident = process.memory_info().rss
+    del buffers  # no cache call after this: the 6 buffers over the cap must go back to the OS now
+    released = resident - process.memory_info().rss
+    assert _held_bytes() == 2 * BIG_BYTES
+    assert released >= 5 * BIG_BYTES, f"only {released >> 20} MiB released"
+
+
+def test_issue11_a_buffer_returned_while_the_cache_is_locked_neither_waits_nor_breaks_the_cap():
+    celoss.set_cpu_cache_limit(BIG_BYTES)
+    buffers = [_memory.fresh_like(like()) for _ in range(3)]
+
+    def release():
+        buffers.clear()  # the finalizers run in this thread
+
+    with _memory._CACHE._lock:  # as while another thread is inside a cache call
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        releaser.join(timeout=60)
+        assert not releaser.is_alive(), "a returning buffer waited for the cache lock"
+    assert celoss.cpu_cache_bytes() == BIG_BYTES and _held_bytes() == BIG_BYTES
 
 
 def test_threads_never_get_the_same_live_buffer():
@@ -140,7 +214,7 @@ def test_threads_never_get_the_same_live_buffer():
     for t in threads:
         t.join()
     assert not errors
-    assert celoss.cpu_cache_bytes() <= 4 * BIG_BYTES and len(set(seen)) <= 4
+    assert _held_bytes() <= 4 * BIG_BYTES and len(set(seen)) <= 4
 
 
 @pytest.mark.parametrize("backend", backend_params("cython"))
@@ -169,3 +243,107 @@ def test_training_steps_reuse_the_gradient_without_corrupting_a_kept_one(backend
         del g2
     assert torch.equal(kept, kept_copy)
     assert len(addresses) == 1 and kept.data_ptr() not in addresses
+
+
+# Fork: GNU OpenMP (torch's ATen and celoss's CPU kernels) can't start a thread team in a forked
+# child of a process that already ran one (it hangs), so a child runs single-threaded, as torch's
+# DataLoader workers do.
+def _training_step(seed, backend="cython"):
+    """A celoss gradient (from the cache) and its error against the float64 PyTorch gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(512, 8192, generator=g) * 3, torch.randint(0, 8192, (512,), generator=g)
+    xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+    celoss.cross_entropy(xa, y, backend=backend).backward()
+    torch.nn.functional.cross_entropy(xb, y).backward()
+    return xa.grad, (xa.grad.double() - xb.grad).abs().max().item()
+
+
+def _in_forked_child(fn):
+    """fn()'s result, computed in an os.fork child (killed after 60 s: a hang fails the test)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import faulthandler
+            faulthandler.dump_traceback_later(60, exit=True)
+            torch.set_num_threads(1)
+            result = ("ok", fn())
+        except BaseException as exc:  # reported to the parent
+            result = ("error", repr(exc))
+        with os.fdopen(write, "wb") as out:
+            pickle.dump(result, out)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as inp:
+        data = inp.read()
+    _, status = os.waitpid(pid, 0)
+    assert data, f"the forked child died (wait status {status})"
+    kind, result = pickle.loads(data)
+    assert kind == "ok", result
+    return result
+
+
+def _kept_gradient_and_a_free_buffer(backend):
+    """One training step's gradient, kept, and a free buffer of the same size in the cache."""
+    kept, _ = _training_step(0, backend)
+    _training_step(1, backend)  # its gradient is freed: the cache holds that buffer at the fork
+    assert celoss.cpu_cache_bytes() == kept.numel() * kept.element_size()
+    return kept, kept.clone()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork")
+@pytest.mark.parametrize("backend", backend_params("cython"))
+def test_issue11_a_forked_child_never_writes_the_parents_buffers(backend):
+    kept, kept_copy = _kept_gradient_and_a_free_buffer(backend)
+
+    def child():
+        cached_at_fork = celoss.cpu_cache_bytes()
+        grad, error = _training_step(2, backend)
+        kept.fill_(7.0)  # the parent's gradient, written in the child
+        grad.fill_(9.0)
+        return cached_at_fork, error
+
+    cached_at_fork, error = _in_forked_child(child)
+    assert cached_at_fork == 0  # the child dropped the free buffers it inherited
+    assert error < 1e-6
+    assert torch.equal(kept, kept_copy)
+    grad, error = _training_step(3, backend)  # the parent's own next step reuses its free buffer
+    assert error < 1e-6 and torch.equal(kept, kept_copy)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork")
+def test_issue11_a_child_forked_while_the_cache_is_locked_can_use_it():
+    with _memory._CACHE._lock:  # another thread inside a cache call at the fork
+        cached, error = _in_forked_child(lambda: (celoss.cpu_cache_bytes(), _training_step(2)[1]))
+    assert cached == 0 and error < 1e-6
+
+
+_POOL_STATE = {}
+
+
+def _pool_worker_start():
+    torch.set_num_threads(1)
+    _POOL_STATE["cached_at_fork"] = celoss.cpu_cache_bytes()
+
+
+def _pool_worker_step(seed, backend):
+    grad, error = _training_step(seed, backend)
+    _POOL_STATE["kept"].fill_(float(seed))  # the parent's gradient, written in a worker
+    return _POOL_STATE["cached_at_fork"], error, grad.sum().item()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork start method")
+@pytest.mark.parametrize("backend", backend_params("cython"))
+def test_issue11_fork_started_pool_workers_keep_their_gradients_apart(backend):
+    kept, kept_copy = _kept_gradient_and_a_free_buffer(backend)
+    _POOL_STATE["kept"] = kept
+    try:
+        with multiprocessing.get_context("fork").Pool(4, initializer=_pool_worker_start) as pool:
+            results = pool.starmap(_pool_worker_step, [(seed, backend) for seed in range(10, 18)], chunksize=1)
+    finally:
+        _POOL_STATE.clear()
+    assert [cached for cached, _, _ in results] == [0] * 8
+    for seed, (_, error, total) in zip(range(10, 18), results):
+        assert error < 1e-6, (seed, error)
+        assert abs(total - _training_step(seed, backend)[0].sum().item()) < 1e-3, seed
+    assert torch.equal(kept, kept_copy)
