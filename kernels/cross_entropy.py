@@ -70,13 +70,27 @@ def _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _online_update(m, s, z):
-    """Merge a block of transformed logits ``z`` (-inf on masked lanes) into (max, sumexp)."""
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    # Rows whose max is +-inf (or NaN) use 0 as the shift, like celoss.stats.merge.
-    m_safe = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
-    return m_new, s
+def _lane_update(m, s, z):
+    """Per-lane online (max, sumexp): lane i keeps the statistics of the elements it has seen, so
+    the row loop needs no block-wide reduction (no barrier); :func:`_lane_finish` merges the
+    lanes once per row. One exp per element: exp(-|z - m|) is the rescale of the old sum when z
+    is the new max and the new term otherwise. -inf lanes leave (m, s) unchanged, equal infinite
+    values add 1 (as a shift by them would), NaN makes s NaN."""
+    bigger = z > m
+    d = tl.where(bigger, m - z, z - m)
+    d = tl.where(z == m, 0.0, tl.where(z == -float("inf"), -float("inf"), d))
+    e = tl.exp(d)
+    s = tl.where(bigger, s * e + 1.0, s + e)
+    return tl.where(bigger, z, m), s
+
+
+@triton.jit
+def _lane_finish(m, s):
+    """(max, sumexp) of a row from its per-lane statistics, with the safe shift (0 when the max is
+    +-inf or NaN) of celoss.stats.merge_all."""
+    m_row = tl.max(m, axis=0)
+    m_safe = tl.where(tl.abs(m_row) < float("inf"), m_row, 0.0)
+    return m_row, tl.sum(s * tl.exp(m - m_safe), axis=0)
 
 
 @triton.jit
@@ -217,11 +231,11 @@ def _ce_fused_kernel(
         y_out = tl.where(counted, y, -1)  # the class left out of pass 1 (none if ignored)
     NEED_LIN: tl.constexpr = HAS_SOFT_TARGET or (HAS_SMOOTHING and not IS_FOCAL)
 
-    # ---- pass 1: online statistics -------------------------------------------------------
-    m = -float("inf")
-    s = 0.0
-    wz = 0.0
-    mass = 0.0
+    # ---- pass 1: online statistics, per lane (no barrier in the loop), merged once ------------
+    m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
+    s_lane = tl.zeros((BLOCK,), tl.float32)
+    wz_lane = tl.zeros((BLOCK,), tl.float32)
+    mass_lane = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
@@ -229,15 +243,18 @@ def _ce_fused_kernel(
         x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
         z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
         if HAS_SOFT_TARGET:
-            m, s = _online_update(m, s, tl.where(mask, z, -float("inf")))
+            m_lane, s_lane = _lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
         else:
-            m, s = _online_update(m, s, tl.where(mask & (cols != y_out), z, -float("inf")))
+            m_lane, s_lane = _lane_update(m_lane, s_lane, tl.where(mask & (cols != y_out), z, -float("inf")))
         if NEED_LIN:
             v = _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
                             HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
-            wz += tl.sum(v * z, axis=0)
+            wz_lane += v * z
             if HAS_SOFT_TARGET:
-                mass += tl.sum(v, axis=0)
+                mass_lane += v
+    m, s = _lane_finish(m_lane, s_lane)
+    wz = tl.sum(wz_lane, axis=0)
+    mass = tl.sum(mass_lane, axis=0)
 
     # ---- loss and row coefficients -------------------------------------------------------
     d = 0.0
@@ -323,17 +340,19 @@ def _ce_stats_kernel(
     local = y - class_start
     here = (local >= 0) & (local < C) & (y != ignore_index)
     local = tl.where(here, local, 0)
-    m = -float("inf")
-    s = 0.0
-    wz = 0.0
+    m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
+    s_lane = tl.zeros((BLOCK,), tl.float32)
+    wz_lane = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
         x = tl.load(x_row + cols, mask=mask, other=0.0)
         z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        m, s = _online_update(m, s, tl.where(mask, z, -float("inf")))
+        m_lane, s_lane = _lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
         v = _lin_weight(weight_ptr, weight_ptr, cols, mask, 1.0, 0.0, HAS_WEIGHT, False, False)
-        wz += tl.sum(v * z, axis=0)
+        wz_lane += v * z
+    m, s = _lane_finish(m_lane, s_lane)
+    wz = tl.sum(wz_lane, axis=0)
     x_y = tl.load(x_row + local, mask=here, other=0.0)
     z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
     z_y = tl.where(here, z_y, 0.0)
