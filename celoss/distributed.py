@@ -19,21 +19,33 @@ across ranks exactly as they merge across class blocks, so a call is:
    coefficients times the upstream gradient -- **no communication** (logits variant).
 
 Before that, unless ``validate=False``, all ranks all-gather a descriptor of 8 int64 per rank
-(rows, vocab range, vocab_size, a hash of the options, a checksum of the targets, the number of
-out-of-range targets, a local error flag) and check it; every rank raises the same ``ValueError``
-when the ranks disagree (rows, vocab_size, options, targets) or their slices do not tile
-``[0, vocab_size)``; a rank whose own arguments are wrong raises its own error (TypeError,
+(rows, vocab range, vocab_size, a hash of the options, a 64-bit digest of the targets, the number
+of out-of-range targets, a local error flag) and check it; every rank raises the same
+``ValueError`` when the ranks disagree (rows, vocab_size, options, targets) or their slices do not
+tile ``[0, vocab_size)``; a rank whose own arguments are wrong raises its own error (TypeError,
 ValueError, IndexError ...) and the others a ``ValueError`` naming it. So a bad rank produces an
 error on every rank, never a hang in the statistics collective. This costs one extra tiny
 collective and one device-to-host sync per call; ``validate=False`` skips both (then arguments
 that differ between ranks can hang or give wrong results).
+
+The target digest is ``sum_i mix(mix(t_i + c) + i * g) mod 2**64`` with ``mix`` the SplitMix64
+finalizer (a bijection of 64-bit words): targets that differ in one position always give different
+digests, and other differences collide with probability about ``2**-64`` (it is a checksum against
+mistakes, not a cryptographic hash). It costs about a dozen elementwise int64 operations over the
+N targets on their device (N = 8192: ~1 MB of memory traffic, microseconds on a GPU) and no extra
+communication: the digest rides in the descriptor. (An exact check would all-reduce the N targets
+themselves, 8 N bytes per rank more and a second host sync.)
 
 Conventions
 -----------
 * ``weight`` (class weights) is either this rank's slice (``V_local`` elements) or the full
   vector (``vocab_size`` elements; this rank uses ``weight[vocab_start:vocab_start + V_local]``).
   The weighted-mean denominator is the sum over counted rows of the target's class weight
-  (ignored rows never count), as in PyTorch.
+  (ignored rows never count), and the loss is divided by it whatever its sign, as in PyTorch:
+  a negative sum flips the gradient's sign; a zero sum with counted rows gives a NaN (0/0) or
+  +-inf loss and NaN/inf gradients in the counted rows (with label smoothing those rows are all
+  NaN, as PyTorch's composition makes them); all rows ignored gives a NaN loss and zero gradients.
+  Ignored rows always get a zero gradient.
 * The returned loss (and lse) is replicated: identical on every rank. The upstream gradient of the
   loss must be replicated too (it is, when the loss is used identically on every rank).
 * ``vocab_parallel_linear_cross_entropy``: ``hidden`` is replicated on the group, the classifier
@@ -41,9 +53,19 @@ Conventions
   backward: the tensor-parallel convention, Megatron's ``copy_to_tensor_model_parallel_region``),
   so every rank gets the full gradient; the gradient of the local weight (and bias) slice stays
   local. Every rank must run backward (that all-reduce is a collective).
-* DTensor inputs are rejected with a TypeError that gives the explicit call: pass
-  ``x.to_local()`` with ``vocab_start``, ``vocab_size=x.shape[-1]`` and
-  ``group=x.device_mesh.get_group()``.
+* ``vocab_start`` / ``vocab_size``: pass both (any tiling), or neither: with plain tensors the
+  shards are then taken to be even, ``vocab_start = rank * V_local`` and
+  ``vocab_size = world_size * V_local`` (uneven shards then fail the cross-rank check).
+* ``torch.distributed.tensor.DTensor`` inputs (the ``loss_parallel`` / torchtitan layout): logits
+  sharded on the class dimension (``Shard(-1)``), a classifier sharded by rows (``Shard(0)``, its
+  bias too), on one mesh dimension and replicated on any others. The slice, ``vocab_size`` and the
+  group come from the placement (``Shard`` splits like ``torch.chunk``: slices of
+  ``ceil(V / K)`` classes, the trailing ones shorter or empty); explicit values must agree with
+  them. ``target``, ``hidden`` and class weights may be replicated DTensors (class weights also
+  sharded like the logits). The results are plain tensors, replicated on the group; gradients
+  reach the DTensors through ``to_local``.
+* Both functions are differentiable once (their backward forms the first-order gradient
+  directly); a double backward raises a RuntimeError that says so.
 
 Numbers
 -------
@@ -82,6 +104,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, _dispatch, _ops
+from ._autograd import once_differentiable
 from . import stats as S
 from .cross_entropy import CrossEntropyOutput
 
@@ -92,7 +115,7 @@ __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"
 LINEAR_CHUNK_ELEMENTS = 1 << 24
 
 # descriptor fields (int64 each)
-_STATUS, _ROWS, _START, _LOCAL, _SIZE, _HASH, _TSUM, _TBAD = range(8)
+_STATUS, _ROWS, _START, _LOCAL, _SIZE, _HASH, _TDIGEST, _TBAD = range(8)
 _FIELDS = 8
 
 
@@ -126,21 +149,86 @@ def _group_info(group):
     return dist, dist.get_world_size(group), rank
 
 
-def _reject_dtensor(**tensors) -> None:
+def _unwrap_dtensors(sharded_name: str, sharded, shard_dim: int, group, **others):
+    """Local tensors and the vocabulary layout of DTensor inputs.
+
+    ``sharded`` (the logits, or the classifier) sharded on the vocabulary along its dimension
+    ``shard_dim`` gives this rank's slice, ``vocab_size`` and the group; the other inputs must be
+    replicated DTensors (class weights and the bias may also be sharded like ``sharded``) or plain
+    tensors. Returns ``(local sharded, group, (vocab_start, vocab_size) of the placement or None,
+    {name: local other})``. Placements are global metadata, so every rank raises the same error
+    here (explicit ``vocab_start`` / ``vocab_size`` are checked against the placement in the plan,
+    where an error on one rank becomes an error on every rank)."""
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # pragma: no cover - torch without distributed
-        return
-    for name, t in tensors.items():
+        return sharded, group, None, others
+    mesh = layout = derived = None
+    if isinstance(sharded, DTensor):
+        ndim = max(sharded.dim(), 1)
+        dim, layout = shard_dim % ndim, tuple(sharded.placements)
+        on_vocab = [i for i, pl in enumerate(layout) if type(pl) is Shard and pl.dim % ndim == dim]
+        if len(on_vocab) != 1 or not all(isinstance(pl, Replicate) for i, pl in enumerate(layout)
+                                         if i != on_vocab[0]):
+            raise ValueError(f"celoss.distributed: `{sharded_name}` is a DTensor with placements {layout}; "
+                             f"it must be sharded on the vocabulary (Shard({shard_dim})) on one mesh "
+                             f"dimension and replicated (Replicate()) on the others")
+        mesh, mesh_dim = sharded.device_mesh, on_vocab[0]
+        # Shard splits like torch.chunk: ceil(V / K) classes per slice, the trailing ones shorter
+        v, k = sharded.shape[dim], mesh.size(mesh_dim)
+        chunk = -(-v // k)
+        start = min(mesh.get_local_rank(mesh_dim) * chunk, v)
+        local = sharded.to_local()
+        if local.shape[dim] != min(chunk, v - start):
+            raise ValueError(f"celoss.distributed: `{sharded_name}`'s local shard has {local.shape[dim]} "
+                             f"classes where Shard({shard_dim}) of {v} classes over {k} ranks gives "
+                             f"{min(chunk, v - start)} (torch.chunk layout)")
+        d_group = mesh.get_group(mesh_dim)
+        if group is not None:
+            import torch.distributed as dist
+            if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(d_group):
+                raise ValueError(f"celoss.distributed: `group` is not the DTensor `{sharded_name}`'s mesh "
+                                 f"group along its vocabulary dimension; leave it out with DTensor inputs")
+        sharded, group, derived = local, d_group, (start, v)
+    unwrapped = {}
+    for name, t in others.items():
         if isinstance(t, DTensor):
-            raise TypeError(
-                f"celoss.distributed: `{name}` is a DTensor (placements {tuple(t.placements)}); the "
-                f"vocab-parallel functions take plain local tensors and the vocabulary range "
-                f"explicitly. For logits sharded on the class dimension (Shard(-1) on a 1-D mesh) "
-                f"call vocab_parallel_cross_entropy(x.to_local(), target, vocab_start=<global offset "
-                f"of this rank's slice>, vocab_size=x.shape[-1], group=x.device_mesh.get_group()); "
-                f"Shard splits like torch.chunk: vocab_start = min(rank * ceil(V / world), V). "
-                f"Pass a replicated DTensor target as target.to_local() / target.full_tensor().")
+            placements = tuple(t.placements)
+            like_sharded = mesh is not None and t.device_mesh == mesh and t.dim() == 1 and \
+                placements == tuple(Shard(0) if isinstance(pl, Shard) else pl for pl in layout)
+            replicated = all(isinstance(pl, Replicate) for pl in placements)
+            # a replicated bias would get a replicated gradient holding only this rank's slice
+            allowed = {"linear_bias": like_sharded,
+                       "weight": replicated or like_sharded}.get(name, replicated)
+            if not allowed:
+                what = "sharded like the classifier (Shard(0))" if name == "linear_bias" else \
+                    "replicated" + (" or sharded like the logits (Shard(0))" if name == "weight" else "")
+                raise ValueError(f"celoss.distributed: `{name}` is a DTensor with placements {placements} "
+                                 f"on {t.device_mesh}; it must be {what}"
+                                 + ("" if mesh is not None else f", and `{sharded_name}` a DTensor "
+                                    f"sharded on the vocabulary"))
+            t = t.to_local()
+        unwrapped[name] = t
+    return sharded, group, derived, unwrapped
+
+
+def _vocab_layout(vocab_start, vocab_size, v_local: int, rank: int, world: int, derived) -> tuple[int, int]:
+    """``(vocab_start, vocab_size)``: from a DTensor's placement (``derived``), explicit, or the
+    even-shard defaults when both are left out."""
+    if derived is not None:
+        if vocab_start is not None and int(vocab_start) != derived[0] or \
+                vocab_size is not None and int(vocab_size) != derived[1]:
+            raise ValueError(f"celoss.distributed: vocab_start={vocab_start}, vocab_size={vocab_size} "
+                             f"contradict the DTensor's placement (this rank's slice starts at "
+                             f"{derived[0]} of {derived[1]} classes); leave them out with DTensor inputs")
+        return derived
+    if vocab_start is None and vocab_size is None:
+        return rank * v_local, world * v_local
+    if vocab_start is None or vocab_size is None:
+        raise ValueError("celoss.distributed: pass both vocab_start and vocab_size (any tiling of the "
+                         "vocabulary), or neither (even shards: vocab_start = rank * V_local, "
+                         "vocab_size = world_size * V_local)")
+    return vocab_start, vocab_size
 
 
 def _all_gather(dist, out: Tensor, inp: Tensor, group) -> None:
@@ -163,13 +251,35 @@ def _options_hash(*items) -> int:
     return zlib.crc32(repr(items).encode())
 
 
+def _signed64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_MIX1, _MIX2 = _signed64(0xBF58476D1CE4E5B9), _signed64(0x94D049BB133111EB)
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+
+
+def _shr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 words (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """SplitMix64's finalizer: a bijection of 64-bit words (int64 arithmetic wraps mod 2**64)."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
 def _target_summary(target: Tensor, vocab_size: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(checksum, number of out-of-range targets) as int64 device scalars (no host sync)."""
+    """(64-bit digest of the targets, number of out-of-range targets) as int64 device scalars (no
+    host sync). The digest is a wrapping sum of per-position hashes, so it does not depend on the
+    summation order (every rank gets the same word for the same targets)."""
     t = target.reshape(-1)
-    mult = torch.arange(t.numel(), device=t.device, dtype=torch.int64) * 2 + 1
-    checksum = (t * mult).sum() if t.numel() else torch.zeros((), dtype=torch.int64, device=t.device)
+    position = torch.arange(t.numel(), device=t.device, dtype=torch.int64) * _GOLDEN
+    digest = _mix64(_mix64(t + _GOLDEN) + position).sum()
     bad = (((t < 0) | (t >= vocab_size)) & (t != ignore_index)).sum()
-    return checksum, bad
+    return digest, bad
 
 
 def _agree(dist, group, world: int, rank: int, plan, error, device) -> None:
@@ -178,8 +288,8 @@ def _agree(dist, group, world: int, rank: int, plan, error, device) -> None:
     if error is None:
         desc[:_HASH + 1] = torch.tensor([0, plan.n, plan.vocab_start, plan.v_local, plan.vocab_size,
                                          plan.options_hash], dtype=torch.int64)
-        checksum, bad = _target_summary(plan.target, plan.vocab_size, plan.ignore_index)
-        desc[_TSUM] = checksum
+        digest, bad = _target_summary(plan.target, plan.vocab_size, plan.ignore_index)
+        desc[_TDIGEST] = digest
         desc[_TBAD] = bad
     else:
         desc[_STATUS] = 1
@@ -207,9 +317,11 @@ def _agree(dist, group, world: int, rank: int, plan, error, device) -> None:
 
     differ(_ROWS, "the numbers of rows (N)")
     size_differs = differ(_SIZE, "vocab_size")
+    if size_differs:
+        problems[-1] += "; left out, vocab_size defaults to world_size * V_local (even shards only)"
     differ(_HASH, "the options (ignore_index, reduction, label_smoothing, logit_scale, softcap, "
                   "z_loss, class weights given or not, dtype, which inputs need gradients)", show=False)
-    differ(_TSUM, "the targets (they must be replicated: the same global class indices on every "
+    differ(_TDIGEST, "the targets (they must be replicated: the same global class indices on every "
                   "rank)", show=False)
     if not size_differs:
         vocab_size = rows[0][_SIZE]
@@ -224,7 +336,8 @@ def _agree(dist, group, world: int, rank: int, plan, error, device) -> None:
             layout = ", ".join(f"rank {r}: [{row[_START]}, {row[_START] + row[_LOCAL]})"
                                for r, row in enumerate(rows))
             problems.append(f"the vocabulary slices do not tile [0, {vocab_size}) exactly (gaps or "
-                            f"overlaps): {layout}")
+                            f"overlaps): {layout}; left out, vocab_start defaults to rank * V_local "
+                            f"(even shards only)")
     if problems:
         raise ValueError("celoss.distributed: inconsistent arguments across the process group (every "
                          "rank raises this error):\n  - " + "\n  - ".join(problems))
@@ -347,7 +460,8 @@ def _empty_stats(p: _Plan) -> Tensor:
 
 
 def _global_rows(dist, group, world: int, p: _Plan, local_stats: Tensor):
-    """One all-gather of the local statistics -> (loss_rows, lse, row_coefs (N, 3), per_row weight)."""
+    """One all-gather of the local statistics -> (loss, lse, row_coefs (N, 3), per_row weight,
+    weighted-mean denominator); the loss is reduced as ``p.reduction`` says."""
     n = p.n
     if p.weight is None:
         send = local_stats.to(p.acc)
@@ -378,26 +492,53 @@ def _global_rows(dist, group, world: int, p: _Plan, local_stats: Tensor):
         table = torch.cat([per_row, (w_total - per_row.sum()).reshape(1)])
         rows_as_classes = torch.where(counted, torch.arange(n, device=p.device), torch.full_like(p.target, -1))
         loss, lse, coefs = S.coefficients(merged, rows_as_classes, table, ignore_index=-1, **options)
-    return loss, lse, coefs, per_row
+    denom = per_row.sum()
+    nll_rows = None
+    if p.label_smoothing and p.reduction == "mean":
+        # the (1 - eps) * w_y * (lse - z_y) part of each row (B = (1 - eps) w_y; 0 for ignored rows)
+        nll_rows = torch.where(counted, coefs[:, 1] * (lse - merged[:, 2]), torch.zeros_like(lse))
+    return _reduce(loss, denom, p.reduction, nll_rows), lse, coefs, per_row, denom
 
 
-def _reduce(loss_rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
+def _reduce(loss_rows: Tensor, denom: Tensor, reduction: str, nll_rows: Optional[Tensor] = None) -> Tensor:
+    """Sum, or the weighted mean: divided by ``denom`` whatever its sign (PyTorch does; 0 -> NaN/inf)."""
     if reduction == "none":
         return loss_rows
-    return loss_rows.sum() if reduction == "sum" else loss_rows.sum() / denom
+    if reduction == "sum":
+        return loss_rows.sum()
+    total = loss_rows.sum()
+    if nll_rows is None:
+        return total / denom
+    # label smoothing: PyTorch divides its cross-entropy and smoothing terms separately, so a zero
+    # denominator with a zero cross-entropy sum is NaN (0/0) even when the smoothing term is not 0
+    nll = nll_rows.sum()
+    return torch.where(denom == 0, nll / denom + (total - nll) / denom, total / denom)
 
 
-def _backward_coefs(coefs, lse, denom, reduction, grad_loss, grad_lse):
-    """Row coefficients (A, B, D) times the upstream gradient, plus the lse's gradient in A."""
+def _backward_coefs(p: _Plan, coefs, denom, grad_loss, grad_lse):
+    """Row coefficients (A, B, D) times the upstream gradient (over the weighted-mean denominator,
+    whatever its sign), plus the lse's gradient in A. Ignored rows get no loss gradient even when
+    that factor is inf or NaN (all rows ignored: NaN loss, zero gradients, as in PyTorch)."""
+    out = torch.zeros_like(coefs)
     if grad_loss is not None:
         g = grad_loss.to(coefs.dtype)
-        if reduction == "none":
+        if p.reduction == "none":
             g = g.reshape(-1, 1)
-        elif reduction == "mean":
-            g = torch.where(denom > 0, g / denom, torch.zeros_like(g))  # all ignored: NaN loss, 0 grad
-        out = coefs * g
-    else:
-        out = torch.zeros_like(coefs)
+        elif p.reduction == "mean":
+            g = g / denom
+        scaled = coefs * g
+        if p.label_smoothing:
+            # PyTorch's smoothing term spreads a non-finite factor over every class of the row
+            # (inf - inf in log_softmax's backward): the whole row is NaN
+            scaled[:, :1] = torch.where(torch.isfinite(g), scaled[:, :1], float("nan"))
+        else:
+            scaled[:, 2] = 0  # D (smoothing) is 0 here; times an infinite factor it would be NaN
+        # B only touches the target's class: keep an infinite B away from the kernels on ranks that
+        # do not hold it (a masked-out B * 0 would be NaN there)
+        local = p.target - p.vocab_start
+        scaled[:, 1] = torch.where((local >= 0) & (local < p.v_local), scaled[:, 1], 0)
+        counted = (p.target != p.ignore_index).unsqueeze(1)
+        out = torch.where(counted, scaled, out)
     if grad_lse is not None:
         out[:, 0] += grad_lse.reshape(-1).to(out.dtype)
     return out.contiguous()
@@ -432,14 +573,14 @@ class _VocabParallelCE(torch.autograd.Function):
                                   p.logit_scale, p.softcap)
         else:
             local = _empty_stats(p)
-        loss_rows, lse, coefs, per_row = _global_rows(dist, group, world, p, local)
-        denom = per_row.sum()
+        loss, lse, coefs, per_row, denom = _global_rows(dist, group, world, p, local)
         ctx.plan = p
         ctx.save_for_backward(logits, lse, coefs, denom)
         ctx.mark_non_differentiable(per_row)
-        return _reduce(loss_rows, denom, p.reduction), lse, per_row
+        return loss, lse, per_row
 
     @staticmethod
+    @once_differentiable("celoss.distributed.vocab_parallel_cross_entropy")
     def backward(ctx, grad_loss, grad_lse, _):
         logits, lse, coefs, denom = ctx.saved_tensors
         p = ctx.plan
@@ -447,14 +588,15 @@ class _VocabParallelCE(torch.autograd.Function):
             return None, None, None, None, None
         if p.v_local == 0:
             return torch.zeros_like(logits), None, None, None, None
-        rc = _backward_coefs(coefs, lse, denom, p.reduction, grad_loss, grad_lse)
+        rc = _backward_coefs(p, coefs, denom, grad_loss, grad_lse)
         grad = _ops.ce_grad(logits, p.target, p.weight, lse, rc, p.backend, p.vocab_start,
                             p.logit_scale, p.softcap)
         return grad, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, vocab_start: int,
-                                 vocab_size: int, group=None, weight: Optional[Tensor] = None,
+def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *,
+                                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
+                                 group=None, weight: Optional[Tensor] = None,
                                  ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0, logit_scale: float = 1.0,
                                  softcap: Optional[float] = None, z_loss: float = 0.0,
@@ -472,8 +614,15 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, vocab_
     vocabulary and are replicated on every rank. Forward: one all-gather of O(N) statistics (plus
     the tiny argument check unless ``validate=False``); backward: no communication. See the module
     docstring for the conventions and the bytes sent.
+
+    ``vocab_start`` and ``vocab_size`` left out: even shards (``rank * V_local`` and
+    ``world_size * V_local``). ``local_logits`` may be a DTensor sharded on the class dimension
+    (``Shard(-1)``, as under ``loss_parallel``): the slice, ``vocab_size`` and ``group`` then come
+    from its placement.
     """
-    _reject_dtensor(local_logits=local_logits, target=target, weight=weight)
+    local_logits, group, derived, rest = _unwrap_dtensors("local_logits", local_logits, -1, group,
+                                                          target=target, weight=weight)
+    target, weight = rest["target"], rest["weight"]
     dist, world, rank = _group_info(group)
 
     def make_plan():
@@ -481,8 +630,9 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *, vocab_
         if local_logits.dim() == 0:
             raise ValueError("local_logits must have at least 1 dimension (the local classes)")
         rows, t, out_shape = _class_last_rows(local_logits, _int_target(target))
+        start, size = _vocab_layout(vocab_start, vocab_size, rows.shape[1], rank, world, derived)
         p = _common_plan(local_logits, t, out_shape, rows.shape[1],
-                         vocab_start=vocab_start, vocab_size=vocab_size, weight=weight,
+                         vocab_start=start, vocab_size=size, weight=weight,
                          ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, backend=backend,
                          variant_key=("logits",))
@@ -518,14 +668,14 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                                             p.ignore_index, p.logit_scale, p.softcap)
         else:
             local = _empty_stats(p)
-        loss_rows, lse, coefs, per_row = _global_rows(dist, group, world, p, local)
-        denom = per_row.sum()
+        loss, lse, coefs, per_row, denom = _global_rows(dist, group, world, p, local)
         ctx.plan, ctx.dist, ctx.group = p, dist, group
         ctx.save_for_backward(hidden, weight, bias, lse, coefs, denom)
         ctx.mark_non_differentiable(per_row)
-        return _reduce(loss_rows, denom, p.reduction), lse, per_row
+        return loss, lse, per_row
 
     @staticmethod
+    @once_differentiable("celoss.distributed.vocab_parallel_linear_cross_entropy")
     def backward(ctx, grad_loss, grad_lse, _):
         hidden, weight, bias, lse, coefs, denom = ctx.saved_tensors
         p = ctx.plan
@@ -535,7 +685,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             # nothing flows, but the group all-reduce must still run on every rank
             rc = torch.zeros_like(coefs)
         else:
-            rc = _backward_coefs(coefs, lse, denom, p.reduction, grad_loss, grad_lse)
+            rc = _backward_coefs(p, coefs, denom, grad_loss, grad_lse)
         grad_h = torch.zeros_like(hidden) if need_h else None
         acc_dtype = p.acc if weight.dtype in (torch.float32, torch.float64) else torch.float32
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
@@ -563,7 +713,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
 
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, target: Tensor, *,
-                                        vocab_start: int, vocab_size: int, group=None,
+                                        vocab_start: Optional[int] = None,
+                                        vocab_size: Optional[int] = None, group=None,
                                         linear_bias: Optional[Tensor] = None,
                                         weight: Optional[Tensor] = None, ignore_index: int = -100,
                                         reduction: str = "mean", label_smoothing: float = 0.0,
@@ -582,9 +733,15 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     gradient of ``hidden`` is **summed over the group** with one all-reduce (every rank gets the full
     gradient -- the tensor-parallel convention; every rank must run backward), the gradients of
     ``local_weight`` / ``linear_bias`` are local (accumulated in fp32 across chunks).
+
+    ``vocab_start`` and ``vocab_size`` left out: even shards. ``local_weight`` may be a DTensor
+    sharded by rows (``Shard(0)``; ``linear_bias`` then sharded alike, ``hidden`` replicated): the
+    slice, ``vocab_size`` and ``group`` then come from its placement.
     """
-    _reject_dtensor(hidden=hidden, local_weight=local_weight, target=target, linear_bias=linear_bias,
-                    weight=weight)
+    local_weight, group, derived, rest = _unwrap_dtensors(
+        "local_weight", local_weight, 0, group, hidden=hidden, target=target, linear_bias=linear_bias,
+        weight=weight)
+    hidden, target, linear_bias, weight = rest["hidden"], rest["target"], rest["linear_bias"], rest["weight"]
     dist, world, rank = _group_info(group)
 
     def make_plan():
@@ -613,7 +770,8 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
             raise ValueError(f"chunk_size must be None or > 0, got {chunk_size}")
         grad_on = torch.is_grad_enabled()
         needs = (grad_on and hidden.requires_grad,)
-        p = _common_plan(hidden, t, out_shape, v_local, vocab_start=vocab_start, vocab_size=vocab_size,
+        start, size = _vocab_layout(vocab_start, vocab_size, v_local, rank, world, derived)
+        p = _common_plan(hidden, t, out_shape, v_local, vocab_start=start, vocab_size=size,
                          weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
                          z_loss=z_loss, backend=backend,

@@ -443,8 +443,9 @@ def suite_errors(rank, world, backend, record):
 
 
 def check_communication(rank, world, backend, record):
-    """What goes over the wire: the descriptor (8 int64) + one (N, 4) statistics all-gather in
-    forward, nothing in the logits variant's backward, one d(hidden) all-reduce in the linear one."""
+    """What goes over the wire: the descriptor (8 int64, the target digest among them) + one (N, 4)
+    statistics all-gather in forward, nothing in the logits variant's backward, one d(hidden)
+    all-reduce in the linear one."""
     log = []
     real_gather, real_reduce = cd._all_gather, dist.all_reduce
 
@@ -485,35 +486,203 @@ def check_communication(rank, world, backend, record):
     record(f"errors[{backend}] communication")
 
 
+# ------------------------------------------------------------------------------------------------
+# issue 11: weighted-mean denominators <= 0, the target digest, double backward
+# ------------------------------------------------------------------------------------------------
+
+def denominator_cases(v):
+    """(name, targets (6,), class weights (v,), label_smoothing): weighted-mean denominators that
+    are negative, zero with zero weights, zero with weights that cancel, and all rows ignored."""
+    gen = torch.Generator().manual_seed(17)
+    t = torch.tensor([0, v - 1, 5, -100, v // 2, 5])
+    negative = -torch.rand(v, generator=gen, dtype=torch.float64) - 0.5
+    negative[v - 1] = 0.75  # one positive target weight; the sum stays below -1
+    zero = torch.rand(v, generator=gen, dtype=torch.float64) + 0.25
+    zero[t[t >= 0]] = 0.0
+    cancel = torch.rand(v, generator=gen, dtype=torch.float64) + 0.25
+    cancel[[0, v - 1, 5, v // 2]] = torch.tensor([1.0, -2.0, 0.25, 0.5], dtype=torch.float64)
+    return [("negative sum", t, negative, 0.0),
+            ("negative sum, smoothing", t, negative, 0.2),
+            ("zero target weights", t, zero, 0.0),
+            ("zero target weights, smoothing", t, zero, 0.1),
+            ("cancelling weights", t, cancel, 0.0),
+            ("cancelling weights, smoothing", t, cancel, 0.1),
+            ("all ignored", torch.full_like(t, -100), negative, 0.1)]
+
+
+def check_denominator(rank, world, backend, name, target, w_full, label_smoothing, linear=True):
+    """Both functions (the linear one if ``linear``) vs F.cross_entropy in float64 (NaN and inf
+    where PyTorch has them); returns the logits oracle's loss and gradient."""
+    v, n, d = w_full.numel(), target.numel(), 5
+    start, end = cd.vocab_range(v, rank, world)
+    gen = torch.Generator().manual_seed(23)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    head = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    full = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
+    up = 0.7
+    opts = dict(weight=w_full.float(), ignore_index=-100, label_smoothing=label_smoothing)
+    tol = dict(rtol=2e-5, atol=2e-5)
+
+    x_o = full.clone().requires_grad_()
+    loss_o = F.cross_entropy(x_o, target, **dict(opts, weight=w_full))
+    (loss_o * up).backward()
+    x = full[:, start:end].float().requires_grad_()
+    loss = cd.vocab_parallel_cross_entropy(x, target, vocab_start=start, vocab_size=v, backend=backend,
+                                           **opts)
+    (loss * up).backward()
+    assert_close(loss, loss_o, f"{name}: loss", **tol)
+    assert_close(x.grad, x_o.grad[:, start:end], f"{name}: grad", **tol)
+    if not linear:
+        return loss_o, x_o.grad
+    logits_oracle = loss_o, x_o.grad
+
+    h_o, w_o, b_o = (t.clone().requires_grad_() for t in (hidden, head, bias))
+    loss_o = F.cross_entropy(F.linear(h_o, w_o, b_o), target, **dict(opts, weight=w_full))
+    (loss_o * up).backward()
+    h = hidden.float().requires_grad_()
+    w, b = (t[start:end].float().requires_grad_() for t in (head, bias))
+    loss = cd.vocab_parallel_linear_cross_entropy(h, w, target, vocab_start=start, vocab_size=v,
+                                                  linear_bias=b, backend=backend, chunk_size=4, **opts)
+    (loss * up).backward()
+    assert_close(loss, loss_o, f"{name}: linear loss", **tol)
+    assert_close(h.grad, h_o.grad, f"{name}: linear grad hidden", **tol)
+    assert_close(w.grad, w_o.grad[start:end], f"{name}: linear grad weight", **tol)
+    assert_close(b.grad, b_o.grad[start:end], f"{name}: linear grad bias", **tol)
+    return logits_oracle
+
+
+def suite_issue11(rank, world, backend, record):
+    v = 8 * world + 3
+    for i, (name, target, w_full, eps) in enumerate(denominator_cases(v)):
+        # the interpreter is slow: the linear variant on a negative and a cancelling sum only there
+        linear = not interpreted(backend) or i in (1, 4)
+        loss_o, grad_o = check_denominator(rank, world, backend, name, target, w_full, eps, linear)
+        record(f"issue11[{backend}] {name}",
+               f"loss {float(loss_o.detach())}, NaN grads {int(grad_o.isnan().sum())}")
+
+    # the target digest: the old checksum sum(t_i (2 i + 1)) gave 3 for both [3, 0] and [0, 1]
+    start, end = cd.vocab_range(v, rank, world)
+    target = torch.tensor([3, 0, 4, 2]) if rank == 0 else torch.tensor([0, 1, 4, 2])
+    x = torch.randn(4, v, generator=torch.Generator().manual_seed(2))[:, start:end]
+    _expect(record, f"issue11[{backend}] target collision", ValueError,
+            lambda: cd.vocab_parallel_cross_entropy(x, target, vocab_start=start, vocab_size=v,
+                                                    backend=backend),
+            ["the targets (they must be replicated", "every rank raises"])
+
+    # double backward: a clear error naming the function, for both variants
+    x = x.clone().requires_grad_()
+    loss = cd.vocab_parallel_cross_entropy(x, torch.tensor([3, 0, 4, 2]), vocab_start=start, vocab_size=v,
+                                           backend=backend)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    _expect(record, f"issue11[{backend}] double backward", RuntimeError, lambda: g.sum().backward(),
+            ["once", "vocab_parallel_cross_entropy"])
+    h = torch.randn(4, 3).requires_grad_()
+    w = torch.randn(end - start, 3).requires_grad_()
+    loss = cd.vocab_parallel_linear_cross_entropy(h, w, torch.tensor([3, 0, 4, 2]), vocab_start=start,
+                                                  vocab_size=v, backend=backend)
+    gh, gw = torch.autograd.grad(loss, (h, w), create_graph=True)
+    _expect(record, f"issue11[{backend}] linear double backward", RuntimeError,
+            lambda: (gh.sum() + gw.sum()).backward(), ["once", "vocab_parallel_linear_cross_entropy"])
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14 part 4: DTensor inputs sharded on the vocabulary, even-shard defaults
+# ------------------------------------------------------------------------------------------------
+
 def suite_dtensor(rank, world, backend, record):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    v = 10 * world + 1
+    tol = dict(rtol=1e-5, atol=1e-5)
     gen = torch.Generator().manual_seed(5)
-    full = torch.randn(4, v, generator=gen)
-    target = torch.randint(0, v, (4,), generator=gen)
-    dt = distribute_tensor(full, mesh, [Shard(1)])
-    _expect(record, "dtensor rejected", TypeError,
-            lambda: cd.vocab_parallel_cross_entropy(dt, target, vocab_start=0, vocab_size=v),
-            ["to_local()", "device_mesh.get_group()"])
-    # the recipe in the error message works
-    local = dt.to_local().detach().requires_grad_()
-    start = min(rank * math.ceil(v / world), v)
-    assert torch.equal(local, full[:, start:start + local.shape[1]])
-    loss = cd.vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=v,
-                                           group=dt.device_mesh.get_group(), backend=backend)
-    x = full.clone().requires_grad_()
-    ref = F.cross_entropy(x, target)
-    ref.backward()
-    loss.backward()
-    assert_close(loss, ref, "dtensor recipe loss", rtol=1e-5, atol=1e-6)
-    assert_close(local.grad, x.grad[:, start:start + local.shape[1]], "dtensor recipe grad", rtol=1e-5, atol=1e-6)
-    record("dtensor recipe")
+    # (..., V) logits Shard(-1), uneven torch.chunk slices (and an empty trailing one with V = 4
+    # on 3 ranks), a replicated DTensor target, class weights sharded like the logits
+    for v in (10 * world + 1, 4):
+        full = torch.randn(2, 3, v, generator=gen, dtype=torch.float64)
+        target = torch.randint(0, v, (2, 3), generator=gen)
+        target[0, 1] = -100
+        w_full = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+        x_o = full.clone().requires_grad_()
+        loss_o = F.cross_entropy(x_o.reshape(-1, v), target.reshape(-1), weight=w_full, label_smoothing=0.1)
+        (loss_o * 1.3).backward()
+        dx = distribute_tensor(full.float(), mesh, [Shard(-1)]).requires_grad_()
+        loss = cd.vocab_parallel_cross_entropy(dx, distribute_tensor(target, mesh, [Replicate()]),
+                                               weight=distribute_tensor(w_full.float(), mesh, [Shard(0)]),
+                                               label_smoothing=0.1, backend=backend)
+        assert type(loss) is torch.Tensor
+        (loss * 1.3).backward()
+        assert_close(loss, loss_o, f"dtensor logits V={v} loss", **tol)
+        assert tuple(dx.grad.placements) == (Shard(2),)
+        assert_close(dx.grad.full_tensor(), x_o.grad, f"dtensor logits V={v} grad", **tol)
+        record(f"dtensor logits V={v}")
+
+    # the linear variant: a replicated hidden DTensor, the head and its bias Shard(0)
+    v, d = 7 * world + 2, 6
+    hidden = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    head = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, v, (5,), generator=gen)
+    h_o, w_o, b_o = (t.clone().requires_grad_() for t in (hidden, head, bias))
+    loss_o = F.cross_entropy(F.linear(h_o, w_o, b_o), target, reduction="sum")
+    (loss_o * 0.6).backward()
+    dh = distribute_tensor(hidden.float(), mesh, [Replicate()]).requires_grad_()
+    dw = distribute_tensor(head.float(), mesh, [Shard(0)]).requires_grad_()
+    db = distribute_tensor(bias.float(), mesh, [Shard(0)]).requires_grad_()
+    loss = cd.vocab_parallel_linear_cross_entropy(dh, dw, target, linear_bias=db, reduction="sum",
+                                                  backend=backend, chunk_size=2)
+    (loss * 0.6).backward()
+    assert_close(loss, loss_o, "dtensor linear loss", **tol)
+    assert tuple(dh.grad.placements) == (Replicate(),)
+    assert_close(dh.grad.to_local(), h_o.grad, "dtensor linear grad hidden", **tol)
+    assert_close(dw.grad.full_tensor(), w_o.grad, "dtensor linear grad weight", **tol)
+    assert_close(db.grad.full_tensor(), b_o.grad, "dtensor linear grad bias", **tol)
+    record("dtensor linear")
+
+    # DTensors laid out some other way: the same clear error on every rank
+    logits = torch.randn(4, v, generator=gen)
+    t4 = target[:4]
+    dx = distribute_tensor(logits, mesh, [Shard(-1)])
+    _expect(record, "dtensor batch-sharded logits", ValueError,
+            lambda: cd.vocab_parallel_cross_entropy(distribute_tensor(logits, mesh, [Shard(0)]), t4),
+            ["must be sharded on the vocabulary (Shard(-1))"])
+    # right on rank 0 only: the others raise, rank 0 names them
+    _expect(record, "dtensor contradicting vocab_start", ValueError,
+            lambda: cd.vocab_parallel_cross_entropy(dx, t4, vocab_start=0, vocab_size=v),
+            ["rejected their arguments"] if rank == 0 else ["contradict the DTensor's placement"])
+    _expect(record, "dtensor sharded target", ValueError,
+            lambda: cd.vocab_parallel_cross_entropy(dx, distribute_tensor(t4, mesh, [Shard(0)])),
+            ["`target` is a DTensor", "replicated"])
+    _expect(record, "dtensor replicated bias", ValueError,
+            lambda: cd.vocab_parallel_linear_cross_entropy(
+                dh, dw, target, linear_bias=distribute_tensor(bias, mesh, [Replicate()]))
+            ["`linear_bias`", "Shard(0)"])
+
+    # plain tensors: vocab_start / vocab_size default to even shards
+    v = 5 * world
+    full = torch.randn(6, v, generator=gen)
+    target = torch.randint(0, v, (6,), generator=gen)
+    x = full[:, 5 * rank:5 * rank + 5].clone().requires_grad_()
+    x_o = full.clone().requires_grad_()
+    loss_o = F.cross_entropy(x_o, target)
+    loss = cd.vocab_parallel_cross_entropy(x, target, backend=backend)
+    (loss * 0.9).backward()
+    (loss_o * 0.9).backward()
+    assert_close(loss, loss_o, "even-shard defaults loss", **tol)
+    assert_close(x.grad, x_o.grad[:, 5 * rank:5 * rank + 5], "even-shard defaults grad", **tol)
+    record("even-shard defaults")
+    uneven = full[:, :6] if rank == 0 else full[:, :5]
+    _expect(record, "even-shard defaults, uneven shards", ValueError,
+            lambda: cd.vocab_parallel_cross_entropy(uneven, target, backend=backend), ["even shards only"])
+    _expect(record, "vocab_start without vocab_size", ValueError,
+            lambda: cd.vocab_parallel_cross_entropy(x.detach(), target, vocab_start=5 * rank,
+                                                    backend=backend),
+            ["pass both vocab_start and vocab_size"])
 
 
-SUITES = {"logits": suite_logits, "linear": suite_linear, "errors": suite_errors, "dtensor": suite_dtensor}
+SUITES = {"logits": suite_logits, "linear": suite_linear, "errors": suite_errors, "issue11": suite_issue11,
+          "dtensor": suite_dtensor}
 
 
 def main(rank, world, port, backends, suites, out_dir):
@@ -532,7 +701,9 @@ def main(rank, world, port, backends, suites, out_dir):
                                 timeout=timedelta(seconds=60))
         result["seconds"] = {"init": time.monotonic() - t0}
         for suite in suites:
-            for backend in (backends[:1] if suite == "dtensor" else backends):
+            # DTensor unwrapping does not depend on the backend: one, not the interpreter if possible
+            compiled = [b for b in backends if not interpreted(b)] or backends
+            for backend in (compiled[:1] if suite == "dtensor" else backends):
                 t = time.monotonic()
                 SUITES[suite](rank, world, backend, record)
                 result["seconds"][f"{suite}[{backend}]"] = time.monotonic() - t

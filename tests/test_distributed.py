@@ -1,9 +1,10 @@
 """Vocab-parallel cross-entropy (celoss.distributed) on 2 and 3 Gloo processes on loopback.
 
-Each test spawns one process per rank (tests/_distributed_workers.py does the checks inside the
-ranks, against a float64 PyTorch oracle and single-process celoss on the full vocabulary, for every
-backend available here). Every spawn is bounded by a timeout: a hang fails the test and the
-processes are killed, CI never stalls.
+One spawn per world size for the whole module (the `ranks` fixture): one process per rank runs
+every suite of tests/_distributed_workers.py, which does the checks inside the ranks, against a
+float64 PyTorch oracle and single-process celoss on the full vocabulary, for every backend
+available here; the tests below read what each rank recorded. Every spawn is bounded by a
+timeout: a hang fails the tests and the processes are killed, CI never stalls.
 """
 import json
 import os
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 # (no CUDA; tests/conftest.py sets TRITON_INTERPRET=1), on a representative subset of the cases
 BACKENDS = [name for name, reason in celoss.available_backends().items()
             if reason is None and not (name == "triton" and torch.cuda.is_available())]
-SPAWN_TIMEOUT_S = 150
+SPAWN_TIMEOUT_S = 200
 
 
 def _free_port() -> int:
@@ -70,22 +71,33 @@ def spawn(world: int, suites, tmp_path, timeout=SPAWN_TIMEOUT_S):
     return results
 
 
-@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel(world, tmp_path):
-    """Logits and linear variants, every option, even/uneven/empty/permuted slices, a rank without
-    targets, all-ignored and empty batches, mismatched arguments, DTensor: one spawn per world size."""
-    results = spawn(world, ["logits", "linear", "errors", "dtensor"], tmp_path)
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"world{world}")
+def ranks(request, tmp_path_factory):
+    """(world, each rank's recorded results) of one spawn running every worker suite."""
+    world = request.param
+    return world, spawn(world, list(workers.SUITES), tmp_path_factory.mktemp(f"world{world}"))
+
+
+def _passed(results) -> set:
+    """The checks every rank passed (the same set on every rank)."""
     passed = [{n for n in res["passed"] if "(raiser)" not in n and "(others)" not in n} for res in results]
     assert all(p == passed[0] for p in passed), "ranks ran different checks"
+    return passed[0]
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_vocab_parallel(ranks):
+    """Logits and linear variants, every option, even/uneven/empty/permuted slices, a rank without
+    targets, all-ignored and empty batches, mismatched arguments."""
+    world, results = ranks
+    passed = _passed(results)
     cases = workers.logits_cases(world)
     for backend in BACKENDS:
         quick = workers.interpreted(backend)
         expected = {f"logits[{backend}] case {i}" for i, c in enumerate(cases) if not quick or c.get("quick")}
         expected |= {f"linear[{backend}] case {i}" for i in ((2,) if quick else range(8))}
         expected |= {f"errors[{backend}] still in step", f"errors[{backend}] communication"}
-        assert expected <= passed[0], sorted(expected - passed[0])
-    assert "dtensor recipe" in passed[0]
+        assert expected <= passed, sorted(expected - passed)
     # a cross-rank mismatch raises the very same error on every rank
     for name in ("rows", "overlap", "gap", "vocab_size", "options", "targets", "target range"):
         for backend in BACKENDS:
@@ -98,6 +110,84 @@ def test_vocab_parallel(world, tmp_path):
         assert last[f"errors[{backend}] local error (raiser)"].startswith("TypeError")
         for res in results[:-1]:
             assert res["messages"][f"errors[{backend}] local error (others)"].startswith("ValueError")
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue11_negative_weight_sum_gradients(ranks):
+    """Issue 11 items 1 and 6: the weighted mean divides by the sum of the target weights whatever
+    its sign (negative: finite gradients with the sign flipped; zero with zero weights: NaN loss and
+    NaN gradients; zero with cancelling weights: inf / NaN as PyTorch; with label smoothing NaN);
+    all rows ignored: NaN loss, zero gradients. Both functions, every backend, vs float64 PyTorch."""
+    world, results = ranks
+    passed = _passed(results)
+    names = [case[0] for case in workers.denominator_cases(8 * world + 3)]
+    for backend in BACKENDS:
+        missing = [n for n in names if f"issue11[{backend}] {n}" not in passed]
+        assert not missing, (backend, missing)
+        messages = results[0]["messages"]
+        # the cases do reach the edges they name (the oracle's loss and its NaN gradients)
+        assert messages[f"issue11[{backend}] negative sum"].endswith("NaN grads 0")
+        assert messages[f"issue11[{backend}] zero target weights"].startswith("loss nan")
+        assert messages[f"issue11[{backend}] cancelling weights"].split(",")[0] in ("loss inf", "loss -inf")
+        assert messages[f"issue11[{backend}] all ignored"] == "loss nan, NaN grads 0"
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue11_target_checksum_collision(ranks):
+    """Issue 11 item 11: targets [3, 0, ...] on rank 0 and [0, 1, ...] elsewhere (equal under the old
+    checksum sum(t_i (2 i + 1))) raise the same ValueError on every rank."""
+    world, results = ranks
+    for backend in BACKENDS:
+        key = f"issue11[{backend}] target collision"
+        messages = {res["messages"][key] for res in results}
+        assert len(messages) == 1 and messages.pop().startswith("ValueError"), messages
+
+
+def test_issue11_target_digest_properties():
+    """Any one changed target changes the digest, and so do permutations of the targets."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(-100, 50257, (4099,), generator=gen)
+    digest = cd._target_summary(t, 50257, -100)[0]
+    for i, value in [(0, 1), (4098, -100), (2048, 50256), (7, int(t[7]) + 1)]:
+        changed = t.clone()
+        changed[i] = value if value != int(t[i]) else value + 1
+        assert cd._target_summary(changed, 50257, -100)[0] != digest, i
+    old_collision = [cd._target_summary(torch.tensor(pair), 5, -100)[0] for pair in ([3, 0], [0, 1])]
+    assert old_collision[0] != old_collision[1]
+    # swapped, shifted, reversed targets (sum-preserving changes a plain checksum can miss)
+    for other in (t.flip(0), t.roll(1), torch.cat([t[1:2], t[:1], t[2:]])):
+        assert not torch.equal(other, t) and cd._target_summary(other, 50257, -100)[0] != digest
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue11_double_backward(ranks):
+    """Issue 11 item 9: differentiating a gradient of either function raises a clear error."""
+    world, results = ranks
+    for backend in BACKENDS:
+        for variant in ("double backward", "linear double backward"):
+            message = results[0]["messages"][f"issue11[{backend}] {variant}"]
+            assert message.startswith("RuntimeError") and "differentiable once" in message, message
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue14_dtensor_vocab_sharding(ranks):
+    """Issue 14 part 4: DTensor logits Shard(-1) (uneven torch.chunk slices, an empty one on 3 ranks),
+    a head Shard(0) with its bias, replicated hidden / target, class weights Shard(0): loss and
+    DTensor gradients vs float64 PyTorch; other layouts raise the same clear error on every rank;
+    plain tensors without vocab_start / vocab_size: even shards."""
+    world, results = ranks
+    passed = _passed(results)
+    expected = {f"dtensor logits V={10 * world + 1}", "dtensor logits V=4", "dtensor linear",
+                "even-shard defaults"}
+    assert expected <= passed, sorted(expected - passed)
+    for name in ("dtensor batch-sharded logits", "dtensor sharded target", "dtensor replicated bias",
+                 "even-shard defaults, uneven shards", "vocab_start without vocab_size"):
+        messages = {res["messages"][name] for res in results}
+        assert len(messages) == 1 and messages.pop().startswith("ValueError"), (name, messages)
+    # explicit vocab_start=0 contradicts the placement on every rank but 0, which names them
+    messages = [res["messages"]["dtensor contradicting vocab_start"] for res in results]
+    assert f"rank(s) {list(range(1, world))}" in messages[0], messages[0]
+    assert all("contradict the DTensor's placement" in m for m in messages[1:]), messages
 
 
 def test_vocab_range():
