@@ -322,10 +322,13 @@ class _FusedEngine:
 # ------------------------------------------------------------------------------------------------
 
 def _plan_rows(labels: Tensor, seq_len: int, ignore_index: int, keep_all: bool) -> _Rows:
-    """The processed rows of the output rows ``labels`` (already shifted when ``seq_len``)."""
+    """The processed rows of the output rows ``labels`` (already shifted when ``seq_len``). While a
+    CUDA graph is captured every row is (compaction would read the targets on the host); the row
+    kernels give ignored rows a zero loss and gradient anyway."""
     n_out = labels.shape[0]
     proc = None
-    if not keep_all and n_out:
+    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not keep_all and n_out and not capturing:
         counted = labels != ignore_index
         if not bool(counted.all()):
             proc = counted.nonzero().squeeze(1)
