@@ -1,0 +1,421 @@
+"""Per-token log-probabilities and entropy, for RL policy losses (PPO, GRPO):
+:func:`token_logprobs` from logits, :func:`linear_token_logprobs` from hidden states without the
+N x V logits.
+
+The math (one online pass with the running statistics max, sum of exps and sum of exps times
+z; the gradient of both outputs) is written out in ``kernels/logprobs.py``. Row kernels: Triton
+(CUDA), OpenMP ``celoss.cpu._logprobs`` (CPU; ``cpu/logprobs.h``), and the chunked plain-PyTorch
+reference below (any other device, float64 on the triton backend, and the CPU fallback when the
+extension is missing). Each public function runs inside ``torch.library`` custom ops
+(``celoss::token_logprobs_*``, ``celoss::linear_token_logprobs_*``), so ``torch.compile`` sees
+opaque ops with shape-only fake implementations.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, _dispatch
+from ._autograd import once_differentiable
+from ._memory import fresh_like
+from .linear_cross_entropy import DEFAULT_CHUNK_BYTES, _check_args, _ChunkedEngine, _finish, _plan_rows
+
+_REF_CHUNK_ELEMENTS = 1 << 22  # the reference's float32 temporaries per chunk of rows (16 MB)
+
+
+class TokenLogprobsOutput(NamedTuple):
+    """``(logprobs, entropy)`` of :func:`token_logprobs` / :func:`linear_token_logprobs` with
+    ``return_entropy=True``."""
+    logprobs: Tensor
+    entropy: Tensor
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Row kernels per backend: forward -> (N, 3) (log p_y, entropy, lse); backward -> dlogits
+# ------------------------------------------------------------------------------------------------
+
+def _reference_forward(logits: Tensor, tokens: Tensor, ignore_index: int, scale: float) -> Tensor:
+    n, v = logits.shape
+    out = torch.zeros(n, 3, dtype=_acc(logits.dtype), device=logits.device)
+    step = max(1, _REF_CHUNK_ELEMENTS // max(v, 1))
+    for s in range(0, n, step):
+        y = tokens[s:s + step]
+        counted = y != ignore_index
+        z = logits[s:s + step].to(out.dtype) * scale
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        a = z - lse
+        p = a.exp()
+        ent = -torch.where(p > 0, p * a, 0.0).sum(1)
+        lp = a.gather(1, torch.where(counted, y, 0).unsqueeze(1)).squeeze(1)
+        # a NaN, +inf or all -inf row: NaN everywhere (logsumexp alone gives +-inf there)
+        bad = ~torch.isfinite(lse.squeeze(1)) | torch.isnan(ent)
+        vals = torch.stack([lp, ent, lse.squeeze(1)], dim=1)
+        vals = torch.where(bad.unsqueeze(1), math.nan, vals)
+        out[s:s + step] = torch.where(counted.unsqueeze(1), vals, 0.0)
+    return out
+
+
+def _reference_backward(logits, tokens, lse, entropy, gl, gh, grad_out, ignore_index, scale) -> None:
+    n, v = logits.shape
+    acc = _acc(logits.dtype)
+    step = max(1, _REF_CHUNK_ELEMENTS // max(v, 1))
+    for s in range(0, n, step):
+        rows = slice(s, s + step)
+        y = tokens[rows]
+        counted = y != ignore_index
+        a = logits[rows].to(acc) * scale - lse[rows].unsqueeze(1)  # log p
+        p = a.exp()
+        c = torch.zeros_like(lse[rows]) if gl is None else gl[rows]
+        if gh is None:
+            g = -p * c.unsqueeze(1)
+        else:  # exactly 0 where p == 0 (0 * -inf would be NaN)
+            g = torch.where(p == 0, 0.0, -p * (c + gh[rows] * entropy[rows]).unsqueeze(1)
+                            - p * gh[rows].unsqueeze(1) * a)
+        g.scatter_add_(1, torch.where(counted, y, 0).unsqueeze(1), c.unsqueeze(1))
+        grad_out[rows] = torch.where(counted.unsqueeze(1), g * scale, 0.0).to(grad_out.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_module():
+    """``celoss.cpu._logprobs``, or None (after a warning, once) when the extension is missing."""
+    try:
+        from .cpu import _logprobs
+        return _logprobs
+    except ImportError as exc:
+        warnings.warn(f"celoss: celoss.cpu._logprobs is unavailable ({type(exc).__name__}: {exc}); "
+                      f"token_logprobs runs on the torch reference backend", RuntimeWarning, stacklevel=2)
+        return None
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _kernel_of(backend: str, dtype: torch.dtype) -> str:
+    """Which row kernel runs: "cython", "triton" or "torch" (the reference)."""
+    if backend == "cython" and _cpu_module() is not None:
+        return "cython"
+    if backend == "triton" and dtype != torch.float64:  # float64: the reference, as for cross_entropy
+        return "triton"
+    return "torch"
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _rows_forward(backend: str, logits: Tensor, tokens: Tensor, ignore_index: int, scale: float) -> Tensor:
+    kernel = _kernel_of(backend, logits.dtype)
+    if kernel == "torch":
+        return _reference_forward(logits, tokens, ignore_index, scale)
+    x = _unit_rows(logits)
+    if kernel == "triton":
+        from .kernels import logprobs as K
+        return K.forward(x, tokens, ignore_index=ignore_index, scale=scale)
+    n, v = x.shape
+    out = torch.empty(n, 3, dtype=_acc(x.dtype))
+    _cpu_module().forward(_DTYPE_CODE[x.dtype], n, v, x.data_ptr(), x.stride(0), tokens.data_ptr(),
+                          ignore_index, scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _rows_backward(backend, logits, tokens, lse, entropy, gl, gh, grad_out, ignore_index, scale) -> None:
+    """dlogits into ``grad_out`` (contiguous; may be ``logits`` itself: in place). ``gl``/``gh``:
+    contiguous per-row upstream gradients in the accumulation dtype, or None (zeros)."""
+    kernel = _kernel_of(backend, logits.dtype)
+    if kernel == "torch":
+        return _reference_backward(logits, tokens, lse, entropy, gl, gh, grad_out, ignore_index, scale)
+    x = _unit_rows(logits)
+    if kernel == "triton":
+        from .kernels import logprobs as K
+        return K.backward(x, tokens, lse, entropy, gl, gh, grad_out, ignore_index=ignore_index, scale=scale)
+    n, v = x.shape
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+    _cpu_module().backward(_DTYPE_CODE[x.dtype], n, v, x.data_ptr(), x.stride(0), grad_out.data_ptr(),
+                           grad_out.stride(0), tokens.data_ptr(), ignore_index, scale, lse.data_ptr(),
+                           ptr(entropy if gh is not None else None), ptr(gl), ptr(gh), torch.get_num_threads())
+
+
+def _check_token_values(tokens: Tensor, vocab: int, ignore_index: int) -> None:
+    """IndexError naming the first token outside [0, V) that is not ignore_index."""
+    if tokens.numel() == 0 or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # (under CUDA-graph capture no host check: the kernels then give a NaN row)
+    bad = ((tokens < 0) | (tokens >= vocab)) & (tokens != ignore_index)
+    if bool(bad.any()):
+        raise IndexError(f"token {int(tokens[bad][0])} is out of range: token ids must be in [0, {vocab}) "
+                         f"(the vocabulary size) or equal ignore_index={ignore_index}")
+
+
+def _split(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Three separate tensors (a custom op's outputs may not alias each other)."""
+    return tuple(out[:, i].clone(memory_format=torch.contiguous_format) for i in range(3))
+
+
+def _acc_vec(g: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if g is None else g.reshape(-1).to(dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("celoss::token_logprobs_forward", mutates_args=())
+def _forward_op(logits: Tensor, tokens: Tensor, backend: str, ignore_index: int,
+                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (log p_y, entropy, lse) of (N, V) logits; 0 on ignored rows."""
+    _check_token_values(tokens, logits.shape[1], ignore_index)
+    return _split(_rows_forward(backend, logits, tokens, ignore_index, scale))
+
+
+@_forward_op.register_fake
+def _(logits, tokens, backend, ignore_index, scale):
+    return tuple(logits.new_empty(logits.shape[0], dtype=_acc(logits.dtype)) for _ in range(3))
+
+
+@torch.library.custom_op("celoss::token_logprobs_backward", mutates_args=())
+def _backward_op(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, grad_logprobs: Optional[Tensor],
+                 grad_entropy: Optional[Tensor], backend: str, ignore_index: int, scale: float) -> Tensor:
+    grad = fresh_like(logits)
+    _rows_backward(backend, logits, tokens, lse, entropy, grad_logprobs, grad_entropy, grad, ignore_index, scale)
+    return grad
+
+
+@_backward_op.register_fake
+def _(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, backend, ignore_index, scale):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _linear_pass(x, w, b, labels, need, make_grad, ignore_index, seq_len, chunk_bytes, backend, picks=()):
+    """linear_cross_entropy's chunk loop over the counted rows: per chunk ``L = X_c W^T (+ b)`` by
+    one matrix product into a reused buffer, ``make_grad(L, rows, s, e, *picked)``, and dX, dW, db
+    from the gradients it returns (matrix products; fp16/bf16 dW accumulated in float32).
+    ``picked``: the per-output-row tensors ``picks`` (or None) restricted to the processed rows."""
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all=False)
+    picked = [t if t is None or rows.proc is None else t[rows.proc] for t in picks]
+
+    def chunk(logits, s, e):
+        return make_grad(logits, rows, s, e, *(None if t is None else t[s:e] for t in picked))
+    return _ChunkedEngine(backend, None, {}, chunk_bytes)._pass(x, w, b, rows, need, chunk)
+
+
+@torch.library.custom_op("celoss::linear_token_logprobs_forward", mutates_args=())
+def _linear_forward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, backend: str,
+                       ignore_index: int, scale: float, seq_len: int,
+                       chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-output-row (log p_y, entropy, lse) of ``x W^T + b`` (``seq_len``: shift's T, else 0)."""
+    _check_token_values(labels, w.shape[0], ignore_index)
+    out = torch.zeros(labels.shape[0], 3, dtype=_acc(x.dtype), device=x.device)
+
+    def record(logits, rows, s, e):
+        vals = _rows_forward(backend, logits, rows.tgt[s:e], ignore_index, scale)
+        if rows.proc is None:
+            out[s:e] = vals
+        else:
+            out.index_copy_(0, rows.proc[s:e], vals)
+        return None
+    _linear_pass(x, w, b, labels, (False,) * 3, record, ignore_index, seq_len, chunk_bytes, backend)
+    return _split(out)
+
+
+@_linear_forward_op.register_fake
+def _(x, w, b, labels, backend, ignore_index, scale, seq_len, chunk_bytes):
+    return tuple(x.new_empty(labels.shape[0], dtype=_acc(x.dtype)) for _ in range(3))
+
+
+@torch.library.custom_op("celoss::linear_token_logprobs_backward", mutates_args=())
+def _linear_backward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
+                        grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], need_dx: bool,
+                        need_dw: bool, need_db: bool, backend: str, ignore_index: int, scale: float,
+                        seq_len: int, chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) by recomputing the logits chunk by chunk (empty where not asked for)."""
+    def grad_chunk(logits, rows, s, e, *picked):  # dlogits overwrite the chunk's logits
+        _rows_backward(backend, logits, rows.tgt[s:e], *picked, logits, ignore_index, scale)
+        return logits
+    need = (need_dx, need_dw, need_db and b is not None)
+    grads = _linear_pass(x, w, b, labels, need, grad_chunk, ignore_index, seq_len, chunk_bytes, backend,
+                         picks=(lse, entropy, grad_logprobs, grad_entropy))
+    return tuple(x.new_empty(0) if g is None else g for g in _finish(grads, w, b))
+
+
+@_linear_backward_op.register_fake
+def _(x, w, b, labels, lse, entropy, grad_logprobs, grad_entropy, need_dx, need_dw, need_db, *plan):
+    return tuple(torch.empty_like(t) if n and t is not None else x.new_empty(0)
+                 for t, n in zip((x, w, b), (need_dx, need_dw, need_db)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------------
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, backend, ignore_index, scale, entropy):
+        ctx.set_materialize_grads(False)
+        lp, ent, lse = _forward_op(logits, tokens, backend, ignore_index, scale)
+        ctx.save_for_backward(logits, tokens, lse, ent)
+        ctx.plan, ctx.entropy = (backend, ignore_index, scale), entropy
+        if not entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    @once_differentiable("celoss.token_logprobs")
+    def backward(ctx, grad_lp, grad_ent):
+        if grad_lp is None and (grad_ent is None or not ctx.entropy):
+            return (None,) * 6
+        logits, tokens, lse, ent = ctx.saved_tensors
+        acc = lse.dtype
+        gh = _acc_vec(grad_ent, acc) if ctx.entropy else None
+        grad = _backward_op(logits, tokens, lse, ent, _acc_vec(grad_lp, acc), gh, *ctx.plan)
+        return (grad,) + (None,) * 5
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, labels, entropy, grad_enabled, *plan):
+        ctx.set_materialize_grads(False)
+        lp, ent, lse = _linear_forward_op(x, w, b, labels, *plan)
+        ctx.need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
+        if any(ctx.need):
+            ctx.save_for_backward(x, w, b, labels, lse, ent)
+        ctx.plan, ctx.entropy = plan, entropy
+        if not entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    @once_differentiable("celoss.linear_token_logprobs")
+    def backward(ctx, grad_lp, grad_ent):
+        nothing = (None,) * (3 + len(ctx.plan))
+        if grad_ent is not None and not ctx.entropy:
+            grad_ent = None
+        if grad_lp is None and grad_ent is None:
+            return (None,) * 3 + nothing
+        x, w, b, labels, lse, ent = ctx.saved_tensors
+        acc = lse.dtype
+        grads = _linear_backward_op(x, w, b, labels, lse, ent, _acc_vec(grad_lp, acc), _acc_vec(grad_ent, acc),
+                                    *ctx.need, *ctx.plan)
+        return tuple(g if n else None for g, n in zip(grads, ctx.need)) + nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+def _check_tokens(tokens, expected_shape: tuple, like: Tensor, what: str) -> Tensor:
+    """Integer token ids of ``expected_shape`` on ``like``'s device, as int64."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must hold integer token ids (e.g. torch.long), got {tokens.dtype}")
+    if tokens.device != like.device:
+        raise ValueError(f"tokens is on {tokens.device} but {what} is on {like.device}")
+    if tuple(tokens.shape) != expected_shape:
+        raise ValueError(f"expected tokens of shape {expected_shape} for {what} of shape {tuple(like.shape)}, "
+                         f"got {tuple(tokens.shape)}")
+    return tokens.to(torch.int64)
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return t
+
+
+def _result(lp: Tensor, ent: Tensor, shape: tuple, return_entropy: bool):
+    lp = lp.reshape(shape)
+    return TokenLogprobsOutput(lp, ent.reshape(shape)) if return_entropy else lp
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                   return_entropy: bool = False, backend: Optional[str] = None):
+    """Per-token log-probabilities ``log softmax(logits / temperature)[..., token]``, and optionally
+    the per-token entropy of that distribution.
+
+    ``logits`` (..., V), class dimension LAST (the RL convention, unlike ``cross_entropy``);
+    ``tokens`` (...) integer ids in [0, V) or ``ignore_index``. Returns float32 values for
+    float32/float16/bfloat16 logits (RL code compares log-probabilities in float32; the row
+    statistics accumulate in float32 whatever the input) and float64 for float64 logits, of
+    shape ``tokens.shape``. With ``return_entropy=True``: a :class:`TokenLogprobsOutput`
+    ``(logprobs, entropy)``, ``entropy = -sum_j p_j log p_j = lse - sum_j p_j z_j`` with
+    ``z = logits / temperature`` (``0 log 0 = 0``: -inf logits, e.g. a masked vocabulary, add
+    nothing).
+
+    Equals ``log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0]`` (and the entropy from
+    that ``log_softmax``), with ignored positions masked out before the softmax: their outputs are
+    0 and their logits get a zero gradient whatever they hold. A row with a NaN, a +inf or only
+    -inf logits gives NaN, as ``log_softmax`` does. Gradients flow from both outputs with any
+    upstream gradients (log-probs times advantages plus an entropy bonus), in the logits' dtype;
+    differentiable once (double backward raises).
+
+    One pass over each row (running max, sum of exps and sum of exps times z) and one more in
+    backward; no probability tensor is materialized. ``backend``: "triton" (CUDA; float64 runs the
+    reference), "cython" (CPU OpenMP kernel), "torch" (plain PyTorch, any device) or None (auto).
+    Out-of-range tokens raise IndexError naming the value.
+    """
+    _checks.floating("logits", logits)
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least 1 dimension (the vocabulary, last)")
+    shape = tuple(logits.shape[:-1])
+    tokens = _check_tokens(tokens, shape, logits, "logits")
+    scale = 1.0 / _check_temperature(temperature)
+    ignore_index = _checks.index_value("ignore_index", ignore_index)
+    name = _dispatch.resolve(logits.device, backend)
+    x2d = logits.reshape(math.prod(shape), logits.shape[-1])
+    lp, ent = _TokenLogprobs.apply(x2d, tokens.reshape(-1).contiguous(), name, ignore_index, scale,
+                                   bool(return_entropy))
+    return _result(lp, ent, shape, return_entropy)
+
+
+def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, *,
+                          linear_bias: Optional[Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+                          shift: bool = False, return_entropy: bool = False, chunk_bytes: Optional[int] = None,
+                          backend: Optional[str] = None):
+    """:func:`token_logprobs` of ``input @ linear_weight.T + linear_bias`` without the N x V logits.
+
+    ``input`` (..., D) hidden states, ``linear_weight`` (V, D), ``linear_bias`` (V,) or None,
+    ``tokens`` (...). Same outputs, dtypes and edge cases as :func:`token_logprobs` applied to
+    ``F.linear(input, linear_weight, linear_bias)``; gradients for ``input``, ``linear_weight``
+    and ``linear_bias`` (in their dtypes; the weight's float32-accumulated across chunks for
+    fp16/bf16).
+
+    ``shift=True``: next-token scoring on ``input (..., T, D)`` / ``tokens (..., T)``, as in
+    :func:`celoss.linear_cross_entropy`: position t is scored against token t + 1 and the last
+    position is dropped (outputs of shape ``(..., T - 1)``), by index arithmetic (no copy).
+
+    The rows are processed in chunks (as ``linear_cross_entropy``'s chunked engine): per chunk one
+    matrix product forms its logits into a workspace of at most ``chunk_bytes`` (default 256 MB,
+    at least one row), the backend's row kernel reads them once; backward recomputes each chunk's
+    logits, overwrites them with dlogits and accumulates ``dX = dz W``, ``dW += dz^T X``,
+    ``db += sum dz`` by matrix products. Ignored positions cost no matrix-product work.
+    """
+    _checks.floating("input", input)
+    shape_in = tuple(input.shape[:-1]) if input.dim() else ()
+    tokens = _check_tokens(tokens, shape_in, input, "input")
+    _check_args(input, linear_weight, tokens, linear_bias, shift)
+    scale = 1.0 / _check_temperature(temperature)
+    ignore_index = _checks.index_value("ignore_index", ignore_index)
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    name = _dispatch.resolve(input.device, backend)
+    labels, seq_len = (tokens[..., 1:], tokens.shape[-1]) if shift else (tokens, 0)
+    shape = tuple(labels.shape)
+    x2d = input.flatten(0, -2) if input.dim() > 1 else input.unsqueeze(0)
+    lp, ent = _LinearTokenLogprobs.apply(x2d, linear_weight, linear_bias, labels.reshape(-1).contiguous(),
+                                         bool(return_entropy), torch.is_grad_enabled(), name, ignore_index,
+                                         scale, seq_len, chunk_bytes)
+    return _result(lp, ent, shape, return_entropy)
