@@ -24,8 +24,11 @@ beta, alpha, ignore_index) -> loss``
     target (``T^2 D`` without; D: see :mod:`celoss.distillation`), 0 for rows whose target is
     ``ignore_index``. ``grad_out`` / ``grad_teacher`` (``(N, V)``, the student's / teacher's
     dtype, or None): written with ``coef_n * dloss_n/dstudent`` / ``dteacher``; ``coef`` float32 of
-    shape (1,) or (N,). Ignored rows get zero gradients. Both softmaxes are computed online (no
-    N x V probability tensor; the reference backend holds a bounded chunk of rows).
+    shape (1,) or (N,). Ignored rows get loss 0 and zero gradients whatever they hold. A counted row
+    whose student or teacher (at temperature T) holds a NaN, a +inf or only -inf gets a NaN loss
+    and NaN gradients (PyTorch's log_softmax composition does). Both softmaxes are computed online
+    (no N x V probability tensor; the reference backend holds a bounded chunk of rows). V = 0 is
+    handled here (zero losses) and never reaches a backend.
 """
 from __future__ import annotations
 
@@ -103,6 +106,9 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
         _checks.target_indices(target, student.shape[1], ignore_index)
     gs = fresh_like(student) if grad_student else None
     gt = fresh_like(teacher) if grad_teacher else None
+    if student.shape[1] == 0:  # no class: every sum is empty, D = 0 (and every target was ignored)
+        return student.new_zeros(student.shape[0], dtype=_acc(student, teacher)), \
+            (gs if gs is not None else _empty(student)), (gt if gt is not None else _empty(teacher))
     loss = _dispatch.module(backend).distill_fused(
         student, teacher, target, coef, gs, gt, kind=kind, temperature=temperature, beta=beta,
         alpha=alpha, ignore_index=ignore_index)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch, _family_ops
+from ._autograd import once_differentiable
 
 
 class _Binary(torch.autograd.Function):
@@ -38,6 +39,7 @@ class _Binary(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable("celoss.binary_cross_entropy_with_logits / sigmoid_focal_loss")
     def backward(ctx, grad):
         if grad is None:
             return (None,) * 8

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch, _family_ops
+from ._autograd import once_differentiable
 
 KINDS = ("kl", "reverse_kl", "ce", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -44,6 +45,7 @@ class _Distill(torch.autograd.Function):
         return total if reduction == "sum" else total / denom
 
     @staticmethod
+    @once_differentiable("celoss.distillation_loss")
     def backward(ctx, grad):
         if grad is None:
             return (None,) * 7
@@ -59,7 +61,7 @@ class _Distill(torch.autograd.Function):
 
 
 def _rows(x: Tensor, v: int) -> Tensor:
-    rows = x.reshape(-1, v)
+    rows = x.reshape(math.prod(x.shape[:-1]), v)  # not -1: V may be 0
     return rows if rows.stride(1) == 1 or v <= 1 else rows.contiguous()
 
 
@@ -96,7 +98,18 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     "batchmean")``, for more dims it is a per-position mean, not a mean over dim 0);
     ``"mean"`` = sum / (counted rows * V) (``F.kl_div``'s elementwise mean); ``"sum"``; ``"none"``
     = per-row losses of shape ``...``. With no counted row, batchmean/mean give NaN (0/0, as
-    ``celoss.cross_entropy``) and zero gradients. The loss has the student's dtype.
+    ``celoss.cross_entropy``) and zero gradients. ``V = 0``: every row loss is 0 (empty sums), so
+    batchmean gives 0 and mean 0/0 = NaN, as the PyTorch composition. The loss has the student's
+    dtype.
+
+    Non-finite values propagate as in the PyTorch composition above: a counted row whose student
+    or teacher logits (divided by T) contain a NaN or a +inf, or are all -inf, has a NaN loss and
+    a NaN gradient everywhere in that row (other rows are unaffected, the reduced loss is NaN).
+    Individual -inf logits follow the masked-class rule above (where ``F.kl_div`` would give
+    0 * -inf = NaN); a student -inf where the teacher has mass gives +inf (kl / ce), as in PyTorch.
+    Rows whose target is ``ignore_index`` are never read: loss 0 and zero gradient whatever they
+    hold (``F.cross_entropy`` gives such a row a NaN gradient when it holds a NaN; padding
+    positions are exactly where that would hurt).
 
     Gradients: always for the student (fused into the forward kernel for scalar reductions). The
     teacher is normally detached (``teacher_logits.detach()`` or produced under ``no_grad``); if it

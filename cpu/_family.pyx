@@ -171,7 +171,7 @@ cdef extern from * nogil:
     /* ---- binary (elementwise) ----
      * mode 0, binary_cross_entropy_with_logits: lw = 1 + (pw - 1) y,
      *   loss = w ((1 - y) x + lw softplus(-x)), dx = w ((1 - y) - lw sigmoid(-x)),
-     *   dy = w (-x + (pw - 1) softplus(-x)), softplus(-x) = max(-x, 0) + log1p(e^-|x|).
+     *   dy = w (pw softplus(-x) - softplus(x)) (-x without pw), softplus(-x) = max(-x, 0) + log1p(e^-|x|).
      * mode 1, sigmoid focal loss (torchvision): p = sigmoid(x), ce = (1 - y) x + softplus(-x),
      *   q = 1 - p_t = p (1 - y) + y (1 - p), at = alpha y + (1 - alpha)(1 - y) (1 if alpha < 0),
      *   loss = at ce q^gamma, dx = at q^gamma ((p - y) + gamma ce (1 - 2y) p (1 - p) / q)
@@ -210,15 +210,19 @@ cdef extern from * nogil:
         R lM = mx + LOG1P01(EXP(d));                                                                          \
         return pS > 0 ? omb * pS * (lpS - lM - r) : (R)0;                                                     \
     }                                                                                                         \
-    CE_INLINE void fam_max2_##SFX(const R *sp, const R *tp, int64_t n, R *cs, R *ct) {                        \
+    /* chunk maxima of s and t; *nan |= whether either holds a NaN (the max skips NaN) */                     \
+    CE_INLINE void fam_max2_##SFX(const R *sp, const R *tp, int64_t n, R *cs, R *ct, int *nan) {              \
         R a = -INFINITY, b = -INFINITY;                                                                       \
-        _Pragma("omp simd reduction(max : a, b)")                                                             \
+        int bad = 0;                                                                                          \
+        _Pragma("omp simd reduction(max : a, b) reduction(| : bad)")                                          \
         for (int64_t j = 0; j < n; j++) {                                                                     \
             a = sp[j] > a ? sp[j] : a;                                                                        \
             b = tp[j] > b ? tp[j] : b;                                                                        \
+            bad |= (sp[j] != sp[j]) | (tp[j] != tp[j]);                                                       \
         }                                                                                                     \
         *cs = a;                                                                                              \
         *ct = b;                                                                                              \
+        *nan |= bad;                                                                                          \
     }                                                                                                         \
     /* pass 1 of one chunk, against the (safe) maxima of the chunks so far, this one included */              \
     CE_INLINE void fam_p1_##SFX(const R *sp, const R *tp, int64_t n, R inv_T, R ms, R mt, R m1,               \
@@ -314,6 +318,7 @@ cdef extern from * nogil:
         const R inv_T = (R)c->inv_T;                                                                          \
         R sbuf[FAM_CHUNK], tbuf[FAM_CHUNK], gbuf[FAM_CHUNK];                                                  \
         R msr = -INFINITY, mtr = -INFINITY, m1r = -INFINITY, ms = 0, mt = 0, m1 = 0;                          \
+        int nan = 0;                                                                                          \
         double acc[4] = {0, 0, 0, 0}; /* Ss, St, K, S1 */                                                     \
         /* kl / ce with a gradient: keep the exps of pass 1 (in the gradient row when it has type R,          \
          * else in thread-local scratch) with each chunk's maxima, so the gradient pass needs no exp */       \
@@ -327,7 +332,7 @@ cdef extern from * nogil:
             const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                      \
             const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                           \
             R cs, ct;                                                                                         \
-            fam_max2_##SFX(sp, tp, n, &cs, &ct);                                                              \
+            fam_max2_##SFX(sp, tp, n, &cs, &ct, &nan);                                                        \
             msr = cs * inv_T > msr ? cs * inv_T : msr;                                                        \
             mtr = ct * inv_T > mtr ? ct * inv_T : mtr;                                                        \
             const R nms = isfinite(msr) ? msr : 0, nmt = isfinite(mtr) ? mtr : 0;                             \
@@ -363,6 +368,16 @@ cdef extern from * nogil:
             FAM_KIND_CASES(FAM_P1_, SFX, 0, 2)                                                                \
             FAM_KIND_CASES(FAM_P1_, SFX, 1, 2)                                                                \
             }                                                                                                 \
+        }                                                                                                     \
+        /* a NaN, a +inf or only -inf in either (scaled) row: NaN loss and gradient, as PyTorch's             \
+         * log_softmax composition (the 0 log 0 = 0 sums above would hide it) */                              \
+        if (nan || !isfinite(msr) || !isfinite(mtr)) {                                                        \
+            for (int64_t off = 0; g && off < V; off += FAM_CHUNK) {                                           \
+                const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                  \
+                for (int64_t j = 0; j < n; j++) gbuf[j] = (R)NAN;                                             \
+                ST(g, gdt, off, n, gbuf);                                                                     \
+            }                                                                                                 \
+            return NAN;                                                                                       \
         }                                                                                                     \
         const double dlSs = log(acc[0]), dlSt = log(acc[1]);                                                  \
         const R lSs = (R)dlSs, lSt = (R)dlSt;                                                                 \
@@ -435,13 +450,15 @@ cdef extern from * nogil:
     CE_INLINE void fam_bin_##SFX(R x, R y, R w, R pw, R alpha, R gamma, R *loss, R *dx, R *dy,                \
                                  const int focal, const int has_pw) {                                         \
         R ax = x < 0 ? -x : x, e = EXP(-ax), inv = 1 / (1 + e);                                               \
-        R spn = (x < 0 ? -x : (R)0) + LOG1P01(e); /* softplus(-x) */                                          \
+        R l1 = LOG1P01(e), spn = (x < 0 ? -x : (R)0) + l1; /* softplus(-x) */                                 \
         R sgn = x >= 0 ? e * inv : inv;            /* sigmoid(-x) = 1 - p */                                  \
+        R nan_x = x != x ? x : (R)0; /* EXP(NaN) is finite here: a NaN x must reach dx and dy */              \
         if (!focal) {                                                                                         \
             R lw = has_pw ? 1 + (pw - 1) * y : (R)1;                                                          \
             *loss = w * ((1 - y) * x + lw * spn);                                                             \
-            *dx = w * ((1 - y) - lw * sgn);                                                                   \
-            *dy = w * (has_pw ? (pw - 1) * spn - x : -x);                                                     \
+            *dx = w * ((1 - y) - lw * sgn + nan_x);                                                           \
+            /* pw softplus(-x) - softplus(x), not (pw - 1) softplus(-x) - x: inf - inf at x = -inf */         \
+            *dy = w * (has_pw ? pw * spn - ((x > 0 ? x : (R)0) + l1) + nan_x : -x);                           \
             return;                                                                                           \
         }                                                                                                     \
         R p = x >= 0 ? inv : e * inv, ce = (1 - y) * x + spn;                                                 \
@@ -450,7 +467,8 @@ cdef extern from * nogil:
         R at = alpha >= 0 ? alpha * y + (1 - alpha) * (1 - y) : (R)1;                                         \
         R rr = (1 - 2 * y) * (q > 0 ? p * sgn / (q > 0 ? q : (R)1) : (R)1);                                   \
         *loss = at * ce * mod;                                                                                \
-        *dx = at * mod * ((p * (1 - y) - y * sgn) + gamma * ce * rr);                                         \
+        /* gamma = 0 is at * BCE: no gamma ce rr term (0 * inf = NaN at |x| = inf) */                         \
+        *dx = at * mod * ((p * (1 - y) - y * sgn) + (gamma != 0 ? gamma * ce * rr : (R)0)) + nan_x;           \
         *dy = 0;                                                                                              \
     }                                                                                                         \
     /* binary: a chunk (loss into lb, gradients times the upstream up into gxb, gyb) */                       \

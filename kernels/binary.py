@@ -13,7 +13,7 @@ Math (the same as the CPU kernel in ``cpu/_family.pyx``), softplus(-x) = max(-x,
 is exact for |x| up to the float32 range::
 
     BCE    lw = 1 + (pw - 1) y,  loss = w ((1 - y) x + lw softplus(-x)),
-           dx = w ((1 - y) - lw sigmoid(-x)),  dy = w ((pw - 1) softplus(-x) - x)
+           dx = w ((1 - y) - lw sigmoid(-x)),  dy = w (pw softplus(-x) - softplus(x))  (-x without pw)
     focal  p = sigmoid(x), ce = (1 - y) x + softplus(-x), q = 1 - p_t = p (1 - y) + y (1 - p),
            at = alpha y + (1 - alpha)(1 - y) (1 when alpha < 0),  loss = at ce q^gamma,
            dx = at q^gamma ((p - y) + gamma ce (1 - 2y) p (1 - p) / q)   (p (1 - p) / q -> 1 as q -> 0)
@@ -60,13 +60,16 @@ def _binary_kernel(
         at = tl.where(alpha >= 0, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
         rr = (1.0 - 2.0 * y) * tl.where(pos, p * sgn / safe_q, 1.0)
         loss = at * ce * mod
-        dx = at * mod * ((p * (1.0 - y) - y * sgn) + gamma * ce * rr)
+        # gamma = 0 is at * BCE: no gamma * ce * rr term (0 * inf = NaN at |x| = inf)
+        dx = at * mod * ((p * (1.0 - y) - y * sgn) + tl.where(gamma == 0, 0.0, gamma * ce * rr))
         dy = tl.zeros_like(dx)
     else:
         if HAS_PW:
             pw = tl.load(pw_ptr + r * ps0 + c * ps1, mask=mask, other=1.0).to(tl.float32)
             lw = 1.0 + (pw - 1.0) * y
-            dy = (pw - 1.0) * spn - x
+            # pw softplus(-x) - softplus(x), not (pw - 1) softplus(-x) - x: inf - inf at x = -inf.
+            # softplus(x) = softplus(-x) + x keeps no extra value live (registers: AOT test)
+            dy = pw * spn - tl.where(x == -float("inf"), 0.0, spn + x)
         else:
             lw = 1.0
             dy = -x

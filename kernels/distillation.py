@@ -28,7 +28,8 @@ A term whose weight e^(.) is 0 contributes 0 (0 log 0 = 0), so -inf logits (mask
 jsd needs both log-sum-exps first: pass 2 sums D and KL(p_S || M). The last pass writes the
 gradient; the target element of the class term uses expm1 (no 1 - p cancellation). With a class
 term at T != 1, pass 1 also sums e^(s - max s). Rows whose target is ``ignore_index`` get loss 0
-and a zero gradient without reading their logits.
+and a zero gradient without reading their logits (but one element, in bounds). A counted row with
+a NaN or +inf in a or b, or only -inf, gets a NaN loss and gradient (PyTorch's composition).
 """
 from __future__ import annotations
 
@@ -135,26 +136,33 @@ def _distill_kernel(
         y = tl.load(y_ptr + row)
         counted = y != ignore_index
         y = tl.where(counted, y, 0)
+        # an ignored row reads no class: a scalar bound, not `block & scalar` (Triton 3.9's
+        # interpreter rejects a mask broadcast from a scalar)
+        v_read = tl.where(counted, V, 0)
     else:
         counted = True
         y = 0
+        v_read = V
     SEP1: tl.constexpr = HARD and not T_IS_ONE
 
     # ---- pass 1: online maxima and sums ---------------------------------------------------
     ms = -float("inf")
     mt = -float("inf")
     m1 = -float("inf")
+    nan = 0
     ss = 0.0
     st = 0.0
     kk = 0.0
     s1 = 0.0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = (cols < V) & counted
+        mask = cols < v_read
         s = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         a = s * inv_T
         b = t * inv_T
+        # a max may drop NaN (the GPU's max.f32 does): count NaNs explicitly
+        nan += tl.sum(((a != a) | (b != b)).to(tl.int32), axis=0)
         ms_new = tl.maximum(ms, tl.max(a, axis=0))
         mt_new = tl.maximum(mt, tl.max(b, axis=0))
         msf, mtf = _safe(ms), _safe(mt)
@@ -187,6 +195,8 @@ def _distill_kernel(
             m1f, m1f_new = _safe(m1), _safe(m1_new)
             s1 = tl.where(s1 > 0, s1 * tl.exp(m1f - m1f_new), 0.0) + tl.sum(tl.exp(s - m1f_new), axis=0)
             m1 = m1_new
+    # a NaN, a +inf or only -inf in either row: NaN loss and gradient (PyTorch's log_softmax)
+    poison = (nan > 0) | (tl.abs(ms) == float("inf")) | (tl.abs(mt) == float("inf"))
     ms = _safe(ms)
     mt = _safe(mt)
     m1 = _safe(m1)
@@ -206,7 +216,7 @@ def _distill_kernel(
         kt = 0.0
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = (cols < V) & counted
+            mask = cols < v_read
             s = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             lpS = (s * inv_T - ms) - lSs
@@ -221,13 +231,16 @@ def _distill_kernel(
     loss = ws * d_val
     lS1 = 0.0
     if HARD:
-        s_y = tl.load(s_row + y, mask=counted, other=0.0).to(tl.float32)
+        # y is 0 for an ignored row and V >= 1: always in bounds (no scalar mask: Triton >= 3.9's
+        # interpreter rejects them)
+        s_y = tl.load(s_row + y).to(tl.float32)
         if T_IS_ONE:
             lp1_y = (s_y - ms) - lSs
         else:
             lS1 = tl.log(s1)
             lp1_y = (s_y - m1) - lS1
         loss += wh * -lp1_y
+    loss = tl.where(poison, float("nan"), loss)
     loss = tl.where(counted, loss, 0.0)
     tl.store(loss_ptr + row, loss)
 
@@ -242,7 +255,7 @@ def _distill_kernel(
             r = ksm
         g_y = 0.0
         if HARD:
-            t_y = tl.load(t_row + y, mask=counted, other=0.0).to(tl.float32)
+            t_y = tl.load(t_row + y).to(tl.float32)
             soft_y, _ = _soft_grad(s_y * inv_T, t_y * inv_T, ms, mt, lSs, lSt, r, log_beta,
                                    log_1mbeta, one_minus_beta, KIND)
             g_y = cw * soft_y + c1 * _expm1(lp1_y)
@@ -250,7 +263,7 @@ def _distill_kernel(
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < V
-            mask = in_row & counted
+            mask = cols < v_read
             s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
             t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
             soft, pS = _soft_grad(s * inv_T, t * inv_T, ms, mt, lSs, lSt, r, log_beta, log_1mbeta,
@@ -262,6 +275,7 @@ def _distill_kernel(
                 else:
                     g += c1 * tl.exp((s - m1) - lS1)
                 g = tl.where(cols == y, g_y, g)
+            g = tl.where(poison, float("nan"), g)
             g = tl.where(mask, g, 0.0)
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_row)
 
@@ -318,7 +332,9 @@ def distill(student, teacher, target, coef, grad_out, *, kind="kl", temperature=
     kernel, grid, kwargs, options, loss = distill_plan(
         student, teacher, target, coef, buf, kind=kind, temperature=temperature, beta=beta,
         alpha=alpha, ignore_index=ignore_index)
-    if grid[0] > 0:
+    if student.shape[1] == 0:  # no class: D = 0 (the kernel reads one element of each row)
+        loss.zero_()
+    elif grid[0] > 0:
         kernel[grid](**kwargs, **options)
     if buf is not grad_out:
         grad_out.copy_(buf)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from celoss.binary import binary_cross_entropy_with_logits as bce
+from celoss.focal import sigmoid_focal_loss
 from conftest import against_oracle, backend_device, backend_params, lowp_error_bound, lowp_margin
 
 ALL = backend_params()
@@ -184,3 +185,106 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: non-finite values, empty inputs, double backward (BCE and the sigmoid focal loss,
+# which runs on the same elementwise kernels)
+# ---------------------------------------------------------------------------------------------
+
+NONFINITE_X = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.5, -2.0]
+
+
+def _nonfinite_data(dev, *, nan_target=False):
+    """Every special logit against hard, soft (and NaN) targets: a (targets, logits) grid."""
+    ys = [0.0, 1.0, 0.3] + ([float("nan")] if nan_target else [])
+    x = torch.tensor(NONFINITE_X).repeat(len(ys), 1)
+    y = torch.tensor(ys).unsqueeze(1).expand_as(x).contiguous()
+    return x.to(dev), y.to(dev)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("weights", ["none", "pos_weight_c", "both"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_issue11_bce_nonfinite_logits_propagate_like_pytorch(backend, weights, reduction):
+    """NaN / +-inf / +-1e30 logits and NaN targets: NaN and inf in the loss and both gradients exactly
+    where PyTorch puts them (a NaN logit gave the gradient -1 or 0 on cython)."""
+    dev = backend_device(backend)
+    x, y = _nonfinite_data(dev, nan_target=True)
+    w, pw = (None if t is None else t.to(dev) for t in _weights(weights, x.shape, dev))
+    a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, w, reduction=reduction, pos_weight=pw, backend=backend),
+                                  lambda u, v: F.binary_cross_entropy_with_logits(u, v, _dbl(w), reduction=reduction,
+                                                                         pos_weight=_dbl(pw)), x, y)
+    assert ga[0].isnan().any() and gb[0].isnan().any()  # a NaN logit reaches the gradient
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def _torchvision_sigmoid_focal(x, t, alpha, gamma):
+    """torchvision.ops.sigmoid_focal_loss, verbatim (float64)."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return loss
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_issue11_sigmoid_focal_nonfinite_like_torchvision(backend, alpha, gamma):
+    """NaN / +-inf / +-1e30 logits: the pattern of NaN and inf of torchvision's composition (gamma = 0
+    gave NaN gradients at +-inf, where the composition is alpha-weighted BCE with finite ones)."""
+    x, y = _nonfinite_data(backend_device(backend))
+    a, b, ga, gb = against_oracle(
+        lambda u: sigmoid_focal_loss(u, y, alpha=alpha, gamma=gamma, backend=backend),
+        lambda u: _torchvision_sigmoid_focal(u, y.double(), alpha, gamma), x)
+    assert ga[:, 0].isnan().all()
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_sigmoid_focal_underflow_gradient_is_the_limit(backend):
+    """Decision: for finite logits with 0 < gamma < 1 where 1 - p_t underflows to 0, torchvision's
+    composition differentiates q**gamma at q = 0 (inf * 0 = NaN); celoss returns the exact limit 0
+    (loss ~ e^{-|x| (1 + gamma)})."""
+    dev = backend_device(backend)
+    x = torch.tensor([-1e30, 1e30, -200.0], device=dev)
+    y = torch.tensor([0.0, 1.0, 0.0], device=dev)
+    xa = x.clone().requires_grad_()
+    sigmoid_focal_loss(xa, y, gamma=0.5, reduction="sum", backend=backend).backward()
+    xb = x.double().requires_grad_()
+    _torchvision_sigmoid_focal(xb, y.double(), 0.25, 0.5).sum().backward()
+    assert xb.grad[:2].isnan().all()  # the composition's artefact
+    assert (xa.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (2, 0, 5), (0, 4)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_issue11_bce_empty_inputs(backend, shape, reduction):
+    dev = backend_device(backend)
+    x, y = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+    pw = torch.ones(shape[-1:], device=dev)
+    a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, reduction=reduction, pos_weight=pw, backend=backend),
+                                  lambda u, v: F.binary_cross_entropy_with_logits(u, v, reduction=reduction,
+                                                                         pos_weight=pw.double()), x, y)
+    assert a.shape == b.shape and ga[0].shape == x.shape and ga[1].shape == y.shape
+    torch.testing.assert_close(a.double(), b, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("focal", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_issue11_double_backward_raises(backend, focal, reduction):
+    x, y = _data((3, 7), backend_device(backend), seed=10)
+    xa = x.clone().requires_grad_()
+    loss = (sigmoid_focal_loss(xa, y, reduction=reduction, backend=backend) if focal
+            else bce(xa, y, reduction=reduction, backend=backend)).sum()
+    g, = torch.autograd.grad(loss, xa, create_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        g.sum().backward()

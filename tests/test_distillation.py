@@ -38,7 +38,7 @@ def oracle(s, t, target=None, *, temperature=1.0, kind="kl", beta=0.5, alpha=1.0
     counted = torch.ones(loss.shape, dtype=torch.bool, device=loss.device)
     if target is not None:
         counted = target != ignore_index
-        ce = F.cross_entropy(s.double().reshape(-1, v), target.reshape(-1), ignore_index=ignore_index,
+        ce = F.cross_entropy(s.double().reshape(target.numel(), v), target.reshape(-1), ignore_index=ignore_index,
                              reduction="none").reshape(loss.shape)
         loss = torch.where(counted, alpha * loss + (1 - alpha) * ce, torch.zeros_like(loss))
     n = counted.sum()
@@ -373,3 +373,147 @@ def test_torch_compile_fullgraph_cpu():
     b.backward()
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sa.grad.double(), sb.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: non-finite values, empty dimensions, zero denominators, double backward
+# ---------------------------------------------------------------------------------------------
+
+def _assert_same(a, b, **tol):
+    """Equal up to tol, with NaN and +-inf in exactly the same places."""
+    torch.testing.assert_close(a.double(), b, equal_nan=True, **tol)
+
+
+NONFINITE = {  # (row, input, value to write; None: the whole row)
+    "teacher_nan": (0, 1, float("nan")), "teacher_+inf": (0, 1, float("inf")),
+    "student_nan": (1, 0, float("nan")), "student_+inf": (1, 0, float("inf")),
+    "student_row_-inf": (2, 0, None), "teacher_row_-inf": (2, 1, None),
+}
+
+
+def _inject(s, t, case):
+    row, which, value = NONFINITE[case]
+    s, t = s.clone(), t.clone()
+    x = (s, t)[which]
+    if value is None:
+        x[row] = -float("inf")
+    else:
+        x[row, 3] = value
+    return s, t
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", list(NONFINITE))
+@pytest.mark.parametrize("reduction,alpha", [("none", 1.0), ("batchmean", 0.5)])
+def test_issue11_nonfinite_rows_propagate_like_pytorch(backend, kind, case, reduction, alpha):
+    """A NaN / +inf logit or an all -inf row, in the student or the teacher: that row's loss and
+    gradient are NaN, as in PyTorch's log_softmax / kl_div composition; other rows are unaffected."""
+    s, t, y = _data((4, 37), backend_device(backend), seed=20, ignore_frac=0.0)
+    s, t = _inject(s, t, case)
+    target = y if alpha != 1.0 else None
+    kw = dict(kind=kind, temperature=2.0, beta=0.3, alpha=alpha, reduction=reduction)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, target, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, target, **kw), s, t)
+    row = NONFINITE[case][0]
+    assert ga[row].isnan().all() and gb[row].isnan().all()  # the oracle agrees: not vacuous
+    _assert_same(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue11_nonfinite_teacher_gradient(backend, kind):
+    """The (rare) teacher gradient: NaN rows too, for both inputs."""
+    s, t, y = _data((4, 21), backend_device(backend), seed=21, ignore_frac=0.0)
+    s, t = _inject(s, t, "teacher_nan")
+    s[1, 2] = float("inf")
+    kw = dict(kind=kind, temperature=1.5, beta=0.3, alpha=0.5)
+    a, b, (gsa, gta), (gsb, gtb) = against_oracle(
+        lambda u, v: distillation_loss(u, v, y, backend=backend, **kw), lambda u, v: oracle(u, v, y, **kw), s, t)
+    assert gta[:2].isnan().all() and torch.isfinite(gta[2:]).all()
+    _assert_same(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same(gsa, gsb, rtol=1e-5, atol=1e-6)
+    _assert_same(gta, gtb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_issue11_student_minus_inf_where_teacher_has_mass(backend, kind):
+    """A single -inf student logit under teacher mass: +inf loss with a finite gradient (PyTorch's too)."""
+    s, t, _ = _data((3, 16), backend_device(backend), seed=22)
+    s[0, 5] = -float("inf")
+    kw = dict(kind=kind, reduction="none")
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, **kw), s, t)
+    assert a[0] == float("inf") and torch.isfinite(ga).all()
+    _assert_same(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_ignored_rows_are_never_read(backend):
+    """Decision: a row whose target is ignore_index has loss 0 and gradient 0 whatever it holds
+    (F.cross_entropy would give it a NaN gradient when it holds a NaN)."""
+    s, t, y = _data((4, 30), backend_device(backend), seed=23, ignore_frac=0.0)
+    y[1] = y[2] = -100
+    s[1, 4] = float("nan")
+    t[2, 7] = float("inf")
+    kw = dict(temperature=2.0, alpha=0.5, reduction="none")
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
+    assert (a[1:3] == 0).all() and (ga[1:3] == 0).all()
+    keep = torch.tensor([0, 3])
+    torch.testing.assert_close(a[keep].double(), b[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga[keep].double(), gb[keep], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", [(3, 0), (2, 3, 0), (0, 0), (0,), (0, 5), (2, 0, 4)], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [False, True])
+def test_issue11_zero_classes_and_empty_rows(backend, shape, reduction, with_target):
+    """V = 0 or no row: what the PyTorch composition returns (V = 0: every row loss is 0, so
+    batchmean = 0 and mean = 0 / 0), with gradients of the input's shape."""
+    dev = backend_device(backend)
+    s, t = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+    y = torch.full(shape[:-1], -100, device=dev) if with_target else None  # V = 0: no valid class
+    kw = dict(reduction=reduction, alpha=0.5 if with_target else 1.0)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
+    assert a.shape == b.shape and ga.shape == s.shape and a.dtype == s.dtype
+    _assert_same(a, b)
+    _assert_same(ga, gb)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue11_zero_classes_target_out_of_range(backend):
+    s = torch.zeros(2, 0, device=backend_device(backend))
+    with pytest.raises(IndexError, match="out of bounds"):
+        distillation_loss(s, s, torch.tensor([0, -100], device=s.device), alpha=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_issue11_all_rows_ignored_zero_denominator(backend, reduction, alpha):
+    """Counted rows are the denominator (never a weight sum, so never negative); with none counted
+    the loss is 0 / 0 = NaN and the gradient that of the composition (zero: no row contributes)."""
+    s, t, y = _data((3, 20), backend_device(backend), seed=24)
+    y[:] = -100
+    kw = dict(reduction=reduction, alpha=alpha, temperature=2.0)
+    a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
+                                          lambda u, v: oracle(u, v, y, **kw), s, t)
+    assert a.isnan() and b.isnan()
+    _assert_same(ga, gb)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_issue11_double_backward_raises(backend, reduction):
+    s, t, y = _data((3, 12), backend_device(backend), seed=25)
+    sa = s.clone().requires_grad_()
+    loss = distillation_loss(sa, t, y, alpha=0.5, reduction=reduction, backend=backend).sum()
+    g, = torch.autograd.grad(loss, sa, create_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        g.sum().backward()

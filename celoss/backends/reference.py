@@ -142,13 +142,15 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
 def _binary_math(x, y, w, pw, focal_alpha, focal_gamma):
     """(loss, dloss/dx, dloss/dy) elementwise, in x's (accumulation) dtype."""
     e = torch.exp(-x.abs())
-    spn = torch.clamp_min(-x, 0) + torch.log1p(e)      # softplus(-x)
+    l1 = torch.log1p(e)
+    spn = torch.clamp_min(-x, 0) + l1  # softplus(-x)
     sgn = torch.where(x >= 0, e, torch.ones_like(e)) / (1 + e)  # sigmoid(-x)
     if focal_gamma is None:
         lw = 1 + (pw - 1) * y if pw is not None else 1.0
         loss = (1 - y) * x + lw * spn
         dx = (1 - y) - lw * sgn
-        dy = (pw - 1) * spn - x if pw is not None else -x
+        # pw softplus(-x) - softplus(x), not (pw - 1) softplus(-x) - x: inf - inf at x = -inf
+        dy = pw * spn - (torch.clamp_min(x, 0) + l1) if pw is not None else -x
         if w is not None:
             loss, dx, dy = w * loss, w * dx, w * dy
         return loss, dx, dy
@@ -162,7 +164,8 @@ def _binary_math(x, y, w, pw, focal_alpha, focal_gamma):
     at = focal_alpha * y + (1 - focal_alpha) * (1 - y) if focal_alpha >= 0 else 1.0
     rr = (1 - 2 * y) * torch.where(pos, p * sgn / safe_q, torch.ones_like(q))
     loss = at * ce * mod
-    dx = at * mod * ((p * (1 - y) - y * sgn) + gamma * ce * rr)
+    # gamma = 0 is at * BCE: no gamma * ce * rr term (0 * inf = NaN at |x| = inf)
+    dx = at * mod * ((p * (1 - y) - y * sgn) + (gamma * ce * rr if gamma else 0.0))
     return loss, dx, torch.zeros_like(dx)
 
 
@@ -232,28 +235,35 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
         s = student[rows].to(acc)
         t = teacher[rows].to(acc)
         d, gs, gt = _distill_rows(s, t, kind, T, beta)
+        # A NaN, a +inf or only -inf in either row makes log_softmax NaN in PyTorch's composition:
+        # NaN loss and gradients for the whole row (the 0 log 0 = 0 rule above would hide it).
+        # amax propagates NaN.
+        bad = ~(torch.isfinite((s / T).amax(1)) & torch.isfinite((t / T).amax(1))).unsqueeze(1)
         row_loss = ws * d
-        keep = None
+        keep = torch.ones_like(bad)
         if has_target:
             y = target[rows]
-            keep = y != ignore_index
-            safe_y = torch.where(keep, y, torch.zeros_like(y)).unsqueeze(1)
+            keep = (y != ignore_index).unsqueeze(1)
+            safe_y = torch.where(keep.squeeze(1), y, torch.zeros_like(y)).unsqueeze(1)
             if wh != 0.0:
                 ls1 = torch.log_softmax(s, dim=1)
                 row_loss = row_loss - wh * ls1.gather(1, safe_y).squeeze(1)
-            row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
-        loss[rows] = row_loss
+        # ignored rows: loss 0 and gradient 0 whatever they hold (never NaN * 0)
+        row_loss = torch.where(bad.squeeze(1), torch.nan, row_loss)
+        loss[rows] = torch.where(keep.squeeze(1), row_loss, 0.0)
         if grad_out is None and grad_teacher is None:
             continue
         c = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
-        if keep is not None:
-            c = c * keep.unsqueeze(1).to(acc)
+
+        def finish(g):
+            return torch.where(keep, torch.where(bad, torch.nan, g * c), 0.0)
+
         if grad_out is not None:
             g = (ws / T) * gs
             if has_target and wh != 0.0:
                 g = g + wh * torch.exp(ls1)
                 g.scatter_add_(1, safe_y, torch.full_like(safe_y, -wh, dtype=acc))
-            grad_out[rows] = (g * c).to(grad_out.dtype)
+            grad_out[rows] = finish(g).to(grad_out.dtype)
         if grad_teacher is not None:
-            grad_teacher[rows] = ((ws / T) * gt * c).to(grad_teacher.dtype)
+            grad_teacher[rows] = finish((ws / T) * gt).to(grad_teacher.dtype)
     return loss

@@ -101,6 +101,47 @@ def test_distill_block_configs():
         assert block // (32 * warps) <= 8  # elements per thread and tensor
 
 
+@needs_device
+@needs_reference
+@pytest.mark.parametrize("kind", kd.KINDS)
+@pytest.mark.parametrize("mode", ["soft", "hard_T3"])
+def test_issue11_distill_kernel_nonfinite_and_ignored_rows(kind, mode):
+    """Rows with a NaN / +inf / only -inf (student or teacher): NaN loss and NaN gradient everywhere
+    in the row, as the reference (PyTorch's composition); an ignored row: 0 and 0 whatever it holds.
+    Rows span two blocks so the flag must survive the online merge."""
+    n, v = 6, kd.max_block(kind) + 7
+    s, t = _rows(n, v, torch.float32, 11), _rows(n, v, torch.float16, 12)
+    t[0, v - 2] = float("nan")
+    s[1, 3] = float("inf")
+    s[2] = -float("inf")
+    t[3, 5] = float("inf")
+    s[4, 1] = float("nan")  # row 4 is ignored below
+    y = None if mode == "soft" else torch.tensor([0, 1, 2, 3, -100, v - 1], device=DEVICE)
+    kw = dict(kind=kind, temperature=3.0 if y is not None else 2.0, beta=0.3, alpha=0.4 if y is not None else 1.0,
+              ignore_index=-100)
+    coef = torch.rand(n, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
+    g = torch.zeros(n, v, device=DEVICE)
+    loss = kd.distill(s, t, y, coef, g, **kw)
+    g_ref = torch.empty(n, v, dtype=torch.float64, device=DEVICE)
+    loss_ref = rb.distill_fused(s.double(), t.double(), y, coef.double(), g_ref, None, **kw)
+    bad = [0, 1, 2, 3] + ([4] if y is None else [])
+    assert loss[bad].isnan().all() and g[bad].isnan().all()
+    if y is not None:
+        assert loss[4] == 0 and (g[4] == 0).all()
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@needs_device
+@pytest.mark.parametrize("with_target", [False, True])
+def test_issue11_distill_kernel_zero_classes(with_target):
+    s = torch.zeros(3, 0, device=DEVICE)
+    y = torch.full((3,), -100, device=DEVICE) if with_target else None
+    g = torch.zeros(3, 0, device=DEVICE)
+    loss = kd.distill(s, s, y, torch.ones(1, device=DEVICE), g, alpha=0.5 if with_target else 1.0)
+    assert loss.shape == (3,) and (loss == 0).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # binary kernel vs the reference backend
 # ---------------------------------------------------------------------------------------------
