@@ -681,8 +681,9 @@ def suite_dtensor(rank, world, backend, record):
             ["pass both vocab_start and vocab_size"])
 
 
-SUITES = {"logits": suite_logits, "linear": suite_linear, "errors": suite_errors, "issue11": suite_issue11,
-          "dtensor": suite_dtensor}
+# in this order: the short suites first, so that a failure in a long one still leaves their checks
+SUITES = {"issue11": suite_issue11, "dtensor": suite_dtensor, "logits": suite_logits, "linear": suite_linear,
+          "errors": suite_errors}
 
 
 def main(rank, world, port, backends, suites, out_dir):

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -38,7 +39,8 @@ def _free_port() -> int:
 
 
 def spawn(world: int, suites, tmp_path, timeout=SPAWN_TIMEOUT_S):
-    """Run the worker suites on `world` ranks; return each rank's result (fail on error or hang)."""
+    """Run the worker suites on `world` ranks: (each rank's result or None, what went wrong --
+    errors, hangs, missing results, exit codes -- or '' when nothing did)."""
     ctx = mp.get_context("spawn")
     out_dir, port = str(tmp_path), _free_port()
     procs = [ctx.Process(target=workers.main, args=(r, world, port, BACKENDS, list(suites), out_dir),
@@ -61,55 +63,80 @@ def spawn(world: int, suites, tmp_path, timeout=SPAWN_TIMEOUT_S):
     for r in range(world):
         path = os.path.join(out_dir, f"rank{r}.json")
         results.append(json.load(open(path)) if os.path.exists(path) else None)
-    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if res and res["error"]]
-    assert not errors, "\n".join(errors)
-    assert not hung, f"ranks {hung} did not finish within {timeout} s (hang?)"
+    problems = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if res and res["error"]]
+    if hung:
+        problems.append(f"ranks {hung} did not finish within {timeout} s (hang?)")
     missing = [r for r, res in enumerate(results) if res is None]
-    assert not missing, f"ranks {missing} exited without a result (exit codes " \
-                        f"{[p.exitcode for p in procs]})"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return results
+    if missing or any(p.exitcode != 0 for p in procs):
+        problems.append(f"exit codes {[p.exitcode for p in procs]}"
+                        + (f"; ranks {missing} wrote no result" if missing else ""))
+    return results, "\n".join(problems)
+
+
+class Ranks(NamedTuple):
+    world: int
+    results: list  # each rank's recorded results (None: that rank wrote none)
+    problems: str  # what went wrong in the spawn ('' when nothing did)
+
+    def checks(self, rank: int) -> set:
+        """The checks `rank` passed (per-rank variants, '(raiser)' / '(others)', left out)."""
+        res = self.results[rank]
+        return {n for n in res["passed"] if "(raiser)" not in n and "(others)" not in n} if res else set()
+
+    def passed(self) -> set:
+        """The checks every rank passed."""
+        return set.intersection(*(self.checks(r) for r in range(self.world)))
+
+    def require(self, expected) -> None:
+        """Fail unless every rank passed every check in `expected`, with what went wrong if not."""
+        missing = set(expected) - self.passed()
+        assert not missing, f"not passed on every rank: {sorted(missing)}\n{self.problems}"
+
+    def message(self, rank: int, key: str) -> str:
+        res = self.results[rank]
+        assert res is not None and key in res["messages"], f"rank {rank} recorded no {key!r}\n{self.problems}"
+        return res["messages"][key]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"world{world}")
-def ranks(request, tmp_path_factory):
-    """(world, each rank's recorded results) of one spawn running every worker suite."""
+def ranks(request, tmp_path_factory) -> Ranks:
+    """One spawn per world size running every worker suite; each test below reads its own checks,
+    so a failing suite fails its tests only."""
     world = request.param
-    return world, spawn(world, list(workers.SUITES), tmp_path_factory.mktemp(f"world{world}"))
+    return Ranks(world, *spawn(world, list(workers.SUITES), tmp_path_factory.mktemp(f"world{world}")))
 
 
-def _passed(results) -> set:
-    """The checks every rank passed (the same set on every rank)."""
-    passed = [{n for n in res["passed"] if "(raiser)" not in n and "(others)" not in n} for res in results]
-    assert all(p == passed[0] for p in passed), "ranks ran different checks"
-    return passed[0]
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_workers_ran_cleanly(ranks):
+    """No error, hang or crash on any rank, and every rank ran the same checks."""
+    assert not ranks.problems, ranks.problems
+    names = [ranks.checks(r) for r in range(ranks.world)]
+    assert all(n == names[0] for n in names), "ranks ran different checks"
 
 
 @pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
 def test_vocab_parallel(ranks):
     """Logits and linear variants, every option, even/uneven/empty/permuted slices, a rank without
     targets, all-ignored and empty batches, mismatched arguments."""
-    world, results = ranks
-    passed = _passed(results)
-    cases = workers.logits_cases(world)
+    cases = workers.logits_cases(ranks.world)
     for backend in BACKENDS:
         quick = workers.interpreted(backend)
         expected = {f"logits[{backend}] case {i}" for i, c in enumerate(cases) if not quick or c.get("quick")}
         expected |= {f"linear[{backend}] case {i}" for i in ((2,) if quick else range(8))}
         expected |= {f"errors[{backend}] still in step", f"errors[{backend}] communication"}
-        assert expected <= passed, sorted(expected - passed)
+        ranks.require(expected)
     # a cross-rank mismatch raises the very same error on every rank
     for name in ("rows", "overlap", "gap", "vocab_size", "options", "targets", "target range"):
         for backend in BACKENDS:
             key = f"errors[{backend}] {name}"
-            messages = {res["messages"][key] for res in results}
+            messages = {ranks.message(r, key) for r in range(ranks.world)}
             assert len(messages) == 1, (key, messages)
     # a local error: the bad rank raises its own error, the others a ValueError naming it
-    last = results[-1]["messages"]
+    last = ranks.world - 1
     for backend in BACKENDS:
-        assert last[f"errors[{backend}] local error (raiser)"].startswith("TypeError")
-        for res in results[:-1]:
-            assert res["messages"][f"errors[{backend}] local error (others)"].startswith("ValueError")
+        assert ranks.message(last, f"errors[{backend}] local error (raiser)").startswith("TypeError")
+        for r in range(last):
+            assert ranks.message(r, f"errors[{backend}] local error (others)").startswith("ValueError")
 
 
 @pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
@@ -118,28 +145,25 @@ def test_issue11_negative_weight_sum_gradients(ranks):
     its sign (negative: finite gradients with the sign flipped; zero with zero weights: NaN loss and
     NaN gradients; zero with cancelling weights: inf / NaN as PyTorch; with label smoothing NaN);
     all rows ignored: NaN loss, zero gradients. Both functions, every backend, vs float64 PyTorch."""
-    world, results = ranks
-    passed = _passed(results)
-    names = [case[0] for case in workers.denominator_cases(8 * world + 3)]
+    names = [case[0] for case in workers.denominator_cases(8 * ranks.world + 3)]
     for backend in BACKENDS:
-        missing = [n for n in names if f"issue11[{backend}] {n}" not in passed]
-        assert not missing, (backend, missing)
-        messages = results[0]["messages"]
+        ranks.require(f"issue11[{backend}] {n}" for n in names)
         # the cases do reach the edges they name (the oracle's loss and its NaN gradients)
-        assert messages[f"issue11[{backend}] negative sum"].endswith("NaN grads 0")
-        assert messages[f"issue11[{backend}] zero target weights"].startswith("loss nan")
-        assert messages[f"issue11[{backend}] cancelling weights"].split(",")[0] in ("loss inf", "loss -inf")
-        assert messages[f"issue11[{backend}] all ignored"] == "loss nan, NaN grads 0"
+        message = lambda name: ranks.message(0, f"issue11[{backend}] {name}")  # noqa: E731
+        assert message("negative sum").endswith("NaN grads 0")
+        assert message("zero target weights").startswith("loss nan")
+        assert message("cancelling weights").split(",")[0] in ("loss inf", "loss -inf")
+        assert message("all ignored") == "loss nan, NaN grads 0"
 
 
 @pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
 def test_issue11_target_checksum_collision(ranks):
     """Issue 11 item 11: targets [3, 0, ...] on rank 0 and [0, 1, ...] elsewhere (equal under the old
     checksum sum(t_i (2 i + 1))) raise the same ValueError on every rank."""
-    world, results = ranks
     for backend in BACKENDS:
         key = f"issue11[{backend}] target collision"
-        messages = {res["messages"][key] for res in results}
+        ranks.require([key])
+        messages = {ranks.message(r, key) for r in range(ranks.world)}
         assert len(messages) == 1 and messages.pop().startswith("ValueError"), messages
 
 
@@ -162,10 +186,11 @@ def test_issue11_target_digest_properties():
 @pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
 def test_issue11_double_backward(ranks):
     """Issue 11 item 9: differentiating a gradient of either function raises a clear error."""
-    world, results = ranks
     for backend in BACKENDS:
         for variant in ("double backward", "linear double backward"):
-            message = results[0]["messages"][f"issue11[{backend}] {variant}"]
+            key = f"issue11[{backend}] {variant}"
+            ranks.require([key])
+            message = ranks.message(0, key)
             assert message.startswith("RuntimeError") and "differentiable once" in message, message
 
 
@@ -175,17 +200,16 @@ def test_issue14_dtensor_vocab_sharding(ranks):
     a head Shard(0) with its bias, replicated hidden / target, class weights Shard(0): loss and
     DTensor gradients vs float64 PyTorch; other layouts raise the same clear error on every rank;
     plain tensors without vocab_start / vocab_size: even shards."""
-    world, results = ranks
-    passed = _passed(results)
-    expected = {f"dtensor logits V={10 * world + 1}", "dtensor logits V=4", "dtensor linear",
-                "even-shard defaults"}
-    assert expected <= passed, sorted(expected - passed)
-    for name in ("dtensor batch-sharded logits", "dtensor sharded target", "dtensor replicated bias",
-                 "even-shard defaults, uneven shards", "vocab_start without vocab_size"):
-        messages = {res["messages"][name] for res in results}
+    world = ranks.world
+    uniform = ("dtensor batch-sharded logits", "dtensor sharded target", "dtensor replicated bias",
+               "even-shard defaults, uneven shards", "vocab_start without vocab_size")
+    ranks.require({f"dtensor logits V={10 * world + 1}", "dtensor logits V=4", "dtensor linear",
+                   "even-shard defaults", "dtensor contradicting vocab_start", *uniform})
+    for name in uniform:
+        messages = {ranks.message(r, name) for r in range(world)}
         assert len(messages) == 1 and messages.pop().startswith("ValueError"), (name, messages)
     # explicit vocab_start=0 contradicts the placement on every rank but 0, which names them
-    messages = [res["messages"]["dtensor contradicting vocab_start"] for res in results]
+    messages = [ranks.message(r, "dtensor contradicting vocab_start") for r in range(world)]
     assert f"rank(s) {list(range(1, world))}" in messages[0], messages[0]
     assert all("contradict the DTensor's placement" in m for m in messages[1:]), messages
 
