@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 from ._autograd import once_differentiable
 from ._memory import fresh_like
-from .linear_cross_entropy import DEFAULT_CHUNK_BYTES, _check_args, _ChunkedEngine, _finish, _plan_rows
+from .linear_cross_entropy import DEFAULT_CHUNK_BYTES, _accumulate_dw, _check_args, _contiguous_rows
 
 _REF_CHUNK_ELEMENTS = 1 << 22  # the reference's float32 temporaries per chunk of rows (16 MB)
 
@@ -57,7 +57,7 @@ def _reference_forward(logits: Tensor, tokens: Tensor, ignore_index: int, scale:
         ent = -torch.where(p > 0, p * a, 0.0).sum(1)
         lp = a.gather(1, torch.where(counted, y, 0).unsqueeze(1)).squeeze(1)
         # a NaN, +inf or all -inf row: NaN everywhere (logsumexp alone gives +-inf there)
-        bad = ~torch.isfinite(lse.squeeze(1)) | torch.isnan(ent)
+        bad = ~torch.isfinite(lse.squeeze(1))
         vals = torch.stack([lp, ent, lse.squeeze(1)], dim=1)
         vals = torch.where(bad.unsqueeze(1), math.nan, vals)
         out[s:s + step] = torch.where(counted.unsqueeze(1), vals, 0.0)
@@ -195,17 +195,43 @@ def _(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, backend, ignore
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _linear_pass(x, w, b, labels, need, make_grad, ignore_index, seq_len, chunk_bytes, backend, picks=()):
-    """linear_cross_entropy's chunk loop over the counted rows: per chunk ``L = X_c W^T (+ b)`` by
-    one matrix product into a reused buffer, ``make_grad(L, rows, s, e, *picked)``, and dX, dW, db
-    from the gradients it returns (matrix products; fp16/bf16 dW accumulated in float32).
-    ``picked``: the per-output-row tensors ``picks`` (or None) restricted to the processed rows."""
-    rows = _plan_rows(labels, seq_len, ignore_index, keep_all=False)
-    picked = [t if t is None or rows.proc is None else t[rows.proc] for t in picks]
+class _Rows(NamedTuple):
+    """The processed (counted) output rows: ``tgt`` their tokens, ``proc`` their output positions
+    (None: all, in order), ``src`` their rows of the flattened hidden states (None: the same)."""
+    tgt: Tensor
+    proc: Optional[Tensor]
+    src: Optional[Tensor]
 
-    def chunk(logits, s, e):
-        return make_grad(logits, rows, s, e, *(None if t is None else t[s:e] for t in picked))
-    return _ChunkedEngine(backend, None, {}, chunk_bytes)._pass(x, w, b, rows, need, chunk)
+
+def _plan_rows(labels: Tensor, ignore_index: int, seq_len: int) -> _Rows:
+    """Ignored rows are compacted away (never read, no matrix-product work); with ``shift``
+    (``seq_len`` = T) output row r of a sequence reads hidden row r + r // (T - 1)."""
+    n = labels.shape[0]
+    counted = labels != ignore_index
+    proc = None if bool(counted.all()) else counted.nonzero().squeeze(1)
+    pos = proc if proc is not None or not seq_len else torch.arange(n, device=labels.device)
+    src = pos + pos // (seq_len - 1) if seq_len and n else pos
+    return _Rows(labels if proc is None else labels[proc], proc, src)
+
+
+def _chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor], rows: _Rows, chunk_bytes: int):
+    """Per chunk of processed rows [s, e): (s, e, sel, X_c, L = X_c W^T (+ b)), ``L`` a view of one
+    reused buffer (so at most ``chunk_bytes`` of logits plus gathered rows), ``sel`` the chunk's
+    hidden rows (a slice when they are one run)."""
+    m = rows.tgt.shape[0]
+    v, d = w.shape
+    step = max(1, min(m, chunk_bytes // max(x.element_size() * (v + 2 * d), 1)))
+    buf = torch.empty(step, v, dtype=x.dtype, device=x.device)
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        sel = slice(s, e) if rows.src is None else _contiguous_rows(rows.src, s, e)
+        xc = x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
+        logits = buf[: e - s]
+        if b is None:
+            torch.mm(xc, w.t(), out=logits)
+        else:
+            torch.addmm(b, xc, w.t(), out=logits)
+        yield s, e, sel, xc, logits
 
 
 @torch.library.custom_op("celoss::linear_token_logprobs_forward", mutates_args=())
@@ -214,16 +240,14 @@ def _linear_forward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor
                        chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-output-row (log p_y, entropy, lse) of ``x W^T + b`` (``seq_len``: shift's T, else 0)."""
     _check_token_values(labels, w.shape[0], ignore_index)
+    rows = _plan_rows(labels, ignore_index, seq_len)
     out = torch.zeros(labels.shape[0], 3, dtype=_acc(x.dtype), device=x.device)
-
-    def record(logits, rows, s, e):
+    for s, e, _, _, logits in _chunk_logits(x, w, b, rows, chunk_bytes):
         vals = _rows_forward(backend, logits, rows.tgt[s:e], ignore_index, scale)
         if rows.proc is None:
             out[s:e] = vals
         else:
             out.index_copy_(0, rows.proc[s:e], vals)
-        return None
-    _linear_pass(x, w, b, labels, (False,) * 3, record, ignore_index, seq_len, chunk_bytes, backend)
     return _split(out)
 
 
@@ -237,14 +261,30 @@ def _linear_backward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tenso
                         grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], need_dx: bool,
                         need_dw: bool, need_db: bool, backend: str, ignore_index: int, scale: float,
                         seq_len: int, chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db) by recomputing the logits chunk by chunk (empty where not asked for)."""
-    def grad_chunk(logits, rows, s, e, *picked):  # dlogits overwrite the chunk's logits
-        _rows_backward(backend, logits, rows.tgt[s:e], *picked, logits, ignore_index, scale)
-        return logits
-    need = (need_dx, need_dw, need_db and b is not None)
-    grads = _linear_pass(x, w, b, labels, need, grad_chunk, ignore_index, seq_len, chunk_bytes, backend,
-                         picks=(lse, entropy, grad_logprobs, grad_entropy))
-    return tuple(x.new_empty(0) if g is None else g for g in _finish(grads, w, b))
+    """(dx, dw, db) by recomputing the logits chunk by chunk, overwritten in place by dlogits, then
+    ``dX_c = dz W``, ``dW += dz^T X_c`` (float32 across chunks for fp16/bf16), ``db += sum dz``
+    (empty where not asked for)."""
+    rows = _plan_rows(labels, ignore_index, seq_len)
+    acc = _acc(x.dtype)
+    m = rows.tgt.shape[0]
+    per_row = [t if t is None or rows.proc is None else t[rows.proc]
+               for t in (lse, entropy, grad_logprobs, grad_entropy)]
+    dx = torch.zeros_like(x) if need_dx else None
+    dw = (torch.empty if m else torch.zeros)(w.shape, dtype=acc, device=w.device) if need_dw else None
+    db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_db and b is not None else None
+    for s, e, sel, xc, g in _chunk_logits(x, w, b, rows, chunk_bytes):
+        _rows_backward(backend, g, rows.tgt[s:e], *(None if t is None else t[s:e] for t in per_row), g,
+                       ignore_index, scale)
+        if dx is not None:
+            if isinstance(sel, slice):
+                torch.mm(g, w, out=dx[sel])
+            else:
+                dx.index_copy_(0, sel, g @ w)
+        if dw is not None:
+            _accumulate_dw(dw, g, xc, first=s == 0)
+        if db is not None:
+            db += g.sum(0, dtype=acc)
+    return tuple(x.new_empty(0) if g is None else g.to(t.dtype) for g, t in ((dx, x), (dw, w), (db, b)))
 
 
 @_linear_backward_op.register_fake
@@ -263,7 +303,7 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         lp, ent, lse = _forward_op(logits, tokens, backend, ignore_index, scale)
         ctx.save_for_backward(logits, tokens, lse, ent)
-        ctx.plan, ctx.entropy = (backend, ignore_index, scale), entropy
+        ctx.plan = (backend, ignore_index, scale)
         if not entropy:
             ctx.mark_non_differentiable(ent)
         return lp, ent
@@ -271,12 +311,11 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable("celoss.token_logprobs")
     def backward(ctx, grad_lp, grad_ent):
-        if grad_lp is None and (grad_ent is None or not ctx.entropy):
+        if grad_lp is None and grad_ent is None:  # (grad_ent is None without return_entropy)
             return (None,) * 6
         logits, tokens, lse, ent = ctx.saved_tensors
         acc = lse.dtype
-        gh = _acc_vec(grad_ent, acc) if ctx.entropy else None
-        grad = _backward_op(logits, tokens, lse, ent, _acc_vec(grad_lp, acc), gh, *ctx.plan)
+        grad = _backward_op(logits, tokens, lse, ent, _acc_vec(grad_lp, acc), _acc_vec(grad_ent, acc), *ctx.plan)
         return (grad,) + (None,) * 5
 
 
@@ -288,7 +327,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         ctx.need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         if any(ctx.need):
             ctx.save_for_backward(x, w, b, labels, lse, ent)
-        ctx.plan, ctx.entropy = plan, entropy
+        ctx.plan = plan
         if not entropy:
             ctx.mark_non_differentiable(ent)
         return lp, ent
@@ -297,9 +336,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @once_differentiable("celoss.linear_token_logprobs")
     def backward(ctx, grad_lp, grad_ent):
         nothing = (None,) * (3 + len(ctx.plan))
-        if grad_ent is not None and not ctx.entropy:
-            grad_ent = None
-        if grad_lp is None and grad_ent is None:
+        if grad_lp is None and grad_ent is None:  # (grad_ent is None without return_entropy)
             return (None,) * 3 + nothing
         x, w, b, labels, lse, ent = ctx.saved_tensors
         acc = lse.dtype

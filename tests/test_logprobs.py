@@ -2,6 +2,7 @@
 every backend: both outputs with random upstream gradients at once, temperature, ignore_index,
 (B, T, V) inputs, shift, every dtype, NaN/inf rows, bad input."""
 import math
+import sys
 
 import pytest
 import torch
@@ -252,7 +253,9 @@ def test_token_logprobs_backends_agree_and_default_runs():
 
 
 def test_token_logprobs_missing_cpu_extension_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "celoss.cpu._logprobs", None)  # import -> ImportError
+    import celoss.cpu
+    monkeypatch.setitem(sys.modules, "celoss.cpu._logprobs", None)  # import -> ImportError
+    monkeypatch.delattr(celoss.cpu, "_logprobs", raising=False)
     L._cpu_module.cache_clear()
     try:
         x, y = _case((3,), 9, torch.float32, "cpu", seed=8)
