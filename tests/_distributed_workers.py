@@ -640,6 +640,21 @@ def suite_dtensor(rank, world, backend, record):
     assert_close(db.grad.full_tensor(), b_o.grad, "dtensor linear grad bias", **tol)
     record("dtensor linear")
 
+    # a 2-D mesh (data parallel x tensor parallel, the data-parallel dimension of size 1 here):
+    # the vocabulary group is the mesh's second dimension
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    full2 = torch.randn(3, 4 * world + 1, generator=gen, dtype=torch.float64)
+    target2 = torch.randint(0, full2.shape[1], (3,), generator=gen)
+    x_o = full2.clone().requires_grad_()
+    loss_o = F.cross_entropy(x_o, target2)
+    loss_o.backward()
+    dx = distribute_tensor(full2.float(), mesh2, [Replicate(), Shard(-1)]).requires_grad_()
+    loss = cd.vocab_parallel_cross_entropy(dx, target2, backend=backend)
+    loss.backward()
+    assert_close(loss, loss_o, "dtensor 2-D mesh loss", **tol)
+    assert_close(dx.grad.full_tensor(), x_o.grad, "dtensor 2-D mesh grad", **tol)
+    record("dtensor 2-D mesh")
+
     # DTensors laid out some other way: the same clear error on every rank
     logits = torch.randn(4, v, generator=gen)
     t4 = target[:4]

@@ -197,14 +197,14 @@ def test_issue11_double_backward(ranks):
 @pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
 def test_issue14_dtensor_vocab_sharding(ranks):
     """Issue 14 part 4: DTensor logits Shard(-1) (uneven torch.chunk slices, an empty one on 3 ranks),
-    a head Shard(0) with its bias, replicated hidden / target, class weights Shard(0): loss and
-    DTensor gradients vs float64 PyTorch; other layouts raise the same clear error on every rank;
-    plain tensors without vocab_start / vocab_size: even shards."""
+    a head Shard(0) with its bias, replicated hidden / target, class weights Shard(0), a 2-D mesh
+    (Replicate(), Shard(-1)): loss and DTensor gradients vs float64 PyTorch; other layouts raise the
+    same clear error on every rank; plain tensors without vocab_start / vocab_size: even shards."""
     world = ranks.world
     uniform = ("dtensor batch-sharded logits", "dtensor sharded target", "dtensor replicated bias",
                "even-shard defaults, uneven shards", "vocab_start without vocab_size")
     ranks.require({f"dtensor logits V={10 * world + 1}", "dtensor logits V=4", "dtensor linear",
-                   "even-shard defaults", "dtensor contradicting vocab_start", *uniform})
+                   "dtensor 2-D mesh", "even-shard defaults", "dtensor contradicting vocab_start", *uniform})
     for name in uniform:
         messages = {ranks.message(r, name) for r in range(world)}
         assert len(messages) == 1 and messages.pop().startswith("ValueError"), (name, messages)
