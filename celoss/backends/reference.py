@@ -62,7 +62,8 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
         g -= d.unsqueeze(1) * _weights(weight, c, z)
         local = target[rows] - class_start
         here = (local >= 0) & (local < c)
-        g.scatter_add_(1, torch.where(here, local, 0).unsqueeze(1), -(b * here).unsqueeze(1))
+        # where, not -b * here: an infinite B (a 0 mean denominator) must not leak into class 0
+        g.scatter_add_(1, torch.where(here, local, 0).unsqueeze(1), torch.where(here, -b, 0.0).unsqueeze(1))
         grad_out[rows] = (g * dz).to(grad_out.dtype)
 
 
