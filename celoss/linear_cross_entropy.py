@@ -321,22 +321,42 @@ class _FusedEngine:
 # Custom ops: the engines behind opaque ops (eager inside, shapes only to torch.compile)
 # ------------------------------------------------------------------------------------------------
 
-def _plan_rows(labels: Tensor, seq_len: int, ignore_index: int, keep_all: bool) -> _Rows:
-    """The processed rows of the output rows ``labels`` (already shifted when ``seq_len``). While a
-    CUDA graph is captured every row is (compaction would read the targets on the host); the row
-    kernels give ignored rows a zero loss and gradient anyway."""
+def _hidden_rows(pos: Tensor, seq_len: int) -> Tensor:
+    """Rows of the flattened hidden states that output rows ``pos`` read."""
+    return pos + pos // (seq_len - 1) if seq_len else pos
+
+
+def _may_be_nonfinite(x: Tensor, w: Tensor, b: Optional[Tensor], logit_scale: float, seq_len: int,
+                      n_out: int) -> Tensor:
+    """(n_out,) bool: output rows whose logits may hold NaN or +-inf, by the bound
+    ``|scale| (|x_r|_1 max|W| + max|b|)`` (NaN / inf inputs make it NaN / inf)."""
+    f64 = dict(dtype=torch.float64)
+    w_max = w.abs().amax().to(**f64) if w.numel() else torch.zeros((), device=w.device, **f64)
+    b_max = b.abs().amax().to(**f64) if b is not None else 0.0
+    bound = x.abs().sum(1, **f64) * w_max + b_max
+    risky = ~(bound < torch.finfo(x.dtype).max) | ~(bound * abs(logit_scale) < torch.finfo(_acc_dtype(x.dtype)).max)
+    return risky[_hidden_rows(torch.arange(n_out, device=x.device), seq_len)]
+
+
+def _plan_rows(labels: Tensor, seq_len: int, ignore_index: int, keep_all: bool, x: Tensor, w: Tensor,
+               b: Optional[Tensor], logit_scale: float) -> _Rows:
+    """The processed rows of the output rows ``labels`` (already shifted when ``seq_len``).
+
+    Ignored rows are skipped unless their logits may be non-finite: PyTorch's gradient of such a row
+    is NaN (softmax of NaN / inf times a zero upstream), and the row kernels reproduce it. While a
+    CUDA graph is captured every row is processed (compaction reads the targets on the host)."""
     n_out = labels.shape[0]
     proc = None
     capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
     if not keep_all and n_out and not capturing:
         counted = labels != ignore_index
         if not bool(counted.all()):
+            counted |= _may_be_nonfinite(x, w, b, logit_scale, seq_len, n_out)
             proc = counted.nonzero().squeeze(1)
     tgt = labels if proc is None else labels[proc]
     src = proc  # rows of the flattened hidden states
     if seq_len and n_out:
-        pos = proc if proc is not None else torch.arange(n_out, device=labels.device)
-        src = pos + pos // (seq_len - 1)
+        src = _hidden_rows(proc if proc is not None else torch.arange(n_out, device=labels.device), seq_len)
     return _Rows(src, tgt, proc, n_out)
 
 
@@ -380,7 +400,7 @@ def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, weig
         grads = _zero_grads(x, w, b, need) if coef is not None else (None,) * 3
         return (x.new_zeros(n, dtype=acc), x.new_full((n,), -math.inf, dtype=acc),
                 *(_or_empty(g, x) for g in grads))
-    rows = _plan_rows(labels, seq_len, ignore_index, keep_all)
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale)
     loss, lse, grads = _engine(plan, weight).forward(x, w, b, rows, coef=coef, need=need)
     grads = grads or (None,) * 3
     return (_output_rows(loss, rows), _output_rows(lse, rows), *(_or_empty(g, x) for g in grads))
@@ -412,7 +432,7 @@ def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, wei
     need = (need_dx, need_dw, need_db and b is not None)
     if w.shape[0] == 0:
         return tuple(_or_empty(g, x) for g in _zero_grads(x, w, b, need))
-    rows = _plan_rows(labels, seq_len, ignore_index, keep_all)
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale)
     m = rows.tgt.shape[0]
 
     def processed(t):
