@@ -113,6 +113,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     ``reduction``: "mean" (over all elements, not weight-normalised), "sum" or "none". The target
     has the input's shape, any float dtype and may be soft; gradients flow to the input and to a
     target that requires grad. The result has ``torch.promote_types(input.dtype, target.dtype)``.
+    NaN and +-inf inputs give NaN / inf in the loss and both gradients where PyTorch's do.
     ``backend``: "triton", "cython", "torch" or None (automatic).
     """
     return binary_loss(input, target, weight, pos_weight, reduction, backend)

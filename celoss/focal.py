@@ -69,6 +69,10 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     directly, so it does not round to 0 for large |x|. ``targets``: same shape, float (soft targets
     allowed), not differentiated (pass ``targets.detach()`` if it requires grad). ``reduction``:
     "none" (default, as torchvision), "mean" (over all elements) or "sum".
+    NaN and +-inf inputs give NaN / inf where torchvision's composition does (``gamma = 0`` is
+    alpha-weighted BCE, finite gradients at +-inf). One deliberate difference: for finite logits
+    where ``1 - p_t`` underflows to 0 with ``0 < gamma < 1``, autograd through torchvision's
+    ``(1 - p_t) ** gamma`` gives 0 * inf = NaN; celoss returns the exact limit of the gradient, 0.
     ``backend``: "triton", "cython", "torch" or None (automatic).
     """
     gamma = _gamma(gamma)
