@@ -16,6 +16,13 @@ CELOSS_AOT_FULL=1. By default, a covering subset (166 plans, both archs):
   loads, the most registers in the full sweep) and in bf16 with aligned rows (the common case);
 * the heaviest flag combination of each kernel at every other (BLOCK, num_warps), each with a
   different (dtype, alignment) pair, so every block, dtype and alignment appears.
+
+Issue 12 C, static performance gates on the same compiles (PTX read by ``_aot.ptx_summary``): in
+the CE kernels' loops at most 2 block barriers per iteration and 128-bit global loads wherever a
+thread holds 16 contiguous bytes; the 16-bit fused linear-CE kernels on tensor cores (``wgmma`` on
+sm_90, ``mma`` on sm_80); no global atomics in the kernels the default linear-CE path launches.
+Registers, shared memory and occupancy per kernel: benchmarks/kernel_resources.md, written by
+``python -m celoss.kernels._aot --table benchmarks/kernel_resources.md``.
 """
 import os
 import pathlib
@@ -26,12 +33,14 @@ import pytest
 try:
     from celoss.kernels import _aot
     from celoss.kernels import cross_entropy as ce
-    MODULE = "celoss.kernels.cross_entropy"
+    from celoss.kernels import linear_cross_entropy as lk
+    MODULE, LCE_MODULE = "celoss.kernels.cross_entropy", "celoss.kernels.linear_cross_entropy"
 except Exception:  # celoss/__init__.py mid-edit: use the kernels folder directly
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
     from kernels import _aot  # noqa: E402
     from kernels import cross_entropy as ce  # noqa: E402
-    MODULE = "kernels.cross_entropy"
+    from kernels import linear_cross_entropy as lk  # noqa: E402
+    MODULE, LCE_MODULE = "kernels.cross_entropy", "kernels.linear_cross_entropy"
 
 ARCHS = (80, 90)  # A100; H100 / H200 (sm_90a)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -119,3 +128,158 @@ def test_row_offsets_are_int64(compiled, kernel):
         muls = [ln for ln in lines if "arith.muli" in ln and widened in ln and ": i64" in ln]
         assert muls, f"{case_id}: no int64 row-offset multiply found"
         assert not any("arith.muli" in ln and pid + "," in ln and ": i32" in ln for ln in lines), case_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12 C: static performance gates
+# ----------------------------------------------------------------------------------------------
+
+MAX_BARRIERS_PER_ITERATION = 2  # one block reduction per row step at most (issue 12 B)
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The 16-bit fused linear-CE plans (the heaviest flags: the same requests as
+# test_linear_cross_entropy_aot.py, so a session compiles them once: _aot.compile_many caches).
+LCE_CASES = {f"{c['kernel']}-{c['dtype']}-{'aligned' if c['aligned'] else 'unaligned'}": c
+             for c in (dict(kernel=kernel, dtype=dtype, aligned=aligned, round_sizes=False, **flags)
+                       for kernel in lk.KERNELS for flags in lk.aot_cases(kernel, heaviest=True)
+                       for dtype in ("float16", "bfloat16") for aligned in (True, False))}
+
+
+@pytest.fixture(scope="module")
+def lce_compiled():
+    ids = list(LCE_CASES)
+    return dict(zip(ids, _aot.compile_many(LCE_MODULE, "aot_plan", [LCE_CASES[i] for i in ids], archs=ARCHS)))
+
+
+def _summaries(results, case_ids):
+    for case_id in case_ids:
+        for arch in ARCHS:
+            usage = results[case_id][arch]
+            assert "error" not in usage, f"{case_id} sm_{arch}: {usage['error']}"
+            yield case_id, arch, usage["ptx_summary"]
+
+
+def test_issue12_ptx_summary_reads_loops_barriers_and_load_widths():
+    ptx = "\n".join([
+        "\tld.global.b64 { %rd1 }, [ %rd2 + 0 ];",
+        "$L__BB0_2:",
+        "\t@%p4 ld.global.L1::evict_last.L2::cache_hint.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd3 + 0 ], %rd9;",
+        "\tld.global.b16 { %rs1 }, [ %rd4 + 0 ];", "\tbar.sync \t0;", "\tbar.warp.sync \t-1;",
+        "\t@%p1 bra \t$L__BB0_3;", "\tbarrier.sync.aligned 0;", "\t@%p2 bra \t$L__BB0_2;",
+        "$L__BB0_3:", "\tbar.sync \t0;", "\t@%p3 atom.global.gpu.relaxed.add.v4.f32 { %r5 }, [ %rd5 + 0 ], { %r6 };",
+        "\tcp.async.cg.shared.global [ %r7 + 0 ], [ %rd6 + 0 ], 0x10, %r8;",
+        "\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd7, %rd8, 1, 1, 1, 0, 1;",
+        "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f2}, {%r9}, {%r10}, {%f3};"])
+    assert _aot.ptx_summary(ptx) == {"loops": [{"bar_sync": 2, "loads": 2, "loads_128": 1}], "atomics": 1,
+                                     "wgmma": 1, "mma": 1}
+    assert _aot.load_bits("ld.global.v2.b64") == 128 and _aot.load_bits("ld.global.nc.b16") == 16
+
+
+def test_issue12_occupancy_from_registers_warps_and_shared_memory():
+    # 8 warps x 128 registers: 32 K registers per block, 2 blocks; 255 registers: one block
+    assert _aot.occupancy(90, 128, 8, 0) == {"blocks": 2, "warps": 16, "occupancy": 0.25, "limit": "registers"}
+    assert _aot.occupancy(90, 255, 8, 0)["blocks"] == 1
+    assert _aot.occupancy(90, 32, 1, 0) == {"blocks": 32, "warps": 32, "occupancy": 0.5, "limit": "blocks"}
+    assert _aot.occupancy(90, 32, 8, 0) == {"blocks": 8, "warps": 64, "occupancy": 1.0, "limit": "warps"}
+    # 100 KiB of shared memory: 2 blocks on sm_90 (228 KiB), 1 on sm_80 (164 KiB)
+    assert _aot.occupancy(90, 64, 4, 100 * 1024)["blocks"] == 2
+    assert _aot.occupancy(80, 64, 4, 100 * 1024) == {"blocks": 1, "warps": 4, "occupancy": 4 / 64, "limit": "shared"}
+
+
+# Measured on the kernels of commit 8c9e90d (Triton 3.6): the row loops of every variant have no
+# barrier, except the gradient loop (pass 2) of fp32 rows that are not 16-byte aligned with class
+# weights: the aligned weight load gets 4 elements per thread, the unaligned gradient store 1, and
+# the convert_layout between them goes through shared memory with 8 bar.sync per block.
+_CONVERT_LAYOUT = pytest.mark.xfail(strict=True, reason="8 bar.sync per iteration of the gradient loop in fp32 "
+                                    "with unaligned rows and class weights (a shared-memory convert_layout "
+                                    "between the weight load and the gradient store)")
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(k, marks=_CONVERT_LAYOUT if k in ("fused", "grad") else ())
+                                    for k in ce.KERNELS])
+def test_issue12_ce_loops_have_at_most_two_barriers_per_iteration(compiled, kernel):
+    """Block-wide reductions cost a ``bar.sync`` each (two per tl.sum / tl.max across warps): the
+    row loop must carry per-thread running statistics and reduce once per row, not per block."""
+    worst = max(((loop["bar_sync"], case_id, arch) for case_id, arch, summary in
+                 _summaries(compiled, [i for i in CASES if CASES[i]["kernel"] == kernel])
+                 for loop in summary["loops"]), default=(0, None, None))
+    assert worst[0] <= MAX_BARRIERS_PER_ITERATION, \
+        f"{worst[0]} bar.sync in one loop iteration ({worst[1]}, sm_{worst[2]})"
+
+
+@pytest.mark.parametrize("kernel", ce.KERNELS)
+def test_issue12_ce_loop_loads_are_128_bit(compiled, kernel):
+    """Aligned rows (16-byte pointers and strides, class count a multiple of 16) where each thread
+    holds at least 16 contiguous bytes of a block: every global load in a loop moves 128 bits."""
+    checked = 0
+    for case_id in (i for i in CASES if CASES[i]["kernel"] == kernel):
+        case = CASES[case_id]
+        for arch in ARCHS:
+            usage = compiled[case_id][arch]
+            assert "error" not in usage, usage["error"]
+            per_thread = case["block"] // (32 * usage["num_warps"]) * ELEMENT_BYTES[case["dtype"]]
+            if not case["aligned"] or per_thread < 16:
+                continue
+            for loop in usage["ptx_summary"]["loops"]:
+                assert loop["loads"] > 0 and loop["loads_128"] == loop["loads"], (case_id, arch, loop)
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("case_id", list(LCE_CASES))
+def test_issue12_lowp_linear_ce_uses_tensor_cores(lce_compiled, case_id):
+    """fp16 / bf16 fused linear-CE tiles: warpgroup MMA (``wgmma``) on sm_90 and ``mma.sync`` on
+    sm_80; with aligned operands (the large tiles) every sm_90 product is a wgmma."""
+    ptx = {arch: summary for _, arch, summary in _summaries(lce_compiled, [case_id])}
+    assert ptx[90]["wgmma"] > 0, ptx[90]
+    assert ptx[80]["mma"] > 0, ptx[80]
+    if LCE_CASES[case_id]["aligned"]:
+        assert ptx[90]["mma"] == 0, ptx[90]
+
+
+def _launched_kernels(fn) -> set[str]:
+    """Names of the @triton.jit kernels ``fn()`` launches (interpreted, or on the GPU)."""
+    launched = set()
+    cls = type(ce._ce_fused_kernel)
+    original = cls.run
+
+    def run(self, *args, **kwargs):
+        launched.add(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    cls.run = run
+    try:
+        fn()
+    finally:
+        cls.run = original
+    return launched
+
+
+def test_issue12_default_linear_ce_path_has_no_global_atomics(compiled, lce_compiled):
+    """Every kernel celoss.linear_cross_entropy launches by default (triton backend, forward and
+    backward, fp32 and bf16) is compiled by the cases above and has no atom/red.global."""
+    import torch
+
+    import celoss
+
+    interpreted = type(ce._ce_fused_kernel).__name__ == "InterpretedFunction"
+    device = "cpu" if interpreted else "cuda"
+    if not interpreted and not torch.cuda.is_available():
+        pytest.skip("triton was imported without the interpreter and there is no GPU")
+
+    def step(dtype):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(12, 32, generator=g).to(device, dtype).requires_grad_()
+        w = torch.randn(70, 32, generator=g).to(device, dtype).requires_grad_()
+        y = torch.randint(0, 70, (12,), generator=g).to(device)
+        celoss.linear_cross_entropy(x, w, y, backend="triton").backward()
+
+    launched = _launched_kernels(lambda: [step(dt) for dt in (torch.float32, torch.bfloat16)])
+    assert launched
+    by_name = {}
+    for results in (compiled, lce_compiled):
+        for per_arch in results.values():
+            for usage in per_arch.values():
+                by_name.setdefault(usage["kernel_name"], []).append(usage["ptx_summary"]["atomics"])
+    for name in sorted(launched):
+        assert name in by_name, f"{name} is launched by linear_cross_entropy but no AOT case here compiles it"
+        assert max(by_name[name]) == 0, f"{name}: up to {max(by_name[name])} global atomics"

@@ -106,7 +106,8 @@ def test_issue12_benchmark_cells_are_appended_as_printed(tmp_path):
     assert {k: rows[0][k] for k in ("op", "method", "dtype", "shape", "status", "fwd_ms", "train_ms", "peak_MB")} == \
         dict(op="ce", method="celoss-triton", dtype="bf16", shape="16384x128256", status="ok", fwd_ms="1.25",
              train_ms="2.5e+00", peak_MB="4096")
-    assert rows[1]["status"] == "timeout" and rows[1]["note"] == "timeout after 60 s" and rows[1]["shape"] == "8192x4096x128256"
+    assert (rows[1]["status"], rows[1]["note"], rows[1]["shape"]) == \
+        ("timeout", "timeout after 60 s", "8192x4096x128256")
 
 
 def test_issue12_failures_are_named_without_the_summary():
