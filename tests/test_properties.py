@@ -227,7 +227,7 @@ class SoftmaxCase:
     layout: str
     reduction: str
     shape: tuple            # input shape: (C,), (N, C) or (N, C, d1)
-    scale: float            # logits ~ N(0, scale)
+    scale: float            # logits ~ N(0, scale); 1e4, 1e10: large finite logits (cancellation, overflow)
     target: str             # "int64", "uint8", "int32" class indices, or "prob" (float) targets
     target_dtype: Optional[torch.dtype]
     target_grad: bool
@@ -260,7 +260,7 @@ def softmax_cases(backend, *, focal=False):
         dtype = d(common["dtype"])
         return SoftmaxCase(
             seed=d(common["seed"]), dtype=dtype, specials=d(common["specials"]), layout=d(common["layout"]),
-            reduction=d(common["reduction"]), shape=shape, scale=d(st.sampled_from((3.0, 0.01, 50.0))),
+            reduction=d(common["reduction"]), shape=shape, scale=d(st.sampled_from((3.0, 0.01, 50.0, 1e4, 1e10))),
             target=target,
             target_dtype=d(st.sampled_from((dtype, torch.float32, torch.float64))) if target == "prob" else None,
             target_grad=target == "prob" and d(st.booleans()),
