@@ -52,7 +52,14 @@ def _warn_fallback(name: str, reason: str) -> None:
                   f"backend instead", RuntimeWarning, stacklevel=4)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (tests/test_dispatch.py checks that), without
+    the import of ``torch._dynamo`` it performs: that import alone costs seconds, at ``import celoss``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve(device: torch.device, backend: str | None = None) -> str:
     """Name of the backend to run on `device` (explicit, $CELOSS_BACKEND, or automatic)."""
     name = backend or os.environ.get("CELOSS_BACKEND") or None
