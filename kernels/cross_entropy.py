@@ -235,7 +235,7 @@ def _ce_fused_kernel(
     m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
     s_lane = tl.zeros((BLOCK,), tl.float32)
     wz_lane = tl.zeros((BLOCK,), tl.float32)
-    mass_lane = tl.zeros((BLOCK,), tl.float32)
+    mass = 0.0
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
@@ -250,11 +250,10 @@ def _ce_fused_kernel(
             v = _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
                             HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
             wz_lane += v * z
-            if HAS_SOFT_TARGET:
-                mass_lane += v
+            if HAS_SOFT_TARGET:  # a block sum, not a fourth lane vector: that one spilled
+                mass += tl.sum(v, axis=0)
     m, s = _lane_finish(m_lane, s_lane)
     wz = tl.sum(wz_lane, axis=0)
-    mass = tl.sum(mass_lane, axis=0)
 
     # ---- loss and row coefficients -------------------------------------------------------
     d = 0.0
@@ -300,11 +299,13 @@ def _ce_fused_kernel(
 
     # ---- pass 2: gradient ----------------------------------------------------------------
     if HAS_GRAD:
-        # ignored rows: exact zeros even when the coefficient is NaN (a 0/0 mean)
-        coef = tl.where(counted, _row_coef(coef_ptr, row, PER_ROW_COEF), 0.0)
+        coef = _row_coef(coef_ptr, row, PER_ROW_COEF)
         g_row = grad_ptr + row * stride_g
-        n_read = tl.where(counted, C, 0)  # ignored rows: write zeros, read nothing,
-        lse = tl.where(counted, lse, 0.0)  # even if their logits (hence lse) are inf / NaN
+        # ignored rows read nothing and get 0 * softmax, as in PyTorch: zeros, or NaN where the
+        # row's softmax is NaN (a NaN / +inf logit, or every logit -inf), whatever the coefficient
+        ignored_g = tl.where(tl.abs(lse) < float("inf"), 0.0, float("nan"))
+        n_read = tl.where(counted, C, 0)
+        lse = tl.where(counted, lse, 0.0)
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < C
@@ -319,7 +320,7 @@ def _ce_fused_kernel(
                     g -= d * _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
                                          HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
                 g = tl.where(cols == y, g_y, g)
-            g = g * dz * coef
+            g = tl.where(counted, g * dz * coef, ignored_g)
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

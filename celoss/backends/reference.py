@@ -129,8 +129,9 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
         if grad_out is not None:
             row_coef = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
             g = g * dz * row_coef
-            if soft_target is None:  # ignored rows: exact zeros, whatever the coefficient or logits
-                g = torch.where(counted.unsqueeze(1), g, 0.0)
+            if soft_target is None:  # ignored rows: 0 * softmax whatever the coefficient, as in PyTorch
+                ignored = torch.where(torch.isfinite(row_lse), 0.0, torch.nan).unsqueeze(1)
+                g = torch.where(counted.unsqueeze(1), g, ignored)
             grad_out[rows] = g.to(grad_out.dtype)
     return loss, lse
 

@@ -218,14 +218,18 @@ def test_fused_strided_rows(name, dtype):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the garbage rows
 @pytest.mark.parametrize("name", ["ce_everything", "focal2_weight_ignore"])
 def test_ignored_rows_with_garbage_logits(name):
-    """Ignored (padding) rows get loss 0 and an exactly-zero gradient even when their logits are
-    inf / NaN; counted rows are unaffected."""
+    """Ignored (padding) rows get loss 0 and PyTorch's gradient 0 * softmax: exact zeros, or NaN
+    where the row's softmax is NaN (a NaN or +inf transformed logit); counted rows are unaffected."""
     x, target, _, weight, coef, kw = make_case(6, 40, torch.float32, OPTIONS[name], seed=9)
     target[1], target[4] = IGNORE, IGNORE
     x[1, 3], x[4, :] = float("nan"), float("inf")
     grad = torch.full_like(x, float("nan"))
-    loss, _ = fused(x, target, None, weight, coef, grad, **kw)
-    assert (loss[[1, 4]] == 0).all() and (grad[[1, 4]] == 0).all()
+    loss, lse = fused(x, target, None, weight, coef, grad, **kw)
+    assert (loss[[1, 4]] == 0).all()
+    for r in (1, 4):
+        expected = torch.zeros_like(grad[r]) if torch.isfinite(lse[r]) else torch.full_like(grad[r], float("nan"))
+        torch.testing.assert_close(grad[r], expected, equal_nan=True)
+    assert torch.isnan(grad[1]).all()  # a NaN logit survives any softcap
     keep = torch.tensor([0, 2, 3, 5])
     o_loss, _, o_grad = oracle(x[keep], target[keep], None, weight, coef[keep] if coef.numel() > 1 else coef, **kw)
     check(loss[keep], o_loss, 2e-5, 2e-5, "loss")
