@@ -3,7 +3,8 @@
 
 Arguments are raw addresses (``tensor.data_ptr()``), int64 sizes and row strides in elements,
 and a dtype code (0 fp32, 1 fp64, 2 fp16, 3 bf16). Accumulation-typed arrays (weight, loss,
-lse, stats, row coefficients) are float32, or float64 for fp64 logits; ``coef`` is float32.
+lse, stats, row coefficients, ``coef``) are float32, or float64 for fp64 logits (a float64
+gradient never carries a float32-rounded upstream scale).
 Rows are independent: one static ``prange`` over them. Index targets of ``fused`` are checked
 before any row is touched (an in-place gradient never half-overwrites the logits); the row
 kernels also guard every read with a target (stats/grad: only targets inside the block are read).
@@ -37,6 +38,10 @@ cdef inline int64_t first_bad(const int64_t *y, int64_t n, int64_t C,
     return -1
 
 
+cdef inline double coef_at(size_t coef, int64_t i, bint f64) noexcept nogil:
+    return (<const double *>coef)[i] if f64 else (<const float *>coef)[i]
+
+
 cdef ce_opts make_opts(int64_t C, int64_t class_start, int64_t ignore_index, double scale,
                        object softcap, double eps, double z_loss, object gamma, double wsum):
     cdef ce_opts o
@@ -68,7 +73,6 @@ def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t 
     cdef char *xb = <char *>x
     cdef char *gb = <char *>g
     cdef char *tb = <char *>t
-    cdef const float *cp = <const float *>coef
     # 16-bit gradients: a row of exp(z - max) per thread between passes 2 and 3 (fp32/fp64 use g)
     cdef char *scratch = NULL
     if g and isz == 2:
@@ -79,7 +83,7 @@ def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t 
         for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
             ce_fused_row(dt, &o, xb + n * sx * isz, (gb + n * sg * isz) if g else NULL,
                          (tb + n * st * isz) if t else NULL, 0 if t else yp[n], <const void *>w,
-                         cp[n * scoef] if g else 1.0, <char *>loss + n * asz,
+                         coef_at(coef, n * scoef, dt == 1) if g else 1.0, <char *>loss + n * asz,
                          <char *>lse + n * asz,
                          (scratch + openmp.omp_get_thread_num() * C * asz) if scratch else NULL)
     finally:

@@ -14,8 +14,8 @@
  * fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
  *
  * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss and
- * gradient, like torch's log_softmax (ce_exp() itself does not propagate NaN). -inf logits just
- * get probability 0.
+ * gradient, like torch's log_softmax (ce_exp() itself does not propagate NaN); an ignored row has
+ * loss 0 but still a NaN gradient then, as in PyTorch. -inf logits just get probability 0.
  */
 #ifndef CE_ROW_TEMPLATE
 #ifndef CELOSS_FASTMATH_H
@@ -26,6 +26,16 @@
 #include <string.h>
 
 #define CE_INLINE static inline __attribute__((always_inline))
+/* A difference that -fassociative-math must not regroup (scalar code only: gcc 12's vectorizer
+ * gives up on loops that hold it) */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define CE_KEEP(x) __builtin_assoc_barrier(x)
+#endif
+#endif
+#ifndef CE_KEEP
+#define CE_KEEP(x) (x)
+#endif
 #if defined(__x86_64__) && defined(__linux__) && !defined(CE_NO_CLONES)
 #define CE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -51,7 +61,6 @@ typedef struct {
 /* ---- bit casts and 16-bit float conversions (integer ops only, so they vectorize) ---- */
 CE_INLINE float ce_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 CE_INLINE uint32_t ce_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-CE_INLINE double ce_u2d(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
 
 CE_INLINE float ce_bf2f(uint16_t h) { return ce_u2f((uint32_t)h << 16); }
 CE_INLINE uint16_t ce_f2bf(float f) { /* round to nearest even; NaN -> 0x7fc0 like c10 */
@@ -154,12 +163,15 @@ CE_INLINE float ce_tanhf(float u) {
 #define ce_tanh(x) _Generic((x), float: ce_tanhf, double: tanh)(x) /* fp64: libm (not a fast path) */
 
 /* ---- the math of celoss/stats.py for one row, in double ----
- * Index target, counted row, from lse, z_y, wz = sum_j w_j z_j (used only when eps != 0) and w_y:
- * returns the loss, sets abd = (A, B, D) with dloss/dz_j = A p_j - B [j == y] - D w_j. */
-static inline double ce_index_loss(const ce_opts *o, double lse, double zy, double wz, double wy,
-                                   double abd[3]) {
+ * Logits enter relative to the row max m (lse = m + log_s): lse - z_j as log_s - (z_j - m) keeps
+ * the loss exact when |m| is far above it (PyTorch's log_softmax subtracts the max first too).
+ * Index target, counted row, from log_s, zy = z_y - m, wz = sum_j w_j (z_j - m) (used only when
+ * eps != 0) and w_y: returns the loss, sets abd = (A, B, D) with
+ * dloss/dz_j = A p_j - B [j == y] - D w_j. */
+static inline double ce_index_loss(const ce_opts *o, double lse, double log_s, double zy, double wz,
+                                   double wy, double abd[3]) {
     if (o->gamma >= 0) { /* focal: g (p_j - [j == y]), lp / (1 - p_y) -> -1 as p_y -> 1 */
-        double lp = zy - lse;
+        double lp = zy - log_s;
         lp = lp > 0 ? 0 : lp; /* rounding; keeps NaN */
         double q = -expm1(lp), ratio = q > 0 ? lp / q : -1.0, decay = pow(q, o->gamma);
         abd[0] = abd[1] = wy * decay * (1.0 - o->gamma * exp(lp) * ratio);
@@ -167,18 +179,19 @@ static inline double ce_index_loss(const ce_opts *o, double lse, double zy, doub
         return -wy * decay * lp;
     }
     double e = o->eps, C = (double)o->C;
-    double loss = wy * (1 - e) * (lse - zy) + o->z_loss * wy * lse * lse;
-    if (e != 0) loss += e / C * (o->wsum * lse - wz);
+    double loss = wy * (1 - e) * (log_s - zy) + o->z_loss * wy * lse * lse;
+    if (e != 0) loss += e / C * (o->wsum * log_s - wz);
     abd[0] = wy * (1 - e) + e * o->wsum / C + 2 * o->z_loss * wy * lse;
     abd[1] = wy * (1 - e);
     abd[2] = e / C;
     return loss;
 }
-/* Probability targets, from mass = sum_j u_j and uz = sum_j u_j z_j, u_j = w_j ((1 - eps) t_j + eps / C):
- * returns the loss, sets *a = A with dloss/dz_j = A p_j - u_j. */
-static inline double ce_soft_loss(const ce_opts *o, double lse, double mass, double uz, double *a) {
+/* Probability targets, from mass = sum_j u_j and uz = sum_j u_j (z_j - m),
+ * u_j = w_j ((1 - eps) t_j + eps / C): returns the loss, sets *a = A with dloss/dz_j = A p_j - u_j. */
+static inline double ce_soft_loss(const ce_opts *o, double lse, double log_s, double mass, double uz,
+                                  double *a) {
     *a = mass + 2 * o->z_loss * lse;
-    return mass * lse - uz + o->z_loss * lse * lse;
+    return mass * log_s - uz + o->z_loss * lse * lse;
 }
 
 /* Chunk length: CE_CHUNK, or longer for rows of more than CE_MAX_CHUNKS chunks. */
@@ -273,12 +286,19 @@ CE_INLINE CE_F(ce_tr) CE_F(ce_tr_of)(const ce_opts *o) {
                       (CE_ACC)o->softcap};
     return tr;
 }
+/* z rounded to CE_ACC, as torch rounds it. The build contracts a product followed by a sum into
+ * one FMA (-ffp-contract=fast, on in the FMA clones), so z - shift would be the exact product minus
+ * the rounded row max: for |z| > 2^31 (fp32) that is up to +ulp(z)/2 > 88 above the max, and exp
+ * overflows. min(z, +inf) is the identity on non-NaN z, so it survives as one vminps that takes the
+ * product out of reach of contraction (NaN becomes +inf: rows with a NaN are flagged in pass 1
+ * and handled apart). */
+CE_INLINE CE_ACC CE_F(ce_rounded)(CE_ACC z) { return z < (CE_ACC)INFINITY ? z : (CE_ACC)INFINITY; }
 /* z = cap tanh(k x) (k = scale / cap) when capped, else scale x; *dz = dz/dx. */
 CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *dz) {
-    if (!capped) { *dz = tr.scale; return tr.scale * x; }
+    if (!capped) { *dz = tr.scale; return CE_F(ce_rounded)(tr.scale * x); }
     CE_ACC th = ce_tanh(x * tr.k);
     *dz = tr.scale * (1 - th * th);
-    return tr.cap * th;
+    return CE_F(ce_rounded)(tr.cap * th);
 }
 
 /* Pass 1: max_j z_j, from the extreme x (z is monotonic in x), and whether x holds a NaN (the
@@ -311,23 +331,24 @@ CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const in
 /* u_j = w_j (c1 t_j + c0), w_j = 1 without has_w, t_j = 0 without has_t. */
 #define CE_U(j) ((has_t ? c1 * CE_LOAD(t[j]) + c0 : c0) * (has_w ? w[j] : 1))
 
-/* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j z_j) (the u sums only with lin),
+/* Pass 2: out = (sum_j exp(z_j - shift), sum_j u_j, sum_j u_j (z_j - c)) (u sums only with lin;
+ * c = shift when centered, else 0),
  * with e: also E_j = exp(z_j - shift), from xa = x in the accumulation type. E may alias xa (fp32
  * in place): j is read before it is written. */
 CE_INLINE void CE_F(ce_sums)(const CE_ACC *xa, const CE_T *t, const CE_ACC *w, CE_ACC *E, int64_t n,
                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC c1, CE_ACC c0, CE_ACC out[3],
-                             const int capped, const int e, const int lin, const int has_w,
-                             const int has_t) {
+                             const int centered, const int capped, const int e, const int lin,
+                             const int has_w, const int has_t) {
     CE_ACC s = 0, su = 0, suz = 0;
 #pragma omp simd reduction(+ : s, su, suz)
     for (int64_t j = 0; j < n; j++) {
-        CE_ACC dz, z = CE_F(ce_z)(xa[j], tr, capped, &dz), p = ce_exp(z - shift);
+        CE_ACC dz, z = CE_F(ce_z)(xa[j], tr, capped, &dz), d = z - shift, p = ce_exp(d);
         s += p;
         if (e) E[j] = p;
         if (lin) {
             CE_ACC u = CE_U(j);
             su += u;
-            suz += u * z;
+            suz += u * (centered ? d : z);
         }
     }
     out[0] = s, out[1] = su, out[2] = suz;
@@ -347,34 +368,44 @@ CE_INLINE const CE_ACC *CE_F(ce_widen)(const CE_T *x, int64_t n, CE_ACC *buf) {
 
 /* Passes 1 and 2 chunk by chunk, so that only pass 1 reads from memory: per chunk k of L classes
  * its max mk[k] and sk[k] = sum exp(z_j - shift_k) (shift_k = mk[k], 0 where not finite; E_j too
- * with e), the row max *m, lin = (sum u_j, sum u_j z_j) and the NaN flag. The per-chunk sums
+ * with e), the row max *m, lin = (sum u_j, sum u_j (z_j - c)) and the NaN flag. centered: c = *m
+ * (0 where not finite; each chunk's sum is moved there at the end, exactly), so the loss needs no
+ * lse - z_j and its error is relative to the loss itself; else c = 0 (the weighted_z statistic). The per-chunk sums
  * also bound the rounding error of the row sum. pf: the gradient row, to prefetch when pass 2
  * doesn't write it (E elsewhere), so that its memory traffic overlaps the exp arithmetic. */
 CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, CE_ACC *E,
                                  CE_T *pf, int64_t C, int64_t L, CE_F(ce_tr) tr, CE_ACC c1,
                                  CE_ACC c0, CE_ACC *mk, CE_ACC *sk, CE_ACC *row_max,
-                                 CE_ACC lin[2], int *has_nan, const int capped, const int e,
-                                 const int lin_, const int has_w, const int has_t) {
+                                 double lin[2], int *has_nan, const int centered, const int capped,
+                                 const int e, const int lin_, const int has_w, const int has_t) {
     CE_ACC m = -INFINITY, out[3], buf[CE_NARROW ? CE_CHUNK : 1];
+    CE_ACC uk[CE_MAX_CHUNKS], uzk[CE_MAX_CHUNKS]; /* per chunk: sum u_j, sum u_j (z_j - shift_k) */
     int nan = 0;
-    lin[0] = lin[1] = 0;
     for (int64_t k = 0, j0 = 0; j0 < C; k++, j0 += L) {
         const int64_t n = C - j0 < L ? C - j0 : L;
         int nk;
         mk[k] = CE_F(ce_max)(x + j0, n, tr, capped, &nk);
         const CE_ACC shift = isfinite(mk[k]) ? mk[k] : 0;
-        sk[k] = 0;
+        sk[k] = uk[k] = uzk[k] = 0;
         for (int64_t i = j0; i < j0 + n; i += CE_CHUNK) { /* one piece unless C is huge */
             const int64_t ni = j0 + n - i < CE_CHUNK ? j0 + n - i : CE_CHUNK;
             if (pf) /* fetch the gradient's lines for pass 3 while this piece computes */
                 for (int64_t b = 0; b < ni * (int64_t)sizeof(CE_T); b += 64)
                     __builtin_prefetch((char *)(pf + i) + b, 1, 3);
             CE_F(ce_sums)(CE_F(ce_widen)(x + i, ni, buf), has_t ? t + i : t, has_w ? w + i : w,
-                          e ? E + i : E, ni, tr, shift, c1, c0, out, capped, e, lin_, has_w, has_t);
-            sk[k] += out[0], lin[0] += out[1], lin[1] += out[2];
+                          e ? E + i : E, ni, tr, shift, c1, c0, out, centered, capped, e, lin_, has_w,
+                          has_t);
+            sk[k] += out[0], uk[k] += out[1], uzk[k] += out[2];
         }
         nan |= nk;
         m = mk[k] > m ? mk[k] : m;
+    }
+    const double shift = centered && isfinite(m) ? m : 0;
+    lin[0] = lin[1] = 0;
+    for (int64_t k = 0; lin_ && k * L < C; k++) {
+        const double ck = centered && isfinite(mk[k]) ? mk[k] : 0;
+        lin[0] += uk[k];
+        lin[1] += uzk[k] + CE_KEEP(ck - shift) * (double)uk[k];
     }
     *has_nan = nan;
     *row_max = m;
@@ -419,7 +450,7 @@ CE_INLINE void CE_F(ce_fill)(CE_T *g, int64_t C, CE_ACC v) {
 /* Fused loss, lse and (with g) coef * dloss/dx of one row; t: probability targets, else index y.
  * scratch: C floats for the exp row when CE_T is 16-bit (fp32/fp64 keep it in g). A row with a
  * NaN, a +inf z or only -inf gets NaN lse, loss and gradient (torch's log_softmax); an ignored
- * row gets loss 0 and gradient 0. */
+ * row gets loss 0 and gradient 0 (NaN in such a row, as in PyTorch). */
 static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *g, const CE_T *t,
                                          int64_t y, const CE_ACC *w, double coef, CE_ACC *loss,
                                          CE_ACC *lse_out, void *scratch) {
@@ -437,24 +468,25 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
                 : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)scratch;
     const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
-    CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m;
+    CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], m;
+    double sums[2];
     int nan;
     CE_SPECIALIZE(CE_F(ce_row_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E,
                   E && (void *)E != (void *)g && (const void *)g != (const void *)x ? g : NULL,
-                  C, L, tr, c1, c0, mk, sk, &m, sums, &nan);
+                  C, L, tr, c1, c0, mk, sk, &m, sums, &nan, 1);
     if (nan || !isfinite(m)) {
         *lse_out = NAN;
         *loss = counted ? NAN : 0;
-        if (g) CE_F(ce_fill)(g, C, counted ? NAN : 0);
+        if (g) CE_F(ce_fill)(g, C, NAN); /* ignored too: log_softmax's backward, NaN - NaN * 0 */
         return;
     }
     double s = 0, loss_v, abd[3] = {0, 0, 0};
     for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - m);
-    double lse = (double)m + log(s);
+    double log_s = log(s), lse = (double)m + log_s;
     if (soft)
-        loss_v = ce_soft_loss(o, lse, sums[0], sums[1], &abd[0]);
+        loss_v = ce_soft_loss(o, lse, log_s, sums[0], sums[1], &abd[0]);
     else
-        loss_v = counted ? ce_index_loss(o, lse, zy, sums[1], wy, abd) : 0.0;
+        loss_v = counted ? ce_index_loss(o, lse, log_s, CE_KEEP((double)zy - m), sums[1], wy, abd) : 0.0;
     *loss = (CE_ACC)loss_v;
     *lse_out = (CE_ACC)lse;
     if (!g) return;
@@ -472,23 +504,25 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
 }
 
 /* Statistics (max, sumexp, target_z, weighted_z) of a block of classes (y: global target), with
- * the reference's special values: NaN row -> (NaN, NaN), max +inf -> sumexp +inf. */
+ * the reference's special values: NaN row -> (NaN, NaN, ., NaN), NaN z_y -> NaN target_z (ce_z
+ * would give +inf), max +inf -> sumexp +inf. */
 static CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_t y,
                                          const CE_ACC *w, CE_ACC *out) {
     const int64_t C = o->C, L = ce_chunk_len(C), local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
     const int capped = o->softcap > 0;
-    CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], sums[2], m, dz;
+    CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], m, dz;
+    double sums[2];
     int nan;
     CE_SPECIALIZE(CE_F(ce_row_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, NULL, C, L, tr, 0,
-                  1, mk, sk, &m, sums, &nan);
+                  1, mk, sk, &m, sums, &nan, 0);
     double s = 0, shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
     for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - shift);
     out[0] = nan ? NAN : m;
     out[1] = nan ? NAN : (m == INFINITY ? INFINITY : (CE_ACC)s);
-    out[2] = y != o->ignore_index && local >= 0 && local < C
-                 ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dz) : 0;
-    out[3] = sums[1];
+    const CE_ACC xy = y != o->ignore_index && local >= 0 && local < C ? CE_LOAD(x[local]) : 0;
+    out[2] = xy != xy ? xy : CE_F(ce_z)(xy, tr, capped, &dz);
+    out[3] = nan ? NAN : (CE_ACC)sums[1];
 }
 
 /* dz_j/dx_j (A p_j - B [j == y] - D w_j) for a block of classes, p_j = exp(z_j - lse); NaN

@@ -60,7 +60,7 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
     w = _vec(weight, acc)
     t = None if soft_target is None else _rows(soft_target, x.dtype)
     y = None if soft_target is not None else _vec(target, torch.int64)
-    cf = None if grad_out is None else _vec(coef, torch.float32)
+    cf = None if grad_out is None else _vec(coef, acc)
     g = _grad_target(logits, x, grad_out)
     loss = torch.empty(n, dtype=acc)
     lse = torch.empty(n, dtype=acc)
