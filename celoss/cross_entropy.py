@@ -258,6 +258,17 @@ def softmax_loss(input: Tensor, target: Tensor, weight, *, ignore_index: int, re
     return CrossEntropyOutput(loss, lse.reshape(rows.out_shape) if return_lse else None, z_term)
 
 
+def _uint8_like_pytorch(input: Tensor, weight, reduction: str, label_smoothing: float) -> None:
+    """PyTorch takes uint8 class indices only for (C) / (N, C) input, and not with class weights,
+    label smoothing and a mean together (its gather() needs int64 there): refuse what it refuses."""
+    if isinstance(input, Tensor) and input.dim() > 2:
+        raise RuntimeError("expected scalar type Long but found Byte: uint8 targets need (C) or (N, C) input, "
+                           "as in torch.nn.functional.cross_entropy; pass target.long()")
+    if weight is not None and label_smoothing > 0 and reduction == "mean":
+        raise RuntimeError("uint8 targets with class weights, label smoothing and reduction='mean' are refused "
+                           "as in torch.nn.functional.cross_entropy (gather() needs int64); pass target.long()")
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, logit_scale: float = 1.0,
                   softcap: Optional[float] = None, z_loss: float = 0.0, return_lse: bool = False,
@@ -305,6 +316,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """
     softcap = _checks.positive_or_none("softcap", softcap)
     label_smoothing = _checks.probability("label_smoothing", label_smoothing)
+    if isinstance(target, Tensor) and target.dtype == torch.uint8:
+        _uint8_like_pytorch(input, weight, reduction, label_smoothing)
     if float(z_loss) < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     return softmax_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction,

@@ -54,7 +54,9 @@ def focal_factor(lp: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Te
     one_minus_p = -torch.expm1(lp)
     ratio = torch.where(one_minus_p > 0, lp / one_minus_p.clamp_min(torch.finfo(lp.dtype).tiny),
                         torch.full_like(lp, -1.0))
-    return one_minus_p.pow(gamma), 1.0 - gamma * torch.exp(lp) * ratio
+    p = torch.exp(lp)
+    p_ratio = torch.where(p > 0, p * ratio, 0.0)  # p -> 0 (lp -> -inf): 0, not 0 * -inf
+    return one_minus_p.pow(gamma), 1.0 - gamma * p_ratio
 
 
 def coefficients(stats: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, *,
@@ -71,8 +73,12 @@ def coefficients(stats: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
         w_y = torch.where(counted, weight.to(lse.dtype)[safe_t], torch.zeros_like(lse))
         w_sum = weight.to(lse.dtype).sum()
     z_y = stats[..., 2]
+    # -log p_y from the unrounded shift: lse - z_y loses everything once |z| ~ 1 / float eps
+    nll = (stats[..., 0] - z_y) + torch.log(stats[..., 1])
+    # a NaN / +inf logit, or only -inf ones: PyTorch's log_softmax (hence the loss) is NaN
+    nll = torch.where(torch.isfinite(lse), nll, torch.nan)
     if focal_gamma is not None:
-        lp = z_y - lse
+        lp = -nll
         decay, slope = focal_factor(lp, focal_gamma)
         loss = torch.where(counted, -w_y * decay * lp, torch.zeros_like(lse))
         g = torch.where(counted, w_y * decay * slope, torch.zeros_like(lse))
@@ -80,7 +86,7 @@ def coefficients(stats: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     eps = label_smoothing
     c = counted.to(lse.dtype)
     smooth = eps / num_classes * (w_sum * lse - stats[..., 3]) if eps else 0.0
-    loss = w_y * (1 - eps) * (lse - z_y) + smooth + z_loss * w_y * lse * lse
+    loss = w_y * (1 - eps) * nll + smooth + z_loss * w_y * lse * lse
     loss = torch.where(counted, loss, torch.zeros_like(loss))
     a = w_y * (1 - eps) + eps * w_sum / num_classes * c + 2 * z_loss * w_y * lse
     b = w_y * (1 - eps)

@@ -144,22 +144,25 @@ def _log1m(u):
 def _merge_target(m, s, z_y, counted):
     """Fold the target logit z_y, left out of the online (m, s) of a row, back in.
 
-    Returns (lse, p_y, 1 - p_y, log p_y). 1 - p_y = (sum of the other classes' exps) / sumexp is
-    accurate to float32 rounding for any p_y (no 1 - p cancellation, unlike -expm1(z_y - lse),
-    whose argument already carries an absolute error of ulp(lse)); log p_y = log1p(-(1 - p_y))
-    where p_y > 1/2, z_y - lse elsewhere. Rows that are not counted (m, s hold all classes)
-    return (lse, 0, 1, -inf)-like values that the caller masks out.
+    Returns (lse, shift, sumexp, p_y, 1 - p_y, log p_y) with sumexp = sum_j exp(z_j - shift), so
+    p_j = exp(z_j - shift) / sumexp: z_j - shift is exact where it matters, unlike z_j - lse once
+    lse has been rounded (at |z| ~ 1e30, lse - z_y is 0 in float32 while log p_y is -log 2).
+    1 - p_y = (sum of the other classes' exps) / sumexp is accurate to float32 rounding for any
+    p_y (no 1 - p cancellation); log p_y = log1p(-(1 - p_y)) where p_y > 1/2, else
+    (z_y - shift) - log(sumexp). Rows that are not counted (m, s hold all classes) return
+    (lse, ..., 0, 1, -inf)-like values that the caller masks out.
     """
     m_full = tl.where(counted, tl.maximum(m, z_y), m)
-    m_safe = tl.where(tl.abs(m_full) < float("inf"), m_full, 0.0)
-    s_other = s * tl.exp(m - m_safe)
-    e_y = tl.where(counted, tl.exp(z_y - m_safe), 0.0)
+    shift = tl.where(tl.abs(m_full) < float("inf"), m_full, 0.0)
+    s_other = s * tl.exp(m - shift)
+    e_y = tl.where(counted, tl.exp(z_y - shift), 0.0)
     s_all = s_other + e_y
-    lse = m_full + tl.log(s_all)
+    log_s = tl.log(s_all)
+    lse = m_full + log_s
     omp = s_other / s_all
     p_y = e_y / s_all
-    lp = tl.where(omp < 0.5, _log1m(tl.minimum(omp, 0.5)), z_y - lse)
-    return lse, p_y, omp, lp
+    lp = tl.where(omp < 0.5, _log1m(tl.minimum(omp, 0.5)), (z_y - shift) - log_s)
+    return lse, shift, s_all, p_y, omp, lp
 
 
 @triton.jit
@@ -260,12 +263,14 @@ def _ce_fused_kernel(
     g_y = 0.0
     if HAS_SOFT_TARGET:
         lse = m + tl.log(s)
+        shift = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+        s_all = s
         loss = mass * lse - wz + z_loss * lse * lse
         a = mass + 2.0 * z_loss * lse
     else:
         x_y = tl.load(x_row + y)
         z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        lse, p_y, omp, lp = _merge_target(m, s, z_y, counted)
+        lse, shift, s_all, p_y, omp, lp = _merge_target(m, s, z_y, counted)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y, mask=counted, other=0.0).to(tl.float32)
         else:
@@ -294,6 +299,9 @@ def _ce_fused_kernel(
         loss = tl.where(bad_target, float("nan"), tl.where(counted, loss, 0.0))
         a = tl.where(counted, a, 0.0)
         g_y = tl.where(counted, g_y, 0.0)
+    # a NaN / +inf logit, or only -inf ones: PyTorch's log_softmax is NaN for the whole row
+    finite_row = tl.abs(lse) < float("inf")
+    loss = tl.where(counted & (finite_row == 0), float("nan"), loss)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
@@ -303,15 +311,17 @@ def _ce_fused_kernel(
         g_row = grad_ptr + row * stride_g
         # ignored rows read nothing and get 0 * softmax, as in PyTorch: zeros, or NaN where the
         # row's softmax is NaN (a NaN / +inf logit, or every logit -inf), whatever the coefficient
-        ignored_g = tl.where(tl.abs(lse) < float("inf"), 0.0, float("nan"))
+        ignored_g = tl.where(finite_row, 0.0, float("nan"))
         n_read = tl.where(counted, C, 0)
-        lse = tl.where(counted, lse, 0.0)
+        shift = tl.where(finite_row, shift, float("nan"))  # p_j = NaN for a non-finite row
+        a_over_s = a / s_all
+        g_y = tl.where(finite_row, g_y, float("nan"))
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < C
             x = tl.load(x_row + cols, mask=cols < n_read, other=0.0, eviction_policy="evict_first")
             z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
-            g = a * tl.exp(z - lse)
+            g = a_over_s * tl.exp(z - shift)
             if HAS_SOFT_TARGET:
                 g -= _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
                                  HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)

@@ -537,3 +537,33 @@ def test_issue15_compile_fullgraph_inplace_backward():
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["kdim", "weight-smoothing-mean"])
+def test_issue11_uint8_refused_where_pytorch_refuses(case):
+    u = torch.tensor([0, 1, 2], dtype=torch.uint8)
+    if case == "kdim":
+        args, kw = (torch.randn(1, 4, 3), u.reshape(1, 3)), {}
+    else:
+        args, kw = (torch.randn(3, 4), u), dict(weight=torch.rand(4), label_smoothing=0.1)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(*args, **kw)
+    with pytest.raises(RuntimeError, match="uint8|Byte"):
+        celoss.cross_entropy(*args, **kw)
+    torch.testing.assert_close(celoss.cross_entropy(*args, reduction="sum", **kw) if case != "kdim" else
+                               celoss.cross_entropy(args[0], args[1].long(), **kw),
+                               F.cross_entropy(*args, reduction="sum", **kw) if case != "kdim" else
+                               F.cross_entropy(args[0], args[1].long(), **kw))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("focal", [False, True])
+def test_issue11_huge_logits_keep_their_differences(backend, focal):
+    """|z| ~ 1e30 or 1e6: log p and p come from z - max, not from z - (rounded lse)."""
+    for x, y in [([[1e30, 1e30, 0.0]], [0]), ([[1e6, 1e6 - 1, 0.0]], [1]), ([[0.5, float("-inf"), 0.0]], [0])]:
+        x, y = torch.tensor(x), torch.tensor(y, device=backend_device(backend))
+        ours = ((lambda v: celoss.focal_loss(v, y, gamma=0.0, backend=backend)) if focal
+                else (lambda v: celoss.cross_entropy(v, y, backend=backend)))
+        a, b, ga, gb = _pair(backend, x, ours, lambda v: F.cross_entropy(v, y.cpu()))
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)

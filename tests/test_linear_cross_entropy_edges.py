@@ -114,12 +114,9 @@ def test_issue11_zero_denominator_with_returned_lse(backend, engine):
 
 @pytest.mark.parametrize("backend,engine", ENGINES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
-def test_issue11_ignored_row_with_nonfinite_logits(backend, engine, bad, request):
+def test_issue11_ignored_row_with_nonfinite_logits(backend, engine, bad):
     """PyTorch's gradient of an ignored row whose logits hold NaN / inf is NaN (softmax times a zero
     upstream), and so are dW and db: such rows are not compacted away."""
-    if backend in ("torch", "triton") and engine == "chunked":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the row kernel zeroes an ignored row's "
-                                              "gradient (reference.ce_fused / kernels/cross_entropy.py)"))
     dev = backend_device(backend)
     x, w, b = _data(5, 4, 6, device=dev)
     x[2, 1] = bad

@@ -109,6 +109,11 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
     for rows in _row_chunks(n, c):
         z, dz = transform(logits[rows], logit_scale, softcap)
         lse[rows] = row_lse = torch.logsumexp(z, dim=1)
+        # p = exp(z - shift) / sumexp: z - shift is exact where z - (rounded lse) is not
+        m = z.amax(dim=1)
+        shift = torch.where(torch.isfinite(m), m, 0.0)
+        e = torch.exp(z - shift.unsqueeze(1))
+        sumexp = e.sum(dim=1)
         if soft_target is not None:
             loss[rows], g = _soft_target_rows(z, row_lse, soft_target[rows].to(acc), weight,
                                               label_smoothing, z_loss)
@@ -116,7 +121,7 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
             t = target[rows]
             counted = t != ignore_index
             safe_t = torch.where(counted, t, torch.zeros_like(t))
-            st = torch.stack([row_lse, torch.ones_like(row_lse), z.gather(1, safe_t.unsqueeze(1)).squeeze(1),
+            st = torch.stack([m, sumexp, z.gather(1, safe_t.unsqueeze(1)).squeeze(1),
                               z @ _weights(weight, c, z)], dim=1)
             loss[rows], _, rc = S.coefficients(st, t, weight, num_classes=c, ignore_index=ignore_index,
                                                label_smoothing=label_smoothing, z_loss=z_loss,
@@ -124,8 +129,10 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
             if grad_out is None:
                 continue
             a, b, d = rc.unbind(1)
-            g = a.unsqueeze(1) * torch.exp(z - row_lse.unsqueeze(1)) - d.unsqueeze(1) * _weights(weight, c, z)
+            g = (a / sumexp).unsqueeze(1) * e - d.unsqueeze(1) * _weights(weight, c, z)
             g.scatter_add_(1, safe_t.unsqueeze(1), -b.unsqueeze(1))
+            # a NaN / +inf logit, or only -inf ones: PyTorch's log_softmax is NaN for the whole row
+            g = torch.where(torch.isfinite(row_lse).unsqueeze(1), g, torch.nan)
         if grad_out is not None:
             row_coef = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
             g = g * dz * row_coef
@@ -250,15 +257,14 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
             if wh != 0.0:
                 ls1 = torch.log_softmax(s, dim=1)
                 row_loss = row_loss - wh * ls1.gather(1, safe_y).squeeze(1)
-        # ignored rows: loss 0 and gradient 0 whatever they hold (never NaN * 0)
         row_loss = torch.where(bad.squeeze(1), torch.nan, row_loss)
         loss[rows] = torch.where(keep.squeeze(1), row_loss, 0.0)
         if grad_out is None and grad_teacher is None:
             continue
         c = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
 
-        def finish(g):
-            return torch.where(keep, torch.where(bad, torch.nan, g * c), 0.0)
+        def finish(g):  # ignored rows: 0 * gradient as in PyTorch (NaN in a poisoned row)
+            return torch.where(bad, torch.nan, torch.where(keep, g * c, 0.0))
 
         if grad_out is not None:
             g = (ws / T) * gs
