@@ -33,8 +33,11 @@ logit_scale, softcap, z_loss, focal_gamma) -> (loss, lse)``
     ``softcap`` None or > 0; ``focal_gamma`` None (cross-entropy) or >= 0 (focal loss, index
     targets, no smoothing/z-loss). Returns the per-row loss (N,) and lse (N,), 0 loss for ignored
     rows. When ``grad_out`` (N, C) is given (it may be ``logits`` itself: in place), writes
-    ``coef_n * dloss_n/dlogits_nj`` into it; ``coef`` is a float32 tensor of shape (1,) (one
-    scale for all rows) or (N,). Ignored rows get a zero gradient. One read of the logits for
+    ``coef_n * dloss_n/dlogits_nj`` into it; ``coef`` is a float tensor of shape (1,) (one
+    scale for all rows) or (N,), applied in the accumulation dtype (float64 for float64 logits).
+    A counted row holding a NaN or +inf transformed logit, or only -inf ones, gets a NaN loss and
+    gradient (PyTorch's log_softmax is NaN there). Ignored rows get loss 0 and PyTorch's gradient
+    ``0 * softmax``: zeros, or NaN for such a row, whatever ``coef`` is (a 0/0 mean gives NaN). One read of the logits for
     the loss and the gradient (the row is re-read from cache, not from memory, where possible).
 
 ``ce_stats(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap) -> (N, 4)``
