@@ -20,6 +20,7 @@ from .cross_entropy import CrossEntropyOutput, cross_entropy
 from .distillation import distillation_loss
 from .focal import focal_loss, sigmoid_focal_loss
 from .linear_cross_entropy import linear_cross_entropy
+from .logprobs import TokenLogprobsOutput, linear_token_logprobs, token_logprobs
 from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, DistillationLoss, FocalLoss, LinearCrossEntropyLoss,
                       SigmoidFocalLoss)
 
@@ -28,6 +29,7 @@ __all__ = [
     "distributed",
     "cross_entropy", "CrossEntropyOutput", "linear_cross_entropy",
     "binary_cross_entropy_with_logits", "focal_loss", "sigmoid_focal_loss", "distillation_loss",
+    "token_logprobs", "linear_token_logprobs", "TokenLogprobsOutput",
     "CrossEntropyLoss", "LinearCrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "SigmoidFocalLoss",
     "DistillationLoss",
 ]

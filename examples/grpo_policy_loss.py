@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import celoss.logprobs as cl  # (celoss.linear_token_logprobs once exported)
+import celoss
 
 
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     # the behaviour policy's log-probs (here: the current ones, perturbed; in a run: from the rollout)
     with torch.no_grad():
-        old = cl.linear_token_logprobs(hidden, weight, labels, temperature=args.temperature, shift=True)
+        old = celoss.linear_token_logprobs(hidden, weight, labels, temperature=args.temperature, shift=True)
         old_logp = old + 0.05 * torch.randn_like(old) * mask
 
     results = {}
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         hidden.grad = weight.grad = None
         start = time.perf_counter()
         if name == "celoss":
-            logp, entropy = cl.linear_token_logprobs(hidden, weight, labels, temperature=args.temperature,
+            logp, entropy = celoss.linear_token_logprobs(hidden, weight, labels, temperature=args.temperature,
                                                      shift=True, return_entropy=True)
         else:
             logp, entropy = torch_logprobs(hidden, weight, labels, args.temperature)
