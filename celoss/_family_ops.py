@@ -24,9 +24,9 @@ beta, alpha, ignore_index) -> loss``
     target (``T^2 D`` without; D: see :mod:`celoss.distillation`), 0 for rows whose target is
     ``ignore_index``. ``grad_out`` / ``grad_teacher`` (``(N, V)``, the student's / teacher's
     dtype, or None): written with ``coef_n * dloss_n/dstudent`` / ``dteacher``; ``coef`` float32 of
-    shape (1,) or (N,). Ignored rows get loss 0 and zero gradients whatever they hold. A counted row
-    whose student or teacher (at temperature T) holds a NaN, a +inf or only -inf gets a NaN loss
-    and NaN gradients (PyTorch's log_softmax composition does). Both softmaxes are computed online
+    shape (1,) or (N,). A row whose student or teacher (at temperature T) holds a NaN, a +inf or
+    only -inf gets a NaN loss (0 if ignored) and NaN gradients (PyTorch's log_softmax composition
+    does); other ignored rows get loss 0 and zero gradients. Both softmaxes are computed online
     (no N x V probability tensor; the reference backend holds a bounded chunk of rows). V = 0 is
     handled here (zero losses) and never reaches a backend.
 """

@@ -107,9 +107,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     a NaN gradient everywhere in that row (other rows are unaffected, the reduced loss is NaN).
     Individual -inf logits follow the masked-class rule above (where ``F.kl_div`` would give
     0 * -inf = NaN); a student -inf where the teacher has mass gives +inf (kl / ce), as in PyTorch.
-    Rows whose target is ``ignore_index`` are never read: loss 0 and zero gradient whatever they
-    hold (``F.cross_entropy`` gives such a row a NaN gradient when it holds a NaN; padding
-    positions are exactly where that would hurt).
+    A row whose target is ``ignore_index`` has loss 0 and gradient 0 times its gradient, as in
+    PyTorch (and ``celoss.cross_entropy``): zeros, or NaN over the row when it holds such values.
 
     Gradients: always for the student (fused into the forward kernel for scalar reductions). The
     teacher is normally detached (``teacher_logits.detach()`` or produced under ``no_grad``); if it

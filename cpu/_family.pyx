@@ -11,7 +11,6 @@ one is cloned per ISA (AVX-512 / AVX2 / baseline) by fastmath.h's CE_CLONES.
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
-from libc.string cimport memset
 
 cdef extern from * nogil:
     r"""
@@ -309,6 +308,32 @@ cdef extern from * nogil:
             gp[j] = g;                                                                                        \
         }                                                                                                     \
     }                                                                                                         \
+    /* NaN over a gradient row of V elements (dtype gdt) */                                                   \
+    CE_INLINE void fam_nan_row_##SFX(void *g, int gdt, int64_t V) {                                           \
+        R buf[FAM_CHUNK];                                                                                     \
+        for (int64_t j = 0; j < FAM_CHUNK; j++) buf[j] = (R)NAN;                                              \
+        for (int64_t off = 0; off < V; off += FAM_CHUNK)                                                      \
+            ST(g, gdt, off, V - off < FAM_CHUNK ? V - off : FAM_CHUNK, buf);                                  \
+    }                                                                                                         \
+    /* The gradient of an ignored row: 0 times the row's gradient, as in PyTorch's composition: NaN           \
+     * over the row when s / T or t / T holds a NaN, a +inf or only -inf, else 0 (one max pass). */           \
+    ATTR void fam_distill_ignored_##SFX(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,    \
+                                        void *g, int gdt) {                                                   \
+        const int64_t V = c->V;                                                                               \
+        const R inv_T = (R)c->inv_T;                                                                          \
+        R sbuf[FAM_CHUNK], tbuf[FAM_CHUNK], msr = -INFINITY, mtr = -INFINITY;                                 \
+        int nan = 0;                                                                                          \
+        for (int64_t off = 0; off < V; off += FAM_CHUNK) {                                                    \
+            const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                      \
+            const R *sp = LD(s, sdt, off, n, sbuf), *tp = LD(t, tdt, off, n, tbuf);                           \
+            R cs, ct;                                                                                         \
+            fam_max2_##SFX(sp, tp, n, &cs, &ct, &nan);                                                        \
+            msr = cs * inv_T > msr ? cs * inv_T : msr;                                                        \
+            mtr = ct * inv_T > mtr ? ct * inv_T : mtr;                                                        \
+        }                                                                                                     \
+        if (nan || !isfinite(msr) || !isfinite(mtr)) fam_nan_row_##SFX(g, gdt, V);                            \
+        else memset(g, 0, (size_t)V * (gdt == CE_F64 ? 8 : gdt == CE_F32 ? 4 : 2));                           \
+    }                                                                                                         \
     /* One row: returns the loss; with g, writes coef * dloss/ds (dtype gdt). y < 0: no class term            \
      * (no target, alpha == 1 or an ignored row handled by the caller). */                                    \
     ATTR double fam_distill_row_##SFX(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,      \
@@ -372,11 +397,7 @@ cdef extern from * nogil:
         /* a NaN, a +inf or only -inf in either (scaled) row: NaN loss and gradient, as PyTorch's             \
          * log_softmax composition (the 0 log 0 = 0 sums above would hide it) */                              \
         if (nan || !isfinite(msr) || !isfinite(mtr)) {                                                        \
-            for (int64_t off = 0; g && off < V; off += FAM_CHUNK) {                                           \
-                const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;                                  \
-                for (int64_t j = 0; j < n; j++) gbuf[j] = (R)NAN;                                             \
-                ST(g, gdt, off, n, gbuf);                                                                     \
-            }                                                                                                 \
+            if (g) fam_nan_row_##SFX(g, gdt, V);                                                              \
             return NAN;                                                                                       \
         }                                                                                                     \
         const double dlSs = log(acc[0]), dlSt = log(acc[1]);                                                  \
@@ -545,6 +566,10 @@ cdef extern from * nogil:
                                int64_t y, double coef, void *g, int gdt)
     double fam_distill_row_f64(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
                                int64_t y, double coef, void *g, int gdt)
+    void fam_distill_ignored_f32(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
+                                 void *g, int gdt)
+    void fam_distill_ignored_f64(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
+                                 void *g, int gdt)
     double fam_binary_seg_f32(const fam_bcfg *c, int64_t off, int64_t n, int64_t row, int64_t c0)
     double fam_binary_seg_f64(const fam_bcfg *c, int64_t off, int64_t n, int64_t row, int64_t c0)
 
@@ -566,7 +591,8 @@ def distill(int64_t N, int64_t V, size_t s, int sdt, int64_t ss, size_t t, int t
             double wh, double beta, bint use_double, int num_threads):
     """Row losses of distillation into ``loss`` (N,); with ``g`` != 0, coef[n * scoef] * dloss/ds
     into g (dtype gdt, row stride sg). ``y`` != 0: int64 targets (rows equal to ignore_index get
-    loss 0 and gradient 0; with ``wh`` != 0 the others add the class term). See the C comment
+    loss 0 and gradient 0, or NaN where the row is poisoned, as PyTorch; with ``wh`` != 0 the others
+    add the class term). See the C comment
     for ``kind``, ``ws`` (soft weight alpha T^2) and ``wh`` (class-term weight 1 - alpha)."""
     check_dtype(sdt)
     check_dtype(tdt)
@@ -597,8 +623,10 @@ def distill(int64_t N, int64_t V, size_t s, int sdt, int64_t ss, size_t t, int t
     for n in prange(N, nogil=True, schedule="dynamic", chunksize=4, num_threads=num_threads):
         if y and yp[n] == ignore_index:
             v = 0
-            if g:
-                memset(gb + n * sg * gsz, 0, V * gsz)
+            if g and use_double:
+                fam_distill_ignored_f64(&c, sb + n * ss * ssz, sdt, tb + n * st * tsz, tdt, gb + n * sg * gsz, gdt)
+            elif g:
+                fam_distill_ignored_f32(&c, sb + n * ss * ssz, sdt, tb + n * st * tsz, tdt, gb + n * sg * gsz, gdt)
         else:
             cls = yp[n] if (y and wh != 0) else -1
             if use_double:

@@ -28,8 +28,8 @@ A term whose weight e^(.) is 0 contributes 0 (0 log 0 = 0), so -inf logits (mask
 jsd needs both log-sum-exps first: pass 2 sums D and KL(p_S || M). The last pass writes the
 gradient; the target element of the class term uses expm1 (no 1 - p cancellation). With a class
 term at T != 1, pass 1 also sums e^(s - max s). Rows whose target is ``ignore_index`` get loss 0
-and a zero gradient without reading their logits (but one element, in bounds). A counted row with
-a NaN or +inf in a or b, or only -inf, gets a NaN loss and gradient (PyTorch's composition).
+and a zero gradient (the gradient pass does not read them). A row with a NaN or +inf in a or b,
+or only -inf, gets a NaN loss (0 if ignored) and a NaN gradient, as PyTorch's composition.
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def _distill_kernel(
         y = tl.load(y_ptr + row)
         counted = y != ignore_index
         y = tl.where(counted, y, 0)
-        # an ignored row reads no class: a scalar bound, not `block & scalar` (Triton 3.9's
-        # interpreter rejects a mask broadcast from a scalar)
+        # the gradient pass reads no class of an ignored row: a scalar bound, not `block &
+        # scalar` (Triton 3.9's interpreter rejects a mask broadcast from a scalar)
         v_read = tl.where(counted, V, 0)
     else:
         counted = True
@@ -156,7 +156,7 @@ def _distill_kernel(
     s1 = 0.0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < v_read
+        mask = cols < V  # ignored rows too: their gradient is NaN when the row is poisoned
         s = tl.load(s_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         a = s * inv_T
@@ -275,8 +275,8 @@ def _distill_kernel(
                 else:
                     g += c1 * tl.exp((s - m1) - lS1)
                 g = tl.where(cols == y, g_y, g)
-            g = tl.where(poison, float("nan"), g)
             g = tl.where(mask, g, 0.0)
+            g = tl.where(poison, float("nan"), g)  # ignored rows too: 0 * NaN, as in PyTorch
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -452,20 +452,21 @@ def test_issue11_student_minus_inf_where_teacher_has_mass(backend, kind):
 
 
 @pytest.mark.parametrize("backend", ALL)
-def test_issue11_ignored_rows_are_never_read(backend):
-    """Decision: a row whose target is ignore_index has loss 0 and gradient 0 whatever it holds
-    (F.cross_entropy would give it a NaN gradient when it holds a NaN)."""
-    s, t, y = _data((4, 30), backend_device(backend), seed=23, ignore_frac=0.0)
-    y[1] = y[2] = -100
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_issue11_ignored_rows_like_pytorch(backend, alpha):
+    """An ignored row: loss 0 and 0 times its gradient, as the composition (and F.cross_entropy):
+    NaN over the row when it holds a NaN / +inf (student or teacher), zeros otherwise."""
+    s, t, y = _data((5, 30), backend_device(backend), seed=23, ignore_frac=0.0)
+    y[1] = y[2] = y[3] = -100
     s[1, 4] = float("nan")
     t[2, 7] = float("inf")
-    kw = dict(temperature=2.0, alpha=0.5, reduction="none")
+    s[3, 0] = -float("inf")  # a masked class only: still zeros
+    kw = dict(temperature=2.0, alpha=alpha, reduction="none")
     a, b, ga, gb = student_against_oracle(lambda u, v: distillation_loss(u, v, y, backend=backend, **kw),
                                           lambda u, v: oracle(u, v, y, **kw), s, t)
-    assert (a[1:3] == 0).all() and (ga[1:3] == 0).all()
-    keep = torch.tensor([0, 3])
-    torch.testing.assert_close(a[keep].double(), b[keep], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ga[keep].double(), gb[keep], rtol=1e-5, atol=1e-6)
+    assert (a[1:4] == 0).all() and ga[1:3].isnan().all() and (ga[3] == 0).all()
+    _assert_same(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same(ga, gb, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL)
