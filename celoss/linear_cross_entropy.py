@@ -110,68 +110,111 @@ def _scaled_coefs(lse, tgt, weight, num_classes, opts, scale, grad_lse):
 # Chunked engine: library matrix products + the backend's row kernels
 # ------------------------------------------------------------------------------------------------
 
+def row_bytes(x: Tensor, v: int, buffers: int) -> int:
+    """Chunk workspace per row of a layer with inputs ``x`` (D features) and ``v`` outputs:
+    ``buffers`` logits-sized rows plus the gathered input row and its dX row."""
+    return x.element_size() * (buffers * v + 2 * x.shape[-1])
+
+
+def rows_per_chunk(chunk_bytes: int, per_row: int) -> int:
+    """Rows per chunk whose workspace (``per_row`` bytes each) fits ``chunk_bytes``; at least one."""
+    return max(1, chunk_bytes // max(per_row, 1))
+
+
+class GradSink:
+    """dX, dW, db of one linear layer ``x2d @ w^T + b``, accumulated from the dloss/dlogits of row
+    chunks by matrix products (no atomics): dX rows written, dW and db summed over chunks (float32
+    for fp16/bf16 parameters). ``need``: (dX, dW, db) wanted; ``m`` processed rows (``every_row``:
+    they are all rows of x2d, in order, so dX needs no zero fill)."""
+
+    def __init__(self, x2d: Tensor, w: Tensor, b: Optional[Tensor], need, m: int, every_row: bool):
+        dtype = x2d.dtype
+        acc = _acc_dtype(dtype)
+        self.w, self.b, self.acc = w, b, acc
+        need_dx, need_dw, need_db = need
+        # dx rows outside the processed set stay 0; dw is written (not accumulated) by the first
+        # chunk, unless there is no chunk
+        self.dx = (torch.empty if every_row else torch.zeros)(x2d.shape, dtype=dtype, device=x2d.device) \
+            if need_dx else None
+        self.dw = (torch.empty if m else torch.zeros)(w.shape, dtype=acc, device=w.device) if need_dw else None
+        self.db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if (need_db and b is not None) else None
+
+    def add(self, g: Tensor, sel, xc: Tensor, first: bool) -> None:
+        """Adds the chunk whose dloss/dlogits is ``g``, rows ``sel`` (slice or index) of x2d, ``xc``
+        those rows; ``first``: the first chunk."""
+        if self.dx is not None:
+            if isinstance(sel, slice):
+                torch.mm(g, self.w, out=self.dx[sel])
+            else:
+                self.dx.index_copy_(0, sel, g @ self.w)
+        if self.dw is not None:
+            _accumulate_dw(self.dw, g, xc, first)
+        if self.db is not None:
+            self.db += g.sum(0, dtype=self.acc)
+
+    def grads(self) -> tuple:
+        """(dx, dw, db) in the parameters' dtypes (None where not asked for)."""
+        return _finish((self.dx, self.dw, self.db), self.w, self.b)
+
+
+def gather_rows(x2d: Tensor, sel) -> Tensor:
+    return x2d[sel] if isinstance(sel, slice) else x2d.index_select(0, sel)
+
+
 class _ChunkedEngine:
     """Row chunks bounded by ``chunk_bytes`` (or of ``chunk_rows`` rows); products by torch (BLAS /
-    cuBLAS), rows by ``backend``'s row kernel."""
+    cuBLAS), rows by ``backend``'s row kernel. With probability targets, ``soft`` holds them as
+    rows of the flattened target, row ``r + soft_offset`` belonging to hidden row ``r`` (1 with
+    shift); they are read chunk by chunk, in the logits' dtype."""
     fuses = True
 
-    def __init__(self, backend: str, weight, opts: dict, chunk_bytes: int, chunk_rows: int = 0):
+    def __init__(self, backend: str, weight, opts: dict, chunk_bytes: int, chunk_rows: int = 0,
+                 soft: Optional[Tensor] = None, soft_offset: int = 0):
         self.backend, self.weight, self.opts = backend, weight, opts
         self.chunk_bytes, self.chunk_rows = chunk_bytes, chunk_rows
+        self.soft, self.soft_offset = soft, soft_offset
 
     def _step(self, x2d, w, buffers: int) -> int:
         """Rows per chunk: ``chunk_rows`` if set, else as many as fit `buffers` logits-sized buffers
         plus the gathered rows within chunk_bytes."""
         if self.chunk_rows:
             return self.chunk_rows
-        v, d = w.shape
-        per_row = x2d.element_size() * (buffers * v + 2 * d)
-        return max(1, self.chunk_bytes // max(per_row, 1))
+        return rows_per_chunk(self.chunk_bytes, row_bytes(x2d, w.shape[0], buffers))
+
+    def _targets(self, rows: _Rows, s: int, e: int, dtype: torch.dtype):
+        """(class indices, probability targets) of processed rows [s, e): one of them is None."""
+        if self.soft is None:
+            return rows.tgt[s:e], None
+        sel = _contiguous_rows(rows.src, s, e)
+        off = self.soft_offset
+        sel = slice(sel.start + off, sel.stop + off) if isinstance(sel, slice) else sel + off
+        soft = gather_rows(self.soft, sel).to(dtype)
+        return None, (soft if soft.stride(-1) == 1 else soft.contiguous())
 
     def _pass(self, x2d, w, b, rows: _Rows, need, make_grad, buffers=1):
         """Run the chunks: ``make_grad(L, s, e)`` turns the logits chunk ``L`` of rows [s, e) into
         dloss/dlogits (in place or a new tensor; None: no gradient) and records what it wants.
         Returns the (dx, dw, db) accumulated from those gradients (None where not needed)."""
         m = rows.tgt.shape[0]
-        v, d = w.shape
-        dtype = x2d.dtype
-        acc = _acc_dtype(dtype)
-        need_dx, need_dw, need_db = need
-        # dx rows outside the processed set stay 0; dw is written (not accumulated) by the first
-        # chunk, unless there is no chunk
-        every_row = rows.src is None and m == x2d.shape[0]
-        dx = (torch.empty if every_row else torch.zeros)(x2d.shape, dtype=dtype, device=x2d.device) \
-            if need_dx else None
-        dw = (torch.empty if m else torch.zeros)(v, d, dtype=acc if dtype != acc else dtype, device=w.device) \
-            if need_dw else None
-        db = torch.zeros(v, dtype=acc, device=w.device) if need_db else None
+        sink = GradSink(x2d, w, b, need, m, every_row=rows.src is None and m == x2d.shape[0])
         if m == 0:
-            return dx, dw, db
+            return sink.grads()
         step = min(self._step(x2d, w, buffers), m)
-        buf = torch.empty(step, v, dtype=dtype, device=x2d.device)
+        buf = torch.empty(step, w.shape[0], dtype=x2d.dtype, device=x2d.device)
         wt = w.t()
         for s in range(0, m, step):
             e = min(m, s + step)
             sel = _contiguous_rows(rows.src, s, e)
-            xc = x2d[sel] if isinstance(sel, slice) else x2d.index_select(0, sel)
+            xc = gather_rows(x2d, sel)
             logits = buf[: e - s]
             if b is None:
                 torch.mm(xc, wt, out=logits)
             else:
                 torch.addmm(b, xc, wt, out=logits)
             g = make_grad(logits, s, e)
-            if g is None:
-                continue
-            if need_dx:
-                if isinstance(sel, slice):
-                    torch.mm(g, w, out=dx[sel])
-                else:
-                    dx.index_copy_(0, sel, g @ w)
-            if need_dw:
-                _accumulate_dw(dw, g, xc, first=s == 0)
-            if need_db:
-                db += g.sum(0, dtype=acc)
-        return dx, dw, db
+            if g is not None:
+                sink.add(g, sel, xc, first=s == 0)
+        return sink.grads()
 
     def forward(self, x2d, w, b, rows: _Rows, coef=None, need=(False, False, False)):
         """Per-row loss and lse of the processed rows; with ``coef`` also the gradients of
@@ -183,36 +226,52 @@ class _ChunkedEngine:
         grads = coef is not None and any(need)
 
         def make_grad(logits, s, e):
-            t = rows.tgt[s:e]
+            t, soft = self._targets(rows, s, e, logits.dtype)
             if grads:
-                loss[s:e], lse[s:e] = _ops.ce_forward_inplace(logits, t, None, self.weight, coef,
+                loss[s:e], lse[s:e] = _ops.ce_forward_inplace(logits, t, soft, self.weight, coef,
                                                               self.backend, **self.opts)
                 return logits
-            loss[s:e], lse[s:e], _ = _ops.ce_forward(logits, t, None, self.weight, None, self.backend,
+            loss[s:e], lse[s:e], _ = _ops.ce_forward(logits, t, soft, self.weight, None, self.backend,
                                                      **self.opts)
             return None
 
         out = self._pass(x2d, w, b, rows, need if grads else (False, False, False), make_grad)
-        return loss, lse, (_finish(out, w, b) if grads else None)
+        return loss, lse, (out if grads else None)
 
     def backward(self, x2d, w, b, rows: _Rows, lse, scale, grad_lse, need):
         """Gradients of ``sum_n scale_n loss_n + grad_lse_n lse_n`` (``scale`` (M,)) by recomputing
         the logits."""
         opts = self.opts
+        v = w.shape[0]
+        if self.soft is not None:
+            # the row kernel in place (its coef is applied in float64 for float64 logits), plus
+            # grad_lse * dlse/dlogits (ce_grad with coefficients (grad_lse, 0, 0))
+            lse_coefs = None if grad_lse is None else \
+                torch.stack([grad_lse.to(lse.dtype), torch.zeros_like(lse), torch.zeros_like(lse)], dim=1)
+
+            def make_grad_soft(logits, s, e):
+                t, soft = self._targets(rows, s, e, logits.dtype)
+                extra = None if lse_coefs is None else _ops.ce_grad(
+                    logits, rows.tgt[s:e], self.weight, lse[s:e], lse_coefs[s:e], self.backend, 0,
+                    opts["logit_scale"], opts["softcap"])
+                _ops.ce_forward_inplace(logits, t, soft, self.weight, scale[s:e].contiguous(), self.backend,
+                                        **opts)
+                return logits if extra is None else logits.add_(extra)
+            return self._pass(x2d, w, b, rows, need, make_grad_soft, buffers=1 if grad_lse is None else 2)
+
         if grad_lse is None and x2d.dtype != torch.float64:  # (float64 keeps a float64 scale below)
             def make_grad(logits, s, e):
                 _ops.ce_forward_inplace(logits, rows.tgt[s:e], None, self.weight, scale[s:e].contiguous(),
                                         self.backend, **opts)
                 return logits
-            return _finish(self._pass(x2d, w, b, rows, need, make_grad), w, b)
+            return self._pass(x2d, w, b, rows, need, make_grad)
 
-        v = w.shape[0]
         coefs = _scaled_coefs(lse, rows.tgt, self.weight, v, opts, scale, grad_lse)
 
         def make_grad_lse(logits, s, e):
             return _ops.ce_grad(logits, rows.tgt[s:e], self.weight, lse[s:e], coefs[s:e], self.backend,
                                 0, opts["logit_scale"], opts["softcap"])
-        return _finish(self._pass(x2d, w, b, rows, need, make_grad_lse, buffers=2), w, b)
+        return self._pass(x2d, w, b, rows, need, make_grad_lse, buffers=2)
 
 
 def _contiguous_rows(src, s, e):
@@ -360,10 +419,13 @@ def _plan_rows(labels: Tensor, seq_len: int, ignore_index: int, keep_all: bool, 
     return _Rows(src, tgt, proc, n_out)
 
 
-def _engine(plan: _Plan, weight):
+def _engine(plan: _Plan, weight, soft: Optional[Tensor]):
+    """``soft``: the probability targets as rows of the flattened target (row ``r + 1`` scores hidden
+    row ``r`` with shift), or None."""
     if plan.engine == "fused":
         return _FusedEngine(_dispatch.module(plan.backend), weight, plan.opts(), plan.filter_eps)
-    return _ChunkedEngine(plan.backend, weight, plan.opts(), plan.chunk_bytes, plan.chunk_rows)
+    return _ChunkedEngine(plan.backend, weight, plan.opts(), plan.chunk_bytes, plan.chunk_rows, soft,
+                          1 if plan.seq_len else 0)
 
 
 def _output_rows(values: Tensor, rows: _Rows) -> Tensor:
@@ -382,32 +444,34 @@ def _zero_grads(x, w, b, need):
 
 
 @torch.library.custom_op("celoss::lce_forward", mutates_args=())
-def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, weight: Optional[Tensor],
-                 coef: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool, backend: str,
+def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft: Optional[Tensor],
+                 weight: Optional[Tensor], coef: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool, backend: str,
                  engine: str, ignore_index: int, label_smoothing: float, logit_scale: float,
                  softcap: Optional[float], z_loss: float, seq_len: int, keep_all: bool, chunk_bytes: int,
                  chunk_rows: int, filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-output-row loss and lse (0 where not processed; -inf lse without classes) and, with
-    ``coef`` (chunked engine), the gradients of ``coef * sum(loss)`` (empty where not asked for)."""
+    ``coef`` (chunked engine), the gradients of ``coef * sum(loss)`` (empty where not asked for).
+    With probability targets ``soft`` (see ``_engine``), ``labels`` are placeholder zeros."""
     plan = _Plan(backend, engine, ignore_index, label_smoothing, logit_scale, softcap, z_loss, seq_len,
                  keep_all, chunk_bytes, chunk_rows, filter_eps)
     v = w.shape[0]
-    _checks.target_indices(labels, v, ignore_index)
+    if soft is None:
+        _checks.target_indices(labels, v, ignore_index)
     need = (need_dx, need_dw, need_db and b is not None)
     acc = _acc_dtype(x.dtype)
-    if v == 0:  # every row is ignored (checked above): only an lse of -inf to report
+    if v == 0:  # every row is ignored (checked above) or sums nothing: only an lse of -inf to report
         n = labels.shape[0]
         grads = _zero_grads(x, w, b, need) if coef is not None else (None,) * 3
         return (x.new_zeros(n, dtype=acc), x.new_full((n,), -math.inf, dtype=acc),
                 *(_or_empty(g, x) for g in grads))
     rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale)
-    loss, lse, grads = _engine(plan, weight).forward(x, w, b, rows, coef=coef, need=need)
+    loss, lse, grads = _engine(plan, weight, soft).forward(x, w, b, rows, coef=coef, need=need)
     grads = grads or (None,) * 3
     return (_output_rows(loss, rows), _output_rows(lse, rows), *(_or_empty(g, x) for g in grads))
 
 
 @_lce_forward.register_fake
-def _(x, w, b, labels, weight, coef, need_dx, need_dw, need_db, *plan):
+def _(x, w, b, labels, soft, weight, coef, need_dx, need_dw, need_db, *plan):
     n = labels.shape[0]
     acc = _acc_dtype(x.dtype)
     grads = coef is not None
@@ -420,8 +484,8 @@ def _(x, w, b, labels, weight, coef, need_dx, need_dw, need_db, *plan):
 
 
 @torch.library.custom_op("celoss::lce_backward", mutates_args=())
-def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, weight: Optional[Tensor],
-                  lse: Tensor, scale: Tensor, grad_lse: Optional[Tensor], need_dx: bool, need_dw: bool,
+def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft: Optional[Tensor],
+                  weight: Optional[Tensor], lse: Tensor, scale: Tensor, grad_lse: Optional[Tensor], need_dx: bool, need_dw: bool,
                   need_db: bool, backend: str, engine: str, ignore_index: int, label_smoothing: float,
                   logit_scale: float, softcap: Optional[float], z_loss: float, seq_len: int, keep_all: bool,
                   chunk_bytes: int, chunk_rows: int, filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
@@ -443,12 +507,12 @@ def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, wei
     # for a zero denominator), as in PyTorch
     scale = torch.where(rows.tgt != ignore_index, scale, 0.0).contiguous()
     gl = None if grad_lse is None else processed(grad_lse).contiguous()
-    grads = _engine(plan, weight).backward(x, w, b, rows, processed(lse).contiguous(), scale, gl, need)
+    grads = _engine(plan, weight, soft).backward(x, w, b, rows, processed(lse).contiguous(), scale, gl, need)
     return tuple(_or_empty(g, x) for g in grads)
 
 
 @_lce_backward.register_fake
-def _(x, w, b, labels, weight, lse, scale, grad_lse, need_dx, need_dw, need_db, *plan):
+def _(x, w, b, labels, soft, weight, lse, scale, grad_lse, need_dx, need_dw, need_db, *plan):
     return tuple(torch.empty_like(t) if n and t is not None else x.new_empty(0)
                  for t, n in zip((x, w, b), (need_dx, need_dw, need_db)))
 
@@ -457,9 +521,33 @@ def _(x, w, b, labels, weight, lse, scale, grad_lse, need_dx, need_dw, need_db, 
 # Autograd
 # ------------------------------------------------------------------------------------------------
 
+def hand_over(ctx, grad_loss: Optional[Tensor], name: str, remedy: str) -> tuple:
+    """Backward of a loss whose forward formed its gradients (saved in ``ctx``): they are rescaled
+    by ``grad_loss`` in place and returned, so no second gradient-sized buffer exists; a second
+    backward through the same graph raises (the first one handed the tensors over), naming
+    ``remedy``. Sets ``ctx.consumed`` (initialise it to False in forward)."""
+    compiling = torch.compiler.is_compiling()  # a traced graph can't keep the `consumed` guard
+    if ctx.consumed and not compiling:  # (before saved_tensors: its version check says less)
+        raise RuntimeError(
+            f"{name}: backward ran twice through a loss (a scalar reduction) whose gradients were formed "
+            f"in forward and handed over (rescaled in place) by the first backward; {remedy} to "
+            "backpropagate through the same graph several times")
+    grads = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * len(grads)
+    if compiling:
+        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+    ctx.consumed = True
+    for g in grads:
+        if g is not None:
+            _ops.scale_(g, grad_loss)  # skipped when the scale is 1 (plain loss.backward())
+    return tuple(grads)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, w, b, labels, weight, coef, plan, reduction, denom, return_lse, grad_enabled, retain):
+    def forward(ctx, x2d, w, b, labels, soft, weight, coef, plan, reduction, denom, return_lse, grad_enabled,
+                retain):
         ctx.set_materialize_grads(False)
         need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         # gradients formed in forward unless backward must recompute anyway (per-row upstream
@@ -467,15 +555,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         fused = (any(need) and plan.engine == "chunked" and reduction != "none" and not return_lse
                  and not retain and x2d.dtype != torch.float64)
         if fused:
-            loss_rows, lse, *grads = _lce_forward(x2d, w, b, labels, weight, coef.reshape(1).to(torch.float32),
-                                                  *need, *plan)
+            loss_rows, lse, *grads = _lce_forward(x2d, w, b, labels, soft, weight,
+                                                  coef.reshape(1).to(torch.float32), *need, *plan)
             # saved (not kept on ctx): without retain_graph autograd releases them right after
             # backward, so AccumulateGrad can adopt the returned tensors without a copy
             ctx.save_for_backward(*(g if n else None for g, n in zip(grads, need)))
         else:
-            loss_rows, lse, *_ = _lce_forward(x2d, w, b, labels, weight, None, False, False, False, *plan)
+            loss_rows, lse, *_ = _lce_forward(x2d, w, b, labels, soft, weight, None, False, False, False, *plan)
             if any(need):
-                ctx.save_for_backward(x2d, w, b, labels, weight, lse, coef)
+                ctx.save_for_backward(x2d, w, b, labels, soft, weight, lse, coef)
         ctx.fused, ctx.plan, ctx.need, ctx.reduction, ctx.consumed = fused, plan, need, reduction, False
         if reduction == "none":
             loss = loss_rows
@@ -492,28 +580,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable(_NAME)
     def backward(ctx, grad_loss, grad_lse):
-        nothing = (None,) * 9
+        nothing = (None,) * 10
         if ctx.fused:
-            compiling = torch.compiler.is_compiling()  # a traced graph can't keep the `consumed` guard
-            if ctx.consumed and not compiling:  # (before saved_tensors: its version check says less)
-                raise RuntimeError(
-                    f"{_NAME}: backward ran twice through a loss (reduction 'mean'/'sum') whose gradients "
-                    "were formed in forward and handed over (rescaled in place) by the first backward; use "
-                    "reduction='none' or options=torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True) "
-                    "(both recompute in backward) to backpropagate through the same graph several times")
-            grads = ctx.saved_tensors
-            if grad_loss is None:
-                return (None, None, None) + nothing
-            if compiling:
-                return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads) + nothing
-            ctx.consumed = True
-            for g in grads:
-                if g is not None:
-                    _ops.scale_(g, grad_loss)  # skipped when the scale is 1 (plain loss.backward())
-            return tuple(grads) + nothing
+            return hand_over(ctx, grad_loss, _NAME, "use reduction='none' or options=torch.nn."
+                             "LinearCrossEntropyOptions(allow_retain_graph=True) (both recompute in backward)") \
+                + nothing
         if grad_loss is None and grad_lse is None:
             return (None, None, None) + nothing
-        x2d, w, b, labels, weight, lse, coef = ctx.saved_tensors
+        x2d, w, b, labels, soft, weight, lse, coef = ctx.saved_tensors
         acc = _acc_dtype(x2d.dtype)
         if grad_loss is None:
             scale = torch.zeros(1, dtype=acc, device=x2d.device)
@@ -522,7 +596,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:  # coef: 1 for "sum", d(mean)/d(row loss) for "mean"
             scale = (grad_loss.to(acc) * coef).reshape(1)
         gl = None if grad_lse is None else grad_lse.reshape(-1)
-        grads = _lce_backward(x2d, w, b, labels, weight, lse, scale, gl, *ctx.need, *ctx.plan)
+        grads = _lce_backward(x2d, w, b, labels, soft, weight, lse, scale, gl, *ctx.need, *ctx.plan)
         return tuple(g if n else None for g, n in zip(grads, ctx.need)) + nothing
 
 
@@ -533,46 +607,58 @@ class _LinearCrossEntropy(torch.autograd.Function):
 _INDEX_DTYPES = (torch.int64, torch.uint8)  # what torch.nn.functional.cross_entropy accepts
 
 
-def _check_args(input, linear_weight, target, linear_bias, shift):
-    _checks.floating("input", input)
-    _checks.floating("linear_weight", linear_weight)
+def check_layer(input, linear_weight, linear_bias, names=("input", "linear_weight", "linear_bias")):
+    """Checks one linear layer ``input @ linear_weight^T + linear_bias`` (named ``names`` in errors)."""
+    xn, wn, bn = names
+    _checks.floating(xn, input)
+    _checks.floating(wn, linear_weight)
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"input ({input.dtype}) and linear_weight ({linear_weight.dtype}) must have the "
-                        f"same dtype")
+        raise TypeError(f"{xn} ({input.dtype}) and {wn} ({linear_weight.dtype}) must have the same dtype")
     if linear_weight.dim() != 2:
-        raise ValueError(f"linear_weight must be 2-D (num_classes, in_features), got shape "
-                         f"{tuple(linear_weight.shape)}")
+        raise ValueError(f"{wn} must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)}")
     if input.dim() == 0:
-        raise ValueError("input must have at least 1 dimension (the features)")
+        raise ValueError(f"{xn} must have at least 1 dimension (the features)")
     v, d = linear_weight.shape
     if input.shape[-1] != d:
-        raise ValueError(f"input has {input.shape[-1]} features (last dimension of shape "
-                         f"{tuple(input.shape)}) but linear_weight expects {d} (shape {tuple(linear_weight.shape)})")
+        raise ValueError(f"{xn} has {input.shape[-1]} features (last dimension of shape "
+                         f"{tuple(input.shape)}) but {wn} expects {d} (shape {tuple(linear_weight.shape)})")
     if linear_weight.device != input.device:
-        raise ValueError(f"linear_weight is on {linear_weight.device} but input is on {input.device}")
+        raise ValueError(f"{wn} is on {linear_weight.device} but {xn} is on {input.device}")
     if linear_bias is not None:
-        _checks.floating("linear_bias", linear_bias)
+        _checks.floating(bn, linear_bias)
         if linear_bias.dtype != input.dtype:
-            raise TypeError(f"linear_bias ({linear_bias.dtype}) must have the input's dtype ({input.dtype})")
+            raise TypeError(f"{bn} ({linear_bias.dtype}) must have the dtype of {xn} ({input.dtype})")
         if linear_bias.dim() != 1 or linear_bias.shape[0] != v:
-            raise ValueError(f"linear_bias must have shape ({v},) (one entry per class), got "
+            raise ValueError(f"{bn} must have shape ({v},) (one entry per class), got "
                              f"{tuple(linear_bias.shape)}")
         if linear_bias.device != input.device:
-            raise ValueError(f"linear_bias is on {linear_bias.device} but input is on {input.device}")
+            raise ValueError(f"{bn} is on {linear_bias.device} but {xn} is on {input.device}")
+
+
+def check_shift(input, shift, name="input"):
+    if shift and input.dim() < 3:
+        raise ValueError(f"shift=True needs a time axis: {name} (..., T, D) with at least 3 dimensions and "
+                         f"target (..., T); got {name} of shape {tuple(input.shape)}")
+
+
+def _check_args(input, linear_weight, target, linear_bias, shift):
+    check_layer(input, linear_weight, linear_bias)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if target.dtype.is_floating_point:
-        raise TypeError(f"{_NAME} takes class-index targets (int64); probability targets are not supported")
+    check_shift(input, shift)
+    if target.dtype.is_floating_point:  # class probabilities, one row per input row
+        expected = tuple(input.shape[:-1]) + (linear_weight.shape[0],)
+        if tuple(target.shape) != expected:
+            raise ValueError(f"probability targets must have shape {expected} (the input's rows times "
+                             f"num_classes) for input of shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        return
     if target.dtype not in _INDEX_DTYPES:
         raise TypeError(f"class-index targets must be int64 (torch.long) or uint8, got {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"expected target of shape {tuple(input.shape[:-1])} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    if shift and input.dim() < 3:
-        raise ValueError(f"shift=True needs a time axis: input (..., T, D) with at least 3 dimensions and "
-                         f"target (..., T); got input of shape {tuple(input.shape)}")
 
 
 def _read_options(options, n: int, d: int, v: int) -> tuple[int, bool]:
@@ -624,8 +710,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          reduction: str = "mean", ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
                          options=None, logit_scale: float = 1.0, softcap: Optional[float] = None,
                          z_loss: float = 0.0, shift: bool = False, return_lse: bool = False,
-                         filter_eps: Optional[float] = None, chunk_bytes: Optional[int] = None,
-                         engine: Optional[str] = None, backend: Optional[str] = None):
+                         return_z_loss: bool = False, filter_eps: Optional[float] = None,
+                         chunk_bytes: Optional[int] = None, engine: Optional[str] = None,
+                         backend: Optional[str] = None):
     """``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N x V logits.
 
     Matches ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) for the arguments they share
@@ -702,7 +789,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+    soft = target.dtype.is_floating_point
+    grad_on = torch.is_grad_enabled()
+    if soft:
+        if ignore_index != -100:
+            raise RuntimeError(f"ignore_index is not supported for probability (floating point) targets (got "
+                               f"ignore_index={ignore_index}), as in torch.nn.functional.cross_entropy")
+        for what, t in (("probability targets", target), ("the class weight", weight)):
+            if t is not None and t.requires_grad and grad_on:
+                raise NotImplementedError(f"{_NAME}: gradients with respect to {what} are not implemented "
+                                          f"(pass .detach(), or use celoss.cross_entropy on the logits)")
+    elif weight is not None and weight.requires_grad and grad_on:
         raise RuntimeError(f"{_NAME} is not differentiable with respect to the class weight (as "
                            f"torch.nn.functional.cross_entropy with class-index targets); pass weight.detach()")
     v, d = linear_weight.shape
@@ -711,23 +808,39 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     chunk_rows, retain = _read_options(options, x2d.shape[0], d, v)
     name = _dispatch.resolve(input.device, backend)
     kind = _select_engine(name, input.dtype, engine)
+    if soft and kind == "fused":
+        raise ValueError("engine='fused' takes class-index targets only; probability targets need "
+                         "engine='chunked' (the default)")
 
-    if shift:
-        labels, seq_len = target[..., 1:], target.shape[-1]
-    else:
-        labels, seq_len = target, 0
-    out_shape = tuple(labels.shape)
-    labels = labels.reshape(-1).to(torch.int64).contiguous()
+    seq_len = target.shape[input.dim() - 2] if shift else 0
+    out_shape = tuple(input.shape[:-2]) + (max(seq_len - 1, 0),) if shift else tuple(input.shape[:-1])
+    n_out = math.prod(out_shape)
     acc = _acc_dtype(input.dtype)
-    denom = counted_weight(labels, weight, ignore_index).to(acc).sum()
+    if soft:
+        # rows of the flattened target, read chunk by chunk (row r + 1 scores hidden row r with shift);
+        # placeholder labels: every row counts, with weight 1 in the mean and the z-loss
+        soft_rows = target.reshape(-1, v)
+        labels = torch.zeros(n_out, dtype=torch.int64, device=input.device)
+        per_row = torch.ones(n_out, dtype=acc, device=input.device)
+    else:
+        soft_rows = None
+        labels = (target[..., 1:] if shift else target).reshape(-1).to(torch.int64).contiguous()
+        per_row = counted_weight(labels, weight, ignore_index)
+    denom = per_row.to(acc).sum()
     coef = _mean_coef(labels, denom, ignore_index, reduction)
     plan = _Plan(name, kind, ignore_index, label_smoothing, float(logit_scale), softcap, float(z_loss), seq_len,
                  bool(return_lse), chunk_bytes, chunk_rows, None if filter_eps is None else float(filter_eps))
-    loss, lse = _LinearCrossEntropy.apply(x2d, linear_weight, linear_bias, labels, weight, coef, plan, reduction,
-                                          denom, return_lse, torch.is_grad_enabled(), retain)
+    loss, lse = _LinearCrossEntropy.apply(x2d, linear_weight, linear_bias, labels, soft_rows, weight, coef, plan,
+                                          reduction, denom, return_lse, grad_on, retain)
     if reduction == "none":
         loss = loss.reshape(out_shape)
-    loss = loss.to(input.dtype)
-    if not return_lse:
+    loss = loss.to(torch.promote_types(input.dtype, target.dtype) if soft else input.dtype)
+    if not (return_lse or return_z_loss):
         return loss
-    return CrossEntropyOutput(loss, lse.reshape(out_shape), None)
+    z_term = None
+    if return_z_loss:  # as celoss.cross_entropy: the z-loss part of the loss, reduced like it
+        lse_d = lse.detach()
+        z_rows = torch.where(per_row != 0, float(z_loss) * per_row.to(lse_d.dtype) * lse_d * lse_d, 0.0)
+        z_term = {"none": lambda: z_rows.reshape(out_shape), "sum": z_rows.sum,
+                  "mean": lambda: z_rows.sum() / denom}[reduction]().to(loss.dtype)
+    return CrossEntropyOutput(loss, lse.reshape(out_shape) if return_lse else None, z_term)

@@ -132,3 +132,24 @@ class DistillationLoss(nn.Module):
         return distillation_loss(student_logits, teacher_logits, target, temperature=self.temperature,
                                  kind=self.kind, beta=self.beta, alpha=self.alpha,
                                  ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+
+
+from .linear_distillation import linear_distillation_loss  # noqa: E402  (added after the existing modules)
+
+
+class LinearDistillationLoss(nn.Module):
+    """Module of :func:`celoss.linear_distillation_loss`: ``forward(student_input, student_weight,
+    teacher_input, teacher_weight, target=None)`` (biases as keyword arguments of forward);
+    constructor arguments are that function's keyword options."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = _keyword_extras(linear_distillation_loss, options,
+                                       ("student_input", "student_weight", "teacher_input", "teacher_weight",
+                                        "target", "student_bias", "teacher_bias"))
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+                target: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None):
+        return linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target,
+                                        student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
