@@ -361,3 +361,165 @@ def test_issue12_lowp_dw_without_mixed_gemm_falls_back(monkeypatch):
     wr = w.double().requires_grad_()
     _torch_lce(x.double(), wr, None, y).backward()
     torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=2e-2, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14 item 3: probability targets (read chunk by chunk) and return_z_loss
+# ------------------------------------------------------------------------------------------------
+
+LCE_BACKENDS = backend_params("torch", "cython", "triton")
+
+
+def _soft(shape, v, seed=1, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, v, generator=g, dtype=torch.float64) * 2, -1).to(dtype).to(device)
+
+
+def _soft_oracle(x, w, b, p, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0, shift=False,
+                 lse_weights=None):
+    """float64 F.cross_entropy(F.linear(x, W, b), p) with probability targets, plus z_loss * lse**2 per
+    row (weight 1, as celoss.cross_entropy); optionally + sum(lse * lse_weights)."""
+    if shift:
+        x, p = x[..., :-1, :], p[..., 1:, :]
+    v = w.shape[0]
+    z = F.linear(x, w, b).reshape(-1, v)
+    pt = p.reshape(-1, v).double()
+    rows = F.cross_entropy(z, pt, None if weight is None else weight.double(), reduction="none",
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z, 1)
+    rows = rows + z_loss * lse * lse
+    out = {"none": lambda: rows.reshape(p.shape[:-1]), "sum": rows.sum, "mean": rows.mean}[reduction]()
+    if lse_weights is not None:
+        out = out + (lse.reshape(p.shape[:-1]) * lse_weights.double()).sum()
+    return out
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+def test_issue14_probability_targets(backend, reduction):
+    """(N, V) probability targets with class weights, label smoothing, z-loss and bias, several chunks,
+    against float64 F.cross_entropy(F.linear(...)) with a random upstream gradient."""
+    dev = backend_device(backend)
+    n, d, v = 13, 7, 29
+    x, w, b = _data(n, d, v, device=dev)
+    p = _soft((n,), v, device=dev)
+    cw = (torch.rand(v, generator=torch.Generator().manual_seed(3)) + 0.5).to(dev)
+    kw = dict(weight=cw, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    a, o, ga, go = against_oracle(
+        lambda x_, w_, b_: linear_cross_entropy(x_, w_, p, linear_bias=b_, chunk_bytes=4 * (v + 2 * d) * 4,
+                                                backend=backend, **kw),
+        lambda x_, w_, b_: _soft_oracle(x_, w_, b_, p, **kw), x, w, b)
+    assert a.dtype == torch.float32 and a.shape == o.shape
+    torch.testing.assert_close(a.double(), o.detach(), rtol=2e-5, atol=2e-6)
+    for g1, g2 in zip(ga, go):
+        torch.testing.assert_close(g1.double(), g2, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_issue14_probability_targets_shift(backend, reduction):
+    """shift=True with (B, T, V) probability targets: position t is scored against the row of t + 1 (read
+    by index, never copied); 'none' has shape (B, T - 1)."""
+    dev = backend_device(backend)
+    bsz, seq, d, v = 3, 5, 6, 17
+    x, w, _ = _data(bsz * seq, d, v, device=dev)
+    x = x.reshape(bsz, seq, d)
+    p = _soft((bsz, seq), v, device=dev)
+    kw = dict(reduction=reduction, z_loss=1e-3, shift=True)
+    a, o, ga, go = against_oracle(
+        lambda x_, w_: linear_cross_entropy(x_, w_, p, chunk_bytes=500, backend=backend, **kw),
+        lambda x_, w_: _soft_oracle(x_, w_, None, p, **kw), x, w)
+    assert a.shape == o.shape == ((bsz, seq - 1) if reduction == "none" else ())
+    torch.testing.assert_close(a.double(), o.detach(), rtol=2e-5, atol=2e-6)
+    for g1, g2 in zip(ga, go):
+        torch.testing.assert_close(g1.double(), g2, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+def test_issue14_probability_targets_float64_and_lse_gradient(backend):
+    """float64 (backward recomputes, float64 scale) and the returned lse's gradient with probability targets."""
+    n, d, v = 9, 5, 11
+    x, w, b = _data(n, d, v, dtype=torch.float64)
+    p = _soft((n,), v, dtype=torch.float64)
+    lse_w = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def ours(x_, w_, b_):
+        out = linear_cross_entropy(x_, w_, p, linear_bias=b_, return_lse=True, z_loss=1e-2, chunk_bytes=300,
+                                   backend=backend)
+        return out.loss + (out.lse * lse_w).sum()
+
+    a, o, ga, go = against_oracle(ours, lambda x_, w_, b_: _soft_oracle(x_, w_, b_, p, z_loss=1e-2, lse_weights=lse_w),
+                                  x, w, b)
+    torch.testing.assert_close(a, o, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(ga, go):
+        torch.testing.assert_close(g1, g2, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+def test_issue14_probability_targets_dtype_promotion(backend):
+    """fp16 hidden states with float32 targets: the loss is float32 (as celoss.cross_entropy), within
+    PyTorch's own fp16 error of the float64 value."""
+    dev = backend_device(backend)
+    n, d, v = 12, 16, 24
+    x, w, b = _data(n, d, v, dtype=torch.float16, device=dev)
+    p = _soft((n,), v, device=dev)
+    loss = linear_cross_entropy(x, w, p, linear_bias=b, backend=backend)
+    ref = _soft_oracle(x.double(), w.double(), b.double(), p)
+    half = F.cross_entropy(F.linear(x, w, b), p.half()).double()
+    assert loss.dtype == torch.float32
+    assert (loss.double() - ref).abs() <= (half - ref).abs() + 1e-3 * (1 + ref.abs())
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("soft", (False, True), ids=("index", "probability"))
+def test_issue14_return_z_loss(backend, reduction, soft):
+    """return_z_loss as celoss.cross_entropy: the z-loss part z * w_y * lse**2 per counted row (weight 1
+    per row with probability targets), reduced like the loss; the loss itself includes it."""
+    dev = backend_device(backend)
+    n, d, v, z = 10, 6, 15, 3e-2
+    x, w, b = _data(n, d, v, device=dev)
+    cw = (torch.rand(v, generator=torch.Generator().manual_seed(7)) + 0.5).to(dev)
+    if soft:
+        target = _soft((n,), v, device=dev)
+    else:
+        target = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(2)).to(dev)
+        target[::4] = IGNORE
+    out = linear_cross_entropy(x, w, target, linear_bias=b, weight=cw, reduction=reduction, z_loss=z,
+                               return_z_loss=True, chunk_bytes=400, backend=backend)
+    assert isinstance(out, celoss.CrossEntropyOutput) and out.lse is None
+    z64 = F.linear(x.double(), w.double(), b.double())
+    lse = torch.logsumexp(z64, 1)
+    if soft:
+        per_row = torch.ones(n, dtype=torch.float64)
+        loss_ref = _soft_oracle(x.double(), w.double(), b.double(), target, weight=cw, reduction=reduction, z_loss=z)
+    else:
+        counted = target != IGNORE
+        per_row = torch.where(counted, cw.double()[target.clamp(min=0)], 0.0)
+        rows = F.cross_entropy(z64, target, cw.double(), reduction="none") + z * per_row * lse * lse
+        loss_ref = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / per_row.sum()}[reduction]
+    z_rows = z * per_row * lse * lse
+    z_ref = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / per_row.sum()}[reduction]
+    assert out.z_loss.dtype == torch.float32 and out.z_loss.shape == z_ref.shape
+    torch.testing.assert_close(out.z_loss.double(), z_ref, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss.double(), loss_ref, rtol=2e-5, atol=1e-6)
+    # the same as celoss.cross_entropy on the logits
+    ce = celoss.cross_entropy(F.linear(x, w, b), target, cw, reduction=reduction, z_loss=z, return_z_loss=True,
+                              backend=backend)
+    torch.testing.assert_close(out.z_loss, ce.z_loss, rtol=2e-5, atol=1e-7)
+
+
+def test_issue14_probability_target_errors():
+    x, w, b = _data(4, 3, 5)
+    p = _soft((4,), 5)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for probability"):
+        linear_cross_entropy(x, w, p, ignore_index=1)
+    with pytest.raises(NotImplementedError, match="probability targets"):
+        linear_cross_entropy(x, w, p.clone().requires_grad_())
+    with pytest.raises(NotImplementedError, match="class weight"):
+        linear_cross_entropy(x, w, p, weight=torch.ones(5, requires_grad=True))
+    with pytest.raises(ValueError, match="probability targets must have shape"):
+        linear_cross_entropy(x, w, p[:, :4])
+    if celoss.available_backends()["triton"] is None:
+        with pytest.raises(ValueError, match="engine='fused' takes class-index targets"):
+            linear_cross_entropy(x, w, p, engine="fused", backend="triton")
