@@ -1,16 +1,19 @@
-"""``python -m benchmarks [ce|linear|family|all] [options]`` -- the celoss benchmark suite.
+"""``python -m benchmarks [ce|linear|logprobs|family|all] [options]`` -- the celoss benchmark suite.
 
 With no sub-command: the quick default on the device at hand (CPU: the cross-entropy table of the
 core issue, about 3 minutes on 2 cores; CUDA: the lent-GPU subset of cross-entropy and linear CE).
 
 Examples:
   python -m benchmarks                          # quick default
-  python -m benchmarks all --full               # everything; its CPU results are the committed ones
+  python -m benchmarks all --full               # everything (the committed CPU results)
   python -m benchmarks ce --vocab 8192,32000,128256 --tokens 4096 --dtype bf16 --methods 'celoss-*,eager'
+  python -m benchmarks logprobs                 # RL log-probs + entropy from hidden states
   python -m benchmarks linear --device cuda --preset gpu
   python -m benchmarks --list                   # the methods and what they are
-Results: a markdown table (printed, and results.md), results.csv and PNG plots in
-benchmarks/results/<device>-<date>[-<preset>]/ (or --out DIR).
+The terminal gets a short summary (celoss against eager and torch.compile per shape and dtype) and
+the path of the full report: results.md (every table), results.csv (appended cell by cell) and PNG
+plots in benchmarks/out/<date>-<time>-<device>-<preset>/ (git-ignored), or in --out DIR (e.g.
+benchmarks/results/... for results meant to be committed).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", type=_command,
-                   help="ce, linear, family, all, or a comma list such as ce,linear "
+                   help="ce, linear, logprobs, family, all, or a comma list such as ce,linear "
                         "(default: the quick default for the device)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
@@ -82,7 +85,12 @@ def parse_args(argv):
                         "method after the other, the slow-to-start last (default on CUDA)")
     p.add_argument("--mem-limit-gb", type=float,
                    help="CPU: cap each worker's data segment (default 90%% of the available memory)")
-    p.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>[-<preset>])")
+    p.add_argument("--out", help="output folder (default: a new git-ignored benchmarks/out/<date>-<time>-"
+                   "<device>-<preset>; committed results go under benchmarks/results/ only through --out)")
+    p.add_argument("--expect-copy-gbps", type=float,
+                   help="the copy bandwidth (GB/s) this machine reaches when quiet: a probe well below it "
+                        "warns that the machine is busy (default: the best of earlier runs on this machine "
+                        "found in benchmarks/out and benchmarks/results)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--strict", action="store_true", help="exit 1 if a method failed with an error")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
@@ -105,6 +113,15 @@ def device_label(device: str, info: dict) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "", m.group(1) if m else name)[:16]
 
 
+OUT_ROOT = os.path.join(HERE, "out")  # git-ignored: where runs go without --out
+RESULTS_ROOT = os.path.join(HERE, "results")  # committed runs
+
+
+def default_out_dir(label: str, preset: str, now: datetime.datetime | None = None) -> str:
+    stamp = (now or datetime.datetime.now()).strftime("%Y-%m-%d-%H%M%S")
+    return os.path.join(OUT_ROOT, f"{stamp}-{label}-{preset}")
+
+
 def build_cells(args, device: str):
     """(ops, cells, preset values)."""
     command = args.command or ("ce" if device == "cpu" else "ce,linear")
@@ -123,7 +140,7 @@ def build_cells(args, device: str):
             common = lambda k: Counter(s[k] for s in shapes if k in s).most_common(1)[0][0]  # noqa: E731
             ns = _list(args.tokens, _int) or [common("N")]
             vs = _list(args.vocab, _int) or [common("V")]
-            ds = (_list(args.hidden, _int) or [common("D")]) if op == "linear" else [None]
+            ds = (_list(args.hidden, _int) or [common("D")]) if "D" in OPS[op].dims else [None]
             shapes = [{k: v for k, v in (("N", n), ("D", d), ("V", v)) if v is not None}
                       for n in ns for d in ds for v in vs]
         methods = select_methods(op, _list(args.methods) if args.methods else pre["methods"], device)
@@ -158,6 +175,8 @@ def main(argv=None) -> int:
         list_methods()
         return 0
     t_start = time.monotonic()
+    # before the probe and the workers add to it: the machine's own load
+    load = (os.getloadavg()[0], os.cpu_count() or 1) if hasattr(os, "getloadavg") else None
     device = args.device or detect_device()
     ops, cells, preset_name = build_cells(args, device)
     if not cells:
@@ -169,7 +188,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
 
     # a scratch log until the output folder is known (its name needs the probed GPU)
-    tmp_log = os.path.join(HERE, "results", f".worker-{os.getpid()}.log")
+    tmp_log = os.path.join(OUT_ROOT, f".worker-{os.getpid()}.log")
     os.makedirs(os.path.dirname(tmp_log), exist_ok=True)
     config = {"device": device, "threads": args.threads if device == "cpu" else None}
     if device == "cpu":
@@ -197,8 +216,13 @@ def main(argv=None) -> int:
         return 3
     info, ceil = pr["info"], pr["ceilings"]
     label = device_label(device, info)
-    out_dir = args.out or os.path.join(HERE, "results", f"{label}-{date}" +
-                                       ("" if preset_name == "full" else f"-{preset_name}"))
+    info["device"] = device
+    expected = ((args.expect_copy_gbps, "--expect-copy-gbps") if args.expect_copy_gbps
+                else report.expected_copy(info, [OUT_ROOT, RESULTS_ROOT]))
+    busy = report.busy_warning(ceil, expected, load if device == "cpu" else None)
+    if busy:
+        print(f"benchmarks: warning: {busy}", file=sys.stderr, flush=True)
+    out_dir = args.out or default_out_dir(label, preset_name)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # a rerun into the same folder must not leave stale plots behind
         if name.endswith(".png") or name in ("results.md", "results.csv", "run.json"):
@@ -218,16 +242,30 @@ def main(argv=None) -> int:
     print(f"benchmarks: ceilings: {ceil_txt}; {len(to_run)} cells to run, {len(unavailable)} method/dtype "
           f"pairs unavailable; results in {out_dir}", file=sys.stderr, flush=True)
 
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(to_run), file=sys.stderr, dynamic_ncols=True, unit="cell")
-        write = lambda s: tqdm.write(s, file=sys.stderr)  # noqa: E731 (default would be stdout)
-    except Exception:
-        bar, write = None, (lambda s: print(s, file=sys.stderr, flush=True))
+    # on a terminal: a progress bar, and a line only for a cell that failed; otherwise (a log, a test)
+    # one line per cell
+    bar = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(to_run), file=sys.stderr, dynamic_ncols=True, unit="cell")
+        except ImportError:
+            pass
+    write = ((lambda s: bar.write(s, file=sys.stderr)) if bar is not None  # noqa: E731
+             else (lambda s: print(s, file=sys.stderr, flush=True)))
+    csv_path = os.path.join(out_dir, "results.csv")
+    for row in rows:
+        report.append_csv(csv_path, row)
 
     def on_result(cell, res):
         row = {"op": cell["op"], "method": cell["method"], "dtype": cell["dtype"], **cell["shape"], **res}
         rows.append(row)
+        report.append_csv(csv_path, row)
+        if bar is not None:
+            bar.set_description(cell["id"], refresh=False)
+            bar.update(1)
+            if res.get("status") == "ok":
+                return
         if res.get("status") == "ok":
             parts = [f"fwd {res['fwd_ms']:.4g} ms" if res.get("fwd_ms") else "",
                      f"fwd+bwd {res['train_ms']:.4g} ms" if res.get("train_ms") else "",
@@ -236,8 +274,6 @@ def main(argv=None) -> int:
         else:
             text = f"{res.get('status', '?').upper()}: {res.get('note', '')}"
         write(f"  {cell['id']:45s} {text}")
-        if bar is not None:
-            bar.update(1)
 
     jobs = [dict(c, phases=_list(args.phases)) for c in to_run]
     budget = None
@@ -251,7 +287,7 @@ def main(argv=None) -> int:
 
     report.derive(rows, ceil)
     meta = {"device": device, "date": date, "info": info, "ceilings": ceil, "ops": ops,
-            "preset": preset_name, "isolate": isolate,
+            "preset": preset_name, "isolate": isolate, "busy": busy,
             "warmup": sorted({c["warmup"] for c in cells}), "repeats": sorted({c["repeats"] for c in cells}),
             "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in
                                                          (sys.argv[1:] if argv is None else argv))}
@@ -263,15 +299,16 @@ def main(argv=None) -> int:
             print(f"benchmarks: plots failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     meta["plots"] = plots
     meta["elapsed_s"] = time.monotonic() - t_start
-    text = report.markdown(meta, rows)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(text)
-    report.write_csv(os.path.join(out_dir, "results.csv"), rows)
+    report_path = os.path.join(out_dir, "results.md")
+    with open(report_path, "w") as f:
+        f.write(report.markdown(meta, rows))
+    report.write_csv(csv_path, rows)
     with open(os.path.join(out_dir, "run.json"), "w") as f:
-        json.dump({k: v for k, v in meta.items()}, f, indent=1, default=str)
-    print(text)
-    print(f"benchmarks: wrote {out_dir}/results.md, results.csv"
-          + (", " + ", ".join(plots) if plots else "") + f" in {meta['elapsed_s']:.0f} s", file=sys.stderr)
+        json.dump(meta, f, indent=1, default=str)
+    rel = os.path.relpath(report_path)
+    print(report.summary(meta, rows, report_path if rel.startswith("..") else rel))
+    if plots:
+        print(f"plots next to it: {', '.join(plots) if len(plots) <= 4 else f'{len(plots)} PNG files'}")
     if args.strict and any(r.get("status") in ("error", "crash") for r in rows):
         return 1
     return 0

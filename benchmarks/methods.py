@@ -5,7 +5,9 @@ torch, celoss or a peer library is imported inside the functions, in the worker 
 that can't run says why (``Method.unavailable``) and becomes a row of the report, never a crash.
 
 Operations (``OPS``): ``ce`` (logits given), ``linear`` (fused linear cross-entropy from hidden states
-and the classifier weight), and the loss family ``focal``, ``sigmoid_focal``, ``bce``, ``distill``.
+and the classifier weight), ``logprobs`` (per-token log-probabilities and entropy from hidden states
+and the classifier weight, the RL policy-loss building block), and the loss family ``focal``,
+``sigmoid_focal``, ``bce``, ``distill``.
 Each defines its inputs (deterministic per seed, created on the device in the dtype), which inputs
 get gradients, the roofline floor of each phase (bytes moved or FLOPs), and the plain-PyTorch
 ("eager") composition that the peers are compared with.
@@ -26,6 +28,8 @@ DISTILL_TEMPERATURE = 2.0
 FOCAL_GAMMA = 2.0
 SIGMOID_FOCAL_ALPHA = 0.25
 BCE_POSITIVE_RATE = 0.05
+LOGPROBS_TEMPERATURE = 0.7  # a sampling temperature != 1, so the scaling is part of what is timed
+ENTROPY_BONUS = 0.01        # the training step's loss: -(mean log-prob + ENTROPY_BONUS * mean entropy)
 
 
 def canonical_dtype(name: str) -> str:
@@ -69,13 +73,13 @@ class Op:
     def grad_bytes(self, shape: dict, dtype: str) -> int:
         """Size of the gradients the training step must produce (memory is reported against it)."""
         e = ELEMENT_SIZE[dtype]
-        if self.name == "linear":
+        if "D" in self.dims:
             return (shape["N"] + shape["V"]) * shape["D"] * e
         return shape["N"] * shape["V"] * e
 
     def input_bytes(self, shape: dict, dtype: str) -> int:
         e = ELEMENT_SIZE[dtype]
-        if self.name == "linear":
+        if "D" in self.dims:
             return (shape["N"] + shape["V"]) * shape["D"] * e + shape["N"] * 8
         per = {"ce": 1, "focal": 1, "distill": 2, "bce": 2, "sigmoid_focal": 2}[self.name]
         return per * shape["N"] * shape["V"] * e + shape["N"] * 8
@@ -93,6 +97,9 @@ OPS = {
              "cross_entropy"),
     "linear": Op("linear", "fused linear cross-entropy (N x D hidden, V x D classifier)", ("x", "w", "y"),
                  ("x", "w"), ("N", "D", "V"), "flops", "linear_cross_entropy", param_keys=("w",)),
+    "logprobs": Op("logprobs", f"per-token log-probs and entropy from hidden states (N x D hidden, V x D "
+                   f"classifier, T={LOGPROBS_TEMPERATURE})", ("x", "w", "y"), ("x", "w"), ("N", "D", "V"),
+                   "flops", "linear_token_logprobs", param_keys=("w",)),
     "focal": Op("focal", f"softmax focal loss (gamma={FOCAL_GAMMA})", ("x", "y"), ("x",), ("N", "V"),
                 "bytes", "focal_loss"),
     "sigmoid_focal": Op("sigmoid_focal", f"sigmoid focal loss (alpha={SIGMOID_FOCAL_ALPHA}, "
@@ -103,8 +110,8 @@ OPS = {
     "distill": Op("distill", f"distillation, forward KL at T={DISTILL_TEMPERATURE} (student and teacher "
                   f"logits)", ("s", "t"), ("s",), ("N", "V"), "bytes", "distillation_loss"),
 }
-SUBCOMMAND_OPS = {"ce": ("ce",), "linear": ("linear",), "family": FAMILY,
-                  "all": ("ce", "linear") + FAMILY}
+SUBCOMMAND_OPS = {"ce": ("ce",), "linear": ("linear",), "logprobs": ("logprobs",), "family": FAMILY,
+                  "all": ("ce", "linear", "logprobs") + FAMILY}
 
 
 def make_inputs(op: Op, shape: dict, dtype: str, device: str, seed: int) -> dict:
@@ -123,7 +130,7 @@ def make_inputs(op: Op, shape: dict, dtype: str, device: str, seed: int) -> dict
 
     if op.name in ("ce", "focal"):
         inp = {"x": randn(n, v), "y": labels()}
-    elif op.name == "linear":
+    elif op.name in ("linear", "logprobs"):
         d = shape["D"]
         inp = {"x": randn(n, d), "w": randn(v, d, scale=d ** -0.5), "y": labels()}
     elif op.name in ("bce", "sigmoid_focal"):
@@ -152,6 +159,13 @@ def eager_fn(op_name: str) -> Callable:
         def linear_ce(x, w, y):
             return F.cross_entropy(F.linear(x, w), y)
         return linear_ce
+    if op_name == "logprobs":
+        def logprobs(x, w, y):  # what RL code writes: full float32 logits, log_softmax, gather
+            logp = F.log_softmax(F.linear(x, w).float() / LOGPROBS_TEMPERATURE, dim=-1)
+            lp = logp.gather(-1, y[:, None]).squeeze(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            return -(lp.mean() + ENTROPY_BONUS * entropy.mean())
+        return logprobs
     if op_name == "focal":
         def focal(x, y):
             logp = F.log_softmax(x, dim=1)
@@ -192,6 +206,12 @@ def celoss_fn(op_name: str, backend: str, inplace: bool = False) -> Callable:
         def linear_ce(x, w, y):
             return celoss.linear_cross_entropy(x, w, y, backend=backend)
         return linear_ce
+    if op_name == "logprobs":
+        def logprobs(x, w, y):
+            lp, entropy = celoss.linear_token_logprobs(x, w, y, temperature=LOGPROBS_TEMPERATURE,
+                                                       return_entropy=True, backend=backend)
+            return -(lp.mean() + ENTROPY_BONUS * entropy.mean())
+        return logprobs
     if op_name == "focal":
         def focal(x, y):
             return celoss.focal_loss(x, y, gamma=FOCAL_GAMMA, backend=backend)
@@ -226,10 +246,14 @@ def scalar(out):
 
 class Impl:
     """A built method: ``forward(inp)`` runs the loss; ``train(inp, mark)`` runs one training step
-    and calls ``mark()`` between its forward and backward parts."""
+    and calls ``mark()`` between its forward and backward parts. ``prepare(inp)`` runs before a
+    training step's clock starts and its memory baseline is taken, and returns the step's inputs."""
 
     def __init__(self, fn: Callable, keys: tuple):
         self.fn, self.keys = fn, keys
+
+    def prepare(self, inp: dict) -> dict:
+        return inp
 
     def forward(self, inp: dict):
         return scalar(self.fn(*[inp[k] for k in self.keys]))
@@ -239,6 +263,20 @@ class Impl:
         mark()
         loss.backward()
         return loss
+
+
+class NonLeafImpl(Impl):
+    """For ``inplace_backward=True``, which refuses to overwrite a leaf that requires grad: the timed
+    step gets ``x.clone()``, a non-leaf like a model's logits (its gradient reaches the leaf input
+    through the clone, as it reaches a model's parameters). The clone is made untimed, before the
+    memory baseline: what is measured is the loss and its backward, as for the other methods."""
+
+    def __init__(self, fn: Callable, keys: tuple, nonleaf_keys: tuple):
+        super().__init__(fn, keys)
+        self.nonleaf_keys = nonleaf_keys
+
+    def prepare(self, inp):
+        return {k: (t.clone() if k in self.nonleaf_keys else t) for k, t in inp.items()}
 
 
 class MatmulImpl(Impl):
@@ -330,6 +368,8 @@ def _celoss_build(backend: str, inplace: bool = False, cache: bool = True):
     def build(op: Op, device: str, dtype: str, shape: dict):
         import celoss
         celoss.set_cpu_cache_limit(None if cache else 0)
+        if inplace:
+            return NonLeafImpl(celoss_fn(op.name, backend, inplace), op.keys, op.grad_keys)
         return Impl(celoss_fn(op.name, backend, inplace), op.keys)
     return build
 
@@ -400,7 +440,7 @@ def _ok(op, device, dtype):
     return None
 
 
-ALL_OPS = ("ce", "linear") + FAMILY
+ALL_OPS = ("ce", "linear", "logprobs") + FAMILY
 METHODS: dict[str, Method] = {}
 
 
@@ -414,8 +454,10 @@ for _b in ("triton", "cython", "torch"):
     _register(Method(f"celoss-{_b}", ALL_OPS, f"celoss, {_what}", _celoss_check(_b), _celoss_build(_b)))
     if _b != "torch":
         _register(Method(f"celoss-{_b}-inplace", ("ce",),
-                         f"celoss, {_what}, inplace_backward=True (gradient written into the logits)",
-                         _celoss_check(_b), _celoss_build(_b, inplace=True), destroys=("train",)))
+                         f"celoss, {_what}, inplace_backward=True (gradient written into the logits; "
+                         f"the logits are a clone of the input made before the clock starts, as a "
+                         f"model's last op makes them)",
+                         _celoss_check(_b), _celoss_build(_b, inplace=True)))
 _register(Method("celoss-cython-nocache", ("ce",), "celoss, OpenMP/Cython kernels (CPU), the gradient in a "
                  "fresh buffer every call (CPU buffer cache off: CELOSS_CPU_CACHE_MB=0)",
                  _celoss_check("cython"), _celoss_build("cython", cache=False)))
@@ -438,8 +480,8 @@ _register(Method("cce-exact", ("linear",), "Cut Cross-Entropy without gradient f
                  "has it, else impl='cce' with filter_eps=None",
                  lambda op, device, dtype: _needs_cuda(device) or _import_reason("cut_cross_entropy"),
                  _cce_build(exact=True)))
-_register(Method("matmuls", ("linear",), "the bare products X W^T (fwd), G W and G^T X (bwd): the floor a "
-                 "fused linear CE is compared with", _ok,
+_register(Method("matmuls", ("linear", "logprobs"), "the bare products X W^T (fwd), G W and G^T X (bwd): "
+                 "the floor a fused linear CE (or log-probs) is compared with", _ok,
                  lambda op, device, dtype, shape: MatmulImpl(shape, dtype, device)))
 
 # Order of the tables: ours first, then the references. Order of execution: ours, then what the

@@ -1,15 +1,20 @@
-"""Markdown table, CSV and PNG plots of a run (parent process; matplotlib imported only for plots)."""
+"""A run's reports (parent process; matplotlib imported only for plots): the short terminal summary,
+the markdown tables, the CSV (appended cell by cell while the run goes), PNG plots, and the check
+that the machine was quiet enough for the numbers to mean something."""
 from __future__ import annotations
 
 import csv
+import glob
+import json
 import math
 import os
+from collections import Counter
 
 from .methods import METHOD_ORDER, METHODS, OPS
 
 CSV_FIELDS = ["op", "method", "dtype", "N", "D", "V", "status", "fwd_ms", "bwd_ms", "train_ms",
               "train_fwd_ms", "fwd_min_ms", "train_min_ms", "fwd_GBps", "train_GBps", "fwd_TFLOPs",
-              "train_TFLOPs", "fwd_pct_floor", "train_pct_floor", "x_matmuls", "x_eager", "mem_fwd_MB",
+              "train_TFLOPs", "fwd_pct_floor", "train_pct_floor", "x_matmuls", "x_eager", "x_compile", "mem_fwd_MB",
               "mem_train_MB", "mem_x_grad", "first_fwd_s", "first_train_s", "loss", "n_sets", "wall_s",
               "note", "warnings"]
 
@@ -23,10 +28,10 @@ its bwd is small: compare fwd+bwd. Times are medians of the repeats after warm-u
 sets rotated; each method's own allocations are in its time. **% floor** is the floor time over the
 measured time: the floor is the bytes that must move over the copy bandwidth measured in this run
 (cross-entropy: logits read, + gradient written for fwd+bwd; distillation and BCE: both inputs read)
-or, for linear CE, the FLOPs (2NDV forward, 6NDV forward+backward) over the matmul FLOP/s measured in
-this run. **GB/s** is those bytes over the time (effective bandwidth). **x matmuls** is the time over
+or, for linear CE and log-probs, the FLOPs (2NDV forward, 6NDV forward+backward) over the matmul
+FLOP/s measured in this run. **GB/s** is those bytes over the time (effective bandwidth). **x matmuls** is the time over
 the bare products X W^T, G W, G^T X measured in the same run (`matmuls` row). **x eager** is eager's
-fwd+bwd time over the method's. **peak MB** is the peak extra memory of a call (CPU: peak resident
+fwd+bwd time over the method's (**x compile**: `torch.compile`'s). **peak MB** is the peak extra memory of a call (CPU: peak resident
 set of the worker process over its size just before the call; GPU: `max_memory_allocated` over
 `memory_allocated` before it), the gradient included for fwd+bwd; **x grad** divides it by the size
 of the gradient(s) the step must produce. **1st call s** is the first fwd plus the first fwd+bwd call
@@ -77,11 +82,13 @@ def derive(rows: list[dict], ceilings: dict) -> None:
                     r[f"{phase}_pct_floor"] = 100 * tflops / peak
         rest = (r["dtype"], r.get("N"), r.get("D"), r.get("V"))
         mm = by_key.get((r["op"], "matmuls") + rest)
-        if op.name == "linear" and mm and r.get("train_ms") and mm.get("train_ms"):
+        if op.floor_kind == "flops" and mm and r.get("train_ms") and mm.get("train_ms"):
             r["x_matmuls"] = r["train_ms"] / mm["train_ms"]
         eager = by_key.get((r["op"], "eager") + rest)
-        if eager and r.get("train_ms") and eager.get("train_ms") and r["method"] != "matmuls":
-            r["x_eager"] = eager["train_ms"] / r["train_ms"]
+        for name in ("eager", "compile"):
+            other = by_key.get((r["op"], name) + rest)
+            if other and r.get("train_ms") and other.get("train_ms") and r["method"] != "matmuls":
+                r[f"x_{name}"] = other["train_ms"] / r["train_ms"]
         for phase in ("fwd", "train"):
             if r.get(f"mem_{phase}") is not None:
                 r[f"mem_{phase}_MB"] = r[f"mem_{phase}"] / 2 ** 20
@@ -134,36 +141,49 @@ def op_table(rows: list[dict], op_name: str) -> str:
     return "\n".join(lines)
 
 
-def headline_table(rows: list[dict], ops: list[str]) -> str:
-    """Per op, shape and dtype: celoss's best method against the best peer, eager and torch.compile."""
+DT_RANK = {"fp32": 0, "bf16": 1, "fp16": 2, "fp64": 3}
+
+
+def cases(rows: list[dict], ops: list[str]) -> list[dict]:
+    """Per op, shape and dtype with a measured celoss method: ``best`` (celoss's fastest fwd+bwd, the
+    in-place variant apart), ``inplace`` (its fastest in-place one or None), ``peer`` (the fastest
+    other method but the bare products, or None) and ``by`` (method name -> row); ops in `ops`' order,
+    then by size and dtype."""
     groups = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("train_ms"):
             groups.setdefault((r["op"], r.get("N"), r.get("D"), r.get("V"), r["dtype"]), []).append(r)
-    lines = ["| op | shape | dtype | celoss | fwd+bwd ms | % floor | x eager | x compile | best peer "
-             "| x best peer | x matmuls | peak x grad | in place: ms, peak x grad |", "|" + "---|" * 13]
-    dt_rank = {"fp32": 0, "bf16": 1, "fp16": 2, "fp64": 3}
+    out = []
     for key in sorted(groups, key=lambda k: (ops.index(k[0]) if k[0] in ops else 99,
-                                             (k[1] or 0) * (k[3] or 0) * (k[2] or 1), dt_rank.get(k[4], 9))):
+                                             (k[1] or 0) * (k[3] or 0) * (k[2] or 1), k[1] or 0,
+                                             DT_RANK.get(k[4], 9))):
         rs = groups[key]
         ours = [r for r in rs if r["method"].startswith("celoss-") and not r["method"].endswith("-inplace")]
-        inplace = [r for r in rs if r["method"].startswith("celoss-") and r["method"].endswith("-inplace")]
-        peers = [r for r in rs if not r["method"].startswith("celoss-") and r["method"] != "matmuls"]
         if not ours:
             continue
-        best = min(ours, key=lambda r: r["train_ms"])
-        by = {r["method"]: r for r in rs}
-        peer = min(peers, key=lambda r: r["train_ms"]) if peers else None
+        inplace = [r for r in rs if r["method"].startswith("celoss-") and r["method"].endswith("-inplace")]
+        peers = [r for r in rs if not r["method"].startswith("celoss-") and r["method"] != "matmuls"]
+        fastest = lambda group: min(group, key=lambda r: r["train_ms"]) if group else None  # noqa: E731
+        out.append({"op": key[0], "dtype": key[4], "best": fastest(ours), "inplace": fastest(inplace),
+                    "peer": fastest(peers), "by": {r["method"]: r for r in rs}})
+    return out
+
+
+def headline_table(rows: list[dict], ops: list[str]) -> str:
+    """Per op, shape and dtype: celoss's best method against the best peer, eager and torch.compile."""
+    lines = ["| op | shape | dtype | celoss | fwd+bwd ms | % floor | x eager | x compile | best peer "
+             "| x best peer | x matmuls | peak x grad | in place: ms, peak x grad |", "|" + "---|" * 13]
+    for c in cases(rows, ops):
+        best, peer, inplace = c["best"], c["peer"], c["inplace"]
 
         def ratio(other):
             return _fmt(other["train_ms"] / best["train_ms"]) if other else ""
         lines.append("| " + " | ".join([
-            key[0], _shape_label(best), key[4], best["method"], _fmt(best["train_ms"]),
-            _fmt(best.get("train_pct_floor")), ratio(by.get("eager")), ratio(by.get("compile")),
+            c["op"], _shape_label(best), c["dtype"], best["method"], _fmt(best["train_ms"]),
+            _fmt(best.get("train_pct_floor")), ratio(c["by"].get("eager")), ratio(c["by"].get("compile")),
             peer["method"] if peer else "", ratio(peer), _fmt(best.get("x_matmuls")),
             _fmt(best.get("mem_x_grad")),
-            (lambda b: f"{_fmt(b['train_ms'])}, {_fmt(b.get('mem_x_grad'))}" if b else "")(
-                min(inplace, key=lambda r: r["train_ms"]) if inplace else None)]) + " |")
+            f"{_fmt(inplace['train_ms'])}, {_fmt(inplace.get('mem_x_grad'))}" if inplace else ""]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -214,6 +234,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                              f"{_fmt(v * 1e3) + ' GFLOP/s' if v and v < 1 else _fmt(v) + ' TFLOP/s' if v else 'failed'}")
         out.append("Ceilings measured in this run: " + "; ".join(parts) + ".")
     out.append(f"Peak memory: {info.get('memory_measure', '?')}.")
+    if meta.get("busy"):
+        out += ["", f"**Warning:** {meta['busy']}"]
     out += ["", READING, ""]
     heads = headline_table(rows, meta["ops"])
     if heads:
@@ -235,12 +257,170 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- the terminal summary ----------------------------------------------------------------------
+
+SUMMARY_CASES = 10  # more cases than this: one line per op and dtype, with ranges over the shapes
+
+
+def _speed(r: dict) -> str:
+    if r.get("train_TFLOPs") is not None:
+        t = r["train_TFLOPs"]
+        return f"{_fmt(t * 1e3)} GFLOP/s" if t < 1 else f"{_fmt(t)} TFLOP/s"
+    return f"{_fmt(r['train_GBps'])} GB/s" if r.get("train_GBps") is not None else ""
+
+
+def _span(values: list, fmt, num=_fmt) -> str:
+    """``fmt(v)``, or ``num(lo)-fmt(hi)`` over several values (the unit written once)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return fmt(lo) if num(lo) == num(hi) else f"{num(lo)}-{fmt(hi)}"
+
+
+def _mem(r: dict) -> str:
+    if r.get("mem_train_MB") is None:
+        return "-"
+    x = f" ({_fmt(r['mem_x_grad'])}x grad)" if r.get("mem_x_grad") is not None else ""
+    return f"{_fmt(r['mem_train_MB'])} MB{x}"
+
+
+def summary(meta: dict, rows: list[dict], report_path: str) -> str:
+    """At most ~15 lines for the terminal: per shape and dtype (or, past SUMMARY_CASES cases, per op
+    and dtype with ranges) celoss's fastest fwd+bwd, how many times faster than eager and than
+    torch.compile, its effective GB/s (TFLOP/s for the matmul-bound ops) and share of the measured
+    floor, its peak extra memory; then what failed, the busy warning and where the full report is."""
+    info, ceil = meta.get("info", {}), meta.get("ceilings", {})
+    where = info.get("gpu") if meta["device"] == "cuda" else info.get("cpu")
+    floor = f"copy {_fmt(ceil['copy_GBps'])} GB/s" if ceil.get("copy_GBps") else "no ceilings"
+    lines = [f"celoss benchmarks on {meta['device']} ({where}), preset {meta['preset']}, "
+             f"{meta.get('elapsed_s', 0):.0f} s; measured floor: {floor}"]
+    cs = cases(rows, meta["ops"])
+    fmt_x = lambda v: f"{_fmt(v)}x"  # noqa: E731
+    fmt_pct = lambda v: f"{v:.0f}%"  # noqa: E731
+    table = [("op", "shape", "dtype", "celoss", "fwd+bwd", "x eager", "x compile", "speed", "% floor",
+              "peak extra")]
+    if len(cs) <= SUMMARY_CASES:
+        for c in cs:
+            b = c["best"]
+            table.append((c["op"], _shape_label(b), c["dtype"], b["method"].replace("celoss-", ""),
+                          f"{_fmt(b['train_ms'])} ms", _span([b.get("x_eager")], fmt_x),
+                          _span([b.get("x_compile")], fmt_x), _speed(b) or "-",
+                          _span([b.get("train_pct_floor")], fmt_pct), _mem(b)))
+    else:
+        groups = {}
+        for c in cs:
+            groups.setdefault((c["op"], c["dtype"]), []).append(c["best"])
+        for (op, dtype), bs in groups.items():
+            speeds = [b.get("train_TFLOPs") if b.get("train_TFLOPs") is not None else b.get("train_GBps")
+                      for b in bs]
+            unit = "TFLOP/s" if bs[0].get("train_TFLOPs") is not None else "GB/s"
+            table.append((op, f"{len(bs)} shapes", dtype, ",".join(sorted({b["method"].replace("celoss-", "")
+                                                                          for b in bs})),
+                          _span([b["train_ms"] for b in bs], lambda v: f"{_fmt(v)} ms"),
+                          _span([b.get("x_eager") for b in bs], fmt_x),
+                          _span([b.get("x_compile") for b in bs], fmt_x),
+                          _span(speeds, lambda v: f"{_fmt(v)} {unit}"),
+                          _span([b.get("train_pct_floor") for b in bs], fmt_pct, lambda v: f"{v:.0f}"),
+                          _span([b.get("mem_x_grad") for b in bs], lambda v: f"{_fmt(v)}x grad")))
+    if len(table) > 1:
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+        lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    else:
+        lines.append("  no celoss method measured a fwd+bwd step (see the report)")
+    failed = [r for r in rows if r.get("status") not in ("ok", "unavailable")]
+    if failed:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(r.get("status", "?") for r in failed).items()))
+        lines.append(f"  not measured: {kinds} (cells of {', '.join(sorted({r['method'] for r in failed}))})")
+    differs = [r for r in rows if "differs from eager" in (r.get("note") or "")]
+    if differs:
+        lines.append(f"  loss differs from eager's in {len(differs)} cells: see the notes in the report")
+    if meta.get("busy"):
+        lines.append(f"warning: {meta['busy']}")
+    lines.append(f"full report: {report_path}")
+    return "\n".join(lines)
+
+
+# ---- is the machine quiet? -------------------------------------------------------------------------
+
+BUSY_RATIO = 0.8  # copy bandwidth under this share of the expected one: the machine is busy
+
+
+def same_machine(info: dict, other: dict) -> bool:
+    keys = ("gpu",) if info.get("device") == "cuda" else ("cpu", "threads")
+    return info.get("device") == other.get("device") and all(info.get(k) == other.get(k) for k in keys)
+
+
+def expected_copy(info: dict, folders: list[str]) -> tuple[float, str] | None:
+    """The best copy bandwidth an earlier run on this machine (same CPU model and threads, or the same
+    GPU) measured: ``(GB/s, its run.json)`` from the run folders under `folders`, or None."""
+    best = None
+    for folder in folders:
+        for path in glob.glob(os.path.join(folder, "*", "run.json")):
+            try:
+                with open(path) as f:
+                    run = json.load(f)
+                bw = float(run["ceilings"]["copy_GBps"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if same_machine(info, run.get("info", {})) and (best is None or bw > best[0]):
+                best = (bw, path)
+    return best
+
+
+def busy_warning(ceilings: dict, expected: tuple[float, str] | None,
+                 load: tuple[float, int] | None = None) -> str | None:
+    """A sentence when the probe says other work shares the machine: its copy bandwidth below
+    BUSY_RATIO of `expected` (an earlier run's on this machine, or --expect-copy-gbps), or its own
+    repeats spread (median below BUSY_RATIO of the fastest), or, CPU, `load` = (1-minute load average
+    before the run started, logical CPUs) with more runnable tasks than CPUs; None when it looks quiet."""
+    bw = ceilings.get("copy_GBps")
+    why = []
+    if bw and expected and bw < BUSY_RATIO * expected[0]:
+        why.append(f"the copy bandwidth measured now, {_fmt(bw)} GB/s, is {100 * bw / expected[0]:.0f}% of "
+                   f"the {_fmt(expected[0])} GB/s expected here ({expected[1]})")
+    elif bw and ceilings.get("copy_best_GBps") and bw < BUSY_RATIO * ceilings["copy_best_GBps"]:
+        why.append(f"the copy bandwidth varied within the probe (median {_fmt(bw)} GB/s, fastest "
+                   f"{_fmt(ceilings['copy_best_GBps'])} GB/s)")
+    if load and load[0] > load[1]:
+        why.append(f"the load average was {load[0]:.1f} on {load[1]} logical CPUs before the run started")
+    if not why:
+        return None
+    return (f"the machine looks busy: {'; '.join(why)}. Times, GB/s and % of the floor drift while other "
+            f"work shares the memory bus and the cores, and so do the ratios between methods (each is "
+            f"measured at a different moment); compare runs made on a quiet machine.")
+
+
+# ---- CSV ---------------------------------------------------------------------------------------------
+
+def _csv_row(r: dict) -> dict:
+    return {k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS}
+
+
+def append_csv(path: str, row: dict) -> None:
+    """Append one finished cell (the header only when the file is new): an interrupted run keeps
+    what it measured. The final write_csv rewrites the file sorted, with the derived columns."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(_csv_row(row))
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in sorted(rows, key=lambda r: (r["op"],) + _sort_key(r)):
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+            w.writerow(_csv_row(r))
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+MARKERS = "os^DvP<X>*ph"
+LINESTYLES = ("-", "--", "-.", ":")
+MEM_LINTHRESH_MB = 1.0  # the memory axes are symlog: linear below 1 MB, so 0 MB is drawn at 0
 
 
 def plot_groups(rows: list[dict], op_name: str):
@@ -258,40 +438,156 @@ def plot_groups(rows: list[dict], op_name: str):
     return groups
 
 
+def _style(k: int, colors) -> dict:
+    """Method k's look in every panel: colour, marker, line style and filled or hollow markers all
+    vary, so lines that coincide stay distinguishable."""
+    return dict(color=colors[k % len(colors)], marker=MARKERS[k % len(MARKERS)],
+                linestyle=LINESTYLES[k % len(LINESTYLES)], markersize=8 - 2 * (k % 2),
+                markerfacecolor="none" if k % 2 else colors[k % len(colors)], linewidth=1.4, alpha=0.9)
+
+
+def _dtypes(sel):
+    return [d for d in ("fp32", "bf16", "fp16", "fp64") if any(r["dtype"] == d for r in sel)]
+
+
+def _memory_axis(ax):
+    ax.set_yscale("symlog", linthresh=MEM_LINTHRESH_MB)
+    ax.set_ylim(bottom=-0.2 * MEM_LINTHRESH_MB)  # markers at 0 MB stay above the frame
+    ax.set_ylabel(f"peak extra memory, fwd+bwd (MB; linear below {MEM_LINTHRESH_MB:g})")
+
+
+def _speedup_lines(ax, pts_by_method, colors):
+    """Speed-up panel: x faster than eager (solid) and than torch.compile (dashed), per celoss method."""
+    for k, m in enumerate(METHOD_ORDER):
+        if m not in pts_by_method:
+            continue
+        for peer, ls, label in (("x_eager", "-", "eager"), ("x_compile", "--", "torch.compile")):
+            pts = [(x, r[peer]) for x, r in pts_by_method[m] if r.get(peer)]
+            if pts:
+                st = dict(_style(k, colors), linestyle=ls)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{m} vs {label}", **st)
+    ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_ylabel("x faster (fwd+bwd; above 1: celoss is faster)")
+
+
+def overview_figure(rows: list[dict], op_name: str, device: str):
+    """One row per dtype: celoss's speed-up per shape (bars labelled with the value), fwd+bwd time and
+    peak extra memory of every method per shape. Every measured shape is a tick on the x axes."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    sel = [r for r in rows if r["op"] == op_name and r.get("status") == "ok"]
+    dtypes = _dtypes(sel)
+    shapes = sorted({tuple((k, r.get(k)) for k in OPS[op_name].dims) for r in sel},
+                    key=lambda s: (OPS[op_name].size(dict(s)), dict(s)["N"]))
+    labels = [OPS[op_name].label(dict(s)) for s in shapes]
+    fig, axes = plt.subplots(len(dtypes), 3, figsize=(17, 4.4 * len(dtypes)), squeeze=False)
+    for i, dt in enumerate(dtypes):
+        here = [r for r in sel if r["dtype"] == dt]
+        methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in here)]
+        at = {(tuple((k, r.get(k)) for k in OPS[op_name].dims), r["method"]): r for r in here}
+        ax = axes[i][0]
+        # the reference backend is a correctness oracle: its speed-up only where nothing else ran
+        ours = [m for m in methods if m.startswith("celoss-") and m != "celoss-torch"] or \
+            [m for m in methods if m.startswith("celoss-")]
+        bars = [(m, peer) for m in ours for peer in ("eager", "compile")
+                if any(at.get((s, m), {}).get(f"x_{peer}") for s in shapes)]
+        width = 0.8 / max(len(bars), 1)
+        for b, (m, peer) in enumerate(bars):
+            k = METHOD_ORDER.index(m)
+            xs = [j + (b - (len(bars) - 1) / 2) * width for j in range(len(shapes))]
+            vals = [at.get((s, m), {}).get(f"x_{peer}") for s in shapes]
+            drawn = [(x, v) for x, v in zip(xs, vals) if v]
+            rects = ax.bar([x for x, _ in drawn], [v for _, v in drawn], width=width,
+                           color=colors[k % len(colors)], alpha=1.0 if peer == "eager" else 0.5,
+                           hatch="" if peer == "eager" else "//", edgecolor="black", linewidth=0.5,
+                           label=f"{m} vs {'eager' if peer == 'eager' else 'torch.compile'}")
+            ax.bar_label(rects, labels=[f"{_fmt(v, 2)}x" for _, v in drawn], fontsize=7)
+        ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
+        ax.set_ylabel("x faster (fwd+bwd; above 1: celoss is faster)")
+        ax.set_title(f"{op_name} {dt}: celoss's speed-up on {device}", fontsize=10)
+        for j, (metric, ylabel) in enumerate((("train_ms", "fwd+bwd time (ms)"), ("mem_train_MB", None)), 1):
+            ax = axes[i][j]
+            for n, m in enumerate(methods):
+                k = METHOD_ORDER.index(m)
+                dodge = 0.04 * (n - (len(methods) - 1) / 2)  # coinciding values stay apart
+                pts = [(x + dodge, at[(s, m)][metric]) for x, s in enumerate(shapes)
+                       if (s, m) in at and at[(s, m)].get(metric) is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **_style(k, colors))
+            if metric == "train_ms":
+                ax.set_yscale("log")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"{op_name} {dt}: time per training step", fontsize=10)
+            else:
+                _memory_axis(ax)
+                ax.set_title(f"{op_name} {dt}: peak extra memory", fontsize=10)
+        for ax in axes[i]:
+            ax.set_xticks(range(len(shapes)), labels, rotation=15, fontsize=8)
+            ax.set_xlabel("shape " + " x ".join(OPS[op_name].dims))
+            ax.grid(True, which="both", axis="y", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_figure(rows: list[dict], op_name: str, kind: str, fixed: dict, x: str, device: str):
+    """One row per dtype: fwd+bwd time of every method, celoss's speed-up over eager and torch.compile,
+    and peak extra memory, against V (or N) with the other sizes fixed."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    sel = [r for r in rows if r["op"] == op_name and r.get("status") == "ok"
+           and all(r.get(k) == v for k, v in fixed.items())]
+    dtypes = _dtypes(sel)
+    fig, axes = plt.subplots(len(dtypes), 3, figsize=(17, 4.4 * len(dtypes)), squeeze=False)
+    fixed_txt = ", ".join(f"{k}={v}" for k, v in fixed.items())
+    for i, dt in enumerate(dtypes):
+        by_method = {}
+        for r in sorted((r for r in sel if r["dtype"] == dt), key=lambda r: r[x]):
+            by_method.setdefault(r["method"], []).append((r[x], r))
+        for j, metric in enumerate(("train_ms", "speedup", "mem_train_MB")):
+            ax = axes[i][j]
+            if metric == "speedup":
+                _speedup_lines(ax, {m: v for m, v in by_method.items() if m.startswith("celoss-")}, colors)
+            else:
+                for k, m in enumerate(METHOD_ORDER):
+                    pts = [(xv, r[metric]) for xv, r in by_method.get(m, []) if r.get(metric) is not None]
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **_style(k, colors))
+                if metric == "train_ms":
+                    ax.set_yscale("log")
+                    ax.set_ylabel("fwd+bwd time (ms)")
+                else:
+                    _memory_axis(ax)
+            ax.set_xscale("log")
+            ax.set_xlabel({"V": "vocabulary V", "N": "tokens N"}[x])
+            ax.set_title(f"{op_name} {dt} ({fixed_txt}) on {device}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plots(rows: list[dict], out_dir: str, device: str) -> list[str]:
+    """PNG files written to out_dir: per op an overview (every shape), and per scaling series of at
+    least 2 sizes a figure against V or N."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = plt.get_cmap("tab10").colors
     written = []
     for op_name in OPS:
+        if not any(r["op"] == op_name and r.get("status") == "ok" for r in rows):
+            continue
+        figures = [(f"{op_name}-overview.png", overview_figure(rows, op_name, device))]
         for kind, fixed, x in plot_groups(rows, op_name):
-            sel = [r for r in rows if r["op"] == op_name and r.get("status") == "ok"
-                   and all(r.get(k) == v for k, v in fixed.items())]
-            dtypes = [d for d in ("fp32", "bf16", "fp16", "fp64") if any(r["dtype"] == d for r in sel)]
-            fig, axes = plt.subplots(len(dtypes), 2, figsize=(12, 4.2 * len(dtypes)), squeeze=False)
-            for i, dt in enumerate(dtypes):
-                for j, (metric, label) in enumerate((("train_ms", "fwd+bwd time (ms)"),
-                                                     ("mem_train_MB", "peak extra memory, fwd+bwd (MB; 0 drawn at 0.1)"))):
-                    ax = axes[i][j]
-                    for k, m in enumerate(METHOD_ORDER):
-                        pts = sorted((r[x], r.get(metric)) for r in sel
-                                     if r["dtype"] == dt and r["method"] == m and r.get(metric) is not None)
-                        if pts:  # one colour per method in every panel; 0 MB is drawn at 0.1 MB
-                            ax.plot([p[0] for p in pts], [max(p[1], 0.1) for p in pts], marker="o", label=m,
-                                    color=colors[k % len(colors)], linestyle="-" if k < 10 else "--")
-                    ax.set_xscale("log")
-                    ax.set_yscale("log")
-                    ax.set_xlabel({"V": "vocabulary V", "N": "tokens N"}[x])
-                    ax.set_ylabel(label)
-                    fixed_txt = ", ".join(f"{k}={v}" for k, v in fixed.items())
-                    ax.set_title(f"{op_name} {dt} ({fixed_txt}) on {device}", fontsize=10)
-                    ax.grid(True, which="both", alpha=0.3)
-                    if ax.lines:
-                        ax.legend(fontsize=8)
-            fig.tight_layout()
             name = f"{op_name}-{kind}-" + "-".join(f"{k}{v}" for k, v in fixed.items()) + ".png"
+            figures.append((name, scaling_figure(rows, op_name, kind, fixed, x, device)))
+        for name, fig in figures:
             fig.savefig(os.path.join(out_dir, name), dpi=90)
             plt.close(fig)
             written.append(name)

@@ -16,12 +16,14 @@ QUICK_METHODS = {
     "ce": ["celoss-{native}", "celoss-{native}-inplace", "eager", "compile", "liger"],
     "linear": ["celoss-{native}", "eager", "compile", "torch-lce", "torch-lce-chunked", "liger", "cce",
                "cce-exact", "matmuls"],
+    "logprobs": ["celoss-{native}", "eager", "compile", "matmuls"],
     "family": ["celoss-{native}", "eager", "compile"],
 }
 # full: everything, except the reference backend on linear CE (a correctness oracle, and at a few
 # seconds a step on 2 cores it would add minutes without telling anything the eager row doesn't)
 FULL_METHODS = {"ce": ["*"], "linear": ["celoss-triton", "celoss-cython", "eager", "compile", "torch-lce*",
-                                        "liger", "cce*", "matmuls"], "family": ["*"]}
+                                        "liger", "cce*", "matmuls"],
+                "logprobs": ["celoss-triton", "celoss-cython", "eager", "compile", "matmuls"], "family": ["*"]}
 
 
 def _nv(pairs):
@@ -44,30 +46,32 @@ def _dedupe(shapes):
 
 def preset(name: str, op: str, device: str) -> dict:
     """{'shapes': [...], 'dtypes': [...], 'methods': [...patterns], 'warmup': k, 'repeats': k}."""
-    family = op not in ("ce", "linear")
-    kind = "family" if family else op
+    kind = op if op in ("ce", "linear", "logprobs") else "family"
     gpu = device == "cuda"
     if name == "tiny":
         shapes = {"ce": _nv([(256, 1000), (256, 3000)]), "linear": _ndv([(128, 64, 1000)]),
-                  "family": _nv([(128, 1000)])}[kind]
-        dtypes = {"ce": ["fp32", "bf16"], "linear": ["fp32"], "family": ["fp32"]}[kind]
+                  "logprobs": _ndv([(128, 64, 1000)]), "family": _nv([(128, 1000)])}[kind]
+        dtypes = {"ce": ["fp32", "bf16"], "linear": ["fp32"], "logprobs": ["fp32"], "family": ["fp32"]}[kind]
         return dict(shapes=shapes, dtypes=dtypes, methods=["*"], warmup=0, repeats=2)
     if name == "gpu" or (name == "quick" and gpu):
         shapes = {"ce": _nv([(16384, v) for v in (32000, 128256, 256000)]),
                   "linear": _ndv([(8192, 2304, 256000), (8192, 4096, 128256)]),
+                  "logprobs": _ndv([(8192, 4096, 151936)]),
                   "family": _nv([(16384, 32000), (16384, 128256)])}[kind]
-        dtypes = {"ce": ["bf16", "fp32"], "linear": ["bf16"], "family": ["bf16"]}[kind]
+        dtypes = {"ce": ["bf16", "fp32"], "linear": ["bf16"], "logprobs": ["bf16"], "family": ["bf16"]}[kind]
         return dict(shapes=shapes, dtypes=dtypes, methods=QUICK_METHODS[kind], warmup=3, repeats=10)
     if name == "quick":
         shapes = {"ce": _nv([(4096, 32000), (4096, 128256), (1024, 256000)]),
-                  "linear": _ndv([(2048, 512, 32000)]),
+                  "linear": _ndv([(2048, 512, 32000)]), "logprobs": _ndv([(2048, 512, 32000)]),
                   "family": _nv([(4096, 32000)])}[kind]
-        dtypes = {"ce": ["fp32", "bf16"], "linear": ["fp32", "bf16"], "family": ["fp32"]}[kind]
+        dtypes = {"ce": ["fp32", "bf16"], "linear": ["fp32", "bf16"], "logprobs": ["fp32", "bf16"],
+                  "family": ["fp32"]}[kind]
         return dict(shapes=shapes, dtypes=dtypes, methods=QUICK_METHODS[kind], warmup=0, repeats=3)
     if name == "full":
         if gpu:
             shapes = {"ce": _nv([(16384, v) for v in VOCABS] + [(n, 128256) for n in (4096, 65536)]),
                       "linear": _ndv([(8192, 2304, 256000)] + [(8192, 4096, v) for v in VOCABS]),
+                      "logprobs": _ndv([(8192, 4096, v) for v in (32000, 151936)]),
                       "family": _nv([(16384, 32000), (16384, 128256)])}[kind]
             return dict(shapes=_dedupe(shapes), dtypes=["bf16", "fp32"], methods=FULL_METHODS[kind],
                         warmup=3, repeats=20)
@@ -76,7 +80,7 @@ def preset(name: str, op: str, device: str) -> dict:
                          + [(n, 32000) for n in (1024, 16384)])
             return dict(shapes=_dedupe(shapes), dtypes=["fp32", "bf16"], methods=FULL_METHODS[kind],
                         warmup=1, repeats=5)
-        if op == "linear":  # compute-bound: a few seconds a step on 2 cores, so fewer repeats
+        if op in ("linear", "logprobs"):  # compute-bound: a few seconds a step on 2 cores, so fewer repeats
             shapes = _ndv([(2048, 512, 32000), (2048, 1024, 128256)] + [(2048, 512, v) for v in (8192, 65536)])
             return dict(shapes=_dedupe(shapes), dtypes=["fp32", "bf16"], methods=FULL_METHODS[kind],
                         warmup=0, repeats=3)

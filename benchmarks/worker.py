@@ -123,6 +123,8 @@ class Worker:
             if phase == "fwd":  # evaluation: activations made under no_grad don't require grad,
                 # parameters (the classifier weight) still do
                 args = {k: (t if k in op.param_keys else t.detach()) for k, t in inp.items()}
+            else:
+                args = impl.prepare(inp)  # untimed set-up of the step's inputs (NonLeafImpl)
             measure.sync(device)
             if timed:
                 mem.start()
@@ -131,14 +133,14 @@ class Worker:
                 with torch.no_grad():
                     out = impl.forward(args)
             else:
-                out = impl.train(inp, clock.mark)
+                out = impl.train(args, clock.mark)
             segs = clock.stop()
             extra = mem.stop() if timed else None
             if phase == "train":  # a training loop releases the gradients every step
                 for k in op.grad_keys:
                     inp[k].grad = None
             loss = out
-            del out
+            del out, args
             return segs, extra, loss
 
         with warnings.catch_warnings(record=True) as caught:

@@ -1,4 +1,5 @@
-"""The benchmark suite and the GPU check must not rot between GPU loans: run them small, check outputs.
+"""The benchmark suite must not rot between GPU loans: run it small, check outputs (the GPU check's
+dry run is tests/scripts/test_gpu_check.py).
 
 Nothing here times anything or asserts on a speed; the runs only have to produce their rows.
 """
@@ -37,40 +38,15 @@ def _row(rows, **match):
     return found[0]
 
 
-def test_gpu_check_dry_run(tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu-check"), "--dry-run",
-                           "--out", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "== gpu-check done" in proc.stdout
-    assert (out / "gpu-check.log").is_file() and (out / "pytest.log").is_file()
-    bench = out / "bench"
-    text = (bench / "results.md").read_text()
-    assert "## ce:" in text and "## linear:" in text and "Ceilings measured in this run" in text
-    rows = _rows(bench)
-    for dtype in ("fp32", "bf16"):
-        r = _row(rows, op="ce", method="eager", dtype=dtype, N=256, V=1000)
-        assert r["status"] == "ok" and float(r["fwd_ms"]) > 0 and float(r["train_ms"]) > 0
-        assert float(r["bwd_ms"]) > 0 and r["mem_train_MB"] != "" and r["train_GBps"] != ""
-    assert _row(rows, op="linear", method="matmuls", dtype="fp32")["status"] == "ok"
-    assert _row(rows, op="linear", method="eager", dtype="fp32")["x_matmuls"] != ""
-    # every selected method is a row, measured or saying why not (liger / cce are CUDA only)
-    for method in ("celoss-cython", "celoss-cython-inplace", "liger"):
-        assert any(r["op"] == "ce" and r["method"] == method for r in rows), method
-    for method in ("celoss-cython", "torch-lce", "torch-lce-chunked", "cce", "cce-exact"):
-        assert any(r["op"] == "linear" and r["method"] == method for r in rows), method
-    assert all(r["status"] != "unavailable" or r["note"] for r in rows)
-    assert len([p for p in os.listdir(bench)]) + 2 <= 8  # what the device tool can bring back
-    assert list(bench.glob("*.png")), "no plot"
-
-
 def test_quick_smoke_ce(tmp_path):
     """The default sub-command's path (quick preset, method isolation) at tiny sizes, compile included."""
     out = tmp_path / "ce"
     proc = _bench(["ce", "--quick", "--tokens", "64", "--vocab", "500,1000", "--dtype", "fp32",
                    "--methods", "celoss-{native}*,eager,compile", "--repeats", "2"], out)
-    assert "| shape NxV |" in proc.stdout  # the table is printed
+    lines = proc.stdout.strip().splitlines()  # the short summary, not the whole report
+    assert len(lines) <= 15 and "x eager" in lines[1] and "x compile" in lines[1], proc.stdout
+    assert any(l.split()[:3] == ["ce", "64", "x"] and "500" in l for l in lines), proc.stdout
+    assert f"full report: {out / 'results.md'}" in proc.stdout
     rows = _rows(out)
     for v in (500, 1000):
         for method in ("eager", "compile"):
@@ -78,7 +54,7 @@ def test_quick_smoke_ce(tmp_path):
             assert r["status"] == "ok", r
             assert float(r["first_fwd_s"]) > 0 and r["fwd_pct_floor"] != ""
     assert any(r["method"] == "celoss-cython" for r in rows)
-    assert (out / "ce-vocab-N64.png").is_file()
+    assert (out / "ce-vocab-N64.png").is_file() and (out / "ce-overview.png").is_file()
     md = (out / "results.md").read_text()
     assert "| 64 x 500 | fp32 | eager |" in md
 
@@ -142,3 +118,22 @@ def test_report_ratios():
     assert rows[1]["mem_x_grad"] == pytest.approx(2 ** 20 / ((4 + 8) * 2 * 2))
     md = report.op_table(rows, "linear")
     assert "| 4 x 2 x 8 | bf16 | celoss-cython |" in md
+
+
+def test_issue15_a_run_without_out_goes_to_a_new_ignored_folder(tmp_path, monkeypatch, capsys):
+    """Without --out a run writes to benchmarks/out/<date>-<time>-<device>-<preset> (git-ignored: see
+    test_report.py), prints the short summary and the path of the full report."""
+    import re
+
+    import benchmarks.__main__ as cli
+    monkeypatch.setattr(cli, "OUT_ROOT", str(tmp_path / "out"))
+    rc = cli.main(["ce", "--preset", "tiny", "--tokens", "32", "--vocab", "300", "--dtype", "fp32",
+                   "--methods", "celoss-{native},eager", "--no-plots", "--threads", "2"])
+    assert rc == 0
+    runs = os.listdir(tmp_path / "out")
+    assert len(runs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d-\d{6}-cpu-tiny", runs[0]), runs
+    folder = tmp_path / "out" / runs[0]
+    assert _row(_rows(folder), method="eager", N=32, V=300)["status"] == "ok"
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith(f"full report: {folder / 'results.md'}")
+    assert len(printed.strip().splitlines()) <= 15
