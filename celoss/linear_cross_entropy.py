@@ -724,10 +724,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     accepts ``input (..., D)`` with ``target (...)`` (e.g. ``(B, T, D)`` / ``(B, T)``). A class
     ``weight`` that requires grad is refused (as PyTorch: the loss is not differentiable in it).
 
+    Probability targets: a floating ``target`` of shape ``input.shape[:-1] + (V,)`` holds class
+    probabilities, as in ``F.linear_cross_entropy`` / ``F.cross_entropy``: per row
+    ``-sum_j w_j t'_j log p_j`` (``t'`` smoothed), "mean" divides by the number of rows,
+    ``ignore_index`` must stay -100, the loss dtype is ``input``'s promoted with the target's. The
+    targets are read chunk by chunk (in the input's dtype; ``target.reshape(-1, V)`` must be a
+    view to avoid one copy); no N x V logits exist. Gradients of the targets or of the class
+    weight are not implemented (NotImplementedError: pass ``.detach()``); the fused engine takes
+    class indices only.
+
     Extras (as in :func:`celoss.cross_entropy`): ``logit_scale``, then ``softcap``
     (``softcap * tanh(x / softcap)``), then softmax; ``z_loss`` adds ``z_loss * lse**2`` per counted
-    row (weighted by the target's class weight); ``return_lse`` returns
-    ``CrossEntropyOutput(loss, lse, None)`` with the per-row (differentiable) lse of every row.
+    row (weighted by the target's class weight; by 1 with probability targets); ``return_lse`` /
+    ``return_z_loss`` return ``CrossEntropyOutput(loss, lse, z_loss)`` with the per-row
+    (differentiable) lse of every row and the z-loss part of the loss (reduced like the loss, for
+    logging); unset fields are None.
 
     ``shift=True``: next-token prediction on ``input (..., T, D)`` / ``target (..., T)``: position t
     is scored against label t + 1 and the last position is dropped (an unreduced loss has shape
