@@ -69,7 +69,7 @@ def parse_args(argv):
     p.add_argument("--dtype", help="comma list: fp32, bf16, fp16 (default: the preset's)")
     p.add_argument("--tokens", help="comma list of N (replaces the preset's shapes)")
     p.add_argument("--vocab", help="comma list of V (replaces the preset's shapes)")
-    p.add_argument("--hidden", help="comma list of D for linear CE (replaces the preset's shapes)")
+    p.add_argument("--hidden", help="comma list of D for linear CE and log-probs (replaces the preset's shapes)")
     p.add_argument("--methods", help="comma list of method names or globs, e.g. 'celoss-*,eager' "
                    "({native} = the device's celoss backend); see --list")
     p.add_argument("--phases", default="fwd,train", help="fwd and/or train (= fwd+bwd step)")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     label = device_label(device, info)
     info["device"] = device
     expected = ((args.expect_copy_gbps, "--expect-copy-gbps") if args.expect_copy_gbps
-                else report.expected_copy(info, [OUT_ROOT, RESULTS_ROOT]))
+                else report.expected_copy(info, [OUT_ROOT, RESULTS_ROOT], ceil.get("copy_bytes")))
     busy = report.busy_warning(ceil, expected, load if device == "cpu" else None)
     if busy:
         print(f"benchmarks: warning: {busy}", file=sys.stderr, flush=True)

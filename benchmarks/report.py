@@ -351,9 +351,10 @@ def same_machine(info: dict, other: dict) -> bool:
     return info.get("device") == other.get("device") and all(info.get(k) == other.get(k) for k in keys)
 
 
-def expected_copy(info: dict, folders: list[str]) -> tuple[float, str] | None:
+def expected_copy(info: dict, folders: list[str], copy_bytes: int | None = None) -> tuple[float, str] | None:
     """The best copy bandwidth an earlier run on this machine (same CPU model and threads, or the same
-    GPU) measured: ``(GB/s, its run.json)`` from the run folders under `folders`, or None."""
+    GPU) measured with a copy of the same size (a small one may run in cache): ``(GB/s, its
+    run.json)`` from the run folders under `folders`, or None."""
     best = None
     for folder in folders:
         for path in glob.glob(os.path.join(folder, "*", "run.json")):
@@ -362,6 +363,8 @@ def expected_copy(info: dict, folders: list[str]) -> tuple[float, str] | None:
                     run = json.load(f)
                 bw = float(run["ceilings"]["copy_GBps"])
             except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if copy_bytes and run["ceilings"].get("copy_bytes") not in (None, copy_bytes):
                 continue
             if same_machine(info, run.get("info", {})) and (best is None or bw > best[0]):
                 best = (bw, path)
@@ -386,9 +389,9 @@ def busy_warning(ceilings: dict, expected: tuple[float, str] | None,
         why.append(f"the load average was {load[0]:.1f} on {load[1]} logical CPUs before the run started")
     if not why:
         return None
-    return (f"the machine looks busy: {'; '.join(why)}. Times, GB/s and % of the floor drift while other "
-            f"work shares the memory bus and the cores, and so do the ratios between methods (each is "
-            f"measured at a different moment); compare runs made on a quiet machine.")
+    return (f"the machine looks busy: {'; '.join(why)}. Times and GB/s drift while other work shares it, "
+            f"and so do the ratios between methods (each is measured at a different moment): compare "
+            f"with runs on a quiet machine.")
 
 
 # ---- CSV ---------------------------------------------------------------------------------------------
@@ -482,15 +485,17 @@ def overview_figure(rows: list[dict], op_name: str, device: str):
     shapes = sorted({tuple((k, r.get(k)) for k in OPS[op_name].dims) for r in sel},
                     key=lambda s: (OPS[op_name].size(dict(s)), dict(s)["N"]))
     labels = [OPS[op_name].label(dict(s)) for s in shapes]
-    fig, axes = plt.subplots(len(dtypes), 3, figsize=(17, 4.4 * len(dtypes)), squeeze=False)
+    fig, axes = plt.subplots(len(dtypes), 3, figsize=(19, 4.6 * len(dtypes)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1, 1]})
     for i, dt in enumerate(dtypes):
         here = [r for r in sel if r["dtype"] == dt]
         methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in here)]
         at = {(tuple((k, r.get(k)) for k in OPS[op_name].dims), r["method"]): r for r in here}
         ax = axes[i][0]
-        # the reference backend is a correctness oracle: its speed-up only where nothing else ran
-        ours = [m for m in methods if m.startswith("celoss-") and m != "celoss-torch"] or \
-            [m for m in methods if m.startswith("celoss-")]
+        # the reference backend (a correctness oracle) and the no-cache diagnostic only where nothing
+        # else of celoss ran: more bars per shape would not be readable
+        ours = [m for m in methods if m.startswith("celoss-") and m != "celoss-torch" and
+                not m.endswith("-nocache")] or [m for m in methods if m.startswith("celoss-")]
         bars = [(m, peer) for m in ours for peer in ("eager", "compile")
                 if any(at.get((s, m), {}).get(f"x_{peer}") for s in shapes)]
         width = 0.8 / max(len(bars), 1)
@@ -503,8 +508,10 @@ def overview_figure(rows: list[dict], op_name: str, device: str):
                            color=colors[k % len(colors)], alpha=1.0 if peer == "eager" else 0.5,
                            hatch="" if peer == "eager" else "//", edgecolor="black", linewidth=0.5,
                            label=f"{m} vs {'eager' if peer == 'eager' else 'torch.compile'}")
-            ax.bar_label(rects, labels=[f"{_fmt(v, 2)}x" for _, v in drawn], fontsize=7)
+            ax.bar_label(rects, labels=[f"{_fmt(v, 2)}x" for _, v in drawn], fontsize=7, padding=2,
+                         rotation=90 if len(shapes) * len(bars) > 12 else 0)
         ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
+        ax.margins(y=0.15)  # room for the labels above the tallest bars
         ax.set_ylabel("x faster (fwd+bwd; above 1: celoss is faster)")
         ax.set_title(f"{op_name} {dt}: celoss's speed-up on {device}", fontsize=10)
         for j, (metric, ylabel) in enumerate((("train_ms", "fwd+bwd time (ms)"), ("mem_train_MB", None)), 1):
@@ -524,6 +531,7 @@ def overview_figure(rows: list[dict], op_name: str, device: str):
                 _memory_axis(ax)
                 ax.set_title(f"{op_name} {dt}: peak extra memory", fontsize=10)
         for ax in axes[i]:
+            ax.set_xlim(-0.5, len(shapes) - 0.5)
             ax.set_xticks(range(len(shapes)), labels, rotation=15, fontsize=8)
             ax.set_xlabel("shape " + " x ".join(OPS[op_name].dims))
             ax.grid(True, which="both", axis="y", alpha=0.3)

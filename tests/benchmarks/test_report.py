@@ -99,11 +99,11 @@ def test_issue15_new_runs_go_to_an_ignored_folder():
     assert ignored.returncode == 0 and committed.returncode == 1
 
 
-def _run_json(folder, name, cpu, threads, copy):
+def _run_json(folder, name, cpu, threads, copy, copy_bytes=1 << 30):
     os.makedirs(folder / name)
     (folder / name / "run.json").write_text(json.dumps(
         {"device": "cpu", "info": {"device": "cpu", "cpu": cpu, "threads": threads},
-         "ceilings": {"copy_GBps": copy}}))
+         "ceilings": {"copy_GBps": copy, "copy_bytes": copy_bytes}}))
 
 
 def test_issue15_expected_copy_bandwidth_comes_from_earlier_runs_on_this_machine(tmp_path):
@@ -112,10 +112,12 @@ def test_issue15_expected_copy_bandwidth_comes_from_earlier_runs_on_this_machine
     _run_json(tmp_path / "out", "busier", here["cpu"], 2, 29.9)
     _run_json(tmp_path / "out", "other-threads", here["cpu"], 1, 90.0)
     _run_json(tmp_path / "out", "other-cpu", "Intel Xeon, 2 logical CPUs", 2, 90.0)
+    _run_json(tmp_path / "out", "tiny-copy-in-cache", here["cpu"], 2, 90.0, copy_bytes=64 << 20)
     (tmp_path / "out" / "broken").mkdir()
     (tmp_path / "out" / "broken" / "run.json").write_text("{not json")
-    bw, path = report.expected_copy(here, [str(tmp_path / "out"), str(tmp_path / "results")])
+    bw, path = report.expected_copy(here, [str(tmp_path / "out"), str(tmp_path / "results")], 1 << 30)
     assert bw == 41.9 and path == str(tmp_path / "results" / "quiet" / "run.json")
+    assert report.expected_copy(here, [str(tmp_path / "out")], 64 << 20)[0] == 90.0
     assert report.expected_copy(dict(here, cpu="unknown"), [str(tmp_path / "out")]) is None
 
 
