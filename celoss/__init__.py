@@ -20,18 +20,19 @@ from .cross_entropy import CrossEntropyOutput, cross_entropy
 from .distillation import distillation_loss
 from .focal import focal_loss, sigmoid_focal_loss
 from .linear_cross_entropy import linear_cross_entropy
+from .linear_distillation import linear_distillation_loss
 from .logprobs import TokenLogprobsOutput, linear_token_logprobs, token_logprobs
 from .modules import (BCEWithLogitsLoss, CrossEntropyLoss, DistillationLoss, FocalLoss, LinearCrossEntropyLoss,
-                      SigmoidFocalLoss)
+                      LinearDistillationLoss, SigmoidFocalLoss)
 
 __all__ = [
     "available_backends", "cpu_cache_bytes", "empty_cpu_cache", "set_cpu_cache_limit",
     "distributed",
     "cross_entropy", "CrossEntropyOutput", "linear_cross_entropy",
     "binary_cross_entropy_with_logits", "focal_loss", "sigmoid_focal_loss", "distillation_loss",
-    "token_logprobs", "linear_token_logprobs", "TokenLogprobsOutput",
+    "token_logprobs", "linear_token_logprobs", "TokenLogprobsOutput", "linear_distillation_loss",
     "CrossEntropyLoss", "LinearCrossEntropyLoss", "BCEWithLogitsLoss", "FocalLoss", "SigmoidFocalLoss",
-    "DistillationLoss",
+    "DistillationLoss", "LinearDistillationLoss",
 ]
 
 
