@@ -20,16 +20,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import celoss
+import oracle
 from celoss import distributed as cd
 
 # ------------------------------------------------------------------------------------------------
 # oracle and helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def _transform(x, logit_scale, softcap):
-    z = x * logit_scale
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 def oracle_rows(z2, t, weight, ignore_index, label_smoothing, z_loss):
@@ -38,9 +34,7 @@ def oracle_rows(z2, t, weight, ignore_index, label_smoothing, z_loss):
     rows = F.cross_entropy(z2, t, weight=w, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     lse = torch.logsumexp(z2, dim=1)
-    counted = t != ignore_index
-    safe = torch.where(counted, t, torch.zeros_like(t))
-    w_y = torch.where(counted, (w[safe] if w is not None else torch.ones_like(lse)), torch.zeros_like(lse))
+    w_y = oracle.target_weight(t, w, ignore_index, lse)
     rows = rows + z_loss * w_y * lse * lse
     return rows, lse, w_y
 
@@ -111,7 +105,7 @@ def check_logits(rank, world, backend, *, seed, vocab_size, shape=(7,), layout="
 
     # float64 oracle on the full vocabulary
     x = full.detach().double().clone().requires_grad_()
-    z2 = _transform(x, logit_scale, softcap).reshape(-1, vocab_size)
+    z2 = oracle.transform(x, logit_scale, softcap).reshape(-1, vocab_size)
     t = target.reshape(-1)
     rows, lse_o, w_y = oracle_rows(z2, t, w_full, ignore_index, label_smoothing, z_loss)
     loss_o = reduce(rows, w_y.sum(), reduction)
@@ -287,7 +281,7 @@ def check_linear(rank, world, backend, *, seed, vocab_size, n=9, d=12, layout="b
     h_o = hidden.detach().double().clone().requires_grad_(hidden_grad)
     w_o = w_lin.detach().double().clone().requires_grad_()
     b_o = b_lin.detach().double().clone().requires_grad_() if bias else None
-    z2 = _transform(F.linear(h_o, w_o, b_o), logit_scale, softcap)
+    z2 = oracle.transform(F.linear(h_o, w_o, b_o), logit_scale, softcap)
     rows, lse_o, w_y = oracle_rows(z2, target, w_full, ignore_index, label_smoothing, z_loss)
     loss_o = reduce(rows, w_y.sum(), reduction)
     obj = (loss_o * up).sum()

@@ -24,7 +24,7 @@ def _reduce(rows, reduction, denom):
     return {"none": lambda: rows, "sum": rows.sum, "mean": lambda: rows.sum() / denom}[reduction]()
 
 
-def _target_weight(target, weight, ignore_index, like):
+def target_weight(target, weight, ignore_index, like):
     """Per-position weight of the target class, 0 where ignored (the weighted-mean terms)."""
     counted = target != ignore_index
     safe = torch.where(counted, target, torch.zeros_like(target)).long()
@@ -46,10 +46,39 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if target.dtype.is_floating_point:
         rows, denom = z_loss * lse * lse, lse.numel()
     else:
-        w_y = _target_weight(target, weight, ignore_index, lse)
+        w_y = target_weight(target, weight, ignore_index, lse)
         rows = torch.where(target != ignore_index, z_loss * w_y * lse * lse, torch.zeros_like(lse))
         denom = w_y.sum()
     return loss + _reduce(rows, reduction, denom).to(loss.dtype)
+
+
+def ce_rows(x, target, soft, weight, coef, *, ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+            focal_gamma):
+    """The CE row kernels' contract (tests/kernels, tests/cpu): per-row loss, lse and ``coef * dloss/dx``
+    (``coef``: one value or one per row) of the (N, C) logits ``x``, index ``target`` or probability
+    ``soft`` targets, in float64. The focal loss (``focal_gamma``) is ``-w_y (1 - p_y)**gamma log p_y``
+    with the gradient's exact limit 0 where ``1 - p_y`` is 0 (a single class, gamma < 1; ``_decay``)."""
+    x64 = x.detach().double().requires_grad_()
+    z = transform(x64, logit_scale, softcap)
+    lse = torch.logsumexp(z, 1)
+    w = None if weight is None else weight.double()
+    if soft is not None:
+        loss = F.cross_entropy(z, soft.double(), weight=w, label_smoothing=label_smoothing,
+                               reduction="none") + z_loss * lse * lse
+    else:
+        counted = target != ignore_index
+        w_y = target_weight(target, w, ignore_index, lse)
+        if focal_gamma is None:
+            loss = F.cross_entropy(z, target, weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   reduction="none")
+            loss = loss + torch.where(counted, z_loss * w_y * lse * lse, torch.zeros_like(lse))
+        else:
+            safe = torch.where(counted, target, torch.zeros_like(target))
+            lp = torch.log_softmax(z, 1).gather(1, safe[:, None])[:, 0]
+            loss = torch.where(counted, -w_y * _decay(-torch.expm1(lp), focal_gamma) * lp, torch.zeros_like(lp))
+    c = coef.double().expand(len(loss)) if coef.numel() == 1 else coef.double()
+    (grad,) = torch.autograd.grad((loss * c).sum(), x64)
+    return loss.detach(), lse.detach(), grad
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
@@ -65,7 +94,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
-    return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+    """``F.binary_cross_entropy_with_logits`` in ``promote_types(input, target)``: celoss's documented
+    result dtype (its docstring), where PyTorch returns the target's dtype (a float64 input with a
+    float32 target gives float32)."""
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    return F.binary_cross_entropy_with_logits(input.to(dtype), target.to(dtype), weight, reduction=reduction,
+                                              pos_weight=pos_weight)
 
 
 def _decay(u, gamma):
@@ -94,16 +128,30 @@ def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reductio
     return _reduce(rows, reduction, counted.sum())
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision's formula, ``ce * (1 - p_t)**gamma`` times the alpha factor, with ``1 - p_t`` formed
-    as ``p (1 - t) + sigmoid(-x) t`` (the docstring's stable form, so the oracle is the function itself
-    rather than its float64 rounding at |x| > 37)."""
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    u = torch.sigmoid(inputs) * (1 - targets) + torch.sigmoid(-inputs) * targets
-    loss = _decay(u, gamma) * ce
+def _sigmoid_focal(inputs, targets, decay, alpha, reduction):
+    """torchvision's ``ce * decay`` times the alpha factor, reduced."""
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none") * decay
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return {"none": lambda: loss, "mean": loss.mean, "sum": loss.sum}[reduction]()
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """torchvision's formula, ``ce * (1 - p_t)**gamma`` times the alpha factor, with ``1 - p_t`` formed
+    as ``p (1 - t) + sigmoid(-x) t`` (the docstring's stable form, so the oracle is the function itself
+    rather than its float64 rounding at |x| > 37), and the exact limit 0 of the gradient where
+    ``1 - p_t`` is 0 (celoss's documented decision, where torchvision's autograd gives NaN)."""
+    u = torch.sigmoid(inputs) * (1 - targets) + torch.sigmoid(-inputs) * targets
+    return _sigmoid_focal(inputs, targets, _decay(u, gamma), alpha, reduction)
+
+
+def torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """``torchvision.ops.sigmoid_focal_loss`` verbatim (``1 - p_t`` as written), for the tests of its
+    NaN/inf pattern: where its ``1 - p_t`` cancels to 0 (|x| > 37 in float64) autograd of
+    ``(1 - p_t)**gamma`` is NaN for gamma < 1, unlike ``sigmoid_focal_loss`` above."""
+    p = torch.sigmoid(inputs)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    return _sigmoid_focal(inputs, targets, (1 - p_t) ** gamma, alpha, reduction)
 
 
 def _kl(log_p, log_q):
@@ -138,13 +186,24 @@ def distillation_loss(student_logits, teacher_logits, target=None, *, temperatur
     counted = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
     if target is not None:
         counted = target != ignore_index
-        ce = F.cross_entropy(s.reshape(-1, v), target.reshape(-1), ignore_index=ignore_index,
+        ce = F.cross_entropy(s.reshape(target.numel(), v), target.reshape(-1), ignore_index=ignore_index,
                              reduction="none").reshape(rows.shape)
         rows = torch.where(counted, alpha * rows + (1 - alpha) * ce, torch.zeros_like(rows))
     n = counted.sum()
     rows = rows.to(student_logits.dtype)
     return {"none": lambda: rows, "sum": rows.sum, "batchmean": lambda: rows.sum() / n,
             "mean": lambda: rows.sum() / (n * v)}[reduction]()
+
+
+def token_logprobs(logits, tokens, temperature=1.0, ignore_index=-100):
+    """(log p_y, entropy) by log_softmax in the input's dtype, ignored rows masked out before the
+    softmax (0 outputs, 0 gradient); 0 log 0 = 0 in the entropy."""
+    ignored = tokens == ignore_index
+    z = logits.masked_fill(ignored.unsqueeze(-1), 0) / temperature
+    lp = torch.log_softmax(z, -1)
+    ent = -(lp.exp() * lp.masked_fill(torch.isneginf(lp), 0)).sum(-1)
+    tok = lp.gather(-1, torch.where(ignored, 0, tokens).unsqueeze(-1)).squeeze(-1)
+    return torch.where(ignored, 0, tok), torch.where(ignored, 0, ent)
 
 
 def _kind(t):

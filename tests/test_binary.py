@@ -6,21 +6,14 @@ import torch.nn.functional as F
 
 from celoss.binary import binary_cross_entropy_with_logits as bce
 from celoss.focal import sigmoid_focal_loss
-from conftest import against_oracle, backend_device, backend_params, lowp_error_bound, lowp_margin
+import oracle
+from conftest import (against_oracle, assert_close_to_oracle, backend_device, backend_params, lowp_against_oracle,
+                      lowp_margin, make_data)
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
 # Triton's interpreter evaluates masked lanes that the kernels then discard
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-def _data(shape, device, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
-    y = torch.rand(shape, generator=g)
-    if y.dim():
-        y[..., ::3] = (y[..., ::3] > 0.5).float()  # hard and soft labels
-    return x, y.to(device=device, dtype=dtype)
 
 
 def _weights(kind, shape, device):
@@ -48,30 +41,26 @@ def _dbl(t):
 def test_matches_pytorch(backend, reduction, weights):
     dev = backend_device(backend)
     shape = (2, 9, 37)
-    x, y = _data(shape, dev)
+    x, y = make_data(shape, dev, targets="labels")
     w, pw = (None if t is None else t.to(dev) for t in _weights(weights, shape, dev))
     a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, w, reduction=reduction, pos_weight=pw, backend=backend),
                                   lambda u, v: F.binary_cross_entropy_with_logits(u, v, _dbl(w), reduction=reduction,
                                                                          pos_weight=_dbl(pw)), x, y)
     assert a.shape == b.shape and a.dtype == torch.float32
-    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
-    for u, v in zip(ga, gb):
-        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6)
+    assert_close_to_oracle(a, b, ga, gb, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("shape", [(), (5,), (3, 1), (4, 2500), (1, 3, 1100)], ids=str)
 def test_shapes_and_rows_longer_than_a_chunk(backend, shape):
     dev = backend_device(backend)
-    x, y = _data(shape, dev, seed=2)
+    x, y = make_data(shape, dev, seed=2, targets="labels")
     pw = torch.rand(shape[-1:]).to(dev) + 0.5  # (C,), or () for a 0-d input
     for kw in (dict(), dict(pos_weight=pw, weight=pw.flip(0))):
         a, b, ga, gb = against_oracle(lambda u, v: bce(u, v, backend=backend, **kw),
                                       lambda u, v: F.binary_cross_entropy_with_logits(
                                  u, v, **{k: t.double() for k, t in kw.items()}), x, y)
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
-        for u, v in zip(ga, gb):
-            torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-8)
+        assert_close_to_oracle(a, b, ga, gb, atol=1e-6, grad_atol=1e-8)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -85,36 +74,27 @@ def test_stable_for_huge_logits(backend):
                                       lambda u, v: F.binary_cross_entropy_with_logits(u, v, reduction="none",
                                                                              pos_weight=pw.double()), x, y)
         assert torch.isfinite(a).all() and all(torch.isfinite(g).all() for g in ga)
-        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
-        for u, v in zip(ga, gb):
-            torch.testing.assert_close(u.double(), v, rtol=1e-6, atol=1e-7)
+        assert_close_to_oracle(a, b, ga, gb, rtol=1e-6, atol=1e-6, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_no_worse_than_pytorch(backend, dtype):
     dev = backend_device(backend)
-    x, y = _data((6, 129), dev, dtype=dtype, seed=3)
+    x, y = make_data((6, 129), dev, dtype=dtype, seed=3, targets="labels")
     w = (torch.rand(129) + 0.5).to(dev, dtype)
     for reduction in ("none", "mean"):
-        a, b, ga, gb = against_oracle(
+        a = lowp_against_oracle(
             lambda u, v: bce(u, v, w, reduction=reduction, backend=backend),
-            lambda u, v: F.binary_cross_entropy_with_logits(u, v, w.double(), reduction=reduction), x, y)
+            lambda u, v: F.binary_cross_entropy_with_logits(u, v, w.to(u.dtype), reduction=reduction), x, y,
+            margin=lowp_margin(backend, dtype))[0]
         assert a.dtype == dtype
-        xp, yp = x.clone().requires_grad_(), y.clone().requires_grad_()
-        lp = F.binary_cross_entropy_with_logits(xp, yp, w, reduction=reduction)
-        up = (torch.rand(lp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5)
-        gp = torch.autograd.grad(lp, (xp, yp), up.to(lp.device, lp.dtype))
-        m = lowp_margin(backend, dtype)
-        lowp_error_bound(a, lp, b, margin=m)
-        for u, p, v in zip(ga, gp, gb):
-            lowp_error_bound(u, p, v, margin=m)
 
 
 @pytest.mark.parametrize("backend", ALL)
 def test_mixed_dtypes_promote_like_pytorch(backend):
     dev = backend_device(backend)
-    x, y = _data((4, 33), dev, seed=4)
+    x, y = make_data((4, 33), dev, seed=4, targets="labels")
     out = bce(x.bfloat16(), y, backend=backend)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), F.binary_cross_entropy_with_logits(x.bfloat16().double(), y.double()),
@@ -123,7 +103,7 @@ def test_mixed_dtypes_promote_like_pytorch(backend):
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_float64_gradcheck(backend):
-    x, y = _data((3, 5), "cpu", dtype=torch.float64, seed=5)
+    x, y = make_data((3, 5), dtype=torch.float64, seed=5, targets="labels")
     x.requires_grad_()
     y.requires_grad_()
     w, pw = torch.rand(3, 1, dtype=torch.float64) + 0.2, torch.rand(5, dtype=torch.float64) * 3
@@ -138,7 +118,7 @@ def test_empty_and_loss_times_constant(backend):
     assert torch.isnan(bce(e, e, backend=backend))  # mean of nothing, as PyTorch
     assert bce(e, e, reduction="sum", backend=backend) == 0
     assert bce(e, e, reduction="none", backend=backend).shape == (0, 4)
-    x, y = _data((3, 8), dev, seed=6)
+    x, y = make_data((3, 8), dev, seed=6, targets="labels")
     xa = x.clone().requires_grad_()
     (2.5 * bce(xa, y, backend=backend)).backward()
     xb = x.double().requires_grad_()
@@ -156,7 +136,7 @@ def test_empty_and_loss_times_constant(backend):
     (dict(backend="nope"), ValueError, "unknown backend"),
 ])
 def test_bad_arguments(kwargs, error, match):
-    x, y = _data((3, 4), "cpu")
+    x, y = make_data((3, 4), targets="labels")
     kw = dict(kwargs)
     if "target_shape" in kw:
         y = torch.rand(kw.pop("target_shape"))
@@ -168,7 +148,7 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_module_mirrors_torch_and_top_level_export():
     import celoss
-    x, y = _data((5, 6), "cpu", seed=8)
+    x, y = make_data((5, 6), seed=8, targets="labels")
     w, pw = torch.rand(6) + 0.5, torch.rand(6) * 2
     ours = celoss.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")
     ref = torch.nn.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")
@@ -178,13 +158,11 @@ def test_module_mirrors_torch_and_top_level_export():
 
 
 def test_torch_compile_fullgraph_cpu():
-    x, y = _data((6, 50), "cpu", seed=9)
+    x, y = make_data((6, 50), seed=9, targets="labels")
     pw = torch.rand(50) + 0.5
     a, b, ga, gb = against_oracle(torch.compile(lambda u, v: bce(u, v, pos_weight=pw), fullgraph=True),
                                   lambda u, v: F.binary_cross_entropy_with_logits(u, v, pos_weight=pw.double()), x, y)
-    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
-    for u, v in zip(ga, gb):
-        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6)
+    assert_close_to_oracle(a, b, ga, gb, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,20 +194,7 @@ def test_issue11_bce_nonfinite_logits_propagate_like_pytorch(backend, weights, r
                                   lambda u, v: F.binary_cross_entropy_with_logits(u, v, _dbl(w), reduction=reduction,
                                                                          pos_weight=_dbl(pw)), x, y)
     assert ga[0].isnan().any() and gb[0].isnan().any()  # a NaN logit reaches the gradient
-    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
-    for u, v in zip(ga, gb):
-        torch.testing.assert_close(u.double(), v, rtol=1e-5, atol=1e-6, equal_nan=True)
-
-
-def _torchvision_sigmoid_focal(x, t, alpha, gamma):
-    """torchvision.ops.sigmoid_focal_loss, verbatim (float64)."""
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
-    return loss
+    assert_close_to_oracle(a, b, ga, gb, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -241,10 +206,9 @@ def test_issue11_sigmoid_focal_nonfinite_like_torchvision(backend, alpha, gamma)
     x, y = _nonfinite_data(backend_device(backend))
     a, b, ga, gb = against_oracle(
         lambda u: sigmoid_focal_loss(u, y, alpha=alpha, gamma=gamma, backend=backend),
-        lambda u: _torchvision_sigmoid_focal(u, y.double(), alpha, gamma), x)
+        lambda u: oracle.torchvision_sigmoid_focal_loss(u, y.double(), alpha, gamma), x)
     assert ga[:, 0].isnan().all()
-    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert_close_to_oracle(a, b, ga, gb, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -258,7 +222,7 @@ def test_issue11_sigmoid_focal_underflow_gradient_is_the_limit(backend):
     xa = x.clone().requires_grad_()
     sigmoid_focal_loss(xa, y, gamma=0.5, reduction="sum", backend=backend).backward()
     xb = x.double().requires_grad_()
-    _torchvision_sigmoid_focal(xb, y.double(), 0.25, 0.5).sum().backward()
+    oracle.torchvision_sigmoid_focal_loss(xb, y.double(), 0.25, 0.5).sum().backward()
     assert xb.grad[:2].isnan().all()  # the composition's artefact
     assert (xa.grad == 0).all()
 
@@ -281,7 +245,7 @@ def test_issue11_bce_empty_inputs(backend, shape, reduction):
 @pytest.mark.parametrize("focal", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_issue11_double_backward_raises(backend, focal, reduction):
-    x, y = _data((3, 7), backend_device(backend), seed=10)
+    x, y = make_data((3, 7), backend_device(backend), seed=10, targets="labels")
     xa = x.clone().requires_grad_()
     loss = (sigmoid_focal_loss(xa, y, reduction=reduction, backend=backend) if focal
             else bce(xa, y, reduction=reduction, backend=backend)).sum()

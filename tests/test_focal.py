@@ -5,55 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from celoss.focal import focal_loss, sigmoid_focal_loss
-from conftest import against_oracle, backend_device, backend_params, lowp_error_bound, lowp_margin
+import oracle
+from conftest import (against_oracle, assert_close_to_oracle, backend_device, backend_params, lowp_against_oracle,
+                      lowp_margin, make_data)
 
 ALL = backend_params()
 CPU_KERNELS = backend_params("cython", "torch")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-def softmax_focal_oracle(x, t, gamma, alpha=None, ignore_index=-100, reduction="mean"):
-    """-alpha_y (1 - p_y)^gamma log p_y, class dim 1, mean over counted positions (float64)."""
-    x = x.double()
-    c = x.shape[1] if x.dim() > 1 else x.shape[0]
-    lp_all = F.log_softmax(x, dim=1 if x.dim() > 1 else 0)
-    counted = t != ignore_index
-    safe = torch.where(counted, t, torch.zeros_like(t))
-    lp = lp_all.gather(1 if x.dim() > 1 else 0, safe.unsqueeze(1 if x.dim() > 1 else 0)).squeeze(
-        1 if x.dim() > 1 else 0)
-    if alpha is None:
-        a = torch.ones_like(lp)
-    elif torch.is_tensor(alpha) and alpha.dim() == 1:
-        a = alpha.double().to(x.device)[safe]
-    else:
-        a = torch.full_like(lp, float(alpha))
-    loss = torch.where(counted, -a * (-torch.expm1(lp)).pow(gamma) * lp, torch.zeros_like(lp))
-    assert c > 0
-    return {"none": lambda: loss, "sum": loss.sum, "mean": lambda: loss.sum() / counted.sum()}[reduction]()
-
-
-def sigmoid_focal_oracle(x, t, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss, verbatim formula, in float64."""
-    x, t = x.double(), t.double()
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
-    return {"none": lambda: loss, "mean": loss.mean, "sum": loss.sum}[reduction]()
-
-
-def _cls_data(shape, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
-    tshape = (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
-    c = shape[1] if len(shape) > 1 else shape[0]
-    t = torch.randint(0, c, tshape, generator=g)
-    if t.dim():
-        t.view(-1)[torch.rand(t.numel(), generator=g) < 0.25] = -100
-        t.view(-1)[0] = -100
-    return x, t.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,15 +23,14 @@ def _cls_data(shape, device, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("alpha", ["none", "scalar", "tensor"])
 def test_softmax_focal_matches_formula(backend, gamma, alpha):
     dev = backend_device(backend)
-    x, t = _cls_data((23, 41), dev)
+    x, t = make_data((23, 41), dev)
     a = {"none": None, "scalar": 0.25,
          "tensor": (torch.rand(41, generator=torch.Generator().manual_seed(3)) + 0.1).to(dev)}[alpha]
     for reduction in ("mean", "sum", "none"):
         ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, gamma, a, reduction=reduction, backend=backend),
-                                           lambda v: softmax_focal_oracle(v, t, gamma, a, reduction=reduction), x)
+                                           lambda v: oracle.focal_loss(v, t, gamma, a, reduction=reduction), x)
         assert ours.shape == ref.shape and ours.dtype == torch.float32
-        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+        assert_close_to_oracle(ours, ref, ga, gb, atol=1e-6, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -81,14 +38,13 @@ def test_softmax_focal_matches_formula(backend, gamma, alpha):
 @pytest.mark.parametrize("shape", [(13,), (6, 9), (3, 7, 2, 5)], ids=str)
 def test_gamma_zero_is_cross_entropy(backend, reduction, shape):
     dev = backend_device(backend)
-    x, t = _cls_data(shape, dev, seed=1)
+    x, t = make_data(shape, dev, seed=1)
     if len(shape) == 1:
         reduction = "none" if reduction == "none" else reduction
     ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, gamma=0.0, reduction=reduction, backend=backend),
                                        lambda v: F.cross_entropy(v, t, reduction=reduction), x)
     assert ours.shape == ref.shape
-    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+    assert_close_to_oracle(ours, ref, ga, gb, atol=1e-6, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -103,33 +59,30 @@ def test_softmax_focal_confident_rows(backend, gamma):
         x[i, t[i]] = m
     x, t = x.to(dev), t.to(dev)
     ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, gamma, reduction="none", backend=backend),
-                                       lambda v: softmax_focal_oracle(v, t, gamma, reduction="none"), x)
+                                       lambda v: oracle.focal_loss(v, t, gamma, reduction="none"), x)
     assert torch.isfinite(ga).all()
-    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)
+    assert_close_to_oracle(ours, ref, ga, gb, rtol=1e-4, atol=1e-7, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_softmax_focal_low_precision(backend, dtype):
     dev = backend_device(backend)
-    x, t = _cls_data((16, 300), dev, dtype=dtype, seed=2)
-    ours, ref, ga, gb = against_oracle(lambda v: focal_loss(v, t, 2.0, 0.5, reduction="none", backend=backend),
-                                       lambda v: softmax_focal_oracle(v, t, 2.0, 0.5, reduction="none"), x)
+    x, t = make_data((16, 300), dev, dtype=dtype, seed=2)
+
+    def plain_formula(v):  # PyTorch's own low-precision formula
+        lp = F.log_softmax(v, 1).gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
+        return torch.where(t != -100, -0.5 * (1 - lp.exp()) ** 2 * lp, torch.zeros_like(lp))
+
+    ours = lowp_against_oracle(lambda v: focal_loss(v, t, 2.0, 0.5, reduction="none", backend=backend),
+                               lambda v: oracle.focal_loss(v, t, 2.0, 0.5, reduction="none"), x,
+                               lowp=plain_formula, margin=lowp_margin(backend, dtype))[0]
     assert ours.dtype == dtype
-    xp = x.clone().requires_grad_()  # PyTorch's own low-precision formula
-    lp = F.log_softmax(xp, 1).gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
-    tp = torch.where(t != -100, -0.5 * (1 - lp.exp()) ** 2 * lp, torch.zeros_like(lp))
-    up = (torch.rand(tp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5)
-    gp, = torch.autograd.grad(tp, xp, up.to(dev, dtype))
-    m = lowp_margin(backend, dtype)
-    lowp_error_bound(ours, tp, ref, margin=m)
-    lowp_error_bound(ga, gp, gb, margin=m)
 
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_softmax_focal_gradcheck(backend):
-    x, t = _cls_data((5, 7), "cpu", dtype=torch.float64, seed=4)
+    x, t = make_data((5, 7), dtype=torch.float64, seed=4)
     x.requires_grad_()
     alpha = torch.rand(7, dtype=torch.float64) + 0.1
     for kw in (dict(gamma=2.0), dict(gamma=0.5, alpha=alpha, reduction="none"), dict(gamma=1.5, alpha=0.3,
@@ -138,7 +91,7 @@ def test_softmax_focal_gradcheck(backend):
 
 
 def test_softmax_focal_bad_arguments():
-    x, t = _cls_data((4, 5), "cpu")
+    x, t = make_data((4, 5))
     with pytest.raises(ValueError, match="gamma"):
         focal_loss(x, t, gamma=-1.0)
     with pytest.raises(TypeError, match="class-index"):
@@ -153,37 +106,28 @@ def test_softmax_focal_bad_arguments():
 # sigmoid focal loss
 # ---------------------------------------------------------------------------------------------
 
-def _bin_data(shape, device, dtype=torch.float32, seed=0, soft=False):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
-    y = torch.rand(shape, generator=g)
-    y = y if soft else (y > 0.7).float()
-    return x, y.to(device=device, dtype=dtype)
-
-
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("alpha", [0.25, -1.0])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
-@pytest.mark.parametrize("soft", [False, True])
-def test_sigmoid_focal_matches_torchvision_formula(backend, alpha, gamma, soft):
+@pytest.mark.parametrize("labels", ["hard", "labels"])
+def test_sigmoid_focal_matches_torchvision_formula(backend, alpha, gamma, labels):
     dev = backend_device(backend)
-    x, y = _bin_data((3, 5, 29), dev, soft=soft)
+    x, y = make_data((3, 5, 29), dev, targets=labels)
     for reduction in ("none", "mean", "sum"):
-        ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, alpha, gamma, reduction, backend=backend),
-                                           lambda v: sigmoid_focal_oracle(v, y, alpha, gamma, reduction), x)
+        ours, ref, ga, gb = against_oracle(
+            lambda v: sigmoid_focal_loss(v, y, alpha, gamma, reduction, backend=backend),
+            lambda v: oracle.torchvision_sigmoid_focal_loss(v, y.double(), alpha, gamma, reduction), x)
         assert ours.shape == ref.shape
-        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-6)
+        assert_close_to_oracle(ours, ref, ga, gb, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL)
 def test_sigmoid_focal_gamma_zero_no_alpha_is_bce(backend):
     dev = backend_device(backend)
-    x, y = _bin_data((4, 1500), dev, soft=True, seed=1)
+    x, y = make_data((4, 1500), dev, seed=1, targets="labels")
     ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, -1.0, 0.0, "mean", backend=backend),
                                        lambda v: F.binary_cross_entropy_with_logits(v, y.double()), x)
-    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-9)
+    assert_close_to_oracle(ours, ref, ga, gb, atol=1e-7, grad_atol=1e-9)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -194,45 +138,36 @@ def test_sigmoid_focal_huge_logits(backend):
     for yv in (0.0, 1.0):
         y = torch.full_like(x, yv)
         for gamma in (0.5, 2.0):
-            ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, 0.25, gamma, backend=backend),
-                                               lambda v: sigmoid_focal_oracle(v, y, 0.25, gamma), x)
+            ours, ref, ga, gb = against_oracle(
+                lambda v: sigmoid_focal_loss(v, y, 0.25, gamma, backend=backend),
+                lambda v: oracle.torchvision_sigmoid_focal_loss(v, y.double(), 0.25, gamma), x)
             assert torch.isfinite(ours).all() and torch.isfinite(ga).all()
             # float64 autograd of q**gamma at q == 0 (|x| = 1e4) is 0 * inf = NaN; the true value is 0
             gb = torch.nan_to_num(gb, nan=0.0)
-            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(ga.double(), gb, rtol=1e-5, atol=1e-7)
+            assert_close_to_oracle(ours, ref, ga, gb, atol=1e-6, grad_atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sigmoid_focal_low_precision(backend, dtype):
     dev = backend_device(backend)
-    x, y = _bin_data((8, 65), dev, dtype=dtype, seed=2)
-    ours, ref, ga, gb = against_oracle(lambda v: sigmoid_focal_loss(v, y, backend=backend),
-                                       lambda v: sigmoid_focal_oracle(v, y), x)
+    x, y = make_data((8, 65), dev, dtype=dtype, seed=2, targets="hard")
+    ours = lowp_against_oracle(lambda v: sigmoid_focal_loss(v, y, backend=backend),
+                               lambda v: oracle.torchvision_sigmoid_focal_loss(v, y.to(v.dtype)), x,
+                               margin=lowp_margin(backend, dtype))[0]
     assert ours.dtype == dtype
-    xp = x.clone().requires_grad_()
-    p = torch.sigmoid(xp)
-    ce = F.binary_cross_entropy_with_logits(xp, y, reduction="none")
-    p_t = p * y + (1 - p) * (1 - y)
-    tp = (0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2
-    up = (torch.rand(tp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5)
-    gp, = torch.autograd.grad(tp, xp, up.to(dev, dtype))
-    m = lowp_margin(backend, dtype)
-    lowp_error_bound(ours, tp, ref, margin=m)
-    lowp_error_bound(ga, gp, gb, margin=m)
 
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_sigmoid_focal_gradcheck(backend):
-    x, y = _bin_data((3, 6), "cpu", dtype=torch.float64, soft=True, seed=3)
+    x, y = make_data((3, 6), dtype=torch.float64, seed=3, targets="labels")
     x.requires_grad_()
     for kw in (dict(), dict(alpha=-1, gamma=0.5, reduction="mean"), dict(gamma=0.0, reduction="sum")):
         assert torch.autograd.gradcheck(lambda v: sigmoid_focal_loss(v, y, backend=backend, **kw), (x,))
 
 
 def test_sigmoid_focal_bad_arguments():
-    x, y = _bin_data((3, 4), "cpu")
+    x, y = make_data((3, 4), targets="hard")
     with pytest.raises(ValueError, match="gamma"):
         sigmoid_focal_loss(x, y, gamma=-0.5)
     with pytest.raises(ValueError, match="same as input size"):
@@ -245,13 +180,14 @@ def test_sigmoid_focal_bad_arguments():
 
 def test_modules_and_top_level_exports():
     import celoss
-    x, t = _cls_data((6, 9), "cpu", seed=5)
+    x, t = make_data((6, 9), seed=5)
     alpha = torch.rand(9) + 0.1
     mod = celoss.FocalLoss(gamma=1.5, alpha=alpha, reduction="sum")
     assert "alpha" in dict(mod.named_buffers())
-    torch.testing.assert_close(mod(x, t).double(), softmax_focal_oracle(x, t, 1.5, alpha, reduction="sum"),
+    torch.testing.assert_close(mod(x, t).double(), oracle.focal_loss(x.double(), t, 1.5, alpha, reduction="sum"),
                                rtol=1e-5, atol=1e-6)
-    xb, yb = _bin_data((4, 7), "cpu", seed=6)
+    xb, yb = make_data((4, 7), seed=6, targets="hard")
     torch.testing.assert_close(celoss.SigmoidFocalLoss(alpha=0.5, gamma=1.0, reduction="mean")(xb, yb).double(),
-                               sigmoid_focal_oracle(xb, yb, 0.5, 1.0, "mean"), rtol=1e-5, atol=1e-7)
+                               oracle.torchvision_sigmoid_focal_loss(xb.double(), yb.double(), 0.5, 1.0, "mean"),
+                               rtol=1e-5, atol=1e-7)
     assert celoss.focal_loss is focal_loss and celoss.sigmoid_focal_loss is sigmoid_focal_loss

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import oracle
 from conftest import backend_device, backend_params, lowp_error_bound, lowp_margin
 
 import celoss.logprobs as L
@@ -15,17 +16,6 @@ from celoss.logprobs import TokenLogprobsOutput, linear_token_logprobs, token_lo
 
 ALL = backend_params()
 LOWP = (torch.bfloat16, torch.float16)
-
-
-def oracle(logits, tokens, temperature=1.0, ignore_index=-100):
-    """(log p_y, entropy) by log_softmax in the input's dtype, ignored rows masked out before the
-    softmax (0 outputs, 0 gradient); 0 log 0 = 0 in the entropy."""
-    ignored = tokens == ignore_index
-    z = logits.masked_fill(ignored.unsqueeze(-1), 0) / temperature
-    lp = torch.log_softmax(z, -1)
-    ent = -(lp.exp() * lp.masked_fill(torch.isneginf(lp), 0)).sum(-1)
-    tok = lp.gather(-1, torch.where(ignored, 0, tokens).unsqueeze(-1)).squeeze(-1)
-    return torch.where(ignored, 0, tok), torch.where(ignored, 0, ent)
 
 
 def _upstream(shape, seed):
@@ -74,7 +64,7 @@ def test_token_logprobs_and_entropy_match_oracle(backend, temperature, dtype):
     x[1, 2, 5] = -math.inf  # a masked vocabulary entry: 0 log 0 = 0 in the entropy
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
         lambda t: token_logprobs(t, y, temperature=temperature, return_entropy=True, backend=backend),
-        lambda t: oracle(t, y, temperature), [x], (3, 7))
+        lambda t: oracle.token_logprobs(t, y, temperature), [x], (3, 7))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert la.dtype == ha.dtype == acc and ga.dtype == dtype and la.shape == (3, 7)
     _close(la, lb, dtype)
@@ -89,13 +79,13 @@ def test_token_logprobs_low_precision_no_worse_than_pytorch(backend, dtype):
     x, y = _case((4, 5), 260, dtype, backend_device(backend), seed=1)
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
         lambda t: token_logprobs(t, y, temperature=0.8, return_entropy=True, backend=backend),
-        lambda t: oracle(t, y, 0.8), [x], (4, 5))
+        lambda t: oracle.token_logprobs(t, y, 0.8), [x], (4, 5))
     assert la.dtype == ha.dtype == torch.float32 and ga.dtype == dtype
     # the values are float32 computations on the exact 16-bit inputs
     _close(la, lb, torch.float32)
     _close(ha, hb, torch.float32)
     xp = x.detach().clone().requires_grad_()
-    lp, hp = oracle(xp, y, 0.8)  # PyTorch in the 16-bit dtype
+    lp, hp = oracle.token_logprobs(xp, y, 0.8)  # PyTorch in the 16-bit dtype
     up_l, up_h = _upstream((4, 5), 0)
     (gp,) = torch.autograd.grad((lp * up_l.to(lp)).sum() + (hp * up_h.to(hp)).sum(), xp)
     lowp_error_bound(ga, gp, gb, margin=lowp_margin(backend, dtype))
@@ -106,20 +96,20 @@ def test_token_logprobs_without_entropy_is_a_tensor_and_entropy_only_gradient(ba
     x, y = _case((6,), 130, torch.float32, backend_device(backend), seed=2)
     out = token_logprobs(x, y, backend=backend)
     assert isinstance(out, torch.Tensor) and not isinstance(out, tuple)
-    _close(out, oracle(x.double(), y)[0], torch.float32)
+    _close(out, oracle.token_logprobs(x.double(), y)[0], torch.float32)
     both = token_logprobs(x, y, return_entropy=True, backend=backend)
     assert isinstance(both, TokenLogprobsOutput) and torch.equal(both.logprobs, out)
     # the entropy alone (log-probs unused) drives the gradient
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
         lambda t: (torch.zeros(6), token_logprobs(t, y, return_entropy=True, backend=backend).entropy),
-        lambda t: (torch.zeros(6, dtype=torch.float64), oracle(t, y)[1]), [x], (6,))
+        lambda t: (torch.zeros(6, dtype=torch.float64), oracle.token_logprobs(t, y)[1]), [x], (6,))
     _close(ga, gb, torch.float32)
     # the log-probs alone
     xa = x.clone().requires_grad_()
     xb = x.double().requires_grad_()
     w = torch.randn(6)
     token_logprobs(xa, y, temperature=1.5, backend=backend).mul(w).sum().backward()
-    oracle(xb, y, 1.5)[0].mul(w.double()).sum().backward()
+    oracle.token_logprobs(xb, y, 1.5)[0].mul(w.double()).sum().backward()
     _close(xa.grad, xb.grad, torch.float32)
 
 
@@ -133,7 +123,7 @@ def test_token_logprobs_vocabulary_spanning_blocks_and_chunks(backend):
     y[2] = 4200
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
         lambda t: token_logprobs(t, y, temperature=0.9, return_entropy=True, backend=backend),
-        lambda t: oracle(t, y, 0.9), [x], (3,))
+        lambda t: oracle.token_logprobs(t, y, 0.9), [x], (3,))
     _close(la, lb, torch.float32)
     _close(ha, hb, torch.float32)
     _close(ga, gb, torch.float32)
@@ -152,7 +142,7 @@ def test_token_logprobs_nan_and_inf_rows_propagate_like_the_oracle(backend, dtyp
     x = x.to(dtype).to(backend_device(backend))
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
         lambda t: token_logprobs(t, y, return_entropy=True, backend=backend),
-        lambda t: oracle(t, y), [x], (6,))
+        lambda t: oracle.token_logprobs(t, y), [x], (6,))
     for ours, ref in ((la, lb), (ha, hb), (ga, gb)):
         assert torch.equal(ours.isnan(), ref.isnan()), (ours, ref)
         assert torch.equal(ours.isinf(), ref.isinf()), (ours, ref)
@@ -170,7 +160,7 @@ def test_token_logprobs_custom_ignore_index_and_all_ignored(backend):
     y[0, 1] = 19
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
         lambda t: token_logprobs(t, y, ignore_index=7, return_entropy=True, backend=backend),
-        lambda t: oracle(t, y, ignore_index=7), [x], (2, 3))
+        lambda t: oracle.token_logprobs(t, y, ignore_index=7), [x], (2, 3))
     _close(la, lb, torch.float32)
     _close(ga, gb, torch.float32)
     assert (ga[y == 7] == 0).all() and (ga[0, 1] != 0).all()
@@ -194,7 +184,7 @@ def test_token_logprobs_empty_one_dimensional_and_strided(backend):
     xs = big[:, ::2]  # class stride 2
     y = torch.randint(0, 20, (5,), device=dev)
     (la, ha, (ga,)), (lb, hb, (gb,)) = run_both(
-        lambda t: token_logprobs(t, y, return_entropy=True, backend=backend), lambda t: oracle(t, y), [xs], (5,))
+        lambda t: token_logprobs(t, y, return_entropy=True, backend=backend), lambda t: oracle.token_logprobs(t, y), [xs], (5,))
     _close(la, lb, torch.float32)
     _close(ga, gb, torch.float32)
     # int32 / uint8 token ids are accepted (as int64)
@@ -261,7 +251,7 @@ def test_token_logprobs_missing_cpu_extension_falls_back_with_one_warning(monkey
         x, y = _case((3,), 9, torch.float32, "cpu", seed=8)
         with pytest.warns(RuntimeWarning, match="_logprobs is unavailable"):
             out = token_logprobs(x, y, backend="cython")
-        _close(out, oracle(x.double(), y)[0], torch.float32)
+        _close(out, oracle.token_logprobs(x.double(), y)[0], torch.float32)
     finally:
         L._cpu_module.cache_clear()
 
@@ -299,7 +289,7 @@ def _linear_case(b, t, d, v, dtype, device, seed=0):
 def _linear_oracle(shift, temperature, y):
     def ref(x, w, b=None):
         z = F.linear(x, w, b)
-        return oracle(z[..., :-1, :], y[..., 1:], temperature) if shift else oracle(z, y, temperature)
+        return oracle.token_logprobs(z[..., :-1, :], y[..., 1:], temperature) if shift else oracle.token_logprobs(z, y, temperature)
     return ref
 
 
@@ -357,7 +347,7 @@ def test_linear_token_logprobs_equals_token_logprobs_of_the_logits(backend):
     xa = x.clone().requires_grad_()
     linear_token_logprobs(xa, w, y, backend=backend).sum().backward()
     xb = x.double().requires_grad_()
-    oracle(F.linear(xb, w.double()), y)[0].sum().backward()
+    oracle.token_logprobs(F.linear(xb, w.double()), y)[0].sum().backward()
     _close(xa.grad, xb.grad, torch.float32)
 
 

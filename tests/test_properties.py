@@ -209,10 +209,30 @@ def sizes(edges, lo, hi):
     return st.one_of(st.sampled_from([e for e in edges if lo <= e <= hi]), st.integers(lo, hi))
 
 
-specials = st.lists(st.tuples(st.integers(0, 1 << 20), st.sampled_from(SPECIAL)), max_size=3)
-common = dict(seed=st.integers(0, 1 << 16), dtype=st.sampled_from(DTYPES), specials=specials,
-              layout=st.sampled_from(LAYOUTS), reduction=st.sampled_from(REDUCTIONS))
-ALL = backend_params()
+@dataclasses.dataclass
+class Case:
+    """What every drawn example has (the loss-specific cases add their fields)."""
+    seed: int
+    dtype: torch.dtype
+    specials: list      # [(position, value)] injected into one input
+    layout: str         # of the (main) input: LAYOUTS
+    reduction: str
+
+
+IGNORED = st.sampled_from(("none", "some", "all"))  # rows set to ignore_index
+CLASS_WEIGHTS = st.sampled_from(("none", "positive", "zeros", "negative", "all_zero"))  # class_weight modes
+
+
+def target_dtypes(base: dict):
+    """Probability / binary targets: the input's dtype, or promoted (float32, float64)."""
+    return st.sampled_from((base["dtype"], torch.float32, torch.float64))
+
+
+def common(d, dtypes=DTYPES, reductions=REDUCTIONS) -> dict:
+    """Draw the fields of ``Case``."""
+    return dict(seed=d(st.integers(0, 1 << 16)), dtype=d(st.sampled_from(dtypes)),
+                specials=d(st.lists(st.tuples(st.integers(0, 1 << 20), st.sampled_from(SPECIAL)), max_size=3)),
+                layout=d(st.sampled_from(LAYOUTS)), reduction=d(st.sampled_from(reductions)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,24 +240,28 @@ ALL = backend_params()
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class SoftmaxCase:
-    seed: int
-    dtype: torch.dtype
-    specials: list
-    layout: str
-    reduction: str
+class CrossEntropyCase(Case):
+    """The options of cross_entropy and linear_cross_entropy."""
+    ignore: str             # "none" / "some" / "all" rows
+    ignore_index: int
+    weight: str             # CLASS_WEIGHTS
+    label_smoothing: float
+    logit_scale: float
+    softcap: Optional[float]
+    z_loss: float
+
+    def options(self, ignore_index: int) -> dict:
+        return dict(ignore_index=ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing,
+                    logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss)
+
+
+@dataclasses.dataclass
+class SoftmaxCase(CrossEntropyCase):
     shape: tuple            # input shape: (C,), (N, C) or (N, C, d1)
     scale: float            # logits ~ N(0, scale); 1e4, 1e10: large finite logits (cancellation, overflow)
     target: str             # "int64", "uint8", "int32" class indices, or "prob" (float) targets
     target_dtype: Optional[torch.dtype]
     target_grad: bool
-    ignore: str             # "none" / "some" / "all" rows
-    ignore_index: int
-    weight: str
-    label_smoothing: float
-    logit_scale: float
-    softcap: Optional[float]
-    z_loss: float
 
 
 def softmax_cases(backend, *, focal=False):
@@ -257,16 +281,14 @@ def softmax_cases(backend, *, focal=False):
             shape = (n, c, d(st.integers(1, 3)))
         # int32 targets only check that celoss refuses them as PyTorch does: drawn less often
         target = "int64" if focal else d(st.sampled_from(("int64", "prob", "int64", "prob", "uint8", "int32")))
-        dtype = d(common["dtype"])
+        base = common(d)
         return SoftmaxCase(
-            seed=d(common["seed"]), dtype=dtype, specials=d(common["specials"]), layout=d(common["layout"]),
-            reduction=d(common["reduction"]), shape=shape, scale=d(st.sampled_from((3.0, 0.01, 50.0, 1e4, 1e10))),
-            target=target,
-            target_dtype=d(st.sampled_from((dtype, torch.float32, torch.float64))) if target == "prob" else None,
+            **base, shape=shape, scale=d(st.sampled_from((3.0, 0.01, 50.0, 1e4, 1e10))), target=target,
+            target_dtype=d(target_dtypes(base)) if target == "prob" else None,
             target_grad=target == "prob" and d(st.booleans()),
-            ignore=d(st.sampled_from(("none", "some", "all"))),
+            ignore=d(IGNORED),
             ignore_index=d(st.sampled_from((-100, 0, c - 1))),
-            weight=d(st.sampled_from(("none", "positive", "zeros", "negative", "all_zero"))),
+            weight=d(CLASS_WEIGHTS),
             label_smoothing=0.0 if focal else d(st.sampled_from((0.0, 0.1, 0.5, 1.0))),
             logit_scale=1.0 if focal else d(st.sampled_from((1.0, 0.7, 1.1, 3.0))),
             softcap=None if focal else d(st.sampled_from((None, 0.5, 5.0, 30.0))),
@@ -311,14 +333,8 @@ def softmax_args(case: SoftmaxCase):
 
 def check_cross_entropy(backend, case: SoftmaxCase):
     x, target, w, ignore_index = softmax_args(case)
-    kwargs = dict(ignore_index=ignore_index, reduction=case.reduction, label_smoothing=case.label_smoothing,
-                  logit_scale=case.logit_scale, softcap=case.softcap, z_loss=case.z_loss)
-    differential("cross_entropy", backend, dict(input=x, target=target, weight=w), kwargs, case.seed)
-
-
-@pytest.mark.parametrize("backend", ALL)
-def test_cross_entropy_matches_pytorch(backend):
-    run(backend, softmax_cases, check_cross_entropy)
+    differential("cross_entropy", backend, dict(input=x, target=target, weight=w), case.options(ignore_index),
+                 case.seed)
 
 
 @dataclasses.dataclass
@@ -344,36 +360,19 @@ def check_focal(backend, case: FocalCase):
     differential("focal_loss", backend, args, kwargs, case.base.seed)
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_focal_loss_matches_pytorch(backend):
-    run(backend, focal_cases, check_focal)
-
-
 # ------------------------------------------------------------------------------------------------
 # linear_cross_entropy
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class LinearCase:
-    seed: int
-    dtype: torch.dtype
-    specials: list
-    layout: str         # of the hidden states
+class LinearCase(CrossEntropyCase):  # layout: of the hidden states
     w_layout: str       # of the classifier: "contiguous" or "transposed"
     special_in: str     # "input" or "linear_weight"
-    reduction: str
     lead: tuple         # (N,) or (B, T)
     d: int
     v: int
     bias: bool
     shift: bool
-    ignore: str
-    ignore_index: int
-    weight: str
-    label_smoothing: float
-    logit_scale: float
-    softcap: Optional[float]
-    z_loss: float
     chunk_bytes: Optional[int]
 
 
@@ -387,15 +386,13 @@ def linear_cases(backend):
         v = d(sizes(EDGE_V, 1, v_hi))
         dtypes = (torch.float32, torch.float16, torch.float64) if small(backend) else DTYPES
         return LinearCase(
-            seed=d(common["seed"]),
             # bf16 tl.dot is wrong in Triton's interpreter (Triton issue 11584): bf16 runs on a GPU only
-            dtype=d(st.sampled_from(dtypes)), specials=d(common["specials"]), layout=d(common["layout"]),
-            w_layout=d(st.sampled_from(("contiguous", "transposed"))),
-            special_in=d(st.sampled_from(("input", "linear_weight"))), reduction=d(common["reduction"]),
-            lead=lead, d=d(sizes(EDGE_D, 1, d_hi)), v=v, bias=d(st.booleans()),
+            **common(d, dtypes), w_layout=d(st.sampled_from(("contiguous", "transposed"))),
+            special_in=d(st.sampled_from(("input", "linear_weight"))), lead=lead, d=d(sizes(EDGE_D, 1, d_hi)), v=v,
+            bias=d(st.booleans()),
             shift=len(lead) == 2 and m >= 2 and d(st.booleans()),
-            ignore=d(st.sampled_from(("none", "some", "all"))), ignore_index=d(st.sampled_from((-100, 0, v - 1))),
-            weight=d(st.sampled_from(("none", "positive", "zeros", "negative", "all_zero"))),
+            ignore=d(IGNORED), ignore_index=d(st.sampled_from((-100, 0, v - 1))),
+            weight=d(CLASS_WEIGHTS),
             label_smoothing=d(st.sampled_from((0.0, 0.1, 1.0))), logit_scale=d(st.sampled_from((1.0, 0.7, 3.0))),
             softcap=d(st.sampled_from((None, 0.5, 30.0))), z_loss=d(st.sampled_from((0.0, 1e-2))),
             chunk_bytes=d(st.sampled_from((None, 1, 4096))))
@@ -412,16 +409,10 @@ def check_linear(backend, case: LinearCase):
     b = tensor_arg(gen, (case.v,), case.dtype, "contiguous", scale=0.5) if case.bias else None
     t, ignore_index = class_targets(gen, case.lead, case.v, case.ignore, case.ignore_index, torch.int64)
     cw = class_weight(gen, case.v, case.weight, case.dtype)
-    kwargs = dict(reduction=case.reduction, ignore_index=ignore_index, label_smoothing=case.label_smoothing,
-                  logit_scale=case.logit_scale, softcap=case.softcap, z_loss=case.z_loss, shift=case.shift)
+    kwargs = dict(case.options(ignore_index), shift=case.shift)
     args = dict(input=x, linear_weight=w, target=Arg(t), linear_bias=b, weight=None if cw is None else Arg(cw))
     differential("linear_cross_entropy", backend, args, kwargs, case.seed,
                  extra=None if case.chunk_bytes is None else dict(chunk_bytes=case.chunk_bytes))
-
-
-@pytest.mark.parametrize("backend", ALL)
-def test_linear_cross_entropy_matches_pytorch(backend):
-    run(backend, linear_cases, check_linear)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,12 +420,7 @@ def test_linear_cross_entropy_matches_pytorch(backend):
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class BinaryCase:
-    seed: int
-    dtype: torch.dtype
-    specials: list
-    layout: str
-    reduction: str
+class BinaryCase(Case):
     shape: tuple
     target_dtype: torch.dtype
     target_grad: bool
@@ -451,11 +437,10 @@ def binary_cases(backend):
         c = d(sizes(EDGE_C, 1, 2049 if small(backend) else 5000))
         shape = {"0d": (), "1d": (c,), "2d": (d(st.integers(1, max(1, 4000 // c))), c),
                  "3d": (d(st.integers(1, 3)), d(st.integers(1, max(1, 2000 // c))), c)}[kind]
-        dtype = d(common["dtype"])
+        base = common(d)
         return BinaryCase(
-            seed=d(common["seed"]), dtype=dtype, specials=d(common["specials"]), layout=d(common["layout"]),
-            reduction=d(common["reduction"]), shape=shape,
-            target_dtype=d(st.sampled_from((dtype, torch.float32, torch.float64))), target_grad=d(st.booleans()),
+            **base, shape=shape, target_dtype=d(target_dtypes(base)),
+            target_grad=d(st.booleans()),
             special_in=d(st.sampled_from(("input", "target"))),
             weight=d(st.sampled_from(("none", "class", "row", "full"))),
             pos_weight=d(st.sampled_from(("none", "class", "full"))),
@@ -492,11 +477,6 @@ def check_binary(backend, case: BinaryCase):
                  dict(reduction=case.reduction), case.seed)
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_binary_cross_entropy_with_logits_matches_pytorch(backend):
-    run(backend, binary_cases, check_binary)
-
-
 @dataclasses.dataclass
 class SigmoidFocalCase:
     base: BinaryCase
@@ -516,24 +496,14 @@ def check_sigmoid_focal(backend, case: SigmoidFocalCase):
                  dict(alpha=case.alpha, gamma=case.gamma, reduction=case.base.reduction), case.base.seed)
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_sigmoid_focal_loss_matches_pytorch(backend):
-    run(backend, sigmoid_focal_cases, check_sigmoid_focal)
-
-
 # ------------------------------------------------------------------------------------------------
 # distillation_loss (softmax over the last dim)
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class DistillCase:
-    seed: int
-    dtype: torch.dtype
+class DistillCase(Case):
     teacher_dtype: torch.dtype
-    specials: list
     special_in: str     # "student" or "teacher"
-    layout: str
-    reduction: str
     shape: tuple        # (V,), (N, V) or (B, T, V)
     kind: str
     temperature: float
@@ -555,16 +525,15 @@ def distill_cases(backend):
         shape = d(st.sampled_from((
             st.tuples(st.integers(1, n_hi), st.just(v)), st.tuples(st.just(v)),
             st.tuples(st.integers(1, 2), st.integers(1, max(1, n_hi // 2)), st.just(v)))).flatmap(lambda s: s))
-        dtype = d(common["dtype"])
+        base = common(d, reductions=("batchmean", "sum", "mean", "none"))
         target = d(st.booleans())
         return DistillCase(
-            seed=d(common["seed"]), dtype=dtype, teacher_dtype=d(st.sampled_from((dtype, torch.float32))),
-            specials=d(common["specials"]), special_in=d(st.sampled_from(("student", "teacher"))),
-            layout=d(common["layout"]), reduction=d(st.sampled_from(("batchmean", "sum", "mean", "none"))),
-            shape=shape, kind=d(st.sampled_from(("kl", "reverse_kl", "ce", "jsd"))),
+            **base, teacher_dtype=d(st.sampled_from((base["dtype"], torch.float32))),
+            special_in=d(st.sampled_from(("student", "teacher"))), shape=shape,
+            kind=d(st.sampled_from(("kl", "reverse_kl", "ce", "jsd"))),
             temperature=d(st.sampled_from((1.0, 0.5, 2.0, 4.0))), beta=d(st.sampled_from((0.5, 0.0, 0.1, 1.0))),
             target=target, alpha=d(st.sampled_from((1.0, 0.5, 0.0))) if target else 1.0,
-            ignore=d(st.sampled_from(("none", "some", "all"))), ignore_index=d(st.sampled_from((-100, 0))),
+            ignore=d(IGNORED), ignore_index=d(st.sampled_from((-100, 0))),
             teacher_grad=d(st.booleans()))
     return draw()
 
@@ -587,6 +556,18 @@ def check_distill(backend, case: DistillCase):
                  case.seed)
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_distillation_loss_matches_pytorch(backend):
-    run(backend, distill_cases, check_distill)
+# ------------------------------------------------------------------------------------------------
+# the properties: each public loss on each backend
+# ------------------------------------------------------------------------------------------------
+
+LOSSES = {"cross_entropy": (softmax_cases, check_cross_entropy), "focal_loss": (focal_cases, check_focal),
+          "linear_cross_entropy": (linear_cases, check_linear),
+          "binary_cross_entropy_with_logits": (binary_cases, check_binary),
+          "sigmoid_focal_loss": (sigmoid_focal_cases, check_sigmoid_focal),
+          "distillation_loss": (distill_cases, check_distill)}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_matches_pytorch(loss, backend):
+    run(backend, *LOSSES[loss])
