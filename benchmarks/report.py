@@ -499,11 +499,13 @@ def overview_figure(rows: list[dict], op_name: str, device: str):
         bars = [(m, peer) for m in ours for peer in ("eager", "compile")
                 if any(at.get((s, m), {}).get(f"x_{peer}") for s in shapes)]
         width = 0.8 / max(len(bars), 1)
+        tallest = 1.0
         for b, (m, peer) in enumerate(bars):
             k = METHOD_ORDER.index(m)
             xs = [j + (b - (len(bars) - 1) / 2) * width for j in range(len(shapes))]
             vals = [at.get((s, m), {}).get(f"x_{peer}") for s in shapes]
             drawn = [(x, v) for x, v in zip(xs, vals) if v]
+            tallest = max([tallest] + [v for _, v in drawn])
             rects = ax.bar([x for x, _ in drawn], [v for _, v in drawn], width=width,
                            color=colors[k % len(colors)], alpha=1.0 if peer == "eager" else 0.5,
                            hatch="" if peer == "eager" else "//", edgecolor="black", linewidth=0.5,
@@ -511,7 +513,7 @@ def overview_figure(rows: list[dict], op_name: str, device: str):
             ax.bar_label(rects, labels=[f"{_fmt(v, 2)}x" for _, v in drawn], fontsize=7, padding=2,
                          rotation=90 if len(shapes) * len(bars) > 12 else 0)
         ax.axhline(1.0, color="grey", linewidth=1, linestyle=":")
-        ax.margins(y=0.15)  # room for the labels above the tallest bars
+        ax.set_ylim(0, 1.5 * tallest)  # the top third for the legend, above the bars and their labels
         ax.set_ylabel("x faster (fwd+bwd; above 1: celoss is faster)")
         ax.set_title(f"{op_name} {dt}: celoss's speed-up on {device}", fontsize=10)
         for j, (metric, ylabel) in enumerate((("train_ms", "fwd+bwd time (ms)"), ("mem_train_MB", None)), 1):
@@ -530,13 +532,13 @@ def overview_figure(rows: list[dict], op_name: str, device: str):
             else:
                 _memory_axis(ax)
                 ax.set_title(f"{op_name} {dt}: peak extra memory", fontsize=10)
-        for ax in axes[i]:
+        for j, ax in enumerate(axes[i]):
             ax.set_xlim(-0.5, len(shapes) - 0.5)
             ax.set_xticks(range(len(shapes)), labels, rotation=15, fontsize=8)
             ax.set_xlabel("shape " + " x ".join(OPS[op_name].dims))
             ax.grid(True, which="both", axis="y", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, **({"loc": "upper left", "ncols": 2} if j == 0 else {}))
     fig.tight_layout()
     return fig
 
