@@ -1,10 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""OpenMP row loops over the C row kernels of fastmath.h (adapter: celoss/backends/cython.py).
+"""OpenMP row loops over the C row kernels of ce_rows.h (adapter: celoss/backends/cython.py).
 
 Arguments are raw addresses (``tensor.data_ptr()``), int64 sizes and row strides in elements,
-and a dtype code (0 fp32, 1 fp64, 2 fp16, 3 bf16). Accumulation-typed arrays (weight, loss,
-lse, stats, row coefficients, ``coef``) are float32, or float64 for fp64 logits (a float64
-gradient never carries a float32-rounded upstream scale).
+and a dtype code (0 fp32, 1 fp64, 2 fp16, 3 bf16: _dtypes.pxd). Accumulation-typed arrays
+(weight, loss, lse, stats, row coefficients, ``coef``) are float32, or float64 for fp64 logits (a
+float64 gradient never carries a float32-rounded upstream scale).
 Rows are independent: one static ``prange`` over them. Index targets of ``fused`` are checked
 before any row is touched (an in-place gradient never half-overwrites the logits); the row
 kernels also guard every read with a target (stats/grad: only targets inside the block are read).
@@ -14,7 +14,9 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 cimport openmp
 
-cdef extern from "fastmath.h" nogil:
+from _dtypes cimport acc_itemsize, check_dtype, itemsize
+
+cdef extern from "ce_rows.h" nogil:
     ctypedef struct ce_opts:
         int64_t C, class_start, ignore_index
         double scale, softcap, eps, z_loss, gamma, wsum
@@ -23,10 +25,6 @@ cdef extern from "fastmath.h" nogil:
     void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w, void *out)
     void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g, int64_t y, const void *w,
                      const void *lse, const void *abd)
-
-cdef int64_t ITEMSIZE[4]
-ITEMSIZE[:] = [4, 8, 2, 2]
-
 
 cdef inline int64_t first_bad(const int64_t *y, int64_t n, int64_t C,
                               int64_t ignore_index) noexcept nogil:
@@ -51,11 +49,6 @@ cdef ce_opts make_opts(int64_t C, int64_t class_start, int64_t ignore_index, dou
     return o
 
 
-cdef check_dtype(int dt):
-    if dt < 0 or dt > 3:
-        raise ValueError(f"unknown dtype code {dt}")
-
-
 def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t sg, size_t t,
           int64_t st, size_t y, size_t w, size_t coef, int64_t scoef, size_t loss, size_t lse, *,
           int64_t ignore_index, double label_smoothing, double logit_scale, softcap,
@@ -69,7 +62,7 @@ def fused(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t 
     cdef int64_t bad = -1 if t else first_bad(yp, N, C, ignore_index)
     if bad >= 0:
         raise IndexError(f"Target {yp[bad]} is out of bounds (row {bad}, {C} classes).")
-    cdef int64_t n, isz = ITEMSIZE[dt], asz = 8 if dt == 1 else 4
+    cdef int64_t n, isz = itemsize(dt), asz = acc_itemsize(dt)
     cdef char *xb = <char *>x
     cdef char *gb = <char *>g
     cdef char *tb = <char *>t
@@ -96,7 +89,7 @@ def stats(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t y, size_t w
     check_dtype(dt)
     cdef ce_opts o = make_opts(C, class_start, ignore_index, logit_scale, softcap, 0, 0, None, 0)
     cdef const int64_t *yp = <const int64_t *>y  # any value: read only inside the block
-    cdef int64_t n, isz = ITEMSIZE[dt], asz = 8 if dt == 1 else 4
+    cdef int64_t n, isz = itemsize(dt), asz = acc_itemsize(dt)
     cdef char *xb = <char *>x
     for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
         ce_stats_row(dt, &o, xb + n * sx * isz, yp[n], <const void *>w, <char *>out + 4 * n * asz)
@@ -109,7 +102,7 @@ def grad(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t s
     check_dtype(dt)
     cdef ce_opts o = make_opts(C, class_start, 0, logit_scale, softcap, 0, 0, None, 0)
     cdef const int64_t *yp = <const int64_t *>y
-    cdef int64_t n, isz = ITEMSIZE[dt], asz = 8 if dt == 1 else 4
+    cdef int64_t n, isz = itemsize(dt), asz = acc_itemsize(dt)
     cdef char *xb = <char *>x
     cdef char *gb = <char *>g
     for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):

@@ -3,23 +3,22 @@
 celoss/logprobs.py).
 
 Arguments are raw addresses (``tensor.data_ptr()``), int64 sizes and row strides in elements, and
-a dtype code (0 fp32, 1 fp64, 2 fp16, 3 bf16). ``out`` (N, 3) (log p, entropy, lse), ``lse``,
-``ent``, ``gl`` and ``gh`` are float32 (float64 for fp64 logits) and contiguous; tokens int64.
+a dtype code (0 fp32, 1 fp64, 2 fp16, 3 bf16: _dtypes.pxd). ``out`` (N, 3) (log p, entropy, lse),
+``lse``, ``ent``, ``gl`` and ``gh`` are float32 (float64 for fp64 logits) and contiguous; tokens
+int64.
 Tokens are checked by the caller (IndexError naming the value); the row kernels only guard their
 reads (an out-of-range token gives a NaN row).
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 
+from _dtypes cimport acc_itemsize, check_dtype, itemsize
+
 cdef extern from "logprobs.h" nogil:
     void lp_forward_row(int dt, const void *x, int64_t C, int64_t y, int counted, double scale,
                         void *out)
     void lp_backward_row(int dt, const void *x, void *g, int64_t C, int64_t y, int counted,
                          double scale, double lse, double H, double gl, double gh, int entropy)
-
-cdef int64_t ITEMSIZE[4]
-ITEMSIZE[:] = [4, 8, 2, 2]
-
 
 cdef inline double acc_at(size_t p, int64_t i, bint f64) noexcept nogil:
     return (<const double *>p)[i] if f64 else (<const float *>p)[i]
@@ -28,10 +27,9 @@ cdef inline double acc_at(size_t p, int64_t i, bint f64) noexcept nogil:
 def forward(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t y, int64_t ignore_index,
             double scale, size_t out, int num_threads):
     """Per row (log p_y, entropy, lse) into out (N, 3)."""
-    if dt < 0 or dt > 3:
-        raise ValueError(f"unknown dtype code {dt}")
+    check_dtype(dt)
     cdef const int64_t *yp = <const int64_t *>y
-    cdef int64_t n, isz = ITEMSIZE[dt], asz = 8 if dt == 1 else 4
+    cdef int64_t n, isz = itemsize(dt), asz = acc_itemsize(dt)
     cdef char *xb = <char *>x
     for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
         lp_forward_row(dt, xb + n * sx * isz, C, yp[n], yp[n] != ignore_index, scale,
@@ -43,10 +41,9 @@ def backward(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64
              int num_threads):
     """dx into g (may equal x) from the rows' lse and entropy and the upstream gradients of log p
     (``gl``) and of the entropy (``gh``); an address 0 means zeros (``ent``: no entropy term)."""
-    if dt < 0 or dt > 3:
-        raise ValueError(f"unknown dtype code {dt}")
+    check_dtype(dt)
     cdef const int64_t *yp = <const int64_t *>y
-    cdef int64_t n, isz = ITEMSIZE[dt]
+    cdef int64_t n, isz = itemsize(dt)
     cdef bint f64 = dt == 1, has_h = ent != 0 and gh != 0
     cdef char *xb = <char *>x
     cdef char *gb = <char *>g

@@ -1,4 +1,4 @@
-/* fastmath.h -- row kernels of celoss's OpenMP CPU backend (the row loops are in _kernels.pyx).
+/* ce_rows.h -- cross-entropy row kernels of celoss's OpenMP CPU backend (row loops: _kernels.pyx).
  *
  * Contract: celoss/backends/__init__.py. Math: celoss/stats.py; ce_index_loss()/ce_soft_loss()
  * below are its only copy in C (loss and gradient coefficients A, B, D of one row).
@@ -10,16 +10,16 @@
  * is the bulk of the arithmetic. The inner loops are branch-free so gcc vectorizes them (check
  * with -fopt-info-vec); the row functions are cloned for AVX-512, AVX2+FMA and baseline x86-64
  * and picked at load time (target_clones), so the build needs no -march. Every dtype shares one
- * template (bottom of this file), instantiated per (storage type, accumulation type):
- * fp32/fp16/bf16 accumulate in fp32, fp64 in fp64.
+ * template (bottom of this file), instantiated per storage dtype by per_dtype.h: fp32/fp16/bf16
+ * accumulate in fp32, fp64 in fp64.
  *
  * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss and
  * gradient, like torch's log_softmax (ce_exp() itself does not propagate NaN); an ignored row has
  * loss 0 but still a NaN gradient then, as in PyTorch. -inf logits just get probability 0.
  */
 #ifndef CE_ROW_TEMPLATE
-#ifndef CELOSS_FASTMATH_H
-#define CELOSS_FASTMATH_H
+#ifndef CELOSS_CE_ROWS_H
+#define CELOSS_CE_ROWS_H
 
 #include <math.h>
 #include <stdint.h>
@@ -215,42 +215,9 @@ static inline int64_t ce_chunk_len(int64_t C) {
         else { CE_LIN_VARIANTS(FN, 0, 0, lin, has_w, has_t, __VA_ARGS__) }                        \
     } while (0)
 
-#define CE_CAT_(a, b) a##_##b
-#define CE_CAT(a, b) CE_CAT_(a, b)
-#define CE_F(name) CE_CAT(name, CE_SFX)
 #define CE_ROW_TEMPLATE
-
-#define CE_SFX f32
-#define CE_NARROW 0
-#define CE_T float
-#define CE_ACC float
-#define CE_LOAD(v) (v)
-#define CE_STORE(v) (v)
-#include "fastmath.h"
-
-#define CE_SFX f64
-#define CE_NARROW 0
-#define CE_T double
-#define CE_ACC double
-#define CE_LOAD(v) (v)
-#define CE_STORE(v) (v)
-#include "fastmath.h"
-
-#define CE_SFX f16
-#define CE_NARROW 1
-#define CE_T uint16_t
-#define CE_ACC float
-#define CE_LOAD(v) ce_h2f(v)
-#define CE_STORE(v) ce_f2h(v)
-#include "fastmath.h"
-
-#define CE_SFX bf16
-#define CE_NARROW 1
-#define CE_T uint16_t
-#define CE_ACC float
-#define CE_LOAD(v) ce_bf2f(v)
-#define CE_STORE(v) ce_f2bf(v)
-#include "fastmath.h"
+#define CE_TEMPLATE "ce_rows.h"
+#include "per_dtype.h"
 #undef CE_ROW_TEMPLATE
 
 /* ---- dtype dispatch: pointers are row starts; acc-typed ones are float (double for fp64) ---- */
@@ -275,9 +242,9 @@ static inline void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g,
     CE_DISPATCH(dt, ce_grad_row, o, x, g, y, w, lse, abd)
 }
 
-#endif /* CELOSS_FASTMATH_H */
+#endif /* CELOSS_CE_ROWS_H */
 
-#else /* ---- row template: CE_SFX, CE_T (storage), CE_ACC (accumulation), CE_LOAD, CE_STORE ---- */
+#else /* ---- row template: one storage dtype (parameters: see per_dtype.h) ---- */
 
 /* The logit transform, copied out of ce_opts so the loops keep it in registers. */
 typedef struct { CE_ACC scale, k, cap; } CE_F(ce_tr);
@@ -543,12 +510,4 @@ static CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g
     if (here)
         g[local] = CE_STORE((A * ce_exp(zy - l) - B - D * (w ? w[local] : 1)) * dzy);
 }
-
-/* each instantiation defines its own parameters */
-#undef CE_SFX
-#undef CE_T
-#undef CE_ACC
-#undef CE_LOAD
-#undef CE_STORE
-#undef CE_NARROW
 #endif /* CE_ROW_TEMPLATE */

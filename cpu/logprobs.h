@@ -10,117 +10,72 @@
  * Rows with a NaN, a +inf z or only -inf logits get NaN log p, H, lse and gradient (as
  * torch.log_softmax); ignored rows (y == ignore_index) are not read: 0 outputs, 0 gradient.
  *
- * Reuses fastmath.h (exp, 16-bit conversions, max with NaN flag, the rounded z = scale x, per-ISA
- * clones, the chunk length) through its per-dtype instantiations: every name below ending in
- * _f32 / _f64 is defined there. Storage types: fp32, fp64, fp16, bf16; fp64 accumulates in fp64,
- * the others in fp32 (16-bit chunks are widened to fp32 first, as fastmath.h does).
+ * Reuses ce_rows.h (exp, 16-bit conversions, max with NaN flag, the rounded z = scale x, per-ISA
+ * clones, the chunk length) through its per-dtype instantiations: CE_A(name) is ce_rows.h's
+ * function for the accumulation type. Instantiated per storage dtype by per_dtype.h, as ce_rows.h
+ * (16-bit chunks are widened to fp32 first).
  */
 #ifndef LP_ROW_TEMPLATE
 #ifndef CELOSS_LOGPROBS_H
 #define CELOSS_LOGPROBS_H
 
-#include "fastmath.h"
+#include "ce_rows.h"
 
-#define LP_CAT_(a, b) a##_##b
-#define LP_CAT(a, b) LP_CAT_(a, b)
-#define LP_F(name) LP_CAT(name, LP_SFX)     /* this storage type's function */
-#define LP_A(name) LP_CAT(name, LP_ASFX)    /* fastmath.h's function for the accumulation type */
 #define LP_ROW_TEMPLATE
-
-#define LP_SFX f32
-#define LP_LOAD(v) (v)
-#define LP_ASFX f32
-#define LP_NARROW 0
-#define LP_T float
-#define LP_ACC float
-#define LP_STORE(v) (v)
-#include "logprobs.h"
-
-#define LP_SFX f64
-#define LP_LOAD(v) (v)
-#define LP_ASFX f64
-#define LP_NARROW 0
-#define LP_T double
-#define LP_ACC double
-#define LP_STORE(v) (v)
-#include "logprobs.h"
-
-#define LP_SFX f16
-#define LP_LOAD(v) ce_h2f(v)
-#define LP_ASFX f32
-#define LP_NARROW 1
-#define LP_T uint16_t
-#define LP_ACC float
-#define LP_STORE(v) ce_f2h(v)
-#include "logprobs.h"
-
-#define LP_SFX bf16
-#define LP_LOAD(v) ce_bf2f(v)
-#define LP_ASFX f32
-#define LP_NARROW 1
-#define LP_T uint16_t
-#define LP_ACC float
-#define LP_STORE(v) ce_f2bf(v)
-#include "logprobs.h"
+#define CE_TEMPLATE "logprobs.h"
+#include "per_dtype.h"
 #undef LP_ROW_TEMPLATE
 
-#define LP_DISPATCH(dt, FN, ...)                                                                  \
-    switch (dt) {                                                                                 \
-    case CE_F32: FN##_f32(__VA_ARGS__); break;                                                    \
-    case CE_F64: FN##_f64(__VA_ARGS__); break;                                                    \
-    case CE_F16: FN##_f16(__VA_ARGS__); break;                                                    \
-    default: FN##_bf16(__VA_ARGS__); break;                                                       \
-    }
 /* Pointers are row starts; out (3 values: log p, H, lse) is float (double for fp64). */
 static inline void lp_forward_row(int dt, const void *x, int64_t C, int64_t y, int counted,
                                   double scale, void *out) {
-    LP_DISPATCH(dt, lp_forward_row, x, C, y, counted, scale, out)
+    CE_DISPATCH(dt, lp_forward_row, x, C, y, counted, scale, out)
 }
 /* g may equal x (in place). lse, H, gl, gh: this row's values, in double. */
 static inline void lp_backward_row(int dt, const void *x, void *g, int64_t C, int64_t y,
                                    int counted, double scale, double lse, double H, double gl,
                                    double gh, int entropy) {
-    LP_DISPATCH(dt, lp_backward_row, x, g, C, y, counted, scale, lse, H, gl, gh, entropy)
+    CE_DISPATCH(dt, lp_backward_row, x, g, C, y, counted, scale, lse, H, gl, gh, entropy)
 }
 
 #endif /* CELOSS_LOGPROBS_H */
 
-#else /* ---- row template: LP_SFX (storage suffix), LP_ASFX (accumulation suffix), LP_T, LP_ACC ---- */
+#else /* ---- row template: one storage dtype (parameters: see per_dtype.h) ---- */
 
 /* Sums of one chunk relative to its max mk: s = sum e^d, u = sum e^d d (d = z - mk; 0 where
  * z = -inf). */
-CE_INLINE void LP_F(lp_sums)(const LP_ACC *xa, int64_t n, LP_A(ce_tr) tr, LP_ACC mk, LP_ACC *s_out,
-                             LP_ACC *u_out) {
-    LP_ACC s = 0, u = 0;
+CE_INLINE void CE_F(lp_sums)(const CE_ACC *xa, int64_t n, CE_A(ce_tr) tr, CE_ACC mk, CE_ACC *s_out,
+                             CE_ACC *u_out) {
+    CE_ACC s = 0, u = 0;
 #pragma omp simd reduction(+ : s, u)
     for (int64_t j = 0; j < n; j++) {
-        LP_ACC dz, d = LP_A(ce_z)(xa[j], tr, 0, &dz) - mk, e = ce_exp(d);
+        CE_ACC dz, d = CE_A(ce_z)(xa[j], tr, 0, &dz) - mk, e = ce_exp(d);
         s += e;
-        u += d > -(LP_ACC)INFINITY ? e * d : 0;
+        u += d > -(CE_ACC)INFINITY ? e * d : 0;
     }
     *s_out = s, *u_out = u;
 }
 
-static CE_CLONES void LP_F(lp_forward_row)(const LP_T *x, int64_t C, int64_t y, int counted,
-                                           double scale, LP_ACC *out) {
+static CE_CLONES void CE_F(lp_forward_row)(const CE_T *x, int64_t C, int64_t y, int counted,
+                                           double scale, CE_ACC *out) {
     if (!counted) {
         out[0] = out[1] = out[2] = 0;
         return;
     }
-    const LP_A(ce_tr) tr = {(LP_ACC)scale, 0, 0};
-    LP_ACC buf[LP_NARROW ? CE_CHUNK : 1], dz;
+    const CE_A(ce_tr) tr = {(CE_ACC)scale, 0, 0};
+    CE_ACC buf[CE_NARROW ? CE_CHUNK : 1], dz;
     double m = -INFINITY, s = 0, u = 0; /* u = sum e^(z - m) (z - m) */
     int bad = y < 0 || y >= C;          /* never read out of bounds (the caller raises) */
     for (int64_t j0 = 0; j0 < C && !bad; j0 += CE_CHUNK) {
         const int64_t n = C - j0 < CE_CHUNK ? C - j0 : CE_CHUNK;
-        const LP_ACC *xa = LP_F(ce_widen)(x + j0, n, buf);
+        const CE_ACC *xa = CE_F(ce_widen)(x + j0, n, buf);
         int nan;
-        const LP_ACC mk = LP_A(ce_z)(LP_A(ce_max_body)(xa, n, 0, &nan), tr, 0, &dz);
+        const CE_ACC mk = CE_A(ce_z)(CE_A(ce_max_body)(xa, n, 0, &nan), tr, 0, &dz);
         bad = nan || mk == INFINITY;
         if (bad || mk == -INFINITY)
             continue; /* a chunk of -inf adds nothing */
-        LP_ACC sk, uk;
-        LP_F(lp_sums)(xa, n, tr, mk, &sk, &uk);
+        CE_ACC sk, uk;
+        CE_F(lp_sums)(xa, n, tr, mk, &sk, &uk);
         if (mk > m) { /* rescale the running sums to the new max (m = -inf: nothing to rescale) */
             const double r = m == -INFINITY ? 0 : exp(m - mk), dm = m == -INFINITY ? 0 : m - mk;
             u = r * (u + dm * s) + uk;
@@ -136,50 +91,43 @@ static CE_CLONES void LP_F(lp_forward_row)(const LP_T *x, int64_t C, int64_t y, 
         out[0] = out[1] = out[2] = NAN;
         return;
     }
-    const LP_ACC zy = LP_A(ce_z)(LP_LOAD(x[y]), tr, 0, &dz);
+    const CE_ACC zy = CE_A(ce_z)(CE_LOAD(x[y]), tr, 0, &dz);
     const double log_s = log(s);
-    out[0] = (LP_ACC)(CE_KEEP((double)zy - m) - log_s);
-    out[1] = (LP_ACC)(log_s - u / s);
-    out[2] = (LP_ACC)(m + log_s);
+    out[0] = (CE_ACC)(CE_KEEP((double)zy - m) - log_s);
+    out[1] = (CE_ACC)(log_s - u / s);
+    out[2] = (CE_ACC)(m + log_s);
 }
 
 /* g_j = -p_j (c + gh a_j) scale over one chunk, a_j = z_j - lse (gh = 0 without entropy). */
-CE_INLINE void LP_F(lp_grads)(const LP_ACC *xa, LP_T *g, int64_t n, LP_A(ce_tr) tr, LP_ACC lse,
-                              LP_ACC c, LP_ACC gh) {
+CE_INLINE void CE_F(lp_grads)(const CE_ACC *xa, CE_T *g, int64_t n, CE_A(ce_tr) tr, CE_ACC lse,
+                              CE_ACC c, CE_ACC gh) {
 #pragma omp simd
     for (int64_t j = 0; j < n; j++) {
-        LP_ACC dz, a = LP_A(ce_z)(xa[j], tr, 0, &dz) - lse, p = ce_exp(a);
-        g[j] = LP_STORE(p == 0 ? (LP_ACC)0 : -p * (c + gh * a) * tr.scale);
+        CE_ACC dz, a = CE_A(ce_z)(xa[j], tr, 0, &dz) - lse, p = ce_exp(a);
+        g[j] = CE_STORE(p == 0 ? (CE_ACC)0 : -p * (c + gh * a) * tr.scale);
     }
 }
 
-static CE_CLONES void LP_F(lp_backward_row)(const LP_T *x, LP_T *g, int64_t C, int64_t y,
+static CE_CLONES void CE_F(lp_backward_row)(const CE_T *x, CE_T *g, int64_t C, int64_t y,
                                             int counted, double scale, double lse, double H,
                                             double gl, double gh, int entropy) {
     if (!counted || !isfinite(lse)) { /* ignored: 0; NaN row (lse is NaN then): NaN */
-        const LP_T v = LP_STORE((LP_ACC)(counted ? NAN : 0));
+        const CE_T v = CE_STORE((CE_ACC)(counted ? NAN : 0));
         for (int64_t j = 0; j < C; j++) g[j] = v;
         return;
     }
-    const LP_A(ce_tr) tr = {(LP_ACC)scale, 0, 0};
-    LP_ACC buf[LP_NARROW ? CE_CHUNK : 1], dz;
+    const CE_A(ce_tr) tr = {(CE_ACC)scale, 0, 0};
+    CE_ACC buf[CE_NARROW ? CE_CHUNK : 1], dz;
     gh = entropy ? gh : 0;
-    const LP_ACC zy = LP_A(ce_z)(LP_LOAD(x[y]), tr, 0, &dz); /* before g may overwrite it */
+    const CE_ACC zy = CE_A(ce_z)(CE_LOAD(x[y]), tr, 0, &dz); /* before g may overwrite it */
     for (int64_t j0 = 0; j0 < C; j0 += CE_CHUNK) {
         const int64_t n = C - j0 < CE_CHUNK ? C - j0 : CE_CHUNK;
-        LP_F(lp_grads)(LP_F(ce_widen)(x + j0, n, buf), g + j0, n, tr, (LP_ACC)lse,
-                       (LP_ACC)(gl + gh * H), (LP_ACC)gh);
+        CE_F(lp_grads)(CE_F(ce_widen)(x + j0, n, buf), g + j0, n, tr, (CE_ACC)lse,
+                       (CE_ACC)(gl + gh * H), (CE_ACC)gh);
     }
     /* the token's element: gl (1 - p_y) - gh p_y (a_y + H), in double */
     const double ay = (double)zy - lse, py = exp(ay);
-    g[y] = LP_STORE((LP_ACC)((gl * (1 - py) - (py == 0 ? 0 : gh * py * (ay + H))) * scale));
+    g[y] = CE_STORE((CE_ACC)((gl * (1 - py) - (py == 0 ? 0 : gh * py * (ay + H))) * scale));
 }
 
-#undef LP_SFX
-#undef LP_ASFX
-#undef LP_NARROW
-#undef LP_T
-#undef LP_ACC
-#undef LP_STORE
-#undef LP_LOAD
 #endif /* LP_ROW_TEMPLATE */
