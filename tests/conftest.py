@@ -102,7 +102,7 @@ def make_data(shape, device="cpu", dtype=torch.float32, *, seed=0, scale=3.0, ta
     ``targets``: "class", indices over ``class_dim`` with a fraction ``ignore_frac`` of them -100 (at least
     one when ``ignore_frac`` > 0 and there are several: the ignored path always runs); "labels", binary
     labels in [0, 1] of the logits' shape and dtype, every third one along the last dim hard; "hard",
-    labels 0 or 1; None: none.
+    labels 0 or 1.
     """
     g = torch.Generator().manual_seed(seed)
     out = [(torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)]

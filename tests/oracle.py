@@ -139,10 +139,13 @@ def _sigmoid_focal(inputs, targets, decay, alpha, reduction):
 def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
     """torchvision's formula, ``ce * (1 - p_t)**gamma`` times the alpha factor, with ``1 - p_t`` formed
     as ``p (1 - t) + sigmoid(-x) t`` (the docstring's stable form, so the oracle is the function itself
-    rather than its float64 rounding at |x| > 37), and the exact limit 0 of the gradient where
-    ``1 - p_t`` is 0 (celoss's documented decision, where torchvision's autograd gives NaN)."""
+    rather than its float64 rounding at |x| > 37). Its docstring's decisions: for finite logits where
+    ``1 - p_t`` is 0, the exact limit 0 of the gradient (torchvision's autograd gives NaN); NaN and
+    +-inf logits give torchvision's NaN / inf, so there ``(1 - p_t)**gamma`` is differentiated as is."""
     u = torch.sigmoid(inputs) * (1 - targets) + torch.sigmoid(-inputs) * targets
-    return _sigmoid_focal(inputs, targets, _decay(u, gamma), alpha, reduction)
+    finite = torch.isfinite(inputs)
+    as_is = torch.where(finite, torch.full_like(u, 0.5), u) ** gamma  # 0.5: no 0 * inf in the unused lanes
+    return _sigmoid_focal(inputs, targets, torch.where(finite, _decay(u, gamma), as_is), alpha, reduction)
 
 
 def torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
