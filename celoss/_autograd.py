@@ -1,9 +1,18 @@
-"""Autograd helpers shared by every celoss Function."""
+"""The autograd pattern shared by every celoss Function.
+
+A loss either forms its input gradients in the forward kernel call, for an upstream gradient of 1
+(``ctx.grad_in_forward``: a scalar reduction, where backward only rescales them with
+:func:`upstream_scaled`, or ``celoss::scale_`` in place), or saves its inputs and recomputes the
+gradients in backward with the upstream gradient as the kernels' ``coef`` (reduction "none", or
+where the forward's inputs are kept anyway). Every backward is :func:`once_differentiable` and
+returns through :func:`input_grads`.
+"""
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch import Tensor
 
 
 class _SecondOrderError(torch.autograd.Function):
@@ -47,3 +56,53 @@ def once_differentiable(name: str):
             return out[0] if single else tuple(out)
         return run
     return wrap
+
+
+def scale_is_one(scale: Tensor) -> bool:
+    """Whether a one-element upstream gradient is exactly 1 (the usual ``loss.backward()``), so a
+    pass over the gradient can be skipped. False when asking would break tracing or a CUDA graph
+    capture (the caller then multiplies: correct, one pass more)."""
+    if torch.compiler.is_compiling() or (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(scale.reshape(()) == 1)
+
+
+def upstream_scaled(formed, grad_output: Tensor) -> tuple:
+    """The gradients a forward formed for an upstream gradient of 1 (``ctx.grad_in_forward``), times
+    the one-element ``grad_output``; None stays None. New tensors (none when the scale is 1): the
+    saved ones stay intact, so backward can run twice. (The in-place variant, for gradients that
+    took over the logits' memory, is the custom op ``celoss::scale_``.)"""
+    one = scale_is_one(grad_output)
+    return tuple(g if g is None or one else g * grad_output.to(g.dtype) for g in formed)
+
+
+def input_grads(ctx, *grads) -> tuple:
+    """backward's return value: ``grads`` for the leading inputs of forward (None where an input
+    needs no gradient), None for the remaining ones."""
+    needs = ctx.needs_input_grad
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (len(needs) - len(grads))
+
+
+def loss_forward(ctx, grad_in_forward: bool, run, coef: Tensor, inputs: tuple):
+    """The forward half of the pattern, for a loss whose kernel call ``run(coef)`` returns ``(loss,
+    *input_grads)`` (``run(None)``: the loss only). With ``grad_in_forward`` the gradients are formed
+    now, for the reduction's ``coef`` (an upstream gradient of 1), and saved (None where an input
+    needs none); otherwise the ``inputs`` are saved for :func:`loss_backward` to recompute from."""
+    ctx.grad_in_forward = grad_in_forward
+    if grad_in_forward:
+        loss, *grads = run(coef)
+        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)))
+    else:
+        loss = run(None)[0]
+        ctx.save_for_backward(*inputs)
+    return loss
+
+
+def loss_backward(ctx, grad_output, recompute) -> tuple:
+    """The backward half: the saved gradients times ``grad_output``, or ``recompute(*inputs,
+    grad_output)`` -> the input gradients formed with ``grad_output`` as the kernels' ``coef``."""
+    if grad_output is None:
+        return input_grads(ctx)
+    if ctx.grad_in_forward:
+        return input_grads(ctx, *upstream_scaled(ctx.saved_tensors, grad_output))
+    return input_grads(ctx, *recompute(*ctx.saved_tensors, grad_output))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import accum_dtype
+
 REDUCTIONS = ("none", "mean", "sum")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -31,8 +33,7 @@ def class_weight(weight, num_classes: int, like: torch.Tensor, name: str = "weig
                          f"got shape {tuple(weight.shape)}")
     if weight.device != like.device:
         raise ValueError(f"{name} is on {weight.device} but input is on {like.device}")
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return (weight if differentiable else weight.detach()).to(acc).contiguous()
+    return (weight if differentiable else weight.detach()).to(accum_dtype(like.dtype)).contiguous()
 
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1

@@ -8,6 +8,8 @@ import warnings
 
 import torch
 
+from .backends import conformance_error
+
 BACKENDS = ("triton", "cython", "torch")
 _MODULES = {"triton": "celoss.backends.triton", "cython": "celoss.backends.cython",
             "torch": "celoss.backends.reference"}
@@ -21,9 +23,11 @@ def _interpreting() -> bool:
 def _load(name: str):
     """(module, None) or (None, reason it can't be imported)."""
     try:
-        return importlib.import_module(_MODULES[name]), None
+        module = importlib.import_module(_MODULES[name])
     except Exception as exc:  # a missing or broken extension must not break `import celoss`
         return None, f"{type(exc).__name__}: {exc}"
+    error = conformance_error(module)
+    return (None, error) if error else (module, None)
 
 
 def _device_reason(name: str, device: torch.device) -> str | None:

@@ -8,23 +8,33 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
+from ._autograd import scale_is_one
+from ._dtypes import accum_dtype
 from ._memory import fresh_like
+from ._options import SoftmaxOptions
+from .backends import reference
 from .stats import NUM_STATS
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _options(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma):
-    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, logit_scale=logit_scale,
-                softcap=softcap, z_loss=z_loss, focal_gamma=focal_gamma)
-
-
-def _fused(logits, target, soft_target, weight, coef, grad_out, backend, **options):
+def _ce_fused(logits, target, soft_target, weight, coef, grad_out, backend, options: SoftmaxOptions):
     if target is not None:
-        _checks.target_indices(target, logits.shape[1], options["ignore_index"])
-    return _dispatch.module(backend).ce_fused(logits, target, soft_target, weight, coef, grad_out, **options)
+        _checks.target_indices(target, logits.shape[1], options.ignore_index)
+    return _dispatch.module(backend).ce_fused(logits, target, soft_target, weight, coef, grad_out,
+                                              **options.kwargs())
+
+
+def _rows_fake(logits: Tensor) -> Tensor:
+    return logits.new_empty(logits.shape[0], dtype=accum_dtype(logits.dtype))
+
+
+def or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    """A custom op returns tensors only: an empty one stands for a gradient not asked for."""
+    return grad if grad is not None else like.new_empty(0)
+
+
+def fake_grad(asked: bool, like: Tensor) -> Tensor:
+    """The fake implementation's counterpart of a gradient output (``fresh_like`` or :func:`or_empty`)."""
+    return torch.empty_like(like, memory_format=torch.contiguous_format) if asked else like.new_empty(0)
 
 
 @torch.library.custom_op("celoss::ce_forward", mutates_args=())
@@ -33,20 +43,16 @@ def ce_forward(logits: Tensor, target: Optional[Tensor], soft_target: Optional[T
                label_smoothing: float, logit_scale: float, softcap: Optional[float], z_loss: float,
                focal_gamma: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, lse and, when `coef` is given, coef * dloss/dlogits (else an empty tensor)."""
-    grad = fresh_like(logits) if coef is not None else logits.new_empty(0)
-    loss, lse = _fused(logits, target, soft_target, weight, coef, grad if coef is not None else None,
-                       backend, **_options(ignore_index, label_smoothing, logit_scale, softcap, z_loss,
-                                           focal_gamma))
-    return loss, lse, grad
+    options = SoftmaxOptions(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma)
+    grad = fresh_like(logits) if coef is not None else None
+    loss, lse = _ce_fused(logits, target, soft_target, weight, coef, grad, backend, options)
+    return loss, lse, or_empty(grad, logits)
 
 
 @ce_forward.register_fake
 def _(logits, target, soft_target, weight, coef, backend, ignore_index, label_smoothing, logit_scale,
       softcap, z_loss, focal_gamma):
-    n = logits.shape[0]
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if coef is not None \
-        else logits.new_empty(0)
-    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(n, dtype=_acc(logits)), grad
+    return _rows_fake(logits), _rows_fake(logits), fake_grad(coef is not None, logits)
 
 
 @torch.library.custom_op("celoss::ce_forward_inplace", mutates_args=("logits",))
@@ -55,15 +61,14 @@ def ce_forward_inplace(logits: Tensor, target: Optional[Tensor], soft_target: Op
                        label_smoothing: float, logit_scale: float, softcap: Optional[float],
                        z_loss: float, focal_gamma: Optional[float]) -> tuple[Tensor, Tensor]:
     """Like ce_forward, but overwrites `logits` with coef * dloss/dlogits."""
-    return _fused(logits, target, soft_target, weight, coef, logits, backend,
-                  **_options(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma))
+    return _ce_fused(logits, target, soft_target, weight, coef, logits, backend,
+                     SoftmaxOptions(ignore_index, label_smoothing, logit_scale, softcap, z_loss, focal_gamma))
 
 
 @ce_forward_inplace.register_fake
 def _(logits, target, soft_target, weight, coef, backend, ignore_index, label_smoothing, logit_scale,
       softcap, z_loss, focal_gamma):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(n, dtype=_acc(logits))
+    return _rows_fake(logits), _rows_fake(logits)
 
 
 @torch.library.custom_op("celoss::ce_stats", mutates_args=())
@@ -77,7 +82,7 @@ def ce_stats(logits: Tensor, target: Tensor, weight: Optional[Tensor], backend: 
 
 @ce_stats.register_fake
 def _(logits, target, weight, backend, class_start, ignore_index, logit_scale, softcap):
-    return logits.new_empty(logits.shape[0], NUM_STATS, dtype=_acc(logits))
+    return logits.new_empty(logits.shape[0], NUM_STATS, dtype=accum_dtype(logits.dtype))
 
 
 @torch.library.custom_op("celoss::ce_grad", mutates_args=())
@@ -95,30 +100,21 @@ def _(logits, target, weight, lse, row_coefs, backend, class_start, logit_scale,
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def scale_is_one(scale: Tensor) -> bool:
-    """Whether a one-element upstream gradient is exactly 1 (the usual ``loss.backward()``), so a
-    pass over the gradient can be skipped. False when asking would break tracing or a CUDA graph
-    capture (the caller then multiplies: correct, one pass more)."""
-    if torch.compiler.is_compiling() or (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    return bool(scale.reshape(()) == 1)
-
-
 @torch.library.custom_op("celoss::ce_target_grads", mutates_args=())
 def ce_target_grads(logits: Tensor, soft_target: Tensor, weight: Optional[Tensor], lse: Tensor,
-                    row_coef: Tensor, grad_target: bool, grad_weight: bool, label_smoothing: float,
+                    coef: Tensor, grad_target: bool, grad_weight: bool, label_smoothing: float,
                     logit_scale: float, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
-    """Gradients of sum_n row_coef_n loss_n w.r.t. probability targets and class weights (empty when
-    not asked for). One chunked plain-PyTorch pass on every backend: these gradients are rare, and
-    -log p = lse - z is all they need."""
-    gt, gw = _dispatch.module("torch").ce_target_grads(
-        logits, soft_target, weight, lse, row_coef, grad_target=grad_target, grad_weight=grad_weight,
+    """Gradients of sum_n coef_n loss_n w.r.t. probability targets and class weights (empty when
+    not asked for). One chunked plain-PyTorch pass on every backend (the reference's, not part of
+    the backend protocol): these gradients are rare, and -log p = lse - z is all they need."""
+    gt, gw = reference.ce_target_grads(
+        logits, soft_target, weight, lse, coef, grad_target=grad_target, grad_weight=grad_weight,
         label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap)
-    return (gt if gt is not None else logits.new_empty(0)), (gw if gw is not None else logits.new_empty(0))
+    return or_empty(gt, logits), or_empty(gw, logits)
 
 
 @ce_target_grads.register_fake
-def _(logits, soft_target, weight, lse, row_coef, grad_target, grad_weight, label_smoothing, logit_scale,
+def _(logits, soft_target, weight, lse, coef, grad_target, grad_weight, label_smoothing, logit_scale,
       softcap):
     gt = torch.empty_like(soft_target, memory_format=torch.contiguous_format) if grad_target \
         else logits.new_empty(0)

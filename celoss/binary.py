@@ -8,32 +8,32 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch, _family_ops
-from ._autograd import once_differentiable
+from ._autograd import loss_backward, loss_forward, once_differentiable
+from ._dtypes import accum_dtype
+from ._options import BinaryOptions
 
 
 class _Binary(torch.autograd.Function):
     """Elementwise loss, reduced in forward. With reduction mean/sum the gradients come out of the
-    forward kernel (coefficient 1/numel or 1) and are only rescaled in backward; with reduction
-    "none" they are computed in backward from the per-element upstream gradient."""
+    forward kernel (``grad_in_forward``, coefficient 1/numel or 1) and are only rescaled in
+    backward; with reduction "none" they are computed in backward from the per-element upstream
+    gradient."""
 
     @staticmethod
-    def forward(ctx, x, y, weight, pos_weight, reduction, backend, focal_alpha, focal_gamma):
+    def forward(ctx, x, y, weight, pos_weight, reduction, backend, options: BinaryOptions):
         ctx.set_materialize_grads(False)
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x, need_y = ctx.needs_input_grad[:2]
         numel = x.numel()
-        fused = (need_x or need_y) and reduction != "none"
-        opts = dict(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
-        if fused:
-            coef = torch.full((1,), 1.0 / numel if (reduction == "mean" and numel) else 1.0,
-                              dtype=torch.float32, device=x.device)
-            loss, gx, gy = _family_ops.binary_forward(x, y, weight, pos_weight, coef, backend, False,
-                                                      need_x, need_y, **opts)
-            ctx.save_for_backward(gx if need_x else None, gy if need_y else None)
-        else:
-            loss, _, _ = _family_ops.binary_forward(x, y, weight, pos_weight, None, backend,
-                                                    reduction == "none", False, False, **opts)
-            ctx.save_for_backward(x, y, weight, pos_weight)
-        ctx.fused, ctx.backend, ctx.opts = fused, backend, opts
+        coef = torch.full((1,), 1.0 / numel if (reduction == "mean" and numel) else 1.0,
+                          dtype=torch.float32, device=x.device)
+
+        def run(coef):
+            grads = coef is not None
+            return _family_ops.binary_forward(x, y, weight, pos_weight, coef, backend, reduction == "none",
+                                              grads and need_x, grads and need_y, *options.op_args())
+
+        loss = loss_forward(ctx, (need_x or need_y) and reduction != "none", run, coef, (x, y, weight, pos_weight))
+        ctx.backend, ctx.options = backend, options
         if reduction == "mean":
             loss = loss / numel if numel else loss * float("nan")
         return loss
@@ -41,16 +41,10 @@ class _Binary(torch.autograd.Function):
     @staticmethod
     @once_differentiable("celoss.binary_cross_entropy_with_logits / sigmoid_focal_loss")
     def backward(ctx, grad):
-        if grad is None:
-            return (None,) * 8
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-
         def recompute(x, y, weight, pos_weight, grad):
-            return _family_ops.binary_forward(x, y, weight, pos_weight, grad.contiguous(), ctx.backend,
-                                              False, need_x, need_y, **ctx.opts)[1:]
-
-        gx, gy = _family_ops.saved_or_recomputed(ctx, grad, recompute)
-        return (gx if need_x else None, gy if need_y else None) + (None,) * 6
+            return _family_ops.binary_forward(x, y, weight, pos_weight, grad.contiguous(), ctx.backend, False,
+                                              *ctx.needs_input_grad[:2], *ctx.options.op_args())[1:]
+        return loss_backward(ctx, grad, recompute)
 
 
 def _broadcast_view(name: str, w: Optional[Tensor], shape: torch.Size, r: int, c: int, like: Tensor):
@@ -70,8 +64,7 @@ def _broadcast_view(name: str, w: Optional[Tensor], shape: torch.Size, r: int, c
     if full != shape:
         raise ValueError(f"{name} of shape {tuple(w.shape)} can't be broadcast to the input's shape "
                          f"{tuple(shape)}")
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return w.detach().to(acc).expand(shape).reshape(r, c)
+    return w.detach().to(accum_dtype(like.dtype)).expand(shape).reshape(r, c)
 
 
 def binary_loss(input: Tensor, target: Tensor, weight, pos_weight, reduction: str, backend,
@@ -94,7 +87,7 @@ def binary_loss(input: Tensor, target: Tensor, weight, pos_weight, reduction: st
     w = _broadcast_view("weight", weight, shape, r, c, input)
     pw = _broadcast_view("pos_weight", pos_weight, shape, r, c, input)
     backend_name = _dispatch.resolve(input.device, backend)
-    loss = _Binary.apply(x, y, w, pw, reduction, backend_name, float(focal_alpha), focal_gamma)
+    loss = _Binary.apply(x, y, w, pw, reduction, backend_name, BinaryOptions(float(focal_alpha), focal_gamma))
     if reduction == "none":
         loss = loss.reshape(shape)
     return loss.to(torch.promote_types(input.dtype, target.dtype))

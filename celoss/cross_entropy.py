@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, _dispatch, _ops
-from ._autograd import once_differentiable
+from ._autograd import input_grads, once_differentiable, upstream_scaled
+from ._options import SoftmaxOptions
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -75,15 +76,6 @@ def counted_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int) 
     return torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
-def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
-    """grad * scale for a one-element scale, without a pass over grad when the scale is 1 (the usual
-    ``loss.backward()``; not checked where it would sync a captured CUDA graph). The saved gradient
-    itself is never modified, so backward can run twice."""
-    if _ops.scale_is_one(scale):
-        return grad
-    return grad * scale.to(grad.dtype)
-
-
 def _reduction_coef(denom: Tensor, reduction: str) -> Tensor:
     """d(reduced loss)/d(row loss), float64 (one value). A zero mean denominator gives NaN, as
     PyTorch's 0/0: counted rows get NaN gradients, ignored rows still exact zeros (the kernels
@@ -93,6 +85,18 @@ def _reduction_coef(denom: Tensor, reduction: str) -> Tensor:
         return one.reshape(1)
     denom = denom.to(torch.float64)
     return torch.where(denom != 0, one / denom, torch.nan).reshape(1)
+
+
+def reduce_rows(loss_rows: Tensor, denom: Tensor, reduction: str, label_smoothing: float) -> Tensor:
+    """The reduced cross-entropy of per-row losses (``denom``: the mean's denominator)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    loss = loss_rows.sum() / denom
+    if label_smoothing > 0:  # PyTorch sums two 0/0 terms: NaN, not the +-inf of one
+        loss = torch.where(denom == 0, torch.nan, loss)
+    return loss
 
 
 def _no_inplace_hazard(input: Tensor, logits: Tensor) -> None:
@@ -114,76 +118,68 @@ def _no_inplace_hazard(input: Tensor, logits: Tensor) -> None:
 
 class _SoftmaxLoss(torch.autograd.Function):
     """Row losses reduced in forward. With reduction mean/sum (or `inplace`), the gradient is formed in
-    the same kernel call as the loss and only rescaled by grad_output in backward; with reduction
-    none it is recomputed in backward with the per-row upstream gradient (one read + one write).
-    Gradients of probability targets (and of class weights with probability targets) take one more
-    pass over the logits in backward."""
+    the same kernel call as the loss (``grad_in_forward``) and only rescaled by grad_output in
+    backward; with reduction none it is recomputed in backward with the per-row upstream gradient
+    (one read + one write). Gradients of probability targets (and of class weights with probability
+    targets) take one more pass over the logits in backward."""
 
     @staticmethod
-    def forward(ctx, logits, target, soft_target, weight, denom, reduction, inplace, lse_used, backend, options):
+    def forward(ctx, logits, target, soft_target, weight, denom, reduction, inplace, lse_used, backend,
+                options: SoftmaxOptions):
         ctx.set_materialize_grads(False)
         needs_x = ctx.needs_input_grad[0]
         ctx.needs_t = soft_target is not None and ctx.needs_input_grad[2]
         ctx.needs_w = weight is not None and ctx.needs_input_grad[3]
         keep_logits = lse_used or ctx.needs_t or ctx.needs_w
         # form the gradient in this call unless the upstream gradient is per row and the logits survive
-        ctx.fused = needs_x and (inplace or (reduction != "none" and not keep_logits))
+        ctx.grad_in_forward = needs_x and (inplace or (reduction != "none" and not keep_logits))
         coef = _reduction_coef(denom, reduction)
-        if ctx.fused:
+        op_args = options.op_args()
+        if ctx.grad_in_forward:
             if inplace:
                 loss_rows, lse = _ops.ce_forward_inplace(logits, target, soft_target, weight, coef, backend,
-                                                         **options)
+                                                         *op_args)
                 grad = logits
             else:
                 loss_rows, lse, grad = _ops.ce_forward(logits, target, soft_target, weight, coef, backend,
-                                                       **options)
+                                                       *op_args)
             ctx.save_for_backward(grad, target, soft_target, weight, lse)
         else:
-            loss_rows, lse, _ = _ops.ce_forward(logits, target, soft_target, weight, None, backend, **options)
+            loss_rows, lse, _ = _ops.ce_forward(logits, target, soft_target, weight, None, backend, *op_args)
             ctx.save_for_backward(logits, target, soft_target, weight, lse)
         ctx.coef, ctx.inplace, ctx.backend, ctx.options = coef, inplace, backend, options
-        ctx.needs_x = needs_x
         if inplace:  # the logits are overwritten: nothing can flow back through the lse
             ctx.mark_non_differentiable(lse)
-        if reduction == "none":
-            loss = loss_rows
-        elif reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = loss_rows.sum() / denom
-            if options["label_smoothing"] > 0:  # PyTorch sums two 0/0 terms: NaN, not the +-inf of one
-                loss = torch.where(denom == 0, torch.nan, loss)
-        return loss, lse
+        return reduce_rows(loss_rows, denom, reduction, options.label_smoothing), lse
 
     @staticmethod
     @once_differentiable("celoss.cross_entropy")
     def backward(ctx, grad_loss, grad_lse):
         saved, target, soft_target, weight, lse = ctx.saved_tensors
         opts = ctx.options
+        needs_x = ctx.needs_input_grad[0]
         grad = grad_t = grad_w = None
-        if grad_loss is not None and ctx.needs_x:
+        if grad_loss is not None and ctx.grad_in_forward:
             if ctx.inplace:
                 grad = saved
                 _ops.scale_(grad, grad_loss)
-            elif ctx.fused:
-                grad = _scaled(saved, grad_loss)
             else:
-                row_coef = (grad_loss.to(torch.float64) * ctx.coef).reshape(-1).contiguous()
-                grad = _ops.ce_forward(saved, target, soft_target, weight, row_coef, ctx.backend, **opts)[2]
-        if grad_loss is not None and (ctx.needs_t or ctx.needs_w):
-            row_coef = (grad_loss.to(torch.float64) * ctx.coef).reshape(-1).contiguous()
-            grad_t, grad_w = _ops.ce_target_grads(saved, soft_target, weight, lse, row_coef, ctx.needs_t,
-                                                  ctx.needs_w, opts["label_smoothing"], opts["logit_scale"],
-                                                  opts["softcap"])
-            grad_t = grad_t if ctx.needs_t else None
-            grad_w = grad_w if ctx.needs_w else None
-        if grad_lse is not None and ctx.needs_x and not ctx.inplace:
+                grad, = upstream_scaled((saved,), grad_loss)
+        elif grad_loss is not None:
+            coef = (grad_loss.to(torch.float64) * ctx.coef).reshape(-1).contiguous()
+            if needs_x:
+                grad = _ops.ce_forward(saved, target, soft_target, weight, coef, ctx.backend, *opts.op_args())[2]
+            if ctx.needs_t or ctx.needs_w:
+                grad_t, grad_w = _ops.ce_target_grads(saved, soft_target, weight, lse, coef, ctx.needs_t,
+                                                      ctx.needs_w, opts.label_smoothing, opts.logit_scale,
+                                                      opts.softcap)
+        if grad_lse is not None and needs_x and not ctx.inplace:
             zeros = torch.zeros_like(grad_lse, dtype=lse.dtype)
-            coefs = torch.stack([grad_lse.to(lse.dtype), zeros, zeros], dim=1)
+            row_coefs = torch.stack([grad_lse.to(lse.dtype), zeros, zeros], dim=1)
             extra = _ops.ce_grad(saved, target if target is not None else torch.zeros_like(lse, dtype=torch.int64),
-                                 weight, lse, coefs, ctx.backend, 0, opts["logit_scale"], opts["softcap"])
+                                 weight, lse, row_coefs, ctx.backend, 0, opts.logit_scale, opts.softcap)
             grad = extra if grad is None else grad + extra
-        return grad, None, grad_t, grad_w, None, None, None, None, None, None
+        return input_grads(ctx, grad, None, grad_t, grad_w)
 
 
 def _no_classes(input: Tensor, target: Tensor, rows: SoftmaxRows, weight, *, ignore_index, reduction,
@@ -231,9 +227,8 @@ def softmax_loss(input: Tensor, target: Tensor, weight, *, ignore_index: int, re
     else:
         per_row = torch.ones(n, device=input.device)
     denom = per_row.sum()
-    options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
-                   logit_scale=float(logit_scale), softcap=softcap, z_loss=float(z_loss),
-                   focal_gamma=focal_gamma)
+    options = SoftmaxOptions(ignore_index, float(label_smoothing), float(logit_scale), softcap, float(z_loss),
+                             focal_gamma)
     grad_on = torch.is_grad_enabled()
     inplace = inplace_backward and grad_on and input.requires_grad
     if inplace:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch, _family_ops
-from ._autograd import once_differentiable
+from ._autograd import loss_backward, loss_forward, once_differentiable
+from ._options import DistillOptions
 
 KINDS = ("kl", "reverse_kl", "ce", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -16,29 +17,25 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 class _Distill(torch.autograd.Function):
     """Row losses reduced in forward. With a scalar reduction the gradients are formed in the same
-    kernel call as the loss (coefficient 1/denominator) and only rescaled by grad_output in
-    backward; with reduction "none" they are computed in backward with the per-row upstream
-    gradient (one more read of both logits)."""
+    kernel call as the loss (``grad_in_forward``, coefficient 1/denominator) and only rescaled by
+    grad_output in backward; with reduction "none" they are computed in backward with the per-row
+    upstream gradient (one more read of both logits)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, denom, reduction, backend, options):
+    def forward(ctx, student, teacher, target, denom, reduction, backend, options: DistillOptions):
         ctx.set_materialize_grads(False)
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        fused = (need_s or need_t) and reduction != "none"
-        if fused:
-            one = torch.ones((), device=student.device)
-            coef = torch.where(denom > 0, one / denom, 0.0) if reduction in ("mean", "batchmean") \
-                else one
-            loss_rows, gs, gt = _family_ops.distill_forward(
-                student, teacher, target, coef.reshape(1).to(torch.float32), backend,
-                grad_student=need_s, grad_teacher=need_t, **options)
-            ctx.save_for_backward(gs if need_s else None, gt if need_t else None)
-        else:
-            loss_rows, _, _ = _family_ops.distill_forward(student, teacher, target, None, backend,
-                                                          grad_student=False, grad_teacher=False,
-                                                          **options)
-            ctx.save_for_backward(student, teacher, target)
-        ctx.fused, ctx.backend, ctx.options = fused, backend, options
+        need_s, need_t = ctx.needs_input_grad[:2]
+        one = torch.ones((), device=student.device)
+        coef = torch.where(denom > 0, one / denom, 0.0) if reduction in ("mean", "batchmean") else one
+
+        def run(coef):
+            grads = coef is not None
+            return _family_ops.distill_forward(student, teacher, target, coef, backend, *options.op_args(),
+                                               grads and need_s, grads and need_t)
+
+        loss_rows = loss_forward(ctx, (need_s or need_t) and reduction != "none", run,
+                                 coef.reshape(1).to(torch.float32), (student, teacher, target))
+        ctx.backend, ctx.options = backend, options
         if reduction == "none":
             return loss_rows
         total = loss_rows.sum()
@@ -47,22 +44,45 @@ class _Distill(torch.autograd.Function):
     @staticmethod
     @once_differentiable("celoss.distillation_loss")
     def backward(ctx, grad):
-        if grad is None:
-            return (None,) * 7
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-
         def recompute(student, teacher, target, grad):
-            return _family_ops.distill_forward(
-                student, teacher, target, grad.float().reshape(-1).contiguous(), ctx.backend,
-                grad_student=need_s, grad_teacher=need_t, **ctx.options)[1:]
-
-        gs, gt = _family_ops.saved_or_recomputed(ctx, grad, recompute)
-        return (gs if need_s else None, gt if need_t else None) + (None,) * 5
+            return _family_ops.distill_forward(student, teacher, target, grad.float().reshape(-1).contiguous(),
+                                               ctx.backend, *ctx.options.op_args(), *ctx.needs_input_grad[:2])[1:]
+        return loss_backward(ctx, grad, recompute)
 
 
 def _rows(x: Tensor, v: int) -> Tensor:
     rows = x.reshape(math.prod(x.shape[:-1]), v)  # not -1: V may be 0
     return rows if rows.stride(1) == 1 or v <= 1 else rows.contiguous()
+
+
+def distill_options(kind: str, temperature, beta, alpha, ignore_index: int, reduction: str,
+                    target: Optional[Tensor], rows_shape: tuple, like: Tensor, like_name: str) -> DistillOptions:
+    """The checked options of a distillation loss (``"jsd"`` at beta 0 / 1 is the KL it tends to),
+    after checking ``target``: None (then alpha must be 1) or int64 of ``rows_shape`` on ``like``'s
+    device."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _checks.reduction(reduction, REDUCTIONS)
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    beta = _checks.probability("beta", beta)
+    alpha = _checks.probability("alpha", alpha)
+    if target is not None:
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must hold int64 (torch.long) class indices, got {target.dtype}")
+        if tuple(target.shape) != rows_shape:
+            raise ValueError(f"expected target of shape {rows_shape} for {like_name} of shape "
+                             f"{tuple(like.shape)}, got {tuple(target.shape)}")
+        if target.device != like.device:
+            raise ValueError(f"target is on {target.device} but {like_name} is on {like.device}")
+    elif alpha != 1.0:
+        raise ValueError("alpha != 1 mixes in the cross-entropy with a target: pass target (or alpha=1)")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "kl" if beta == 0.0 else "reverse_kl"
+    return DistillOptions(kind, temperature, beta, alpha, ignore_index)
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
@@ -110,7 +130,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     A row whose target is ``ignore_index`` has loss 0 and gradient 0 times its gradient, as in
     PyTorch (and ``celoss.cross_entropy``): zeros, or NaN over the row when it holds such values.
 
-    Gradients: always for the student (fused into the forward kernel for scalar reductions). The
+    Gradients: always for the student (formed by the forward kernel call for scalar reductions). The
     teacher is normally detached (``teacher_logits.detach()`` or produced under ``no_grad``); if it
     requires grad its gradient is computed too, on the reference (PyTorch, row-chunked) path of
     every backend -- correct but slower. Student and teacher may have different dtypes (fp32,
@@ -127,30 +147,10 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is on "
                          f"{student_logits.device}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    _checks.reduction(reduction, REDUCTIONS)
-    temperature = float(temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    beta = _checks.probability("beta", beta)
-    alpha = _checks.probability("alpha", alpha)
-    v = student_logits.shape[-1]
     out_shape = tuple(student_logits.shape[:-1])
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
-        if target.dtype != torch.int64:
-            raise TypeError(f"target must hold int64 (torch.long) class indices, got {target.dtype}")
-        if tuple(target.shape) != out_shape:
-            raise ValueError(f"expected target of shape {out_shape} for logits of shape "
-                             f"{tuple(student_logits.shape)}, got {tuple(target.shape)}")
-        if target.device != student_logits.device:
-            raise ValueError(f"target is on {target.device} but the logits are on {student_logits.device}")
-    elif alpha != 1.0:
-        raise ValueError("alpha != 1 mixes in the cross-entropy with a target: pass target (or alpha=1)")
-    if kind == "jsd" and beta in (0.0, 1.0):
-        kind = "kl" if beta == 0.0 else "reverse_kl"
+    options = distill_options(kind, temperature, beta, alpha, int(ignore_index), reduction, target, out_shape,
+                              student_logits, "student_logits")
+    v = student_logits.shape[-1]
     name = _dispatch.resolve(student_logits.device, backend)
     s = _rows(student_logits, v)
     t = _rows(teacher_logits, v)
@@ -159,10 +159,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     if y is None:
         counted = torch.tensor(float(n), device=s.device)
     else:
-        counted = (y != ignore_index).sum().to(torch.float32)
+        counted = (y != options.ignore_index).sum().to(torch.float32)
     denom = counted * v if reduction == "mean" else counted
-    options = dict(kind=kind, temperature=temperature, beta=beta, alpha=alpha,
-                   ignore_index=int(ignore_index))
     loss = _Distill.apply(s, t, y, denom, reduction, name, options)
     if reduction == "none":
         loss = loss.reshape(out_shape)

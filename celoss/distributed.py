@@ -104,8 +104,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, _dispatch, _ops
-from ._autograd import once_differentiable
 from . import stats as S
+from ._autograd import input_grads, once_differentiable
+from ._dtypes import accum_dtype
 from .cross_entropy import CrossEntropyOutput
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_range"]
@@ -394,7 +395,7 @@ def _common_plan(like: Tensor, target: Tensor, out_shape, v_local: int, *, vocab
     p.ignore_index, p.reduction, p.label_smoothing = int(ignore_index), reduction, label_smoothing
     p.logit_scale, p.softcap, p.z_loss = float(logit_scale), softcap, float(z_loss)
     p.out_shape, p.device = tuple(out_shape), like.device
-    p.acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    p.acc = accum_dtype(like.dtype)
     p.options_hash = _options_hash(p.ignore_index, reduction, label_smoothing, p.logit_scale, softcap,
                                    p.z_loss, weight is not None, str(p.acc), variant_key)
     return p
@@ -480,7 +481,7 @@ def _global_rows(dist, group, world: int, p: _Plan, local_stats: Tensor):
     options = dict(num_classes=p.vocab_size, label_smoothing=p.label_smoothing, z_loss=p.z_loss)
     counted = p.target != p.ignore_index
     if p.weight is None:
-        loss, lse, coefs = S.coefficients(merged, p.target, None, ignore_index=p.ignore_index, **options)
+        loss, lse, row_coefs = S.coefficients(merged, p.target, None, ignore_index=p.ignore_index, **options)
         per_row = counted.to(p.acc)
     else:
         # coefficients() looks class weights up as weight[target] and sums them for W. Hand it a
@@ -491,13 +492,13 @@ def _global_rows(dist, group, world: int, p: _Plan, local_stats: Tensor):
         w_total = recv[:, n, 0].sum(0)
         table = torch.cat([per_row, (w_total - per_row.sum()).reshape(1)])
         rows_as_classes = torch.where(counted, torch.arange(n, device=p.device), torch.full_like(p.target, -1))
-        loss, lse, coefs = S.coefficients(merged, rows_as_classes, table, ignore_index=-1, **options)
+        loss, lse, row_coefs = S.coefficients(merged, rows_as_classes, table, ignore_index=-1, **options)
     denom = per_row.sum()
     nll_rows = None
     if p.label_smoothing and p.reduction == "mean":
         # the (1 - eps) * w_y * (lse - z_y) part of each row (B = (1 - eps) w_y; 0 for ignored rows)
-        nll_rows = torch.where(counted, coefs[:, 1] * (lse - merged[:, 2]), torch.zeros_like(lse))
-    return _reduce(loss, denom, p.reduction, nll_rows), lse, coefs, per_row, denom
+        nll_rows = torch.where(counted, row_coefs[:, 1] * (lse - merged[:, 2]), torch.zeros_like(lse))
+    return _reduce(loss, denom, p.reduction, nll_rows), lse, row_coefs, per_row, denom
 
 
 def _reduce(loss_rows: Tensor, denom: Tensor, reduction: str, nll_rows: Optional[Tensor] = None) -> Tensor:
@@ -515,18 +516,18 @@ def _reduce(loss_rows: Tensor, denom: Tensor, reduction: str, nll_rows: Optional
     return torch.where(denom == 0, nll / denom + (total - nll) / denom, total / denom)
 
 
-def _backward_coefs(p: _Plan, coefs, denom, grad_loss, grad_lse):
+def _upstream_row_coefs(p: _Plan, row_coefs, denom, grad_loss, grad_lse):
     """Row coefficients (A, B, D) times the upstream gradient (over the weighted-mean denominator,
     whatever its sign), plus the lse's gradient in A. Ignored rows get no loss gradient even when
     that factor is inf or NaN (all rows ignored: NaN loss, zero gradients, as in PyTorch)."""
-    out = torch.zeros_like(coefs)
+    out = torch.zeros_like(row_coefs)
     if grad_loss is not None:
-        g = grad_loss.to(coefs.dtype)
+        g = grad_loss.to(row_coefs.dtype)
         if p.reduction == "none":
             g = g.reshape(-1, 1)
         elif p.reduction == "mean":
             g = g / denom
-        scaled = coefs * g
+        scaled = row_coefs * g
         if p.label_smoothing:
             # PyTorch's smoothing term spreads a non-finite factor over every class of the row
             # (inf - inf in log_softmax's backward): the whole row is NaN
@@ -573,25 +574,25 @@ class _VocabParallelCE(torch.autograd.Function):
                                   p.logit_scale, p.softcap)
         else:
             local = _empty_stats(p)
-        loss, lse, coefs, per_row, denom = _global_rows(dist, group, world, p, local)
+        loss, lse, row_coefs, per_row, denom = _global_rows(dist, group, world, p, local)
         ctx.plan = p
-        ctx.save_for_backward(logits, lse, coefs, denom)
+        ctx.save_for_backward(logits, lse, row_coefs, denom)
         ctx.mark_non_differentiable(per_row)
         return loss, lse, per_row
 
     @staticmethod
     @once_differentiable("celoss.distributed.vocab_parallel_cross_entropy")
     def backward(ctx, grad_loss, grad_lse, _):
-        logits, lse, coefs, denom = ctx.saved_tensors
+        logits, lse, row_coefs, denom = ctx.saved_tensors
         p = ctx.plan
         if (grad_loss is None and grad_lse is None) or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return input_grads(ctx)
         if p.v_local == 0:
-            return torch.zeros_like(logits), None, None, None, None
-        rc = _backward_coefs(p, coefs, denom, grad_loss, grad_lse)
-        grad = _ops.ce_grad(logits, p.target, p.weight, lse, rc, p.backend, p.vocab_start,
+            return input_grads(ctx, torch.zeros_like(logits))
+        upstream = _upstream_row_coefs(p, row_coefs, denom, grad_loss, grad_lse)
+        grad = _ops.ce_grad(logits, p.target, p.weight, lse, upstream, p.backend, p.vocab_start,
                             p.logit_scale, p.softcap)
-        return grad, None, None, None, None
+        return input_grads(ctx, grad)
 
 
 def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *,
@@ -668,24 +669,23 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                                             p.ignore_index, p.logit_scale, p.softcap)
         else:
             local = _empty_stats(p)
-        loss, lse, coefs, per_row, denom = _global_rows(dist, group, world, p, local)
+        loss, lse, row_coefs, per_row, denom = _global_rows(dist, group, world, p, local)
         ctx.plan, ctx.dist, ctx.group = p, dist, group
-        ctx.save_for_backward(hidden, weight, bias, lse, coefs, denom)
+        ctx.save_for_backward(hidden, weight, bias, lse, row_coefs, denom)
         ctx.mark_non_differentiable(per_row)
         return loss, lse, per_row
 
     @staticmethod
     @once_differentiable("celoss.distributed.vocab_parallel_linear_cross_entropy")
     def backward(ctx, grad_loss, grad_lse, _):
-        hidden, weight, bias, lse, coefs, denom = ctx.saved_tensors
+        hidden, weight, bias, lse, row_coefs, denom = ctx.saved_tensors
         p = ctx.plan
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        none = (None,) * 4
         if grad_loss is None and grad_lse is None:
             # nothing flows, but the group all-reduce must still run on every rank
-            rc = torch.zeros_like(coefs)
+            upstream = torch.zeros_like(row_coefs)
         else:
-            rc = _backward_coefs(p, coefs, denom, grad_loss, grad_lse)
+            upstream = _upstream_row_coefs(p, row_coefs, denom, grad_loss, grad_lse)
         grad_h = torch.zeros_like(hidden) if need_h else None
         acc_dtype = p.acc if weight.dtype in (torch.float32, torch.float64) else torch.float32
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
@@ -695,7 +695,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             for rows in _chunks(p.n, p.v_local, p.chunk_size):
                 h = hidden[rows]
                 logits = F.linear(h, weight, bias)
-                dlogits = _ops.ce_grad(logits, p.target[rows], p.weight, lse[rows], rc[rows], p.backend,
+                dlogits = _ops.ce_grad(logits, p.target[rows], p.weight, lse[rows], upstream[rows], p.backend,
                                        p.vocab_start, p.logit_scale, p.softcap)
                 if grad_h is not None:
                     grad_h[rows] = dlogits @ weight
@@ -708,8 +708,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if grad_h is not None:
             # tensor-parallel convention: hidden is replicated, its gradient is the sum over ranks
             ctx.dist.all_reduce(grad_h, group=ctx.group)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None) + none
+        return input_grads(ctx, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                           grad_b.to(bias.dtype) if grad_b is not None else None)
 
 
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, target: Tensor, *,

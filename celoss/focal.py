@@ -33,7 +33,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Union[f
     every target is ignored, with a zero gradient), "sum" or "none". The gradient is
     ``g (softmax - onehot)`` with ``g = alpha_y (1 - p_y)**gamma (1 - gamma p_y log p_y / (1 - p_y))``,
     finite as ``p_y -> 1`` and for ``gamma < 1``. Runs on the cross-entropy kernels of every backend
-    (online softmax, fused gradient). ``backend``: "triton", "cython", "torch" or None (automatic).
+    (online softmax, gradient formed with the loss). ``backend``: "triton", "cython", "torch" or None (automatic).
     """
     gamma = _gamma(gamma)
     _checks.floating("input", input)

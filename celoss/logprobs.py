@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from . import _checks, _dispatch
-from ._autograd import once_differentiable
+from ._autograd import input_grads, once_differentiable
+from ._dtypes import DTYPE_CODE, accum_dtype
 from ._memory import fresh_like
 from .linear_cross_entropy import DEFAULT_CHUNK_BYTES, _accumulate_dw, _check_args, _contiguous_rows
 
@@ -35,17 +36,13 @@ class TokenLogprobsOutput(NamedTuple):
     entropy: Tensor
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ------------------------------------------------------------------------------------------------
 # Row kernels per backend: forward -> (N, 3) (log p_y, entropy, lse); backward -> dlogits
 # ------------------------------------------------------------------------------------------------
 
 def _reference_forward(logits: Tensor, tokens: Tensor, ignore_index: int, scale: float) -> Tensor:
     n, v = logits.shape
-    out = torch.zeros(n, 3, dtype=_acc(logits.dtype), device=logits.device)
+    out = torch.zeros(n, 3, dtype=accum_dtype(logits.dtype), device=logits.device)
     step = max(1, _REF_CHUNK_ELEMENTS // max(v, 1))
     for s in range(0, n, step):
         y = tokens[s:s + step]
@@ -66,7 +63,7 @@ def _reference_forward(logits: Tensor, tokens: Tensor, ignore_index: int, scale:
 
 def _reference_backward(logits, tokens, lse, entropy, gl, gh, grad_out, ignore_index, scale) -> None:
     n, v = logits.shape
-    acc = _acc(logits.dtype)
+    acc = accum_dtype(logits.dtype)
     step = max(1, _REF_CHUNK_ELEMENTS // max(v, 1))
     for s in range(0, n, step):
         rows = slice(s, s + step)
@@ -96,9 +93,6 @@ def _cpu_module():
         return None
 
 
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
 def _kernel_of(backend: str, dtype: torch.dtype) -> str:
     """Which row kernel runs: "cython", "triton" or "torch" (the reference)."""
     if backend == "cython" and _cpu_module() is not None:
@@ -121,8 +115,8 @@ def _rows_forward(backend: str, logits: Tensor, tokens: Tensor, ignore_index: in
         from .kernels import logprobs as K
         return K.forward(x, tokens, ignore_index=ignore_index, scale=scale)
     n, v = x.shape
-    out = torch.empty(n, 3, dtype=_acc(x.dtype))
-    _cpu_module().forward(_DTYPE_CODE[x.dtype], n, v, x.data_ptr(), x.stride(0), tokens.data_ptr(),
+    out = torch.empty(n, 3, dtype=accum_dtype(x.dtype))
+    _cpu_module().forward(DTYPE_CODE[x.dtype], n, v, x.data_ptr(), x.stride(0), tokens.data_ptr(),
                           ignore_index, scale, out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -141,7 +135,7 @@ def _rows_backward(backend, logits, tokens, lse, entropy, gl, gh, grad_out, igno
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()
-    _cpu_module().backward(_DTYPE_CODE[x.dtype], n, v, x.data_ptr(), x.stride(0), grad_out.data_ptr(),
+    _cpu_module().backward(DTYPE_CODE[x.dtype], n, v, x.data_ptr(), x.stride(0), grad_out.data_ptr(),
                            grad_out.stride(0), tokens.data_ptr(), ignore_index, scale, lse.data_ptr(),
                            ptr(entropy if gh is not None else None), ptr(gl), ptr(gh), torch.get_num_threads())
 
@@ -161,8 +155,9 @@ def _split(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(out[:, i].clone(memory_format=torch.contiguous_format) for i in range(3))
 
 
-def _acc_vec(g: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if g is None else g.reshape(-1).to(dtype).contiguous()
+def _upstream(lse: Tensor, grad_lp: Optional[Tensor], grad_ent: Optional[Tensor]) -> tuple:
+    """The per-row upstream gradients in the accumulation dtype (None: nothing flows there)."""
+    return tuple(None if g is None else g.reshape(-1).to(lse.dtype).contiguous() for g in (grad_lp, grad_ent))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +174,7 @@ def _forward_op(logits: Tensor, tokens: Tensor, backend: str, ignore_index: int,
 
 @_forward_op.register_fake
 def _(logits, tokens, backend, ignore_index, scale):
-    return tuple(logits.new_empty(logits.shape[0], dtype=_acc(logits.dtype)) for _ in range(3))
+    return tuple(logits.new_empty(logits.shape[0], dtype=accum_dtype(logits.dtype)) for _ in range(3))
 
 
 @torch.library.custom_op("celoss::token_logprobs_backward", mutates_args=())
@@ -214,12 +209,12 @@ def _plan_rows(labels: Tensor, ignore_index: int, seq_len: int) -> _Rows:
     return _Rows(labels if proc is None else labels[proc], proc, src)
 
 
-def _chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor], rows: _Rows, chunk_bytes: int):
+def _chunk_logits(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], rows: _Rows, chunk_bytes: int):
     """Per chunk of processed rows [s, e): (s, e, sel, X_c, L = X_c W^T (+ b)), ``L`` a view of one
     reused buffer (so at most ``chunk_bytes`` of logits plus gathered rows), ``sel`` the chunk's
     hidden rows (a slice when they are one run)."""
     m = rows.tgt.shape[0]
-    v, d = w.shape
+    v, d = linear_weight.shape
     step = max(1, min(m, chunk_bytes // max(x.element_size() * (v + 2 * d), 1)))
     buf = torch.empty(step, v, dtype=x.dtype, device=x.device)
     for s in range(0, m, step):
@@ -228,21 +223,21 @@ def _chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor], rows: _Rows, chunk_
         xc = x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
         logits = buf[: e - s]
         if b is None:
-            torch.mm(xc, w.t(), out=logits)
+            torch.mm(xc, linear_weight.t(), out=logits)
         else:
-            torch.addmm(b, xc, w.t(), out=logits)
+            torch.addmm(b, xc, linear_weight.t(), out=logits)
         yield s, e, sel, xc, logits
 
 
 @torch.library.custom_op("celoss::linear_token_logprobs_forward", mutates_args=())
-def _linear_forward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, backend: str,
+def _linear_forward_op(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], labels: Tensor, backend: str,
                        ignore_index: int, scale: float, seq_len: int,
                        chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-output-row (log p_y, entropy, lse) of ``x W^T + b`` (``seq_len``: shift's T, else 0)."""
-    _check_token_values(labels, w.shape[0], ignore_index)
+    _check_token_values(labels, linear_weight.shape[0], ignore_index)
     rows = _plan_rows(labels, ignore_index, seq_len)
-    out = torch.zeros(labels.shape[0], 3, dtype=_acc(x.dtype), device=x.device)
-    for s, e, _, _, logits in _chunk_logits(x, w, b, rows, chunk_bytes):
+    out = torch.zeros(labels.shape[0], 3, dtype=accum_dtype(x.dtype), device=x.device)
+    for s, e, _, _, logits in _chunk_logits(x, linear_weight, b, rows, chunk_bytes):
         vals = _rows_forward(backend, logits, rows.tgt[s:e], ignore_index, scale)
         if rows.proc is None:
             out[s:e] = vals
@@ -252,12 +247,12 @@ def _linear_forward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor
 
 
 @_linear_forward_op.register_fake
-def _(x, w, b, labels, backend, ignore_index, scale, seq_len, chunk_bytes):
-    return tuple(x.new_empty(labels.shape[0], dtype=_acc(x.dtype)) for _ in range(3))
+def _(x, linear_weight, b, labels, backend, ignore_index, scale, seq_len, chunk_bytes):
+    return tuple(x.new_empty(labels.shape[0], dtype=accum_dtype(x.dtype)) for _ in range(3))
 
 
 @torch.library.custom_op("celoss::linear_token_logprobs_backward", mutates_args=())
-def _linear_backward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
+def _linear_backward_op(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
                         grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], need_dx: bool,
                         need_dw: bool, need_db: bool, backend: str, ignore_index: int, scale: float,
                         seq_len: int, chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -265,84 +260,86 @@ def _linear_backward_op(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tenso
     ``dX_c = dz W``, ``dW += dz^T X_c`` (float32 across chunks for fp16/bf16), ``db += sum dz``
     (empty where not asked for)."""
     rows = _plan_rows(labels, ignore_index, seq_len)
-    acc = _acc(x.dtype)
+    acc = accum_dtype(x.dtype)
     m = rows.tgt.shape[0]
     per_row = [t if t is None or rows.proc is None else t[rows.proc]
                for t in (lse, entropy, grad_logprobs, grad_entropy)]
     dx = torch.zeros_like(x) if need_dx else None
-    dw = (torch.empty if m else torch.zeros)(w.shape, dtype=acc, device=w.device) if need_dw else None
-    db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_db and b is not None else None
-    for s, e, sel, xc, g in _chunk_logits(x, w, b, rows, chunk_bytes):
+    dw = (torch.empty if m else torch.zeros)(linear_weight.shape, dtype=acc, device=linear_weight.device) if need_dw else None
+    db = torch.zeros(linear_weight.shape[0], dtype=acc, device=linear_weight.device) if need_db and b is not None else None
+    for s, e, sel, xc, g in _chunk_logits(x, linear_weight, b, rows, chunk_bytes):
         _rows_backward(backend, g, rows.tgt[s:e], *(None if t is None else t[s:e] for t in per_row), g,
                        ignore_index, scale)
         if dx is not None:
             if isinstance(sel, slice):
-                torch.mm(g, w, out=dx[sel])
+                torch.mm(g, linear_weight, out=dx[sel])
             else:
-                dx.index_copy_(0, sel, g @ w)
+                dx.index_copy_(0, sel, g @ linear_weight)
         if dw is not None:
             _accumulate_dw(dw, g, xc, first=s == 0)
         if db is not None:
             db += g.sum(0, dtype=acc)
-    return tuple(x.new_empty(0) if g is None else g.to(t.dtype) for g, t in ((dx, x), (dw, w), (db, b)))
+    return tuple(x.new_empty(0) if g is None else g.to(t.dtype) for g, t in ((dx, x), (dw, linear_weight), (db, b)))
 
 
 @_linear_backward_op.register_fake
-def _(x, w, b, labels, lse, entropy, grad_logprobs, grad_entropy, need_dx, need_dw, need_db, *plan):
+def _(x, linear_weight, b, labels, lse, entropy, grad_logprobs, grad_entropy, need_dx, need_dw, need_db, *plan):
     return tuple(torch.empty_like(t) if n and t is not None else x.new_empty(0)
-                 for t, n in zip((x, w, b), (need_dx, need_dw, need_db)))
+                 for t, n in zip((x, linear_weight, b), (need_dx, need_dw, need_db)))
 
 
 # ------------------------------------------------------------------------------------------------
 # Autograd
 # ------------------------------------------------------------------------------------------------
 
+def _forward_done(ctx, lp: Tensor, ent: Tensor, lse: Tensor, entropy: bool, inputs: Optional[tuple]):
+    """Saves ``inputs`` (None: no gradient will be asked for) with lse and entropy for
+    :func:`_backward`; the entropy output is differentiable only when it was asked for."""
+    if inputs is not None:
+        ctx.save_for_backward(*inputs, lse, ent)
+    if not entropy:
+        ctx.mark_non_differentiable(ent)
+    return lp, ent
+
+
+def _backward(ctx, grad_lp, grad_ent, grads_of) -> tuple:
+    """``grads_of(*inputs, lse, entropy, grad_logprobs, grad_entropy)`` -> the input gradients."""
+    if grad_lp is None and grad_ent is None:  # (grad_ent is None without return_entropy)
+        return input_grads(ctx)
+    *inputs, lse, ent = ctx.saved_tensors
+    return input_grads(ctx, *grads_of(*inputs, lse, ent, *_upstream(lse, grad_lp, grad_ent)))
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, backend, ignore_index, scale, entropy):
         ctx.set_materialize_grads(False)
-        lp, ent, lse = _forward_op(logits, tokens, backend, ignore_index, scale)
-        ctx.save_for_backward(logits, tokens, lse, ent)
         ctx.plan = (backend, ignore_index, scale)
-        if not entropy:
-            ctx.mark_non_differentiable(ent)
-        return lp, ent
+        lp, ent, lse = _forward_op(logits, tokens, *ctx.plan)
+        return _forward_done(ctx, lp, ent, lse, entropy, (logits, tokens))
 
     @staticmethod
     @once_differentiable("celoss.token_logprobs")
     def backward(ctx, grad_lp, grad_ent):
-        if grad_lp is None and grad_ent is None:  # (grad_ent is None without return_entropy)
-            return (None,) * 6
-        logits, tokens, lse, ent = ctx.saved_tensors
-        acc = lse.dtype
-        grad = _backward_op(logits, tokens, lse, ent, _acc_vec(grad_lp, acc), _acc_vec(grad_ent, acc), *ctx.plan)
-        return (grad,) + (None,) * 5
+        return _backward(ctx, grad_lp, grad_ent, lambda *args: (_backward_op(*args, *ctx.plan),))
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, labels, entropy, grad_enabled, *plan):
+    def forward(ctx, x, linear_weight, b, labels, entropy, grad_enabled, *plan):
         ctx.set_materialize_grads(False)
-        lp, ent, lse = _linear_forward_op(x, w, b, labels, *plan)
-        ctx.need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
-        if any(ctx.need):
-            ctx.save_for_backward(x, w, b, labels, lse, ent)
         ctx.plan = plan
-        if not entropy:
-            ctx.mark_non_differentiable(ent)
-        return lp, ent
+        ctx.need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
+        lp, ent, lse = _linear_forward_op(x, linear_weight, b, labels, *plan)
+        return _forward_done(ctx, lp, ent, lse, entropy, (x, linear_weight, b, labels) if any(ctx.need) else None)
 
     @staticmethod
     @once_differentiable("celoss.linear_token_logprobs")
     def backward(ctx, grad_lp, grad_ent):
-        nothing = (None,) * (3 + len(ctx.plan))
-        if grad_lp is None and grad_ent is None:  # (grad_ent is None without return_entropy)
-            return (None,) * 3 + nothing
-        x, w, b, labels, lse, ent = ctx.saved_tensors
-        acc = lse.dtype
-        grads = _linear_backward_op(x, w, b, labels, lse, ent, _acc_vec(grad_lp, acc), _acc_vec(grad_ent, acc),
-                                    *ctx.need, *ctx.plan)
-        return tuple(g if n else None for g, n in zip(grads, ctx.need)) + nothing
+        def grads_of(*args):
+            grads = _linear_backward_op(*args, *ctx.need, *ctx.plan)
+            return tuple(g if n else None for g, n in zip(grads, ctx.need))
+        return _backward(ctx, grad_lp, grad_ent, grads_of)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Cython backend: the row-kernel contract (see :mod:`celoss.backends`) on the OpenMP CPU kernels
+"""Cython backend: :class:`celoss.backends.Backend` on the OpenMP CPU kernels
 of ``celoss.cpu._kernels`` (math in ``cpu/fastmath.h``). CPU tensors only.
 
 Importing this module raises ImportError when the compiled extension is missing; the dispatcher
@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from .. import _memory
+from .._dtypes import DTYPE_CODE, accum_dtype
 from ..cpu import _kernels as _K
 from . import reference
 
@@ -19,11 +20,7 @@ try:
 except ImportError as exc:  # a build without cpu/_family.pyx: keep the cross-entropy kernels usable
     _F, _FAMILY_ERROR = None, f"{type(exc).__name__}: {exc}"
 
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+LINEAR_CE_KERNELS = False
 
 
 def _unit_rows(x: torch.Tensor) -> bool:
@@ -55,7 +52,7 @@ def _grad_target(logits: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor |
 def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
              logit_scale, softcap, z_loss, focal_gamma):
     n, c = logits.shape
-    acc = _acc_dtype(logits)
+    acc = accum_dtype(logits.dtype)
     x = _rows(logits)
     w = _vec(weight, acc)
     t = None if soft_target is None else _rows(soft_target, x.dtype)
@@ -65,7 +62,7 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
     loss = torch.empty(n, dtype=acc)
     lse = torch.empty(n, dtype=acc)
     if n:
-        _K.fused(_DTYPE_CODE[x.dtype], n, c, x.data_ptr(), x.stride(0), _ptr(g),
+        _K.fused(DTYPE_CODE[x.dtype], n, c, x.data_ptr(), x.stride(0), _ptr(g),
                  0 if g is None else g.stride(0), _ptr(t), 0 if t is None else t.stride(0), _ptr(y),
                  _ptr(w), _ptr(cf), 0 if cf is None or cf.numel() == 1 else 1, loss.data_ptr(),
                  lse.data_ptr(), ignore_index=ignore_index, label_smoothing=float(label_smoothing),
@@ -80,13 +77,13 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
 
 def ce_stats(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
     n, c = logits.shape
-    acc = _acc_dtype(logits)
+    acc = accum_dtype(logits.dtype)
     x = _rows(logits)
     y = _vec(target, torch.int64) if target is not None else torch.full((n,), ignore_index)
     w = _vec(weight, acc)
     out = torch.empty(n, 4, dtype=acc)
     if n:
-        _K.stats(_DTYPE_CODE[x.dtype], n, c, x.data_ptr(), x.stride(0), y.data_ptr(), _ptr(w),
+        _K.stats(DTYPE_CODE[x.dtype], n, c, x.data_ptr(), x.stride(0), y.data_ptr(), _ptr(w),
                  out.data_ptr(), class_start=class_start, ignore_index=ignore_index,
                  logit_scale=float(logit_scale), softcap=softcap,
                  num_threads=torch.get_num_threads())
@@ -95,16 +92,16 @@ def ce_stats(logits, target, weight, *, class_start, ignore_index, logit_scale, 
 
 def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap):
     n, c = logits.shape
-    acc = _acc_dtype(logits)
+    acc = accum_dtype(logits.dtype)
     x = _rows(logits)
     y = _vec(target, torch.int64)
     w = _vec(weight, acc)
     lse_c = _vec(lse, acc)
-    abd = _vec(row_coefs, acc)
+    row_coefs = _vec(row_coefs, acc)
     g = _grad_target(logits, x, grad_out)
     if n:
-        _K.grad(_DTYPE_CODE[x.dtype], n, c, x.data_ptr(), x.stride(0), g.data_ptr(), g.stride(0),
-                y.data_ptr(), _ptr(w), lse_c.data_ptr(), abd.data_ptr(), class_start=class_start,
+        _K.grad(DTYPE_CODE[x.dtype], n, c, x.data_ptr(), x.stride(0), g.data_ptr(), g.stride(0),
+                y.data_ptr(), _ptr(w), lse_c.data_ptr(), row_coefs.data_ptr(), class_start=class_start,
                 logit_scale=float(logit_scale), softcap=softcap,
                 num_threads=torch.get_num_threads())
     if g is not grad_out:
@@ -158,14 +155,14 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
         else:
             up = coef.contiguous()
     if x.numel():
-        _F.binary(r, c, x.data_ptr(), _DTYPE_CODE[x.dtype], y.data_ptr(), _DTYPE_CODE[y.dtype],
+        _F.binary(r, c, x.data_ptr(), DTYPE_CODE[x.dtype], y.data_ptr(), DTYPE_CODE[y.dtype],
                     _ptr(weight), weight.stride(0) if weight is not None else 0,
                     weight.stride(1) if weight is not None else 0, _ptr(pos_weight),
                     pos_weight.stride(0) if pos_weight is not None else 0,
                     pos_weight.stride(1) if pos_weight is not None else 0,
-                    _ptr(up), _DTYPE_CODE[up.dtype] if up is not None else 0, coef_value,
-                    _ptr(loss), _ptr(gx), _DTYPE_CODE[x.dtype], _ptr(gy),
-                    _DTYPE_CODE[y.dtype], partials.data_ptr(), focal=focal_gamma is not None,
+                    _ptr(up), DTYPE_CODE[up.dtype] if up is not None else 0, coef_value,
+                    _ptr(loss), _ptr(gx), DTYPE_CODE[x.dtype], _ptr(gy),
+                    DTYPE_CODE[y.dtype], partials.data_ptr(), focal=focal_gamma is not None,
                     alpha=float(focal_alpha), gamma=float(focal_gamma or 0.0),
                     use_double=use_double, num_threads=_threads(x.numel()))
     return (loss if per_element else partials), gx, gy
@@ -190,10 +187,10 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
     has_target = y is not None
     T = float(temperature)
     if n:
-        _F.distill(n, v, s.data_ptr(), _DTYPE_CODE[s.dtype], s.stride(0), t.data_ptr(),
-                     _DTYPE_CODE[t.dtype], t.stride(0), _ptr(y), int(ignore_index), _ptr(cf),
+        _F.distill(n, v, s.data_ptr(), DTYPE_CODE[s.dtype], s.stride(0), t.data_ptr(),
+                     DTYPE_CODE[t.dtype], t.stride(0), _ptr(y), int(ignore_index), _ptr(cf),
                      0 if cf is None or cf.numel() == 1 else 1, _ptr(g),
-                     _DTYPE_CODE[g.dtype] if g is not None else 0, g.stride(0) if g is not None else 0,
+                     DTYPE_CODE[g.dtype] if g is not None else 0, g.stride(0) if g is not None else 0,
                      loss.data_ptr(), kind=_F.KINDS[kind], t_is_one=T == 1.0, inv_T=1.0 / T,
                      ws=T * T * (float(alpha) if has_target else 1.0),
                      wh=(1.0 - float(alpha)) if has_target else 0.0, beta=float(beta),

@@ -1,4 +1,4 @@
-"""Reference backend: the row-kernel contract in plain PyTorch, a bounded chunk of rows at a time.
+"""Reference backend: :class:`celoss.backends.Backend` in plain PyTorch, a bounded chunk of rows at a time.
 
 Runs on any device. Never holds more than ``CHUNK_ELEMENTS`` float32 probabilities at once.
 """
@@ -9,7 +9,9 @@ import math
 import torch
 
 from .. import stats as S
+from .._dtypes import accum_dtype
 
+LINEAR_CE_KERNELS = False
 CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per chunk
 
 
@@ -19,13 +21,9 @@ def _row_chunks(n: int, c: int):
         yield slice(start, min(n, start + step))
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def transform(x: torch.Tensor, logit_scale: float, softcap: float | None):
     """z = softcap * tanh(scale * x / softcap) and dz/dx (computed in the accumulation dtype)."""
-    z = x.to(_acc_dtype(x)) * logit_scale
+    z = x.to(accum_dtype(x.dtype)) * logit_scale
     if softcap is None:
         return z, logit_scale
     z = softcap * torch.tanh(z / softcap)
@@ -38,7 +36,7 @@ def _weights(weight, c, like):
 
 def ce_stats(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
     n, c = logits.shape
-    out = torch.empty(n, S.NUM_STATS, dtype=_acc_dtype(logits), device=logits.device)
+    out = torch.empty(n, S.NUM_STATS, dtype=accum_dtype(logits.dtype), device=logits.device)
     for rows in _row_chunks(n, c):
         z, _ = transform(logits[rows], logit_scale, softcap)
         m = z.amax(dim=1) if c else torch.full((z.shape[0],), -float("inf"), dtype=z.dtype, device=z.device)
@@ -67,18 +65,18 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
         grad_out[rows] = (g * dz).to(grad_out.dtype)
 
 
-def ce_target_grads(logits, soft_target, weight, lse, row_coef, *, grad_target, grad_weight,
+def ce_target_grads(logits, soft_target, weight, lse, coef, *, grad_target, grad_weight,
                     label_smoothing, logit_scale, softcap):
     """d(sum_n coef_n loss_n)/dt_nj = coef_n (1 - eps) w_j (lse_n - z_nj) for probability targets t,
     and /dw_j = sum_n coef_n t'_nj (lse_n - z_nj) with t' = (1 - eps) t + eps / C."""
     n, c = logits.shape
-    acc = _acc_dtype(logits)
+    acc = accum_dtype(logits.dtype)
     gt = torch.empty_like(soft_target, memory_format=torch.contiguous_format) if grad_target else None
     gw = torch.zeros(c, dtype=acc, device=logits.device) if grad_weight else None
     for rows in _row_chunks(n, c):
         z, _ = transform(logits[rows], logit_scale, softcap)
         nlp = lse[rows].to(acc).unsqueeze(1) - z  # -log p
-        k = (row_coef if row_coef.numel() == 1 else row_coef[rows].unsqueeze(1)).to(acc)
+        k = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
         if gt is not None:
             g = k * (1 - label_smoothing) * nlp
             gt[rows] = (g if weight is None else g * weight.to(acc)).to(gt.dtype)
@@ -103,7 +101,7 @@ def _soft_target_rows(z, lse, t, weight, label_smoothing, z_loss):
 def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
              logit_scale, softcap, z_loss, focal_gamma):
     n, c = logits.shape
-    acc = _acc_dtype(logits)
+    acc = accum_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, dtype=acc, device=logits.device)
     for rows in _row_chunks(n, c):
@@ -123,19 +121,19 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
             safe_t = torch.where(counted, t, torch.zeros_like(t))
             st = torch.stack([m, sumexp, z.gather(1, safe_t.unsqueeze(1)).squeeze(1),
                               z @ _weights(weight, c, z)], dim=1)
-            loss[rows], _, rc = S.coefficients(st, t, weight, num_classes=c, ignore_index=ignore_index,
+            loss[rows], _, row_coefs = S.coefficients(st, t, weight, num_classes=c, ignore_index=ignore_index,
                                                label_smoothing=label_smoothing, z_loss=z_loss,
                                                focal_gamma=focal_gamma)
             if grad_out is None:
                 continue
-            a, b, d = rc.unbind(1)
+            a, b, d = row_coefs.unbind(1)
             g = (a / sumexp).unsqueeze(1) * e - d.unsqueeze(1) * _weights(weight, c, z)
             g.scatter_add_(1, safe_t.unsqueeze(1), -b.unsqueeze(1))
             # a NaN / +inf logit, or only -inf ones: PyTorch's log_softmax is NaN for the whole row
             g = torch.where(torch.isfinite(row_lse).unsqueeze(1), g, torch.nan)
         if grad_out is not None:
-            row_coef = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
-            g = g * dz * row_coef
+            coef_n = (coef if coef.numel() == 1 else coef[rows].unsqueeze(1)).to(acc)
+            g = g * dz * coef_n
             if soft_target is None:  # ignored rows: 0 * softmax whatever the coefficient, as in PyTorch
                 ignored = torch.where(torch.isfinite(row_lse), 0.0, torch.nan).unsqueeze(1)
                 g = torch.where(counted.unsqueeze(1), g, ignored)
@@ -145,8 +143,7 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
 
 # ==============================================================================================
 # Loss family: binary CE with logits, sigmoid focal loss, distillation (celoss/_family_ops.py).
-# Contract of binary_fused / distill_fused: see celoss/_family_ops.py. Plain PyTorch, a bounded
-# chunk of rows at a time (``_row_chunks``).
+# Plain PyTorch, a bounded chunk of rows at a time (``_row_chunks``).
 # ==============================================================================================
 def _binary_math(x, y, w, pw, focal_alpha, focal_gamma):
     """(loss, dloss/dx, dloss/dy) elementwise, in x's (accumulation) dtype."""
@@ -181,7 +178,7 @@ def _binary_math(x, y, w, pw, focal_alpha, focal_gamma):
 def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
                  focal_alpha, focal_gamma):
     r, c = x.shape
-    acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    acc = accum_dtype(x.dtype, y.dtype)
     loss_el = torch.empty_like(x) if per_element else None
     gx = torch.empty_like(x) if grad_input else None
     gy = torch.empty_like(y) if grad_target else None
@@ -234,7 +231,7 @@ def _distill_rows(s, t, kind, temperature, beta):
 def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
                   beta, alpha, ignore_index):
     n, v = student.shape
-    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    acc = accum_dtype(student.dtype, teacher.dtype)
     loss = torch.empty(n, dtype=acc, device=student.device)
     T = float(temperature)
     has_target = target is not None

@@ -1,5 +1,5 @@
-"""Triton backend: the row-kernel contract of :mod:`celoss.backends` on the kernels in
-``celoss.kernels.cross_entropy``.
+"""Triton backend: :class:`celoss.backends.Backend` and the fused linear cross-entropy kernels
+(:class:`celoss.backends.LinearCEKernels`) on the kernels of ``celoss.kernels``.
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before the kernels
 were imported (Triton's interpreter, for tests). The kernels take fp32/fp16/bf16 logits and
@@ -17,8 +17,12 @@ from celoss.kernels import linear_cross_entropy as _lce
 from . import reference as _reference
 
 
-def _use_reference(logits) -> bool:
-    return logits.dtype not in _k.SUPPORTED_DTYPES
+LINEAR_CE_KERNELS = True
+
+
+def _use_reference(*tensors) -> bool:
+    """float64 (which the kernels don't take) runs on the reference backend."""
+    return any(t.dtype not in _k.SUPPORTED_DTYPES for t in tensors)
 
 
 def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
@@ -51,20 +55,19 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused linear cross-entropy (celoss.linear_cross_entropy): thin adapters over
-# celoss.kernels.linear_cross_entropy; a backend exposing these gets the fused engine.
+# Linear cross-entropy kernels (celoss.backends.LinearCEKernels): thin adapters over
+# celoss.kernels.linear_cross_entropy.
 # ------------------------------------------------------------------------------------------------
 
-def lce_stats(x, w, b, src, tgt, weight, *, logit_scale, softcap, need_wz):
-    """(S, M, 4) partial row statistics of X[src] W^T + b over S vocabulary splits."""
-    return _lce.stats(x, w, b, src, tgt, weight, logit_scale=logit_scale, softcap=softcap, need_wz=need_wz)
+def lce_stats(x, linear_weight, b, src, tgt, weight, *, logit_scale, softcap, need_wz):
+    return _lce.stats(x, linear_weight, b, src, tgt, weight, logit_scale=logit_scale, softcap=softcap,
+                      need_wz=need_wz)
 
 
-def lce_backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, *, logit_scale, softcap,
-                 has_d, unit=None):
-    """Accumulates dX / dW / db (float32, in place) from the row coefficients (A, B, D)."""
-    _lce.backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, logit_scale=logit_scale,
-                  softcap=softcap, has_d=has_d, unit=unit)
+def lce_backward(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db, *,
+                 logit_scale, softcap, has_d, unit=None):
+    _lce.backward(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db,
+                  logit_scale=logit_scale, softcap=softcap, has_d=has_d, unit=unit)
 
 
 # ==============================================================================================
@@ -75,10 +78,10 @@ def lce_backward(x, w, b, src, tgt, weight, lse, coefs, thresholds, dx, dw, db, 
 
 def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
                  focal_alpha, focal_gamma):
-    if x.dtype not in _kb.SUPPORTED_DTYPES or y.dtype not in _kb.SUPPORTED_DTYPES:
+    if _use_reference(x, y):
         return _reference.binary_fused(x, y, weight, pos_weight, coef, per_element=per_element,
-                                           grad_input=grad_input, grad_target=grad_target,
-                                           focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+                                       grad_input=grad_input, grad_target=grad_target,
+                                       focal_alpha=focal_alpha, focal_gamma=focal_gamma)
     weight = None if weight is None else weight.to(torch.float32)
     pos_weight = None if pos_weight is None else pos_weight.to(torch.float32)
     if coef is not None:
@@ -92,11 +95,9 @@ def binary_fused(x, y, weight, pos_weight, coef, *, per_element, grad_input, gra
 
 def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kind, temperature,
                   beta, alpha, ignore_index):
-    if (grad_teacher is not None or student.dtype not in _kd.SUPPORTED_DTYPES
-            or teacher.dtype not in _kd.SUPPORTED_DTYPES):
+    if grad_teacher is not None or _use_reference(student, teacher):
         return _reference.distill_fused(student, teacher, target, coef, grad_out, grad_teacher,
-                                            kind=kind, temperature=temperature, beta=beta,
-                                            alpha=alpha, ignore_index=ignore_index)
-    return _kd.distill(student, teacher, target, coef, grad_out, kind=kind,
-                           temperature=temperature, beta=beta, alpha=alpha,
-                           ignore_index=ignore_index)
+                                        kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+                                        ignore_index=ignore_index)
+    return _kd.distill(student, teacher, target, coef, grad_out, kind=kind, temperature=temperature,
+                       beta=beta, alpha=alpha, ignore_index=ignore_index)
