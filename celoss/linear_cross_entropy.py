@@ -39,6 +39,7 @@ from torch import Tensor
 from . import _checks, _dispatch, _ops
 from . import stats as S
 from ._autograd import once_differentiable
+from ._dtypes import accum_dtype
 from .cross_entropy import CrossEntropyOutput, counted_weight
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # logits workspace of the chunked engine (bytes)
@@ -76,15 +77,11 @@ class _Plan(NamedTuple):
                     logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss, focal_gamma=None)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ------------------------------------------------------------------------------------------------
 # Row coefficients (shared by the recomputing backward passes)
 # ------------------------------------------------------------------------------------------------
 
-def _row_coefs(lse: Tensor, tgt: Tensor, weight, num_classes: int, opts: dict) -> Tensor:
+def _unscaled_row_coefs(lse: Tensor, tgt: Tensor, weight, num_classes: int, opts: dict) -> Tensor:
     """(M, 3) gradient coefficients (A, B, D) of the per-row loss given the full-row lse.
 
     A, B, D depend on the statistics only through the lse (celoss.stats.coefficients), so the
@@ -97,13 +94,13 @@ def _row_coefs(lse: Tensor, tgt: Tensor, weight, num_classes: int, opts: dict) -
                           z_loss=opts["z_loss"])[2]
 
 
-def _scaled_coefs(lse, tgt, weight, num_classes, opts, scale, grad_lse):
+def _scaled_row_coefs(lse, tgt, weight, num_classes, opts, scale, grad_lse):
     """Row coefficients times the per-row upstream scale (already 0 on ignored rows), plus the
     returned lse's gradient (which flows for every row)."""
-    coefs = _row_coefs(lse, tgt, weight, num_classes, opts) * scale.to(lse.dtype).reshape(-1, 1)
+    row_coefs = _unscaled_row_coefs(lse, tgt, weight, num_classes, opts) * scale.to(lse.dtype).reshape(-1, 1)
     if grad_lse is not None:
-        coefs[:, 0] += grad_lse.to(lse.dtype)
-    return coefs
+        row_coefs[:, 0] += grad_lse.to(lse.dtype)
+    return row_coefs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +126,7 @@ class GradSink:
 
     def __init__(self, x2d: Tensor, w: Tensor, b: Optional[Tensor], need, m: int, every_row: bool):
         dtype = x2d.dtype
-        acc = _acc_dtype(dtype)
+        acc = accum_dtype(dtype)
         self.w, self.b, self.acc = w, b, acc
         need_dx, need_dw, need_db = need
         # dx rows outside the processed set stay 0; dw is written (not accumulated) by the first
@@ -166,7 +163,6 @@ class _ChunkedEngine:
     cuBLAS), rows by ``backend``'s row kernel. With probability targets, ``soft`` holds them as
     rows of the flattened target, row ``r + soft_offset`` belonging to hidden row ``r`` (1 with
     shift); they are read chunk by chunk, in the logits' dtype."""
-    fuses = True
 
     def __init__(self, backend: str, weight, opts: dict, chunk_bytes: int, chunk_rows: int = 0,
                  soft: Optional[Tensor] = None, soft_offset: int = 0):
@@ -220,7 +216,7 @@ class _ChunkedEngine:
         """Per-row loss and lse of the processed rows; with ``coef`` also the gradients of
         ``coef * sum(loss)`` (as (dx, dw, db) in the parameter dtypes)."""
         m = rows.tgt.shape[0]
-        acc = _acc_dtype(x2d.dtype)
+        acc = accum_dtype(x2d.dtype)
         loss = torch.zeros(m, dtype=acc, device=x2d.device)
         lse = torch.zeros(m, dtype=acc, device=x2d.device)
         grads = coef is not None and any(need)
@@ -266,10 +262,10 @@ class _ChunkedEngine:
                 return logits
             return self._pass(x2d, w, b, rows, need, make_grad)
 
-        coefs = _scaled_coefs(lse, rows.tgt, self.weight, v, opts, scale, grad_lse)
+        row_coefs = _scaled_row_coefs(lse, rows.tgt, self.weight, v, opts, scale, grad_lse)
 
         def make_grad_lse(logits, s, e):
-            return _ops.ce_grad(logits, rows.tgt[s:e], self.weight, lse[s:e], coefs[s:e], self.backend,
+            return _ops.ce_grad(logits, rows.tgt[s:e], self.weight, lse[s:e], row_coefs[s:e], self.backend,
                                 0, opts["logit_scale"], opts["softcap"])
         return self._pass(x2d, w, b, rows, need, make_grad_lse, buffers=2)
 
@@ -332,9 +328,8 @@ def _finish(grads, w, b):
 # Fused engine: backends with linear cross-entropy kernels (``lce_stats`` / ``lce_backward``)
 # ------------------------------------------------------------------------------------------------
 
-class _FusedEngine:
+class _KernelEngine:
     """Logit tiles never leave the kernels (Triton); backward accumulates with atomics."""
-    fuses = False  # backward recomputes tiles; nothing to precompute in forward
 
     def __init__(self, module, weight, opts: dict, filter_eps):
         self.k, self.weight, self.opts, self.filter_eps = module, weight, opts, filter_eps
@@ -354,7 +349,7 @@ class _FusedEngine:
         m = rows.tgt.shape[0]
         v, d = w.shape
         scale = scale.to(torch.float32).contiguous()
-        coefs = _scaled_coefs(lse, rows.tgt, self.weight, v, o, scale, grad_lse).contiguous()
+        row_coefs = _scaled_row_coefs(lse, rows.tgt, self.weight, v, o, scale, grad_lse).contiguous()
         thresholds = None
         if self.filter_eps is not None:
             thresholds = (self.filter_eps * scale.abs()).contiguous()
@@ -369,7 +364,7 @@ class _FusedEngine:
             if grad_lse is not None:
                 unit = torch.maximum(unit, grad_lse.abs().amax().to(unit.dtype))
             unit = torch.where(unit > 0, unit, 1.0).reshape(1).to(torch.float32)
-            self.k.lce_backward(x2d, w, b, rows.src, rows.tgt, self.weight, lse.contiguous(), coefs,
+            self.k.lce_backward(x2d, w, b, rows.src, rows.tgt, self.weight, lse.contiguous(), row_coefs,
                                 thresholds, dx, dw, db, logit_scale=o["logit_scale"], softcap=o["softcap"],
                                 has_d=o["label_smoothing"] != 0.0, unit=unit)
         return (None if dx is None else dx.to(x2d.dtype), None if dw is None else dw.to(w.dtype),
@@ -393,7 +388,7 @@ def _may_be_nonfinite(x: Tensor, w: Tensor, b: Optional[Tensor], logit_scale: fl
     w_max = w.abs().amax().to(**f64) if w.numel() else torch.zeros((), device=w.device, **f64)
     b_max = b.abs().amax().to(**f64) if b is not None else 0.0
     bound = x.abs().sum(1, **f64) * w_max + b_max
-    risky = ~(bound < torch.finfo(x.dtype).max) | ~(bound * abs(logit_scale) < torch.finfo(_acc_dtype(x.dtype)).max)
+    risky = ~(bound < torch.finfo(x.dtype).max) | ~(bound * abs(logit_scale) < torch.finfo(accum_dtype(x.dtype)).max)
     return risky[_hidden_rows(torch.arange(n_out, device=x.device), seq_len)]
 
 
@@ -423,7 +418,7 @@ def _engine(plan: _Plan, weight, soft: Optional[Tensor]):
     """``soft``: the probability targets as rows of the flattened target (row ``r + 1`` scores hidden
     row ``r`` with shift), or None."""
     if plan.engine == "fused":
-        return _FusedEngine(_dispatch.module(plan.backend), weight, plan.opts(), plan.filter_eps)
+        return _KernelEngine(_dispatch.module(plan.backend), weight, plan.opts(), plan.filter_eps)
     return _ChunkedEngine(plan.backend, weight, plan.opts(), plan.chunk_bytes, plan.chunk_rows, soft,
                           1 if plan.seq_len else 0)
 
@@ -458,7 +453,7 @@ def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft
     if soft is None:
         _checks.target_indices(labels, v, ignore_index)
     need = (need_dx, need_dw, need_db and b is not None)
-    acc = _acc_dtype(x.dtype)
+    acc = accum_dtype(x.dtype)
     if v == 0:  # every row is ignored (checked above) or sums nothing: only an lse of -inf to report
         n = labels.shape[0]
         grads = _zero_grads(x, w, b, need) if coef is not None else (None,) * 3
@@ -473,7 +468,7 @@ def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft
 @_lce_forward.register_fake
 def _(x, w, b, labels, soft, weight, coef, need_dx, need_dw, need_db, *plan):
     n = labels.shape[0]
-    acc = _acc_dtype(x.dtype)
+    acc = accum_dtype(x.dtype)
     grads = coef is not None
 
     def grad_like(t, needed):
@@ -552,9 +547,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         # gradients formed in forward unless backward must recompute anyway (per-row upstream
         # gradient, returned lse), may run twice (retain), or float64 wants a float64 scale
-        fused = (any(need) and plan.engine == "chunked" and reduction != "none" and not return_lse
+        grad_in_forward = (any(need) and plan.engine == "chunked" and reduction != "none" and not return_lse
                  and not retain and x2d.dtype != torch.float64)
-        if fused:
+        if grad_in_forward:
             loss_rows, lse, *grads = _lce_forward(x2d, w, b, labels, soft, weight,
                                                   coef.reshape(1).to(torch.float32), *need, *plan)
             # saved (not kept on ctx): without retain_graph autograd releases them right after
@@ -564,7 +559,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_rows, lse, *_ = _lce_forward(x2d, w, b, labels, soft, weight, None, False, False, False, *plan)
             if any(need):
                 ctx.save_for_backward(x2d, w, b, labels, soft, weight, lse, coef)
-        ctx.fused, ctx.plan, ctx.need, ctx.reduction, ctx.consumed = fused, plan, need, reduction, False
+        ctx.grad_in_forward, ctx.plan, ctx.need, ctx.reduction, ctx.consumed = grad_in_forward, plan, need, reduction, False
         if reduction == "none":
             loss = loss_rows
         elif reduction == "sum":
@@ -581,14 +576,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable(_NAME)
     def backward(ctx, grad_loss, grad_lse):
         nothing = (None,) * 10
-        if ctx.fused:
+        if ctx.grad_in_forward:
             return hand_over(ctx, grad_loss, _NAME, "use reduction='none' or options=torch.nn."
                              "LinearCrossEntropyOptions(allow_retain_graph=True) (both recompute in backward)") \
                 + nothing
         if grad_loss is None and grad_lse is None:
             return (None, None, None) + nothing
         x2d, w, b, labels, soft, weight, lse, coef = ctx.saved_tensors
-        acc = _acc_dtype(x2d.dtype)
+        acc = accum_dtype(x2d.dtype)
         if grad_loss is None:
             scale = torch.zeros(1, dtype=acc, device=x2d.device)
         elif ctx.reduction == "none":
@@ -685,7 +680,7 @@ def _select_engine(backend: str, dtype: torch.dtype, engine: Optional[str]) -> s
         return "chunked"
     if engine != "fused":
         raise ValueError(f"engine must be None, 'chunked' or 'fused', got {engine!r}")
-    if not hasattr(_dispatch.module(backend), "lce_stats"):
+    if not _dispatch.module(backend).LINEAR_CE_KERNELS:
         raise ValueError(f"engine='fused' needs the triton backend's fused kernels; backend {backend!r} has "
                          f"none (use engine='chunked')")
     if dtype not in _FUSED_DTYPES:
@@ -826,7 +821,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     seq_len = target.shape[input.dim() - 2] if shift else 0
     out_shape = tuple(input.shape[:-2]) + (max(seq_len - 1, 0),) if shift else tuple(input.shape[:-1])
     n_out = math.prod(out_shape)
-    acc = _acc_dtype(input.dtype)
+    acc = accum_dtype(input.dtype)
     if soft:
         # rows of the flattened target, read chunk by chunk (row r + 1 scores hidden row r with shift);
         # placeholder labels: every row counts, with weight 1 in the mean and the z-loss

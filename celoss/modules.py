@@ -11,6 +11,7 @@ from .cross_entropy import cross_entropy
 from .distillation import distillation_loss
 from .focal import focal_loss, sigmoid_focal_loss
 from .linear_cross_entropy import linear_cross_entropy
+from .linear_distillation import linear_distillation_loss
 
 
 def _keyword_extras(fn, extras: dict, taken=()) -> dict:
@@ -134,7 +135,6 @@ class DistillationLoss(nn.Module):
                                  ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
 
-from .linear_distillation import linear_distillation_loss  # noqa: E402  (added after the existing modules)
 
 
 class LinearDistillationLoss(nn.Module):
