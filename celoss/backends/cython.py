@@ -1,5 +1,5 @@
 """Cython backend: :class:`celoss.backends.Backend` on the OpenMP CPU kernels
-of ``celoss.cpu._kernels`` (math in ``cpu/fastmath.h``). CPU tensors only.
+of ``celoss.cpu._kernels`` (math in ``cpu/ce_rows.h``). CPU tensors only.
 
 Importing this module raises ImportError when the compiled extension is missing; the dispatcher
 falls back to another backend then.
