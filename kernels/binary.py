@@ -6,8 +6,8 @@ whatever the dtypes of input, target and upstream gradient. Weight and pos_weigh
 ``(R, C)`` broadcast views (any strides, stride 0 included): element ``i`` reads them at
 ``(i // C) * s0 + (i % C) * s1``. Each program writes the sum of its losses to ``partial_ptr``
 (the reductions sum those), and, as asked, the per-element loss and the gradients
-``up * dloss/dx``, ``up * dloss/dy`` (``up``: the upstream gradient per element, or one scalar
-read from device memory, so no host synchronisation).
+``coef * dloss/dx``, ``coef * dloss/dy`` (``coef``: the upstream gradient per element, or one
+scalar read from device memory, so no host synchronisation).
 
 Math (the same as the CPU kernel in ``cpu/_family.pyx``), softplus(-x) = max(-x, 0) + log1p(e^-|x|)
 is exact for |x| up to the float32 range::
@@ -24,31 +24,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .distillation import _log1p01
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._host import SUPPORTED_DTYPES, launch, with_flags
+from ._tl import log1p01
 BLOCK = 1024
 NUM_WARPS = 4
 
 
 @triton.jit
 def _binary_kernel(
-    x_ptr, y_ptr, w_ptr, ws0, ws1, pw_ptr, ps0, ps1, up_ptr, loss_ptr, partial_ptr,
+    x_ptr, y_ptr, weight_ptr, ws0, ws1, pw_ptr, ps0, ps1, coef_ptr, loss_ptr, partial_ptr,
     gx_ptr, gy_ptr, numel, C, alpha, gamma,
-    BLOCK: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr,
-    PER_ELEMENT: tl.constexpr, HAS_UP: tl.constexpr, HAS_GX: tl.constexpr, HAS_GY: tl.constexpr,
+    BLOCK: tl.constexpr, FOCAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PW: tl.constexpr,
+    PER_ELEMENT: tl.constexpr, PER_ELEMENT_COEF: tl.constexpr, HAS_GX: tl.constexpr, HAS_GY: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_W or HAS_PW:
+    if HAS_WEIGHT or HAS_PW:
         r = offs // C
         c = offs - r * C
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
-    spn = tl.maximum(-x, 0.0) + _log1p01(e)  # softplus(-x)
+    spn = tl.maximum(-x, 0.0) + log1p01(e)  # softplus(-x)
     sgn = tl.where(x >= 0, e * inv, inv)      # sigmoid(-x) = 1 - p
     if FOCAL:
         p = tl.where(x >= 0, inv, e * inv)
@@ -75,8 +74,8 @@ def _binary_kernel(
             dy = -x
         loss = (1.0 - y) * x + lw * spn
         dx = (1.0 - y) - lw * sgn
-        if HAS_W:
-            w = tl.load(w_ptr + r * ws0 + c * ws1, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + r * ws0 + c * ws1, mask=mask, other=0.0).to(tl.float32)
             loss = w * loss
             dx = w * dx
             dy = w * dy
@@ -85,14 +84,14 @@ def _binary_kernel(
     if PER_ELEMENT:
         tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
     if HAS_GX or HAS_GY:
-        if HAS_UP:
-            up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PER_ELEMENT_COEF:
+            coef = tl.load(coef_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            up = tl.load(up_ptr).to(tl.float32)
+            coef = tl.load(coef_ptr).to(tl.float32)
         if HAS_GX:
-            tl.store(gx_ptr + offs, (dx * up).to(gx_ptr.dtype.element_ty), mask=mask)
+            tl.store(gx_ptr + offs, (dx * coef).to(gx_ptr.dtype.element_ty), mask=mask)
         if HAS_GY:
-            tl.store(gy_ptr + offs, (dy * up).to(gy_ptr.dtype.element_ty), mask=mask)
+            tl.store(gy_ptr + offs, (dy * coef).to(gy_ptr.dtype.element_ty), mask=mask)
 
 
 def binary_plan(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad_target,
@@ -100,7 +99,7 @@ def binary_plan(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad
     """Kernel, grid, keyword arguments, launch options and (loss, partials, gx, gy)."""
     for t, name in ((x, "input"), (y, "target")):
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"triton binary kernel takes fp32/fp16/bf16 {name}, got {t.dtype}")
+            raise TypeError(f"triton binary kernels take fp32/fp16/bf16 {name}, got {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if x.shape != y.shape or x.dim() != 2:
@@ -116,75 +115,27 @@ def binary_plan(x, y, weight, pos_weight, coef, *, per_element, grad_input, grad
     loss = torch.empty_like(x) if per_element else None
     gx = torch.empty_like(x) if grad_input else None
     gy = torch.empty_like(y) if grad_target else None
-    has_up = coef is not None and coef.numel() != 1 and (grad_input or grad_target)
+    per_element_coef = coef is not None and coef.numel() != 1 and (grad_input or grad_target)
     if (grad_input or grad_target) and coef is None:
         raise ValueError("gradients need coef")
-    if has_up:
+    if per_element_coef:
         assert coef.shape == x.shape and coef.is_contiguous()
-    kwargs = dict(
-        x_ptr=x, y_ptr=y, w_ptr=weight, ws0=weight.stride(0) if weight is not None else 0,
+    kwargs = with_flags(dict(
+        x_ptr=x, y_ptr=y, weight_ptr=weight, ws0=weight.stride(0) if weight is not None else 0,
         ws1=weight.stride(1) if weight is not None else 0, pw_ptr=pos_weight,
         ps0=pos_weight.stride(0) if pos_weight is not None else 0,
         ps1=pos_weight.stride(1) if pos_weight is not None else 0,
-        up_ptr=coef if (grad_input or grad_target) else None,
+        coef_ptr=coef if (grad_input or grad_target) else None,
         loss_ptr=loss, partial_ptr=partials, gx_ptr=gx, gy_ptr=gy, numel=numel, C=max(c, 1),
         alpha=float(focal_alpha) if focal else 0.0, gamma=float(focal_gamma) if focal else 0.0,
-        BLOCK=BLOCK, FOCAL=focal, HAS_W=weight is not None, HAS_PW=pos_weight is not None,
-        PER_ELEMENT=per_element, HAS_UP=has_up, HAS_GX=grad_input, HAS_GY=grad_target,
-    )
+        BLOCK=BLOCK, FOCAL=focal, PER_ELEMENT_COEF=per_element_coef,
+    ), HAS_WEIGHT="weight_ptr", HAS_PW="pw_ptr", PER_ELEMENT="loss_ptr", HAS_GX="gx_ptr", HAS_GY="gy_ptr")
     return _binary_kernel, grid, kwargs, dict(num_warps=NUM_WARPS), (loss, partials, gx, gy)
 
 
 def binary(x, y, weight, pos_weight, coef, *, per_element=False, grad_input=False,
            grad_target=False, focal_alpha=0.25, focal_gamma=None):
     """(loss per element or None, partial sums (float32), grad_x or None, grad_y or None)."""
-    kernel, grid, kwargs, options, out = binary_plan(
+    return launch(binary_plan(
         x, y, weight, pos_weight, coef, per_element=per_element, grad_input=grad_input,
-        grad_target=grad_target, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
-    if grid[0] > 0:
-        kernel[grid](**kwargs, **options)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch plans on CPU stand-in tensors, for ahead-of-time compile tests (kernels/_aot.py)
-# ----------------------------------------------------------------------------------------------
-
-def aot_plan(dtype="bfloat16", target_dtype="bfloat16", aligned=True, *, focal=False, weight=False,
-             pos_weight=False, per_element=False, up=False, grad_input=False, grad_target=False):
-    """The plan a launch would use, on small CPU stand-in tensors (``aligned=False``: an odd
-    element count and pointers off the 16-byte grid)."""
-    r, c = 3, (37 if aligned else 35)
-
-    def t(dt):
-        dt = getattr(torch, dt)
-        return torch.zeros(r, c, dtype=dt) if aligned else torch.zeros(r * c + 1, dtype=dt)[1:].view(r, c)
-
-    x, y = t(dtype), t(target_dtype)
-    w = torch.zeros(c).expand(r, c) if weight else None
-    pw = torch.zeros(r, 1).expand(r, c) if pos_weight else None
-    need = grad_input or grad_target
-    coef = (t(dtype) if up else torch.ones(1)) if need else None
-    return binary_plan(x, y, w, pw, coef, per_element=per_element, grad_input=grad_input,
-                       grad_target=grad_target and not focal, focal_alpha=0.25,
-                       focal_gamma=2.0 if focal else None)
-
-
-def aot_cases(heaviest=False):
-    """Flag combinations the launcher can produce (focal: no weights, no target gradient)."""
-    combos = []
-    for focal in (False, True):
-        for weight in ((False,) if focal else (False, True)):
-            for pos_weight in ((False,) if focal else (False, True)):
-                for per_element in (False, True):
-                    for grads in ((False, False), (True, False), (True, True)):
-                        if focal and grads[1]:
-                            continue
-                        for up in ((False, True) if any(grads) else (False,)):
-                            combos.append(dict(focal=focal, weight=weight, pos_weight=pos_weight,
-                                               per_element=per_element, up=up,
-                                               grad_input=grads[0], grad_target=grads[1]))
-    if heaviest:
-        return [c for c in combos if (c["focal"] or (c["weight"] and c["pos_weight"]))
-                and c["per_element"] and c["up"] and c["grad_input"]]
-    return combos
+        grad_target=grad_target, focal_alpha=focal_alpha, focal_gamma=focal_gamma))

@@ -15,9 +15,7 @@ Kernels
 
 Launchers (``fused``, ``stats``, ``grad``) allocate the outputs, pick ``BLOCK`` / ``num_warps``
 (:func:`block_config`) and launch; nothing here knows about autograd or checks arguments beyond
-what the kernels need. Each launcher is split into a ``*_plan`` function returning the kernel,
-grid, arguments and launch options, so ``tests/kernels/test_aot_compile.py`` compiles exactly the
-configurations a launch can produce.
+what the kernels need. Each is a ``*_plan`` function plus :func:`kernels._host.launch`.
 """
 from __future__ import annotations
 
@@ -25,9 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import SUPPORTED_DTYPES, aligned16, check_rows, f32, launch, softcap_args, with_flags
+from ._tl import class_weight, expm1, lane_finish, lane_update, log1m, row_coef, safe_shift, transform
+
 # (BLOCK, num_warps) pairs block_config can return: at most 16 elements per thread and at most
 # 8 warps (256 threads). Every launch also passes maxnreg=MAXNREG (PTX .maxnreg). Measured with
-# Triton 3.6's ptxas (CUDA 12.8) on all 2856 launchable variants (tests/kernels/test_aot_compile.py):
+# Triton 3.6's ptxas (CUDA 12.8) on all launchable variants (tests/kernels/test_aot_compile.py):
 # without .maxnreg, ptxas picks its own occupancy-driven register target (64 for 512 threads,
 # 48-80 for 256) and spilled 8-24 bytes in 70 variants (mostly unaligned rows, whose unvectorized
 # loads need a 64-bit address per element); with .maxnreg 128 none spills and the heaviest variant
@@ -37,8 +38,6 @@ MIN_BLOCK = 64
 MAX_BLOCK = 4096
 BLOCK_CONFIGS = tuple((1 << k, max(1, (1 << k) // 512)) for k in range(6, 13))
 MAXNREG = 128
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def block_config(num_classes: int) -> tuple[int, int]:
@@ -53,50 +52,9 @@ def block_config(num_classes: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap * tanh(scale * x / softcap) (or scale * x) in float32, and dz/dx.
-
-    tanh(u) = 2 / (1 + exp(-2u)) - 1: one exp, saturates correctly at +-inf, absolute error of
-    a few float32 ulps of 1 (so |error of z| ~ softcap * 1e-7), no libdevice needed.
-    """
-    z = x.to(tl.float32) * scale
-    if HAS_SOFTCAP:
-        th = 2.0 / (1.0 + tl.exp(-2.0 * inv_softcap * z)) - 1.0
-        z = softcap * th
-        dz = scale * (1.0 - th * th)
-    else:
-        dz = scale
-    return z, dz
-
-
-@triton.jit
-def _lane_update(m, s, z):
-    """Per-lane online (max, sumexp): lane i keeps the statistics of the elements it has seen, so
-    the row loop needs no block-wide reduction (no barrier); :func:`_lane_finish` merges the
-    lanes once per row. One exp per element: exp(-|z - m|) is the rescale of the old sum when z
-    is the new max and the new term otherwise. -inf lanes leave (m, s) unchanged, equal infinite
-    values add 1 (as a shift by them would), NaN makes s NaN."""
-    bigger = z > m
-    d = tl.where(bigger, m - z, z - m)
-    d = tl.where(z == m, 0.0, tl.where(z == -float("inf"), -float("inf"), d))
-    e = tl.exp(d)
-    s = tl.where(bigger, s * e + 1.0, s + e)
-    return tl.where(bigger, z, m), s
-
-
-@triton.jit
-def _lane_finish(m, s):
-    """(max, sumexp) of a row from its per-lane statistics, with the safe shift (0 when the max is
-    +-inf or NaN) of celoss.stats.merge_all."""
-    m_row = tl.max(m, axis=0)
-    m_safe = tl.where(tl.abs(m_row) < float("inf"), m_row, 0.0)
-    return m_row, tl.sum(s * tl.exp(m - m_safe), axis=0)
-
-
-@triton.jit
-def _lin_weight(w_ptr, t_ptr, cols, mask, one_minus_eps, eps_over_c, HAS_WEIGHT: tl.constexpr,
-                HAS_SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """Per-class weight of the linear term, 0 on masked lanes.
+def _term_weight(weight_ptr, t_ptr, cols, mask, one_minus_eps, eps_over_c, HAS_WEIGHT: tl.constexpr,
+                 HAS_SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Per-class weight of the loss's linear term in z, 0 on masked lanes.
 
     Index targets: w_j (1 without class weights). Probability targets: w_j ((1 - eps) t_j + eps/C).
     """
@@ -105,46 +63,30 @@ def _lin_weight(w_ptr, t_ptr, cols, mask, one_minus_eps, eps_over_c, HAS_WEIGHT:
         if HAS_SMOOTHING:
             v = tl.where(mask, v * one_minus_eps + eps_over_c, 0.0)
         if HAS_WEIGHT:
-            v = v * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            v = v * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     else:
-        if HAS_WEIGHT:
-            v = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            v = tl.where(mask, 1.0, 0.0)
+        v = class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
     return v
 
 
 @triton.jit
-def _row_coef(coef_ptr, row, PER_ROW_COEF: tl.constexpr):
-    """The gradient's scale for ``row``: its own upstream gradient, or one shared by all rows."""
-    if PER_ROW_COEF:
-        coef_ptr += row
-    return tl.load(coef_ptr).to(tl.float32)
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation near 0: 9-term Taylor series for |x| < 0.5 (relative
-    truncation error < 1.1e-8), exp(x) - 1 elsewhere (relative error ~ 1e-7 / 0.5)."""
-    series = x * (1.0 + x * 0.5 * (1.0 + x * (1.0 / 3.0) * (1.0 + x * 0.25 * (1.0 + x * 0.2 * (
-        1.0 + x * (1.0 / 6.0) * (1.0 + x * (1.0 / 7.0) * (1.0 + x * 0.125 * (1.0 + x * (1.0 / 9.0)))))))))
-    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def _log1m(u):
-    """log(1 - u) for u >= 0 without cancellation near 0: -(u + u^2/2 + ... + u^8/8) for u < 0.1
-    (relative truncation error < 1.2e-9), log(1 - u) elsewhere."""
-    series = -u * (1.0 + u * (0.5 + u * ((1.0 / 3.0) + u * (0.25 + u * (0.2 + u * (
-        (1.0 / 6.0) + u * ((1.0 / 7.0) + u * 0.125)))))))
-    return tl.where(u < 0.1, series, tl.log(1.0 - u))
+def _block_cols(start, BLOCK: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """The columns of the block at ``start``. Gradient rows that are not 16-byte aligned are stored
+    one element per thread; a 16-byte aligned class-weight (or target) row would be loaded four
+    per thread, and the layout conversion between the two costs 8 bar.sync per block. Declaring
+    the columns non-contiguous (``CONTIGUOUS`` False) keeps every access of a row loop in the
+    store's layout."""
+    cols = start + tl.arange(0, BLOCK)
+    if not CONTIGUOUS:
+        cols = tl.max_contiguous(cols, 1)
+    return cols
 
 
 @triton.jit
 def _merge_target(m, s, z_y, counted):
     """Fold the target logit z_y, left out of the online (m, s) of a row, back in.
 
-    Returns (lse, shift, sumexp, p_y, 1 - p_y, log p_y) with sumexp = sum_j exp(z_j - shift), so
+    Returns (lse, shift, sumexp, p_y, p_other = 1 - p_y, log p_y) with sumexp = sum_j exp(z_j - shift), so
     p_j = exp(z_j - shift) / sumexp: z_j - shift is exact where it matters, unlike z_j - lse once
     lse has been rounded (at |z| ~ 1e30, lse - z_y is 0 in float32 while log p_y is -log 2).
     1 - p_y = (sum of the other classes' exps) / sumexp is accurate to float32 rounding for any
@@ -153,24 +95,24 @@ def _merge_target(m, s, z_y, counted):
     (lse, ..., 0, 1, -inf)-like values that the caller masks out.
     """
     m_full = tl.where(counted, tl.maximum(m, z_y), m)
-    shift = tl.where(tl.abs(m_full) < float("inf"), m_full, 0.0)
+    shift = safe_shift(m_full)
     s_other = s * tl.exp(m - shift)
     e_y = tl.where(counted, tl.exp(z_y - shift), 0.0)
     s_all = s_other + e_y
     log_s = tl.log(s_all)
     lse = m_full + log_s
-    omp = s_other / s_all
+    p_other = s_other / s_all
     p_y = e_y / s_all
-    lp = tl.where(omp < 0.5, _log1m(tl.minimum(omp, 0.5)), (z_y - shift) - log_s)
-    return lse, shift, s_all, p_y, omp, lp
+    lp = tl.where(p_other < 0.5, log1m(tl.minimum(p_other, 0.5)), (z_y - shift) - log_s)
+    return lse, shift, s_all, p_y, p_other, lp
 
 
 @triton.jit
-def _focal_terms(lp, p_y, omp, gamma):
+def _focal_terms(lp, p_y, p_other, gamma):
     """((1 - p)^gamma, 1 - gamma p lp / (1 - p)) for p = p_y (celoss.stats.focal_factor), finite
-    as p -> 1 (lp / (1 - p) -> -1), for gamma < 1, and as p -> 0."""
-    pos = omp > 0
-    safe = tl.where(pos, omp, 1.0)
+    as p -> 1 (lp / (1 - p) -> -1), for gamma < 1, and as p -> 0; p_other = 1 - p_y."""
+    pos = p_other > 0
+    safe = tl.where(pos, p_other, 1.0)
     ratio = tl.where(pos, lp / safe, -1.0)
     decay = tl.where(pos, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0, 1.0, 0.0))
     p_ratio = tl.where(p_y > 0, p_y * ratio, 0.0)
@@ -188,7 +130,7 @@ def _ce_fused_kernel(
     scale, softcap, inv_softcap, z_loss, gamma,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SOFT_TARGET: tl.constexpr, IS_FOCAL: tl.constexpr,
-    HAS_GRAD: tl.constexpr, PER_ROW_COEF: tl.constexpr,
+    HAS_GRAD: tl.constexpr, PER_ROW_COEF: tl.constexpr, ALIGNED_GRAD: tl.constexpr,
 ):
     """Loss, lse and (HAS_GRAD) the gradient of one row (program_id(0) = row).
 
@@ -234,28 +176,32 @@ def _ce_fused_kernel(
         y_out = tl.where(counted, y, -1)  # the class left out of pass 1 (none if ignored)
     NEED_LIN: tl.constexpr = HAS_SOFT_TARGET or (HAS_SMOOTHING and not IS_FOCAL)
 
+    # Probability targets keep their 16-byte target and weight loads: unvectorized, they spilled on
+    # sm_90 (fp32 rows off the 16-byte grid); their unaligned gradient loop pays the conversion.
+    CONTIGUOUS: tl.constexpr = ALIGNED_GRAD or HAS_SOFT_TARGET
+
     # ---- pass 1: online statistics, per lane (no barrier in the loop), merged once ------------
     m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
     s_lane = tl.zeros((BLOCK,), tl.float32)
     wz_lane = tl.zeros((BLOCK,), tl.float32)
     mass = 0.0
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = _block_cols(start, BLOCK, CONTIGUOUS)
         mask = cols < C
         # keep the row in L2 for pass 2 (the contract: one read of the logits from memory)
         x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-        z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        z, _ = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
         if HAS_SOFT_TARGET:
-            m_lane, s_lane = _lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
+            m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
         else:
-            m_lane, s_lane = _lane_update(m_lane, s_lane, tl.where(mask & (cols != y_out), z, -float("inf")))
+            m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask & (cols != y_out), z, -float("inf")))
         if NEED_LIN:
-            v = _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
-                            HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+            v = _term_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
+                             HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
             wz_lane += v * z
             if HAS_SOFT_TARGET:  # a block sum, not a fourth lane vector: that one spilled
                 mass += tl.sum(v, axis=0)
-    m, s = _lane_finish(m_lane, s_lane)
+    m, s = lane_finish(m_lane, s_lane)
     wz = tl.sum(wz_lane, axis=0)
 
     # ---- loss and row coefficients -------------------------------------------------------
@@ -263,20 +209,20 @@ def _ce_fused_kernel(
     g_y = 0.0
     if HAS_SOFT_TARGET:
         lse = m + tl.log(s)
-        shift = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+        shift = safe_shift(m)
         s_all = s
         loss = mass * lse - wz + z_loss * lse * lse
         a = mass + 2.0 * z_loss * lse
     else:
         x_y = tl.load(x_row + y)
-        z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        lse, shift, s_all, p_y, omp, lp = _merge_target(m, s, z_y, counted)
+        z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        lse, shift, s_all, p_y, p_other, lp = _merge_target(m, s, z_y, counted)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y, mask=counted, other=0.0).to(tl.float32)
         else:
             w_y = tl.where(counted, 1.0, 0.0)
         if IS_FOCAL:
-            decay, slope = _focal_terms(lp, p_y, omp, gamma)
+            decay, slope = _focal_terms(lp, p_y, p_other, gamma)
             loss = -w_y * decay * lp
             a = w_y * decay * slope
             b = a
@@ -294,7 +240,7 @@ def _ce_fused_kernel(
                 a += eps_over_c * w_sum * c
                 d = eps_over_c * c
         # target element of dloss/dz: A p_y - B - D w_y without the 1 - p_y cancellation
-        g_y = (a - b) * p_y - b * omp - d * w_y
+        g_y = (a - b) * p_y - b * p_other - d * w_y
         # ignored rows: exact zeros, whatever their logits (0 * inf / NaN would not be)
         loss = tl.where(bad_target, float("nan"), tl.where(counted, loss, 0.0))
         a = tl.where(counted, a, 0.0)
@@ -307,7 +253,7 @@ def _ce_fused_kernel(
 
     # ---- pass 2: gradient ----------------------------------------------------------------
     if HAS_GRAD:
-        coef = _row_coef(coef_ptr, row, PER_ROW_COEF)
+        coef = row_coef(coef_ptr, row, PER_ROW_COEF)
         g_row = grad_ptr + row * stride_g
         # ignored rows read nothing and get 0 * softmax, as in PyTorch: zeros, or NaN where the
         # row's softmax is NaN (a NaN / +inf logit, or every logit -inf), whatever the coefficient
@@ -317,18 +263,17 @@ def _ce_fused_kernel(
         a_over_s = a / s_all
         g_y = tl.where(finite_row, g_y, float("nan"))
         for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+            cols = _block_cols(start, BLOCK, CONTIGUOUS)
             mask = cols < C
             x = tl.load(x_row + cols, mask=cols < n_read, other=0.0, eviction_policy="evict_first")
-            z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+            z, dz = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
             g = a_over_s * tl.exp(z - shift)
             if HAS_SOFT_TARGET:
-                g -= _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
-                                 HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+                g -= _term_weight(weight_ptr, t_row, cols, mask, one_minus_eps,
+                                  eps_over_c, HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
             else:
                 if HAS_SMOOTHING and not IS_FOCAL:
-                    g -= d * _lin_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
-                                         HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+                    g -= d * class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
                 g = tl.where(cols == y, g_y, g)
             g = tl.where(counted, g * dz * coef, ignored_g)
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -358,14 +303,13 @@ def _ce_stats_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
         x = tl.load(x_row + cols, mask=mask, other=0.0)
-        z, _ = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        m_lane, s_lane = _lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
-        v = _lin_weight(weight_ptr, weight_ptr, cols, mask, 1.0, 0.0, HAS_WEIGHT, False, False)
-        wz_lane += v * z
-    m, s = _lane_finish(m_lane, s_lane)
+        z, _ = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
+        wz_lane += class_weight(weight_ptr, cols, mask, HAS_WEIGHT) * z
+    m, s = lane_finish(m_lane, s_lane)
     wz = tl.sum(wz_lane, axis=0)
     x_y = tl.load(x_row + local, mask=here, other=0.0)
-    z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+    z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
     z_y = tl.where(here, z_y, 0.0)
     o = out_ptr + row * 4
     tl.store(o, m)
@@ -376,13 +320,13 @@ def _ce_stats_kernel(
 
 @triton.jit
 def _ce_grad_kernel(
-    logits_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, coefs_ptr, grad_ptr, stride_g,
+    logits_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, row_coefs_ptr, grad_ptr, stride_g,
     C, class_start, scale, softcap, inv_softcap,
-    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIGNED_GRAD: tl.constexpr,
 ):
     """grad_j = dz_j/dx_j (A p_j - B [j + class_start == y] - D w_j) for one row of a class block.
 
-    p_j = exp(z_j - lse) with the full-row lse; (A, B, D) = coefs[row] (already scaled by the
+    p_j = exp(z_j - lse) with the full-row lse; (A, B, D) = row_coefs[row] (already scaled by the
     upstream gradient). The target element uses (A - B) p_y + B expm1(z_y - lse) (see the fused
     kernel). Rows with A = B = D = 0 (ignored rows) are written as zeros without reading logits.
     """
@@ -394,30 +338,30 @@ def _ce_grad_kernel(
     here = (local >= 0) & (local < C)
     local = tl.where(here, local, 0).to(tl.int32)
     lse = tl.load(lse_ptr + row).to(tl.float32)
-    a = tl.load(coefs_ptr + row * 3).to(tl.float32)
-    b = tl.load(coefs_ptr + row * 3 + 1).to(tl.float32)
-    d = tl.load(coefs_ptr + row * 3 + 2).to(tl.float32)
+    a = tl.load(row_coefs_ptr + row * 3).to(tl.float32)
+    b = tl.load(row_coefs_ptr + row * 3 + 1).to(tl.float32)
+    d = tl.load(row_coefs_ptr + row * 3 + 2).to(tl.float32)
     # Columns to read: none for rows with A = B = D = 0. (An integer bound rather than
     # `mask & scalar_float_compare`, which Triton 3.6's interpreter mis-broadcasts.)
     active = (a != 0.0) | (b != 0.0) | (d != 0.0)
     n_read = tl.where(active, C, 0)
     lse = tl.where(active, lse, 0.0)  # zeros for inactive rows even if their lse is inf / NaN
     x_y = tl.load(x_row + local, mask=local < n_read, other=0.0)
-    z_y, _ = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+    z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + local, mask=here, other=0.0).to(tl.float32)
     else:
         w_y = 1.0
     lp = z_y - lse
-    g_y = (a - b) * tl.exp(lp) + b * _expm1(lp) - d * w_y
+    g_y = (a - b) * tl.exp(lp) + b * expm1(lp) - d * w_y
     y_col = tl.where(here, local, -1)  # the target's column in this block, -1 if elsewhere
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = _block_cols(start, BLOCK, ALIGNED_GRAD)
         mask = cols < C
         x = tl.load(x_row + cols, mask=cols < n_read, other=0.0)
-        z, dz = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        z, dz = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
         g = a * tl.exp(z - lse)
-        g -= d * _lin_weight(weight_ptr, weight_ptr, cols, mask, 1.0, 0.0, HAS_WEIGHT, False, False)
+        g -= d * class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
         g = tl.where(cols == y_col, g_y, g)
         g = g * dz
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -427,42 +371,24 @@ def _ce_grad_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _check_logits(logits: torch.Tensor):
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton cross-entropy kernels take fp32/fp16/bf16 logits, got {logits.dtype}")
-    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
-        raise ValueError("logits must be (N, C) with unit stride along the classes")
-
-
-def _f32(t):
-    return None if t is None else t.to(torch.float32).contiguous()
-
-
-def _softcap_args(logit_scale, softcap):
-    if softcap is None:
-        return float(logit_scale), 1.0, 1.0
-    return float(logit_scale), float(softcap), 1.0 / float(softcap)
-
-
 def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
                logit_scale, softcap, z_loss, focal_gamma):
     """Kernel, grid, keyword arguments and launch options of :func:`fused`, plus (loss, lse)."""
-    _check_logits(logits)
+    check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
     if c == 0 and n > 0:
         raise ValueError("cross-entropy needs at least one class")
     dev = logits.device
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
-    weight = _f32(weight)
+    weight = f32(weight)
     has_soft = soft_target is not None
     is_focal = focal_gamma is not None
     eps = float(label_smoothing or 0.0)
     has_smoothing = eps != 0.0 and not is_focal
     wsum = weight.sum().reshape(1) if (weight is not None and has_smoothing and not has_soft) else None
     has_grad = grad_out is not None
-    per_row = has_grad and coef.numel() != 1
-    scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
+    scale, cap, inv_cap = softcap_args(logit_scale, softcap)
     block, num_warps = block_config(c)
     if has_soft and soft_target.shape[1] > 1 and soft_target.stride(1) != 1:
         soft_target = soft_target.contiguous()
@@ -470,62 +396,51 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
         target = target.contiguous()
     if has_grad:
         assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
-    kwargs = dict(
+    kwargs = with_flags(dict(
         logits_ptr=logits, stride_x=logits.stride(0),
         target_ptr=None if has_soft else target,
         soft_ptr=soft_target if has_soft else None,
         stride_t=soft_target.stride(0) if has_soft else 0,
         weight_ptr=weight, wsum_ptr=wsum,
-        coef_ptr=_f32(coef) if has_grad else None,
+        coef_ptr=f32(coef) if has_grad else None,
         grad_ptr=grad_out, stride_g=grad_out.stride(0) if has_grad else 0,
         loss_ptr=loss, lse_ptr=lse, C=c, ignore_index=int(ignore_index),
         one_minus_eps=1.0 - eps, eps_over_c=eps / max(c, 1),
         scale=scale, softcap=cap, inv_softcap=inv_cap, z_loss=float(z_loss or 0.0),
         gamma=float(focal_gamma) if is_focal else 0.0,
-        BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing,
-        HAS_SOFTCAP=softcap is not None, HAS_SOFT_TARGET=has_soft, IS_FOCAL=is_focal,
-        HAS_GRAD=has_grad, PER_ROW_COEF=per_row,
-    )
+        BLOCK=block, HAS_SMOOTHING=has_smoothing, HAS_SOFTCAP=softcap is not None, IS_FOCAL=is_focal,
+        PER_ROW_COEF=has_grad and coef.numel() != 1, ALIGNED_GRAD=not has_grad or aligned16(grad_out),
+    ), HAS_WEIGHT="weight_ptr", HAS_SOFT_TARGET="soft_ptr", HAS_GRAD="grad_ptr")
     return _ce_fused_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), (loss, lse)
 
 
 def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
-    _check_logits(logits)
+    check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
     out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
-    scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
+    scale, cap, inv_cap = softcap_args(logit_scale, softcap)
     block, num_warps = block_config(c)
-    weight = _f32(weight)
-    kwargs = dict(
-        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=weight,
+    kwargs = with_flags(dict(
+        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=f32(weight),
         out_ptr=out, C=c, class_start=int(class_start), ignore_index=int(ignore_index),
-        scale=scale, softcap=cap, inv_softcap=inv_cap,
-        BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
-    )
+        scale=scale, softcap=cap, inv_softcap=inv_cap, BLOCK=block, HAS_SOFTCAP=softcap is not None,
+    ), HAS_WEIGHT="weight_ptr")
     return _ce_stats_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), out
 
 
 def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap):
-    _check_logits(logits)
+    check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
-    scale, cap, inv_cap = _softcap_args(logit_scale, softcap)
+    scale, cap, inv_cap = softcap_args(logit_scale, softcap)
     block, num_warps = block_config(c)
-    weight = _f32(weight)
     assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
-    kwargs = dict(
-        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=weight,
-        lse_ptr=_f32(lse), coefs_ptr=_f32(row_coefs), grad_ptr=grad_out, stride_g=grad_out.stride(0),
+    kwargs = with_flags(dict(
+        logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=f32(weight),
+        lse_ptr=f32(lse), row_coefs_ptr=f32(row_coefs), grad_ptr=grad_out, stride_g=grad_out.stride(0),
         C=c, class_start=int(class_start), scale=scale, softcap=cap, inv_softcap=inv_cap,
-        BLOCK=block, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap is not None,
-    )
+        BLOCK=block, HAS_SOFTCAP=softcap is not None, ALIGNED_GRAD=aligned16(grad_out),
+    ), HAS_WEIGHT="weight_ptr")
     return _ce_grad_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), grad_out
-
-
-def _launch(plan):
-    kernel, grid, kwargs, options, result = plan
-    if grid[0] > 0:
-        kernel[grid](**kwargs, **options)
-    return result
 
 
 def _row_major_out(out: torch.Tensor):
@@ -539,7 +454,7 @@ def fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index=-
           label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, focal_gamma=None):
     """Per-row (loss, lse) float32 and, when ``grad_out`` is given, ``coef * dloss/dlogits``."""
     buf = None if grad_out is None else _row_major_out(grad_out)
-    loss, lse = _launch(fused_plan(
+    loss, lse = launch(fused_plan(
         logits, target, soft_target, weight, coef, buf, ignore_index=ignore_index,
         label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
         z_loss=z_loss, focal_gamma=focal_gamma))
@@ -550,84 +465,16 @@ def fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index=-
 
 def stats(logits, target, weight, *, class_start=0, ignore_index=-100, logit_scale=1.0, softcap=None):
     """(N, 4) float32 row statistics of the class block ``[class_start, class_start + C)``."""
-    return _launch(stats_plan(logits, target, weight, class_start=class_start,
-                              ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap))
+    return launch(stats_plan(logits, target, weight, class_start=class_start,
+                             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap))
 
 
 def grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start=0, logit_scale=1.0,
          softcap=None):
     """Writes ``dz/dx * (A p - B onehot - D w)`` of a class block into ``grad_out`` (may alias)."""
     buf = _row_major_out(grad_out)
-    _launch(grad_plan(logits, target, weight, lse, row_coefs, buf, class_start=class_start,
-                      logit_scale=logit_scale, softcap=softcap))
+    launch(grad_plan(logits, target, weight, lse, row_coefs, buf, class_start=class_start,
+                     logit_scale=logit_scale, softcap=softcap))
     if buf is not grad_out:
         grad_out.copy_(buf)
     return grad_out
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch plans on CPU stand-in tensors, for ahead-of-time compile tests (kernels/_aot.py)
-# ----------------------------------------------------------------------------------------------
-
-KERNELS = ("fused", "stats", "grad")
-
-
-def aot_plan(kernel="fused", dtype="bfloat16", block=MAX_BLOCK, aligned=True, *, weight=False,
-             smoothing=False, softcap=False, soft_target=False, focal=False, grad=None):
-    """The plan (kernel, grid, kwargs, options, outputs) a launch would use for rows whose
-    ``block_config`` is ``block``, with small CPU tensors standing in for CUDA ones (only their
-    dtypes and alignments matter to the compiler). ``aligned=False``: odd C and row strides and a
-    logits pointer off the 16-byte grid (a class slice), so no divisibility specialization.
-    ``grad``: None, "scalar" or "row" (fused kernel: coefficient shape)."""
-    dt = getattr(torch, dtype)
-    c = block if aligned else block - 1  # same block_config, opposite divisibility
-    if block == MAX_BLOCK:
-        c = 2 * block + (0 if aligned else 1)
-    assert block_config(c)[0] == block
-    n = 2
-
-    def rows():
-        return torch.zeros(n, c, dtype=dt) if aligned else torch.zeros(n, c + 2, dtype=dt)[:, 1:c + 1]
-
-    logits = rows()
-    target = torch.zeros(n, dtype=torch.int64)
-    w = torch.rand(c) if weight else None
-    cap = 30.0 if softcap else None
-    if kernel == "fused":
-        soft = rows() if soft_target else None
-        coef = torch.ones(n if grad == "row" else 1)
-        grad_out = (rows() if aligned else logits) if grad else None  # unaligned: in place
-        return fused_plan(logits, None if soft_target else target, soft, w, coef, grad_out,
-                          ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0,
-                          logit_scale=1.0, softcap=cap, z_loss=1e-4,
-                          focal_gamma=2.0 if focal else None)
-    if kernel == "stats":
-        return stats_plan(logits, target, w, class_start=0, ignore_index=-100, logit_scale=1.0,
-                          softcap=cap)
-    if kernel == "grad":
-        return grad_plan(logits, target, w, torch.zeros(n), torch.zeros(n, 3), rows(),
-                         class_start=0, logit_scale=1.0, softcap=cap)
-    raise ValueError(kernel)
-
-
-def aot_cases(kernel="fused", heaviest=False):
-    """Flag combinations the launchers can produce for ``kernel``. Focal excludes smoothing and
-    probability targets, as celoss validates. ``heaviest``: per mode (stats, grad; fused with
-    index targets, probability targets, focal) the combination with every option on, which has
-    the most registers summed over all configurations in the full sweep (the single largest
-    variant, fp32 unaligned weight + smoothing without softcap, 128 registers, is close behind)."""
-    if kernel in ("stats", "grad"):
-        combos = [dict(weight=wt, softcap=sc) for wt in (False, True) for sc in (False, True)]
-        return combos[-1:] if heaviest else combos
-    combos = []
-    for mode in ("index", "soft", "focal"):
-        for wt in (False, True):
-            for sm in ((False,) if mode == "focal" else (False, True)):
-                for sc in (False, True):
-                    for g in (None, "scalar", "row"):
-                        combos.append(dict(weight=wt, smoothing=sm, softcap=sc, grad=g,
-                                           soft_target=mode == "soft", focal=mode == "focal"))
-    if heaviest:
-        return [c for c in combos if c["weight"] and c["softcap"] and c["grad"] == "row"
-                and (c["smoothing"] or c["focal"])]
-    return combos

@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _row_coef
+from ._host import SUPPORTED_DTYPES, check_rows, f32, launch, with_flags  # noqa: F401 (SUPPORTED_DTYPES: API)
+from ._tl import expm1, log1p01, row_coef, safe_shift
 
 KINDS = {"kl": 0, "reverse_kl": 1, "ce": 2, "jsd": 3}
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCK = 64
 MAX_BLOCK = 4096  # two rows (student and teacher) in flight: half of cross-entropy's block
 MAX_BLOCK_JSD = 2048  # jsd keeps more state per element (log M in two passes)
@@ -63,45 +63,13 @@ def block_config(num_classes: int, kind: str = "kl") -> tuple[int, int]:
 
 
 @triton.jit
-def _log1p01(z):
-    """log(1 + z) for z in [0, 1]: 2 atanh(z / (2 + z)), series to s^19 (< 1e-9 relative)."""
-    s = z / (2.0 + z)
-    s2 = s * s
-    p = 2.0 / 19.0
-    p = p * s2 + 2.0 / 17.0
-    p = p * s2 + 2.0 / 15.0
-    p = p * s2 + 2.0 / 13.0
-    p = p * s2 + 2.0 / 11.0
-    p = p * s2 + 2.0 / 9.0
-    p = p * s2 + 2.0 / 7.0
-    p = p * s2 + 2.0 / 5.0
-    p = p * s2 + 2.0 / 3.0
-    p = p * s2 + 2.0
-    return s * p
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation near 0 (Taylor series for |x| < 0.5)."""
-    series = x * (1.0 + x * 0.5 * (1.0 + x * (1.0 / 3.0) * (1.0 + x * 0.25 * (1.0 + x * 0.2 * (
-        1.0 + x * (1.0 / 6.0) * (1.0 + x * (1.0 / 7.0) * (1.0 + x * 0.125 * (1.0 + x * (1.0 / 9.0)))))))))
-    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def _safe(m):
-    """The shift used for a running max: 0 where it is +-inf (or NaN), as celoss.stats.merge."""
-    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
-
-
-@triton.jit
 def _log_mix(lpS, lpT, log_beta, log_1mbeta):
     """log M = log(beta p_T + (1 - beta) p_S) from the log-probabilities."""
     u = log_beta + lpT
     v = log_1mbeta + lpS
     mx = tl.maximum(u, v)
     d = tl.where(u > v, v - u, u - v)
-    return mx + _log1p01(tl.exp(d))
+    return mx + log1p01(tl.exp(d))
 
 
 @triton.jit
@@ -165,8 +133,8 @@ def _distill_kernel(
         nan += tl.sum(((a != a) | (b != b)).to(tl.int32), axis=0)
         ms_new = tl.maximum(ms, tl.max(a, axis=0))
         mt_new = tl.maximum(mt, tl.max(b, axis=0))
-        msf, mtf = _safe(ms), _safe(mt)
-        msf_new, mtf_new = _safe(ms_new), _safe(mt_new)
+        msf, mtf = safe_shift(ms), safe_shift(mt)
+        msf_new, mtf_new = safe_shift(ms_new), safe_shift(mt_new)
         dms = msf_new - msf
         dmt = mtf_new - mtf
         fs = tl.where(ss > 0, tl.exp(-dms), 0.0)
@@ -192,14 +160,14 @@ def _distill_kernel(
             kk += tl.sum(tl.where(es > 0, es * (da - db), 0.0), axis=0)
         if SEP1:
             m1_new = tl.maximum(m1, tl.max(s, axis=0))
-            m1f, m1f_new = _safe(m1), _safe(m1_new)
+            m1f, m1f_new = safe_shift(m1), safe_shift(m1_new)
             s1 = tl.where(s1 > 0, s1 * tl.exp(m1f - m1f_new), 0.0) + tl.sum(tl.exp(s - m1f_new), axis=0)
             m1 = m1_new
     # a NaN, a +inf or only -inf in either row: NaN loss and gradient (PyTorch's log_softmax)
     poison = (nan > 0) | (tl.abs(ms) == float("inf")) | (tl.abs(mt) == float("inf"))
-    ms = _safe(ms)
-    mt = _safe(mt)
-    m1 = _safe(m1)
+    ms = safe_shift(ms)
+    mt = safe_shift(mt)
+    m1 = safe_shift(m1)
     lSs = tl.log(ss)
     lSt = tl.log(st)
     one_minus_beta = 1.0 - beta
@@ -246,7 +214,7 @@ def _distill_kernel(
 
     # ---- last pass: gradient --------------------------------------------------------------
     if HAS_GRAD:
-        coef = _row_coef(coef_ptr, row, PER_ROW_COEF)
+        coef = row_coef(coef_ptr, row, PER_ROW_COEF)
         cw = coef * ws * inv_T
         c1 = coef * wh
         if KIND == 1:
@@ -258,7 +226,7 @@ def _distill_kernel(
             t_y = tl.load(t_row + y).to(tl.float32)
             soft_y, _ = _soft_grad(s_y * inv_T, t_y * inv_T, ms, mt, lSs, lSt, r, log_beta,
                                    log_1mbeta, one_minus_beta, KIND)
-            g_y = cw * soft_y + c1 * _expm1(lp1_y)
+            g_y = cw * soft_y + c1 * expm1(lp1_y)
         g_row = g_ptr + row * stride_g
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -280,18 +248,11 @@ def _distill_kernel(
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_row)
 
 
-def _check(x: torch.Tensor, name: str):
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton distillation kernel takes fp32/fp16/bf16 {name}, got {x.dtype}")
-    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
-        raise ValueError(f"{name} must be (N, V) with unit stride along the classes")
-
-
 def distill_plan(student, teacher, target, coef, grad_out, *, kind, temperature, beta, alpha,
                  ignore_index):
     """Kernel, grid, keyword arguments and launch options of :func:`distill`, plus the loss."""
-    _check(student, "student logits")
-    _check(teacher, "teacher logits")
+    check_rows(student, "student logits", "distillation", "V")
+    check_rows(teacher, "teacher logits", "distillation", "V")
     n, v = student.shape
     if teacher.shape != student.shape:
         raise ValueError("student and teacher logits must have the same shape")
@@ -309,17 +270,16 @@ def distill_plan(student, teacher, target, coef, grad_out, *, kind, temperature,
     if has_grad:
         assert grad_out.shape == student.shape and (v <= 1 or grad_out.stride(1) == 1)
     block, num_warps = block_config(v, kind)
-    kwargs = dict(
+    kwargs = with_flags(dict(
         s_ptr=student, stride_s=student.stride(0), t_ptr=teacher, stride_t=teacher.stride(0),
-        y_ptr=target, coef_ptr=coef.to(torch.float32).contiguous() if has_grad else None,
+        y_ptr=target, coef_ptr=f32(coef) if has_grad else None,
         g_ptr=grad_out, stride_g=grad_out.stride(0) if has_grad else 0, loss_ptr=loss,
         V=v, ignore_index=int(ignore_index), inv_T=1.0 / float(temperature), ws=ws, wh=wh,
         beta=float(beta), log_beta=math.log(beta) if kind_id == 3 else 0.0,
         log_1mbeta=math.log1p(-beta) if kind_id == 3 else 0.0,
-        BLOCK=block, KIND=kind_id, HAS_TARGET=has_target, HARD=has_target and wh != 0.0,
-        T_IS_ONE=float(temperature) == 1.0, HAS_GRAD=has_grad,
+        BLOCK=block, KIND=kind_id, HARD=has_target and wh != 0.0, T_IS_ONE=float(temperature) == 1.0,
         PER_ROW_COEF=has_grad and coef.numel() != 1,
-    )
+    ), HAS_TARGET="y_ptr", HAS_GRAD="g_ptr")
     return _distill_kernel, (n,), kwargs, dict(num_warps=num_warps), loss
 
 
@@ -329,55 +289,12 @@ def distill(student, teacher, target, coef, grad_out, *, kind="kl", temperature=
     buf = grad_out
     if grad_out is not None and grad_out.shape[1] > 1 and grad_out.stride(1) != 1:
         buf = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
-    kernel, grid, kwargs, options, loss = distill_plan(
-        student, teacher, target, coef, buf, kind=kind, temperature=temperature, beta=beta,
-        alpha=alpha, ignore_index=ignore_index)
+    plan = distill_plan(student, teacher, target, coef, buf, kind=kind, temperature=temperature, beta=beta,
+                        alpha=alpha, ignore_index=ignore_index)
     if student.shape[1] == 0:  # no class: D = 0 (the kernel reads one element of each row)
-        loss.zero_()
-    elif grid[0] > 0:
-        kernel[grid](**kwargs, **options)
+        loss = plan[-1].zero_()
+    else:
+        loss = launch(plan)
     if buf is not grad_out:
         grad_out.copy_(buf)
     return loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch plans on CPU stand-in tensors, for ahead-of-time compile tests (kernels/_aot.py)
-# ----------------------------------------------------------------------------------------------
-
-def aot_plan(kind="kl", student="bfloat16", teacher="bfloat16", block=MAX_BLOCK, aligned=True, *,
-             target=False, hard=False, t_is_one=True, grad=None):
-    """The plan a launch would use for rows whose ``block_config`` is ``block``, with small CPU
-    tensors standing in for CUDA ones. ``aligned=False``: odd V and row strides and pointers off
-    the 16-byte grid. ``hard``: a class term (needs ``target``); ``grad``: None, "scalar", "row"."""
-    v = block if aligned else block - 1
-    if block == max_block(kind):
-        v = 2 * block + (0 if aligned else 1)
-    if block == MIN_BLOCK and not aligned:
-        v = block - 5
-    assert block_config(v, kind)[0] == block, (kind, block)
-    n = 2
-
-    def rows(dtype):
-        dt = getattr(torch, dtype)
-        return torch.zeros(n, v, dtype=dt) if aligned else torch.zeros(n, v + 2, dtype=dt)[:, 1:v + 1]
-
-    s = rows(student)
-    y = torch.zeros(n, dtype=torch.int64) if (target or hard) else None
-    coef = torch.ones(n if grad == "row" else 1)
-    g = rows(student) if grad else None
-    return distill_plan(s, rows(teacher), y, coef, g, kind=kind, temperature=1.0 if t_is_one else 2.0,
-                        beta=0.5, alpha=0.5 if hard else 1.0, ignore_index=-100)
-
-
-def aot_cases(heaviest=False):
-    """Flag combinations the launcher can produce (``heaviest``: the most live state per kind)."""
-    combos = []
-    for kind in KINDS:
-        for target, hard in ((False, False), (True, False), (True, True)):
-            for t_is_one in (True, False):
-                for grad in (None, "scalar", "row"):
-                    combos.append(dict(kind=kind, target=target, hard=hard, t_is_one=t_is_one, grad=grad))
-    if heaviest:
-        return [c for c in combos if c["hard"] and not c["t_is_one"] and c["grad"] == "row"]
-    return combos

@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import SUPPORTED_DTYPES, check_rows, launch, with_flags  # noqa: F401 (SUPPORTED_DTYPES: API)
+from ._tl import safe_shift
 from .cross_entropy import MAXNREG, block_config
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _logprobs_fwd_kernel(x_ptr, stride_x, y_ptr, out_ptr, C, ignore_index, scale
         z = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32) * scale
         nan = nan | tl.max((z != z).to(tl.int32), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
+        m_safe = safe_shift(m_new)
         d = z - m_safe
         e = tl.exp(d)
         r = tl.exp(m - m_safe)
@@ -112,16 +112,9 @@ def _logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, y_ptr, lse_ptr, h_ptr
         tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(logits: torch.Tensor) -> None:
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton token log-prob kernels take fp32/fp16/bf16 logits, got {logits.dtype}")
-    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
-        raise ValueError("logits must be (N, V) with unit stride along the vocabulary")
-
-
 def forward_plan(logits, tokens, *, ignore_index: int, scale: float):
     """Kernel, grid, keyword arguments, launch options and the (N, 3) output of :func:`forward`."""
-    _check(logits)
+    check_rows(logits, "logits", "token log-prob", "V")
     n, c = logits.shape
     out = torch.empty(n, 3, dtype=torch.float32, device=logits.device)
     block, num_warps = block_config(c)
@@ -132,28 +125,22 @@ def forward_plan(logits, tokens, *, ignore_index: int, scale: float):
 
 def backward_plan(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, grad_out, *, ignore_index: int,
                   scale: float):
-    _check(logits)
+    check_rows(logits, "logits", "token log-prob", "V")
     n, c = logits.shape
     assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
     block, num_warps = block_config(c)
     has_h = grad_entropy is not None
-    kwargs = dict(x_ptr=logits, stride_x=logits.stride(0), g_ptr=grad_out, stride_g=grad_out.stride(0),
-                  y_ptr=tokens, lse_ptr=lse, h_ptr=entropy if has_h else None, gl_ptr=grad_logprobs,
-                  gh_ptr=grad_entropy, C=c, ignore_index=int(ignore_index), scale=float(scale), BLOCK=block,
-                  HAS_GL=grad_logprobs is not None, HAS_ENTROPY=has_h)
+    kwargs = with_flags(dict(
+        x_ptr=logits, stride_x=logits.stride(0), g_ptr=grad_out, stride_g=grad_out.stride(0), y_ptr=tokens,
+        lse_ptr=lse, h_ptr=entropy if has_h else None, gl_ptr=grad_logprobs, gh_ptr=grad_entropy, C=c,
+        ignore_index=int(ignore_index), scale=float(scale), BLOCK=block,
+    ), HAS_GL="gl_ptr", HAS_ENTROPY="gh_ptr")
     return _logprobs_bwd_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), grad_out
-
-
-def _launch(plan):
-    kernel, grid, kwargs, options, result = plan
-    if grid[0] > 0:
-        kernel[grid](**kwargs, **options)
-    return result
 
 
 def forward(logits: torch.Tensor, tokens: torch.Tensor, *, ignore_index: int, scale: float) -> torch.Tensor:
     """(N, 3) float32: per row (log p_y, entropy, lse); ignored rows 0."""
-    return _launch(forward_plan(logits, tokens, ignore_index=ignore_index, scale=scale))
+    return launch(forward_plan(logits, tokens, ignore_index=ignore_index, scale=scale))
 
 
 def backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, grad_out, *, ignore_index: int,
@@ -161,17 +148,5 @@ def backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, grad_out
     """dlogits into ``grad_out`` (unit class stride; may be ``logits``). ``grad_logprobs`` /
     ``grad_entropy``: float32 per-row upstream gradients or None (zeros); ``entropy`` is needed
     with ``grad_entropy``."""
-    _launch(backward_plan(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, grad_out,
-                          ignore_index=ignore_index, scale=scale))
-
-
-def aot_plan(kernel="forward", dtype="bfloat16", block=4096, *, has_gl=True, has_entropy=True):
-    """A launch plan on CPU stand-in tensors (one row of ``block`` classes) for
-    ``celoss.kernels._aot.compile_many`` (tests/kernels/test_logprobs_kernels.py)."""
-    x = torch.empty(1, block, dtype=getattr(torch, dtype))
-    y = torch.zeros(1, dtype=torch.int64)
-    if kernel == "forward":
-        return forward_plan(x, y, ignore_index=-100, scale=1.0)
-    vec = torch.empty(1, dtype=torch.float32)
-    return backward_plan(x, y, vec, vec, vec if has_gl else None, vec if has_entropy else None,
-                         torch.empty_like(x), ignore_index=-100, scale=1.0)
+    launch(backward_plan(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, grad_out,
+                         ignore_index=ignore_index, scale=scale))

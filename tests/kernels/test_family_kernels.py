@@ -9,38 +9,25 @@ spilled before the block limits of ``kernels/distillation.py``, unaligned rows,
 the binary kernel's heaviest variants. Wider sweeps (every flag combination of both kernels at
 the largest blocks in bf16; the heaviest flags at every block in fp32 and bf16; every jsd
 combination at 2048 in three dtype pairs) were run offline with the same helpers
-(``_aot.compile_many("celoss.kernels.distillation", "aot_plan", cases)``).
+(``aot.compile_many("plans", "distill_plan", cases)``).
 """
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
+import aot  # noqa: E402
+import plans  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-try:
-    from celoss.kernels import _aot
-    from celoss.kernels import binary as kb
-    from celoss.kernels import distillation as kd
-    from celoss.backends import reference as rb
-    KD_MODULE, KB_MODULE = "celoss.kernels.distillation", "celoss.kernels.binary"
-except Exception:  # celoss/__init__.py mid-edit: test the kernels directly
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-    from kernels import _aot  # noqa: E402
-    from kernels import binary as kb  # noqa: E402
-    from kernels import distillation as kd  # noqa: E402
-    rb = None
-    KD_MODULE, KB_MODULE = "kernels.distillation", "kernels.binary"
+from celoss.backends import reference as rb  # noqa: E402
+from celoss.kernels import binary as kb  # noqa: E402
+from celoss.kernels import distillation as kd  # noqa: E402
 
 INTERPRETED = type(kd._distill_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 needs_device = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
                                   reason="triton was imported without TRITON_INTERPRET=1 and there is no GPU")
-needs_reference = pytest.mark.skipif(rb is None or not hasattr(rb, "distill_fused"),
-                                     reason="celoss reference backend (loss family section) not importable")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 ARCHS = (80, 90)
 
@@ -60,7 +47,6 @@ DISTILL_CASES = [(v, kind, mode) for v in (1, 3, 1000) for kind in kd.KINDS for 
 
 
 @needs_device
-@needs_reference
 @pytest.mark.parametrize("v,kind,mode", DISTILL_CASES, ids=[f"{k}-{m}-V{v}" for v, k, m in DISTILL_CASES])
 def test_distill_kernel_matches_reference(v, kind, mode):
     n = 5
@@ -102,7 +88,6 @@ def test_distill_block_configs():
 
 
 @needs_device
-@needs_reference
 @pytest.mark.parametrize("kind", kd.KINDS)
 @pytest.mark.parametrize("mode", ["soft", "hard_T3"])
 def test_issue11_distill_kernel_nonfinite_and_ignored_rows(kind, mode):
@@ -145,7 +130,6 @@ def test_issue11_distill_kernel_zero_classes(with_target):
 # ---------------------------------------------------------------------------------------------
 
 @needs_device
-@needs_reference
 @pytest.mark.parametrize("focal,weights", [(False, "none"), (False, "strided"), (True, "none")])
 @pytest.mark.parametrize("upstream", ["scalar", "per_element"])
 def test_binary_kernel_matches_reference(focal, weights, upstream):
@@ -174,7 +158,7 @@ def test_binary_kernel_matches_reference(focal, weights, upstream):
 # ---------------------------------------------------------------------------------------------
 
 def _distill_cases():
-    heavy = {c["kind"]: c for c in kd.aot_cases(heaviest=True)}
+    heavy = {c["kind"]: c for c in plans.distill_cases(heaviest=True)}
     cases = [dict(student="bfloat16", teacher="bfloat16", block=kd.max_block(k), aligned=True, **heavy[k])
              for k in kd.KINDS]
     # configurations that spilled before the block limits (see kernels/distillation.py)
@@ -187,7 +171,7 @@ def _distill_cases():
 
 
 def _binary_cases():
-    heavy = kb.aot_cases(heaviest=True)
+    heavy = plans.binary_cases(heaviest=True)
     cases = [dict(dtype="bfloat16", target_dtype="float32", aligned=True, **heavy[-2])]  # BCE, w, pw, dy
     cases.append(dict(dtype="float16", target_dtype="float16", aligned=False, **heavy[-1]))  # focal
     return cases
@@ -197,20 +181,21 @@ def _case_id(c):
     return "-".join(f"{k}={v}" for k, v in c.items() if v not in (False, None))
 
 
-CASES = [(KD_MODULE, c) for c in _distill_cases()] + [(KB_MODULE, c) for c in _binary_cases()]
+PLANS = {"distillation": "distill_plan", "binary": "binary_plan"}
+CASES = [("distillation", c) for c in _distill_cases()] + [("binary", c) for c in _binary_cases()]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     out = {}
-    for module in (KD_MODULE, KB_MODULE):
+    for module, plan in PLANS.items():
         cases = [c for m, c in CASES if m == module]
-        for c, res in zip(cases, _aot.compile_many(module, "aot_plan", cases, archs=ARCHS)):
+        for c, res in zip(cases, aot.compile_many("plans", plan, cases, archs=ARCHS)):
             out[(module, _case_id(c))] = res
     return out
 
 
-@pytest.mark.parametrize("module,case", CASES, ids=[f"{m.rsplit('.', 1)[-1]}-{_case_id(c)}" for m, c in CASES])
+@pytest.mark.parametrize("module,case", CASES, ids=[f"{m}-{_case_id(c)}" for m, c in CASES])
 def test_compiles_without_spills(compiled, module, case):
     for arch in ARCHS:
         usage = compiled[(module, _case_id(case))][arch]

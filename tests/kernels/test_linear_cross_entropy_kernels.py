@@ -30,19 +30,19 @@ SMALL = dict(BLOCK_M=16, BLOCK_V=16, BLOCK_D=16, GROUP_M=3, num_warps=4, num_sta
 def make(n_in, d, v, dtype, *, seed=0, strided=False):
     g = torch.Generator().manual_seed(seed + n_in * 131 + d * 17 + v)
     x = torch.randn(n_in, d, generator=g)
-    w = torch.randn(v, d, generator=g) / d ** 0.5 * 2
+    lw = torch.randn(v, d, generator=g) / d ** 0.5 * 2
     b = torch.randn(v, generator=g) * 0.3
     cw = torch.rand(v, generator=g) + 0.5
-    if strided:  # column-major x, every other row of a taller w
+    if strided:  # column-major x, every other row of a taller lw
         x = x.t().contiguous().t()
-        w = torch.cat([w, w], dim=1)[:, ::2].clone().t().contiguous().t()
+        lw = torch.cat([lw, lw], dim=1)[:, ::2].clone().t().contiguous().t()
     to = lambda a: a.to(dtype).to(DEVICE)  # noqa: E731
-    return to(x), to(w), to(b), cw.to(DEVICE)
+    return to(x), to(lw), to(b), cw.to(DEVICE)
 
 
-def logits64(x, w, b, src, scale, softcap):
+def logits64(x, lw, b, src, scale, softcap):
     xs = x.double() if src is None else x.double()[src]
-    z = xs @ w.double().t()
+    z = xs @ lw.double().t()
     if b is not None:
         z = z + b.double()
     z = z * scale
@@ -77,7 +77,7 @@ def test_stats_match_float64(dtype, case):
     n_in, d, v = 29, 24, 75
     if case == "d1":
         d = 1
-    x, w, b, cw = make(n_in, d, v, dtype, strided=case == "strided_splits")
+    x, lw, b, cw = make(n_in, d, v, dtype, strided=case == "strided_splits")
     src, tgt = rows_and_targets(n_in, v, 17 if case in ("src_bias", "softcap_weight_wz") else None, seed=1)
     m = tgt.numel()
     tgt[::4] = -100  # "no target in this block": zy must be 0
@@ -87,11 +87,11 @@ def test_stats_match_float64(dtype, case):
     weight = cw if case == "softcap_weight_wz" else None
     need_wz = case in ("softcap_weight_wz", "plain")
     for splits in ((1, 3, 100) if case == "strided_splits" else (None,)):
-        part = lk.stats(x, w, bias, src, tgt, weight, logit_scale=scale, softcap=softcap, need_wz=need_wz,
+        part = lk.stats(x, lw, bias, src, tgt, weight, logit_scale=scale, softcap=softcap, need_wz=need_wz,
                         num_splits=splits, config=SMALL if case == "strided_splits" else None)
         assert part.dtype == torch.float32 and part.shape[1:] == (m, 4)
         merged = S.merge_all(part).double()
-        z, _ = logits64(x, w, bias, src, scale, softcap)
+        z, _ = logits64(x, lw, bias, src, scale, softcap)
         ref = ref_stats(z, tgt, weight, need_wz)
         tol = TOL[dtype] * (1 + z.abs().max().item())
         assert torch.allclose(S.lse_of(merged), S.lse_of(ref), atol=tol, rtol=0)
@@ -99,10 +99,10 @@ def test_stats_match_float64(dtype, case):
         assert torch.allclose(merged[:, 3], ref[:, 3], atol=tol * v, rtol=0)
 
 
-def ref_grads(x, w, b, src, tgt, cw, lse, coefs, scale, softcap, has_d):
-    z, dz = logits64(x, w, b, src, scale, softcap)
+def ref_grads(x, lw, b, src, tgt, cw, lse, row_coefs, scale, softcap, has_d):
+    z, dz = logits64(x, lw, b, src, scale, softcap)
     p = torch.exp(z - lse.double()[:, None])
-    a, bb, dd = coefs.double().unbind(1)
+    a, bb, dd = row_coefs.double().unbind(1)
     g = a[:, None] * p
     onehot = torch.zeros_like(g)
     ok = (tgt >= 0) & (tgt < z.shape[1])
@@ -114,9 +114,9 @@ def ref_grads(x, w, b, src, tgt, cw, lse, coefs, scale, softcap, has_d):
     xs = x.double() if src is None else x.double()[src]
     dx = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     if src is None:
-        dx += g @ w.double()
+        dx += g @ lw.double()
     else:
-        dx.index_add_(0, src, g @ w.double())
+        dx.index_add_(0, src, g @ lw.double())
     return dx, g.t() @ xs, g.sum(0), g
 
 
@@ -124,7 +124,7 @@ def ref_grads(x, w, b, src, tgt, cw, lse, coefs, scale, softcap, has_d):
 @pytest.mark.parametrize("case", ["plain", "src_bias_smooth", "softcap_weight", "strided", "only_dw"])
 def test_backward_matches_float64(dtype, case):
     n_in, d, v = 27, 20, 61
-    x, w, b, cw = make(n_in, d, v, dtype, strided=case == "strided")
+    x, lw, b, cw = make(n_in, d, v, dtype, strided=case == "strided")
     src, tgt = rows_and_targets(n_in, v, 19 if case in ("src_bias_smooth", "softcap_weight") else None, seed=2)
     m = tgt.numel()
     bias = b if case == "src_bias_smooth" else None
@@ -132,18 +132,18 @@ def test_backward_matches_float64(dtype, case):
     scale = 0.9 if case == "softcap_weight" else 1.0
     weight = cw if case == "softcap_weight" else None
     has_d = case in ("src_bias_smooth", "softcap_weight")
-    z, _ = logits64(x, w, bias, src, scale, softcap)
+    z, _ = logits64(x, lw, bias, src, scale, softcap)
     lse = torch.logsumexp(z, 1).float()
-    coefs = (torch.rand(m, 3, generator=torch.Generator().manual_seed(3)) + 0.2).to(DEVICE)
+    row_coefs = (torch.rand(m, 3, generator=torch.Generator().manual_seed(3)) + 0.2).to(DEVICE)
     if not has_d:
-        coefs[:, 2] = 0
+        row_coefs[:, 2] = 0
     f32 = dict(dtype=torch.float32, device=DEVICE)
     dx = torch.zeros(n_in, d, **f32) if case != "only_dw" else None
     dw = torch.zeros(v, d, **f32)
     db = torch.zeros(v, **f32) if bias is not None else None
-    lk.backward(x, w, bias, src, tgt, weight, lse, coefs, None, dx, dw, db, logit_scale=scale, softcap=softcap,
+    lk.backward(x, lw, bias, src, tgt, weight, lse, row_coefs, None, dx, dw, db, logit_scale=scale, softcap=softcap,
                 has_d=has_d, config=SMALL if case == "strided" else None)
-    rdx, rdw, rdb, _ = ref_grads(x, w, bias, src, tgt, weight, lse, coefs, scale, softcap, has_d)
+    rdx, rdw, rdb, _ = ref_grads(x, lw, bias, src, tgt, weight, lse, row_coefs, scale, softcap, has_d)
     tol = TOL[dtype] * 4
     if dx is not None:
         assert torch.allclose(dx.double(), rdx, atol=tol * (1 + rdx.abs().max().item()), rtol=0)
@@ -155,20 +155,20 @@ def test_backward_matches_float64(dtype, case):
 def test_backward_fp16_tiny_scale_does_not_underflow():
     """A mean over many rows scales gradients by ~1/N: the fp16 tile is normalized by ``unit``."""
     n_in, d, v = 16, 16, 48
-    x, w, _, _ = make(n_in, d, v, torch.float16)
+    x, lw, _, _ = make(n_in, d, v, torch.float16)
     tgt = torch.randint(0, v, (n_in,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    z, _ = logits64(x, w, None, None, 1.0, None)
+    z, _ = logits64(x, lw, None, None, 1.0, None)
     lse = torch.logsumexp(z, 1).float()
     tiny = 1e-7  # below fp16's smallest subnormal (6e-8) once multiplied by p < 1
-    coefs = torch.tensor([[tiny, tiny, 0.0]], device=DEVICE).repeat(n_in, 1)
+    row_coefs = torch.tensor([[tiny, tiny, 0.0]], device=DEVICE).repeat(n_in, 1)
     f32 = dict(dtype=torch.float32, device=DEVICE)
-    _, rdw, _, _ = ref_grads(x, w, None, None, tgt, None, lse, coefs, 1.0, None, False)
+    _, rdw, _, _ = ref_grads(x, lw, None, None, tgt, None, lse, row_coefs, 1.0, None, False)
     dw = torch.zeros(v, d, **f32)
-    lk.backward(x, w, None, None, tgt, None, lse, coefs, None, None, dw, None, has_d=False,
+    lk.backward(x, lw, None, None, tgt, None, lse, row_coefs, None, None, dw, None, has_d=False,
                 unit=torch.full((1,), tiny, **f32))
     assert torch.allclose(dw.double(), rdw, atol=3e-3 * rdw.abs().max().item(), rtol=0)
     raw = torch.zeros(v, d, **f32)  # without normalization most of the tile flushes to zero
-    lk.backward(x, w, None, None, tgt, None, lse, coefs, None, None, raw, None, has_d=False)
+    lk.backward(x, lw, None, None, tgt, None, lse, row_coefs, None, None, raw, None, has_d=False)
     assert (raw.double() - rdw).abs().max() > 10 * (dw.double() - rdw).abs().max()
 
 
@@ -177,15 +177,15 @@ def test_backward_target_element_near_one():
     d, v = 16, 40
     x = torch.zeros(2, d, device=DEVICE)
     x[:, 0] = 1.0
-    w = torch.zeros(v, d, device=DEVICE)
-    w[:, 0] = -18.0
-    w[5, 0] = 0.0  # logit 0 for class 5, -18 elsewhere: 1 - p_5 = 39 e^-18 ~ 6e-7
+    lw = torch.zeros(v, d, device=DEVICE)
+    lw[:, 0] = -18.0
+    lw[5, 0] = 0.0  # logit 0 for class 5, -18 elsewhere: 1 - p_5 = 39 e^-18 ~ 6e-7
     tgt = torch.tensor([5, 5], device=DEVICE)
-    z = x.double() @ w.double().t()
+    z = x.double() @ lw.double().t()
     lse = torch.logsumexp(z, 1)
-    coefs = torch.tensor([[1.0, 1.0, 0.0]] * 2, device=DEVICE)
+    row_coefs = torch.tensor([[1.0, 1.0, 0.0]] * 2, device=DEVICE)
     db = torch.zeros(v, device=DEVICE)
-    lk.backward(x, w, torch.zeros(v, device=DEVICE), None, tgt, None, lse.float(), coefs, None, None, None, db,
+    lk.backward(x, lw, torch.zeros(v, device=DEVICE), None, tgt, None, lse.float(), row_coefs, None, None, None, db,
                 has_d=False)
     exact = (torch.exp(z - lse[:, None]) - torch.nn.functional.one_hot(tgt, v)).sum(0)
     assert abs(db[5].item() - exact[5].item()) < 1e-3 * abs(exact[5].item())
@@ -194,18 +194,18 @@ def test_backward_target_element_near_one():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_filtering(dtype):
     n_in, d, v = 20, 16, 64
-    x, w, b, _ = make(n_in, d, v, dtype)
+    x, lw, b, _ = make(n_in, d, v, dtype)
     b[24:] -= 12  # classes >= 24 are unlikely (p ~ 1e-5) and never targets: their tiles are skippable
     tgt = torch.randint(0, 24, (n_in,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    z, _ = logits64(x, w, b, None, 1.0, None)
+    z, _ = logits64(x, lw, b, None, 1.0, None)
     lse = torch.logsumexp(z, 1).float()
-    coefs = torch.tensor([[1.0, 1.0, 0.0]], device=DEVICE).repeat(n_in, 1)
+    row_coefs = torch.tensor([[1.0, 1.0, 0.0]], device=DEVICE).repeat(n_in, 1)
     f32 = dict(dtype=torch.float32, device=DEVICE)
 
     def run(thr):
         dx, dw = torch.zeros(n_in, d, **f32), torch.zeros(v, d, **f32)
         t = None if thr is None else torch.full((n_in,), thr, **f32)
-        lk.backward(x, w, b, None, tgt, None, lse, coefs, t, dx, dw, None, has_d=False, config=SMALL)
+        lk.backward(x, lw, b, None, tgt, None, lse, row_coefs, t, dx, dw, None, has_d=False, config=SMALL)
         return dx, dw
 
     exact = run(None)
@@ -216,7 +216,7 @@ def test_backward_filtering(dtype):
     # a 16 x 16 tile is skipped iff all its |p - onehot| <= eps: the result is exactly the
     # gradient of the kept tiles
     eps = 0.02
-    _, _, _, g = ref_grads(x, w, b, None, tgt, None, lse, coefs, 1.0, None, False)
+    _, _, _, g = ref_grads(x, lw, b, None, tgt, None, lse, row_coefs, 1.0, None, False)
     bm, bv = SMALL["BLOCK_M"], SMALL["BLOCK_V"]
     keep = torch.zeros_like(g)
     for i in range(0, n_in, bm):
@@ -226,7 +226,7 @@ def test_backward_filtering(dtype):
     gk = g * keep
     dx, dw = run(eps)
     tol = TOL[dtype] * 4
-    assert torch.allclose(dx.double(), gk @ w.double(), atol=tol, rtol=0)
+    assert torch.allclose(dx.double(), gk @ lw.double(), atol=tol, rtol=0)
     assert torch.allclose(dw.double(), gk.t() @ x.double(), atol=tol * 4, rtol=0)
 
 
@@ -234,22 +234,22 @@ def test_backward_filtering_never_skips_nan():
     """A row whose coefficients are NaN (a 0/0 mean) reaches dX / dW even where every finite
     element of its tile is below the threshold: filtering never hides a NaN."""
     n_in, d, v = 16, 16, 32
-    x, w, _, _ = make(n_in, d, v, torch.float32)
+    x, lw, _, _ = make(n_in, d, v, torch.float32)
     tgt = torch.zeros(n_in, dtype=torch.long, device=DEVICE)
-    lse = torch.logsumexp(x.double() @ w.double().t(), 1).float()
-    coefs = torch.zeros(n_in, 3, device=DEVICE)
-    coefs[3] = float("nan")
+    lse = torch.logsumexp(x.double() @ lw.double().t(), 1).float()
+    row_coefs = torch.zeros(n_in, 3, device=DEVICE)
+    row_coefs[3] = float("nan")
     f32 = dict(dtype=torch.float32, device=DEVICE)
     dx, dw = torch.zeros(n_in, d, **f32), torch.zeros(v, d, **f32)
-    lk.backward(x, w, None, None, tgt, None, lse, coefs, torch.full((n_in,), 10.0, **f32), dx, dw, None,
+    lk.backward(x, lw, None, None, tgt, None, lse, row_coefs, torch.full((n_in,), 10.0, **f32), dx, dw, None,
                 has_d=False, config=SMALL)
     assert torch.isnan(dx[3]).all() and torch.isnan(dw).all()
     assert torch.count_nonzero(torch.nan_to_num(dx, nan=0.0)) == 0
 
 
 def test_rejects_mixed_dtypes():
-    x, w, b, _ = make(4, 8, 16, torch.float32)
+    x, lw, b, _ = make(4, 8, 16, torch.float32)
     with pytest.raises(TypeError):
-        lk.stats(x, w.half(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))
+        lk.stats(x, lw.half(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(TypeError):
-        lk.stats(x.double(), w.double(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))
+        lk.stats(x.double(), lw.double(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))

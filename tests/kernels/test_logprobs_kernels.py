@@ -16,7 +16,7 @@ try:
     from celoss.cpu import _logprobs as CPU
 except ImportError:  # the extension is not built: the CPU cases skip
     CPU = None
-from celoss.kernels import _aot
+import aot
 from celoss.kernels import logprobs as K
 
 SKIP = {"cython": pytest.mark.skipif(CPU is None, reason="celoss.cpu._logprobs not built"),
@@ -129,8 +129,7 @@ AOT_CASES = {
 @pytest.fixture(scope="module")
 def compiled():
     ids = list(AOT_CASES)
-    return dict(zip(ids, _aot.compile_many("celoss.kernels.logprobs", "aot_plan", [AOT_CASES[i] for i in ids],
-                                           archs=(80, 90))))
+    return dict(zip(ids, aot.compile_many("plans", "logprobs_plan", [AOT_CASES[i] for i in ids], archs=(80, 90))))
 
 
 @pytest.mark.parametrize("case_id", list(AOT_CASES))
