@@ -25,7 +25,7 @@ class _Binary(torch.autograd.Function):
         need_x, need_y = ctx.needs_input_grad[:2]
         numel = x.numel()
         coef = torch.full((1,), 1.0 / numel if (reduction == "mean" and numel) else 1.0,
-                          dtype=torch.float32, device=x.device)
+                          dtype=accum_dtype(x.dtype, y.dtype), device=x.device)  # float64: an exact scale
 
         def run(coef):
             grads = coef is not None

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import _checks, _dispatch, _family_ops
 from ._autograd import loss_backward, loss_forward, once_differentiable
+from ._dtypes import accum_dtype
 from ._options import DistillOptions
 
 KINDS = ("kl", "reverse_kl", "ce", "jsd")
@@ -25,8 +26,9 @@ class _Distill(torch.autograd.Function):
     def forward(ctx, student, teacher, target, denom, reduction, backend, options: DistillOptions):
         ctx.set_materialize_grads(False)
         need_s, need_t = ctx.needs_input_grad[:2]
-        one = torch.ones((), device=student.device)
-        coef = torch.where(denom > 0, one / denom, 0.0) if reduction in ("mean", "batchmean") else one
+        acc = accum_dtype(student.dtype, teacher.dtype)  # float64 inputs: an exact 1 / denominator
+        one = torch.ones((), dtype=acc, device=student.device)
+        coef = torch.where(denom > 0, one / denom.to(acc), 0.0) if reduction in ("mean", "batchmean") else one
 
         def run(coef):
             grads = coef is not None
@@ -34,7 +36,7 @@ class _Distill(torch.autograd.Function):
                                                grads and need_s, grads and need_t)
 
         loss_rows = loss_forward(ctx, (need_s or need_t) and reduction != "none", run,
-                                 coef.reshape(1).to(torch.float32), (student, teacher, target))
+                                 coef.reshape(1), (student, teacher, target))
         ctx.backend, ctx.options = backend, options
         if reduction == "none":
             return loss_rows
@@ -45,7 +47,8 @@ class _Distill(torch.autograd.Function):
     @once_differentiable("celoss.distillation_loss")
     def backward(ctx, grad):
         def recompute(student, teacher, target, grad):
-            return _family_ops.distill_forward(student, teacher, target, grad.float().reshape(-1).contiguous(),
+            coef = grad.to(accum_dtype(student.dtype, teacher.dtype)).reshape(-1).contiguous()
+            return _family_ops.distill_forward(student, teacher, target, coef,
                                                ctx.backend, *ctx.options.op_args(), *ctx.needs_input_grad[:2])[1:]
         return loss_backward(ctx, grad, recompute)
 

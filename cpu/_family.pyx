@@ -51,7 +51,7 @@ def distill(int64_t N, int64_t V, size_t s, int sdt, int64_t ss, size_t t, int t
             int64_t sg, size_t loss, *, int kind, bint t_is_one, double inv_T, double ws,
             double wh, double beta, bint use_double, int num_threads):
     """Row losses of distillation into ``loss`` (N,); with ``g`` != 0, coef[n * scoef] * dloss/ds
-    into g (dtype gdt, row stride sg). ``y`` != 0: int64 targets (rows equal to ignore_index get
+    into g (dtype gdt, row stride sg; coef float64). ``y`` != 0: int64 targets (rows equal to ignore_index get
     loss 0 and gradient 0, or NaN where the row is poisoned, as PyTorch; with ``wh`` != 0 the others
     add the class term). See family.h
     for ``kind``, ``ws`` (soft weight alpha T^2) and ``wh`` (class-term weight 1 - alpha)."""
@@ -76,7 +76,7 @@ def distill(int64_t N, int64_t V, size_t s, int sdt, int64_t ss, size_t t, int t
     cdef char *sb = <char *>s
     cdef char *tb = <char *>t
     cdef char *gb = <char *>g
-    cdef const float *cp = <const float *>coef
+    cdef const double *cp = <const double *>coef
     cdef float *lf = <float *>loss
     cdef double *ld = <double *>loss
     cdef double v

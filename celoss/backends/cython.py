@@ -183,7 +183,7 @@ def distill_fused(student, teacher, target, coef, grad_out, grad_teacher, *, kin
     if g is not None and (g.dtype != s.dtype or (v > 1 and g.stride(1) != 1)):
         g = torch.empty(s.shape, dtype=s.dtype)
     y = None if target is None else target.to(torch.int64).contiguous()
-    cf = None if g is None else coef.to(torch.float32).contiguous()
+    cf = None if g is None else coef.to(torch.float64).contiguous()  # read as double by the kernel
     has_target = y is not None
     T = float(temperature)
     if n:
