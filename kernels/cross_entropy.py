@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import SUPPORTED_DTYPES, aligned16, check_rows, f32, launch, softcap_args, with_flags
+from ._host import SUPPORTED_DTYPES, aligned16, check_rows, f32, launch, softcap_args, with_flags  # noqa: F401
 from ._tl import class_weight, expm1, lane_finish, lane_update, log1m, row_coef, safe_shift, transform
 
 # (BLOCK, num_warps) pairs block_config can return: at most 16 elements per thread and at most
