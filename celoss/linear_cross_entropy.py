@@ -255,7 +255,7 @@ class _ChunkedEngine:
                 return logits if extra is None else logits.add_(extra)
             return self._pass(x2d, w, b, rows, need, make_grad_soft, buffers=1 if grad_lse is None else 2)
 
-        if grad_lse is None and x2d.dtype != torch.float64:  # (float64 keeps a float64 scale below)
+        if grad_lse is None:  # the fused row kernel: p from z - max, exact where z - (rounded lse) is not
             def make_grad(logits, s, e):
                 _ops.ce_forward_inplace(logits, rows.tgt[s:e], None, self.weight, scale[s:e].contiguous(),
                                         self.backend, **opts)

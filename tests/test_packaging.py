@@ -72,7 +72,7 @@ def test_sdist_holds_what_the_tests_need_and_no_build_output(built):
     needed = {"LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",
               "celoss/py.typed", "tests/conftest.py", "tests/kernels/test_cross_entropy_kernels.py",
               "tests/cpu/test_cpu_kernels.py", "tests/benchmarks/test_benchmarks.py", "benchmarks/__main__.py",
-              "examples/train_lm.py", "scripts/gpu-check", "cpu/_kernels.pyx", "cpu/fastmath.h",
+              "examples/train_lm.py", "scripts/gpu-check", "cpu/_kernels.pyx", "cpu/ce_rows.h",
               "kernels/cross_entropy.py"}
     assert needed <= members, needed - members
     if (ROOT / ".git").exists():  # (not when the tests run from an unpacked sdist)
