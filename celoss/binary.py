@@ -82,15 +82,18 @@ def binary_loss(input: Tensor, target: Tensor, weight, pos_weight, reduction: st
     shape = input.shape
     c = shape[-1] if input.dim() else 1
     r = input.numel() // c if c else 0
-    x = input.reshape(r, c).contiguous()
-    y = target.reshape(r, c).contiguous()
+    # mixed dtypes compute in the promoted one, as PyTorch does (a float64 target is not narrowed to a
+    # float32 input, a 1e30 target not to float16); autograd carries the gradients back through .to
+    out_dtype = torch.promote_types(input.dtype, target.dtype)
+    x = input.reshape(r, c).to(out_dtype).contiguous()
+    y = target.reshape(r, c).to(out_dtype).contiguous()
     w = _broadcast_view("weight", weight, shape, r, c, input)
     pw = _broadcast_view("pos_weight", pos_weight, shape, r, c, input)
     backend_name = _dispatch.resolve(input.device, backend)
     loss = _Binary.apply(x, y, w, pw, reduction, backend_name, BinaryOptions(float(focal_alpha), focal_gamma))
     if reduction == "none":
         loss = loss.reshape(shape)
-    return loss.to(torch.promote_types(input.dtype, target.dtype))
+    return loss.to(out_dtype)
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,

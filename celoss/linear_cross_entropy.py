@@ -17,7 +17,7 @@ Two engines, both built on the per-row statistics of :mod:`celoss.stats`:
   tiles (``tl.dot``) merged with :func:`celoss.stats.merge_all`; backward recomputes logit tiles and
   accumulates dX, dW, db in float32 from the row coefficients of :func:`celoss.stats.coefficients`,
   with optional gradient filtering (``filter_eps``). No logits workspace at all, but its backward
-  accumulates with atomics. See ``celoss/kernels/linear_cross_entropy.py``.
+  accumulates with atomics. See ``kernels/linear_cross_entropy.py``.
 
 Both engines run inside two custom ops (``celoss::lce_forward`` / ``celoss::lce_backward``), so
 ``torch.compile`` sees two opaque ops with shape-only fake implementations: the data-dependent

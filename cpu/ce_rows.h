@@ -483,7 +483,7 @@ static CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_
     int nan;
     CE_SPECIALIZE(CE_F(ce_row_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, NULL, C, L, tr, 0,
                   1, mk, sk, &m, sums, &nan, 0);
-    double s = 0, shift = isfinite(m) ? m : 0; /* as celoss.stats.merge */
+    double s = 0, shift = isfinite(m) ? m : 0; /* as celoss.stats.merge_all */
     for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - shift);
     out[0] = nan ? NAN : m;
     out[1] = nan ? NAN : (m == INFINITY ? INFINITY : (CE_ACC)s);
