@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _checks, _dispatch
 from ._autograd import once_differentiable
-from .distillation import KINDS, REDUCTIONS
+from .distillation import distill_options
 from .linear_cross_entropy import (DEFAULT_CHUNK_BYTES, GradSink, _contiguous_rows, _hidden_rows,
                                    _may_be_nonfinite, _Rows, check_layer, check_shift, gather_rows, hand_over,
                                    row_bytes, rows_per_chunk)
@@ -276,30 +276,11 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
         raise ValueError(f"teacher_input is on {teacher_input.device} but student_input is on "
                          f"{student_input.device}")
     check_shift(student_input, shift, "student_input")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    _checks.reduction(reduction, REDUCTIONS)
-    temperature = float(temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    beta = _checks.probability("beta", beta)
-    alpha = _checks.probability("alpha", alpha)
     ignore_index = _checks.index_value("ignore_index", ignore_index)
     lead = tuple(student_input.shape[:-1])
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
-        if target.dtype != torch.int64:
-            raise TypeError(f"target must hold int64 (torch.long) class indices, got {target.dtype}")
-        if tuple(target.shape) != lead:
-            raise ValueError(f"expected target of shape {lead} for student_input of shape "
-                             f"{tuple(student_input.shape)}, got {tuple(target.shape)}")
-        if target.device != student_input.device:
-            raise ValueError(f"target is on {target.device} but student_input is on {student_input.device}")
-    elif alpha != 1.0:
-        raise ValueError("alpha != 1 mixes in the cross-entropy with a target: pass target (or alpha=1)")
-    if kind == "jsd" and beta in (0.0, 1.0):
-        kind = "kl" if beta == 0.0 else "reverse_kl"
+    o = distill_options(kind, temperature, beta, alpha, ignore_index, reduction, target, lead, student_input,
+                        "student_input")
+    kind, temperature, beta, alpha = o.kind, o.temperature, o.beta, o.alpha
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
