@@ -66,8 +66,10 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     ``p_t = p * targets + (1 - p) * (1 - targets)``, ``loss = ce * (1 - p_t)**gamma``, times
     ``alpha * targets + (1 - alpha) * (1 - targets)`` when ``alpha >= 0`` (``alpha < 0`` disables
     it). ``1 - p_t`` is formed as ``p (1 - t) + (1 - p) t`` with ``1 - p = sigmoid(-x)`` computed
-    directly, so it does not round to 0 for large |x|. ``targets``: same shape, float (soft targets
-    allowed), not differentiated (pass ``targets.detach()`` if it requires grad). ``reduction``:
+    directly, so it does not round to 0 for large |x|. ``targets``: same shape, float probabilities
+    in [0, 1] (soft targets allowed; finite values outside [0, 1] are outside the loss's domain and
+    not checked, as a check would stop the GPU: their result is unspecified), not differentiated
+    (pass ``targets.detach()`` if it requires grad). ``reduction``:
     "none" (default, as torchvision), "mean" (over all elements) or "sum".
     NaN and +-inf inputs give NaN / inf where torchvision's composition does (``gamma = 0`` is
     alpha-weighted BCE, finite gradients at +-inf). One deliberate difference: for finite logits

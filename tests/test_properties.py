@@ -41,7 +41,7 @@ SPECIAL = (math.nan, math.inf, -math.inf, 1e30, -1e30)
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded")
 REDUCTIONS = ("mean", "sum", "none")
 # class counts at the kernels' edges (+-1): Triton CE/distillation blocks 64..4096 (jsd 2048),
-# CPU chunks of 1024 (fastmath.h CE_CHUNK, _family.pyx FAM_CHUNK), SIMD widths 8/16
+# CPU chunks of 1024 (ce_rows.h CE_CHUNK, family.h FAM_CHUNK), SIMD widths 8/16
 EDGE_C = (1, 2, 3, 7, 8, 9, 15, 16, 17, 63, 64, 65, 127, 128, 129, 1023, 1024, 1025, 2047, 2048, 2049,
           4095, 4096, 4097, 8191, 8192, 8193)
 # fused linear CE tiles (kernels/linear_cross_entropy.py; the interpreter's BLOCK_M/V/D = 16/32/16)
@@ -490,10 +490,15 @@ def sigmoid_focal_cases(backend):
 
 
 def check_sigmoid_focal(backend, case: SigmoidFocalCase):
-    # targets are documented as not differentiated (celoss raises if they require grad)
-    x, y, _, _ = binary_args(case.base, target_grad=False)
+    # targets are documented as not differentiated (celoss raises if they require grad), and as
+    # probabilities: finite targets outside [0, 1] (the +-1e30 specials) are outside the loss's
+    # domain (celoss.sigmoid_focal_loss's docstring); NaN / +-inf targets stay
+    base = case.base
+    if base.special_in == "target":
+        base = dataclasses.replace(base, specials=[(p, v) for p, v in base.specials if not math.isfinite(v)])
+    x, y, _, _ = binary_args(base, target_grad=False)
     differential("sigmoid_focal_loss", backend, dict(inputs=x, targets=y),
-                 dict(alpha=case.alpha, gamma=case.gamma, reduction=case.base.reduction), case.base.seed)
+                 dict(alpha=case.alpha, gamma=case.gamma, reduction=base.reduction), base.seed)
 
 
 # ------------------------------------------------------------------------------------------------
