@@ -40,7 +40,30 @@ def _device_reason(name: str, device: torch.device) -> str | None:
 
 
 def available_backends() -> dict[str, str | None]:
-    """Backend name -> None if it can run on this machine, else the reason it can't."""
+    """Which backends can run on this machine.
+
+    A backend is usable when its module imports (the compiled CPU kernels for ``"cython"``, Triton
+    for ``"triton"``) and, for ``"triton"``, a CUDA device is present (or ``TRITON_INTERPRET=1``).
+    ``"torch"``, the plain-PyTorch reference, runs on any device.
+
+    Args:
+        None.
+
+    Shape:
+        Not applicable: no tensor arguments.
+
+    Returns:
+        dict[str, str or None]: backend name (``"triton"``, ``"cython"``, ``"torch"``) -> None if
+        it can run here, else the reason it can't.
+
+    Example::
+
+        >>> backends = celoss.available_backends()
+        >>> sorted(backends)
+        ['cython', 'torch', 'triton']
+        >>> backends["torch"] is None
+        True
+    """
     out = {}
     for name in BACKENDS:
         module, reason = _load(name)

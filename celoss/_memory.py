@@ -176,8 +176,29 @@ if hasattr(os, "register_at_fork"):
 
 
 def set_cpu_cache_limit(max_bytes: int | None = None) -> None:
-    """Caps the free CPU buffers kept for reuse (0: none; buffers larger than the cap are not
-    cached; None: the default, ``CELOSS_CPU_CACHE_MB`` or an eighth of the physical memory)."""
+    """Caps the free CPU buffers kept for reuse (see :func:`cpu_cache_bytes`).
+
+    Free buffers beyond the cap go back to the OS at once, the oldest first.
+
+    Args:
+        max_bytes (int, optional): the cap in bytes, >= 0 (0: none; buffers larger than the cap are
+            not cached); None: the default, ``CELOSS_CPU_CACHE_MB`` or an eighth of the physical
+            memory (at most 8 GiB). Default: None
+
+    Shape:
+        Not applicable: no tensor arguments.
+
+    Returns:
+        None
+
+    Example::
+
+        >>> celoss.set_cpu_cache_limit(1 << 30)   # keep at most 1 GiB of free gradient buffers
+        >>> celoss.set_cpu_cache_limit(0)         # keep none
+        >>> celoss.cpu_cache_bytes()
+        0
+        >>> celoss.set_cpu_cache_limit()          # back to the default
+    """
     if max_bytes is None:
         max_bytes = DEFAULT_CACHE_BYTES
     if max_bytes < 0:
@@ -186,12 +207,56 @@ def set_cpu_cache_limit(max_bytes: int | None = None) -> None:
 
 
 def cpu_cache_bytes() -> int:
-    """Bytes of free CPU buffers the cache holds for reuse (``CELOSS_CPU_CACHE_MB`` caps them)."""
+    """Bytes of free CPU buffers the cache holds for reuse (``CELOSS_CPU_CACHE_MB`` caps them).
+
+    Large CPU gradient buffers (8 MiB and up) come from huge-page-advised mappings that go back to
+    this cache, not to the OS, when their last tensor is freed, so the next training step reuses
+    them already faulted in (what PyTorch's caching allocator does on CUDA).
+
+    Args:
+        None.
+
+    Shape:
+        Not applicable: no tensor arguments.
+
+    Returns:
+        int: the bytes of the free (not in use) cached buffers.
+
+    Example::
+
+        >>> celoss.set_cpu_cache_limit(1 << 30)
+        >>> logits = torch.randn(64, 32768, requires_grad=True)   # an 8 MiB gradient
+        >>> celoss.cross_entropy(logits, torch.randint(0, 32768, (64,))).backward()
+        >>> logits.grad = None   # the gradient's buffer goes back to the cache
+        >>> celoss.cpu_cache_bytes() >= 64 * 32768 * 4
+        True
+        >>> celoss.empty_cpu_cache()
+        >>> celoss.set_cpu_cache_limit()
+    """
     return _CACHE.free_bytes()
 
 
 def empty_cpu_cache() -> None:
-    """Hands the cache's free CPU buffers back to the OS (like ``torch.cuda.empty_cache``)."""
+    """Hands the cache's free CPU buffers back to the OS (like ``torch.cuda.empty_cache``).
+
+    Buffers still in use (e.g. a ``.grad`` that is alive) are not affected; they return to the cache
+    when freed.
+
+    Args:
+        None.
+
+    Shape:
+        Not applicable: no tensor arguments.
+
+    Returns:
+        None
+
+    Example::
+
+        >>> celoss.empty_cpu_cache()
+        >>> celoss.cpu_cache_bytes()
+        0
+    """
     _CACHE.clear()
 
 

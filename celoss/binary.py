@@ -104,12 +104,43 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     ``loss = -weight * [pos_weight * y * log sigmoid(x) + (1 - y) * log(1 - sigmoid(x))]`` per
     element, computed as ``weight * ((1 - y) x + (1 + (pos_weight - 1) y) softplus(-x))`` in float32
     (float64 for float64 input), exact for |x| up to the float32 range (no exp overflow).
-    ``weight`` and ``pos_weight`` broadcast to the input's shape (``pos_weight`` of shape ``(C,)``
-    weighs the classes of the last dimension); neither may require grad (as in PyTorch).
-    ``reduction``: "mean" (over all elements, not weight-normalised), "sum" or "none". The target
-    has the input's shape, any float dtype and may be soft; gradients flow to the input and to a
-    target that requires grad. The result has ``torch.promote_types(input.dtype, target.dtype)``.
-    NaN and +-inf inputs give NaN / inf in the loss and both gradients where PyTorch's do.
-    ``backend``: "triton", "cython", "torch" or None (automatic).
+    Gradients flow to the input and to a target that requires grad. NaN and +-inf inputs give NaN /
+    inf in the loss and both gradients where PyTorch's do.
+
+    Args:
+        input (Tensor): logits of any shape, float32/float16/bfloat16/float64.
+        target (Tensor): the input's shape, any float dtype, may be soft (probabilities);
+            differentiable.
+        weight (Tensor, optional): rescaling weight broadcast to the input's shape; may not require
+            grad (as in PyTorch). Default: None
+        reduction (str, optional): ``"mean"`` (over all elements, not weight-normalised), ``"sum"``
+            or ``"none"``. Default: ``"mean"``
+        pos_weight (Tensor, optional): weight of the positive term, broadcast to the input's shape
+            (of shape ``(C,)`` it weighs the classes of the last dimension); may not require grad.
+            Default: None
+        backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None
+            (automatic). Default: None
+
+    Shape:
+        - Input: ``(*)``, any number of dimensions.
+        - Target: ``(*)``, the input's shape.
+        - Weight, pos_weight: broadcastable to ``(*)``.
+        - Output: ``()``; with ``reduction="none"``, ``(*)``.
+
+    Returns:
+        Tensor: the loss, in ``torch.promote_types(input.dtype, target.dtype)``.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> logits = torch.randn(4, 5, requires_grad=True)
+        >>> target = torch.rand(4, 5)
+        >>> pos_weight = torch.full((5,), 2.0)
+        >>> loss = celoss.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+        >>> torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight))
+        True
+        >>> loss.backward()
+        >>> logits.grad.shape
+        torch.Size([4, 5])
     """
     return binary_loss(input, target, weight, pos_weight, reduction, backend)

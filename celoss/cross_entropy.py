@@ -14,7 +14,24 @@ from ._options import SoftmaxOptions
 
 
 class CrossEntropyOutput(NamedTuple):
-    """Returned when `return_lse` or `return_z_loss` is set; unset fields are None."""
+    """Returned by :func:`cross_entropy` and :func:`linear_cross_entropy` when ``return_lse`` or
+    ``return_z_loss`` is set; unset fields are None.
+
+    Attributes:
+        loss (Tensor): the loss, reduced as asked (what the call returns without those flags).
+        lse (Tensor or None): per-row log-sum-exp of the (scaled, capped) logits, of the unreduced
+            loss's shape, float32 (float64 for float64 input); differentiable. Set by ``return_lse``.
+        z_loss (Tensor or None): the z-loss part included in ``loss`` (``z_loss * lse**2`` per counted
+            row, reduced like the loss), for logging; not differentiable. Set by ``return_z_loss``.
+
+    Example::
+
+        >>> logits, target = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+        >>> out = celoss.cross_entropy(logits, target, return_lse=True)
+        >>> out.loss.shape, out.lse.shape, out.z_loss
+        (torch.Size([]), torch.Size([4]), None)
+        >>> loss, lse, z = out  # a named tuple
+    """
     loss: Tensor
     lse: Optional[Tensor]
     z_loss: Optional[Tensor]
@@ -273,41 +290,66 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     The N x C probabilities are never stored: each row's statistics (max, sum of exps, target logit)
     are computed online, and the gradient is formed in the same pass as the loss.
 
-    Args:
-        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``; float32/float16/bfloat16/float64.
-        target: class indices ``()``, ``(N)`` or ``(N, d1, ..., dK)`` (int64 or uint8), or class
-            probabilities with ``input``'s shape (differentiable, like PyTorch's).
-        weight: ``(C)`` class weights (any sign; a weighted mean divides by their sum over counted
-            targets whatever its sign; differentiable only with probability targets, as in PyTorch).
-        ignore_index: target value that is skipped (index targets only).
-        reduction: ``"mean"`` (weighted), ``"sum"`` or ``"none"``.
-        label_smoothing: in [0, 1].
-
-    Extras (keyword-only): ``logit_scale`` multiplies the logits first; ``softcap`` then applies
-    ``softcap * tanh(x / softcap)``; ``z_loss`` adds ``z_loss * lse**2`` per counted row, weighted by the
-    row's target class weight like the main term (so the weighted mean stays a weighted average);
-    ``return_lse`` / ``return_z_loss`` return ``CrossEntropyOutput(loss, lse, z_loss)`` with the per-row
-    lse (differentiable) and the z-loss part of the loss (reduced like the loss, for logging).
-    ``inplace_backward=True`` writes the gradient into the logits' buffer during forward: their values
-    are destroyed, autograd's version counter is bumped (an op that saved them raises instead of
-    silently using the gradient), the returned lse is then not differentiable, and it is refused
-    (RuntimeError) on a leaf that requires grad or a view of one, and on rows sharing memory.
-    ``backend``: "triton", "cython", "torch" or None (automatic by device).
-
     Edge cases follow PyTorch: every target ignored (or no rows) with ``"mean"`` gives NaN and zero
     gradients; a zero weighted-mean denominator gives NaN gradients on the counted rows (for
     target weights of mixed sign that cancel exactly, PyTorch's gradient mixes NaN and +-inf; celoss's
     is NaN); C = 0 returns what PyTorch returns. The loss is differentiable once (kernels form the
     first-order gradient directly): a second derivative raises.
 
-    Shape: loss ``()`` or, with ``reduction="none"``, the target's shape (index targets) or
-    ``input``'s shape without dim 1 (probability targets).
+    Args:
+        input (Tensor): logits, float32/float16/bfloat16/float64 (see Shape).
+        target (Tensor): class indices (int64 or uint8), or class probabilities with ``input``'s
+            shape and a floating dtype (differentiable, like PyTorch's).
+        weight (Tensor, optional): ``(C)`` class weights (any sign; a weighted mean divides by their
+            sum over counted targets whatever its sign; differentiable only with probability targets,
+            as in PyTorch). Default: None
+        ignore_index (int, optional): target value that is skipped (index targets only). Default: -100
+        reduction (str, optional): ``"mean"`` (weighted), ``"sum"`` or ``"none"``. Default: ``"mean"``
+        label_smoothing (float, optional): in [0, 1]. Default: 0.0
+        logit_scale (float, keyword-only): multiplies the logits first. Default: 1.0
+        softcap (float, optional, keyword-only): then applies ``softcap * tanh(x / softcap)``;
+            None: no capping. Default: None
+        z_loss (float, keyword-only): adds ``z_loss * lse**2`` per counted row, weighted by the row's
+            target class weight like the main term (so the weighted mean stays a weighted average).
+            Default: 0.0
+        return_lse (bool, keyword-only): also return the per-row lse (differentiable). Default: False
+        return_z_loss (bool, keyword-only): also return the z-loss part of the loss (reduced like the
+            loss, for logging). Default: False
+        inplace_backward (bool, keyword-only): write the gradient into the logits' buffer during
+            forward: their values are destroyed, autograd's version counter is bumped (an op that
+            saved them raises instead of silently using the gradient), the returned lse is then not
+            differentiable, and it is refused (RuntimeError) on a leaf that requires grad or a view
+            of one, and on rows sharing memory. Default: False
+        backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None
+            (automatic by device). Default: None
+
+    Shape:
+        - Input: ``(C)``, ``(N, C)`` or ``(N, C, d_1, ..., d_K)`` with ``K >= 1``.
+        - Target: class indices ``()``, ``(N)`` or ``(N, d_1, ..., d_K)``; probability targets have
+          the input's shape.
+        - Output: ``()``; with ``reduction="none"``, the target's shape (index targets) or
+          ``input``'s shape without dim 1 (probability targets). The lse has that unreduced shape.
+
+    Returns:
+        Tensor: the loss, in ``input``'s dtype (promoted with the target's for probability targets).
+        With ``return_lse`` or ``return_z_loss``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)``
+        whose unset fields are None; the lse is float32 for float16/bfloat16/float32 input (float64
+        for float64) and the z-loss part has the loss's dtype.
 
     Example::
 
-        >>> logits = torch.randn(8, 32000, requires_grad=True)
-        >>> target = torch.randint(0, 32000, (8,))
-        >>> celoss.cross_entropy(logits, target, label_smoothing=0.1).backward()
+        >>> _ = torch.manual_seed(0)
+        >>> logits = torch.randn(8, 1000, requires_grad=True)
+        >>> target = torch.randint(0, 1000, (8,))
+        >>> loss = celoss.cross_entropy(logits, target, label_smoothing=0.1)
+        >>> torch.allclose(loss, F.cross_entropy(logits, target, label_smoothing=0.1))
+        True
+        >>> loss.backward()
+        >>> logits.grad.shape
+        torch.Size([8, 1000])
+        >>> out = celoss.cross_entropy(logits, target, z_loss=1e-4, return_lse=True, return_z_loss=True)
+        >>> out.lse.shape, out.z_loss.shape
+        (torch.Size([8]), torch.Size([]))
     """
     softcap = _checks.positive_or_none("softcap", softcap)
     label_smoothing = _checks.probability("label_smoothing", label_smoothing)

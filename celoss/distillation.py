@@ -96,36 +96,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
 
     Both softmaxes are taken at temperature ``T`` over the **last** dimension (the vocabulary of
     LLM logits): ``p_S = softmax(student / T)``, ``p_T = softmax(teacher / T)``. Per row (one
-    position of ``...``) the divergence ``D`` is
-
-    * ``"kl"`` (default): forward KL, ``KL(p_T || p_S) = sum_j p_T (log p_T - log p_S)`` (what
-      ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)`` computes);
-    * ``"reverse_kl"``: ``KL(p_S || p_T)``;
-    * ``"ce"``: soft-target cross-entropy ``H(p_T, p_S) = -sum_j p_T log p_S`` (= kl + the
-      teacher's entropy: same gradient as "kl");
-    * ``"jsd"``: generalized Jensen-Shannon divergence with mixture ``M = beta p_T + (1 - beta) p_S``:
-      ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)`` for ``0 < beta < 1`` (``beta = 0.5``: the
-      usual JSD); ``beta = 0`` is defined as ``KL(p_T || p_S)`` (= "kl") and ``beta = 1`` as
-      ``KL(p_S || p_T)`` (= "reverse_kl"), as in TRL's ``generalized_jsd_loss`` and Liger's
-      ``LigerJSD`` (the mixture formula itself tends to 0 at both ends).
+    position of ``...``) the divergence ``D`` is chosen by ``kind`` (see Args).
 
     Terms with a zero probability count 0 (``0 log 0 = 0``), so ``-inf`` logits (masked classes)
     are allowed. The soft term is ``T**2 * D`` (Hinton et al.: gradients keep their scale as T
     changes). Without ``target`` the row loss is ``T**2 * D`` (``alpha`` must stay 1). With
-    ``target`` (int64, shape ``...``): ``alpha * T**2 * D + (1 - alpha) * CE`` where ``CE =
+    ``target``: ``alpha * T**2 * D + (1 - alpha) * CE`` where ``CE =
     -log softmax(student)[target]`` is the ordinary cross-entropy at temperature 1; rows whose
     target is ``ignore_index`` are excluded from both terms (loss 0, zero gradient, not counted).
 
-    ``reduction``: ``"batchmean"`` = sum of row losses / number of counted rows (all rows without
-    a target; for 2-D inputs without ignored rows this equals ``F.kl_div(..., reduction=
-    "batchmean")``, for more dims it is a per-position mean, not a mean over dim 0);
-    ``"mean"`` = sum / (counted rows * V) (``F.kl_div``'s elementwise mean); ``"sum"``; ``"none"``
-    = per-row losses of shape ``...``. With no counted row, batchmean/mean give NaN (0/0, as
-    ``celoss.cross_entropy``) and zero gradients. ``V = 0``: every row loss is 0 (empty sums), so
-    batchmean gives 0 and mean 0/0 = NaN, as the PyTorch composition. The loss has the student's
-    dtype.
-
-    Non-finite values propagate as in the PyTorch composition above: a counted row whose student
+    Non-finite values propagate as in the PyTorch composition: a counted row whose student
     or teacher logits (divided by T) contain a NaN or a +inf, or are all -inf, has a NaN loss and
     a NaN gradient everywhere in that row (other rows are unaffected, the reduced loss is NaN).
     Individual -inf logits follow the masked-class rule above (where ``F.kl_div`` would give
@@ -136,9 +116,69 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
     Gradients: always for the student (formed by the forward kernel call for scalar reductions). The
     teacher is normally detached (``teacher_logits.detach()`` or produced under ``no_grad``); if it
     requires grad its gradient is computed too, on the reference (PyTorch, row-chunked) path of
-    every backend -- correct but slower. Student and teacher may have different dtypes (fp32,
-    fp16, bf16; fp64 on the cython and torch backends, fp64 on triton runs the torch backend).
-    ``backend``: "triton", "cython", "torch" or None (automatic, like ``celoss.cross_entropy``).
+    every backend -- correct but slower.
+
+    Args:
+        student_logits (Tensor): ``(..., V)``, float32/float16/bfloat16/float64.
+        teacher_logits (Tensor): the student's shape. Student and teacher may have different dtypes
+            (fp32, fp16, bf16; fp64 on the cython and torch backends, fp64 on triton runs the torch
+            backend).
+        target (Tensor, optional): int64 class indices of shape ``...`` for the hard-label term;
+            None: no hard-label term. Default: None
+        temperature (float, keyword-only): ``T``, finite and > 0. Default: 1.0
+        kind (str, keyword-only): the divergence ``D``:
+
+            * ``"kl"``: forward KL, ``KL(p_T || p_S) = sum_j p_T (log p_T - log p_S)`` (what
+              ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)`` computes);
+            * ``"reverse_kl"``: ``KL(p_S || p_T)``;
+            * ``"ce"``: soft-target cross-entropy ``H(p_T, p_S) = -sum_j p_T log p_S`` (= kl + the
+              teacher's entropy: same gradient as "kl");
+            * ``"jsd"``: generalized Jensen-Shannon divergence with mixture
+              ``M = beta p_T + (1 - beta) p_S``: ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)``
+              for ``0 < beta < 1`` (``beta = 0.5``: the usual JSD); ``beta = 0`` is defined as
+              ``KL(p_T || p_S)`` (= "kl") and ``beta = 1`` as ``KL(p_S || p_T)`` (= "reverse_kl"),
+              as in TRL's ``generalized_jsd_loss`` and Liger's ``LigerJSD`` (the mixture formula
+              itself tends to 0 at both ends).
+
+            Default: ``"kl"``
+        beta (float, keyword-only): the JSD mixture weight, in [0, 1] (``kind="jsd"`` only).
+            Default: 0.5
+        alpha (float, keyword-only): weight of the soft term, in [0, 1]; ``1 - alpha`` weighs the
+            hard-label cross-entropy (needs ``target`` unless 1). Default: 1.0
+        ignore_index (int, keyword-only): target value whose rows are excluded. Default: -100
+        reduction (str, keyword-only): ``"batchmean"`` = sum of row losses / number of counted rows
+            (all rows without a target; for 2-D inputs without ignored rows this equals
+            ``F.kl_div(..., reduction="batchmean")``, for more dims it is a per-position mean, not a
+            mean over dim 0); ``"mean"`` = sum / (counted rows * V) (``F.kl_div``'s elementwise
+            mean); ``"sum"``; ``"none"`` = per-row losses. With no counted row, batchmean/mean give
+            NaN (0/0, as ``celoss.cross_entropy``) and zero gradients. ``V = 0``: every row loss is
+            0 (empty sums), so batchmean gives 0 and mean 0/0 = NaN, as the PyTorch composition.
+            Default: ``"batchmean"``
+        backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None
+            (automatic, like ``celoss.cross_entropy``). Default: None
+
+    Shape:
+        - Student_logits, teacher_logits: ``(..., V)`` (at least 1 dimension).
+        - Target: ``(...)``.
+        - Output: ``()``; with ``reduction="none"``, ``(...)``.
+
+    Returns:
+        Tensor: the loss, in the student's dtype.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> student = torch.randn(4, 100, requires_grad=True)
+        >>> teacher = torch.randn(4, 100)
+        >>> loss = celoss.distillation_loss(student, teacher, temperature=2.0)
+        >>> ref = 4.0 * F.kl_div((student / 2).log_softmax(-1), (teacher / 2).log_softmax(-1),
+        ...                      reduction="batchmean", log_target=True)
+        >>> torch.allclose(loss, ref)
+        True
+        >>> labels = torch.tensor([3, 7, -100, 1])
+        >>> celoss.distillation_loss(student, teacher, labels, kind="jsd", alpha=0.5,
+        ...                          reduction="none").shape
+        torch.Size([4])
     """
     _checks.floating("student_logits", student_logits)
     _checks.floating("teacher_logits", teacher_logits)

@@ -728,18 +728,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     weight are not implemented (NotImplementedError: pass ``.detach()``); the fused engine takes
     class indices only.
 
-    Extras (as in :func:`celoss.cross_entropy`): ``logit_scale``, then ``softcap``
-    (``softcap * tanh(x / softcap)``), then softmax; ``z_loss`` adds ``z_loss * lse**2`` per counted
-    row (weighted by the target's class weight; by 1 with probability targets); ``return_lse`` /
-    ``return_z_loss`` return ``CrossEntropyOutput(loss, lse, z_loss)`` with the per-row
-    (differentiable) lse of every row and the z-loss part of the loss (reduced like the loss, for
-    logging); unset fields are None.
-
-    ``shift=True``: next-token prediction on ``input (..., T, D)`` / ``target (..., T)``: position t
-    is scored against label t + 1 and the last position is dropped (an unreduced loss has shape
-    ``(..., T - 1)``); the hidden states are addressed by index arithmetic, never copied (as long
-    as ``input.reshape(-1, D)`` is a view, e.g. any contiguous input).
-
     Rows whose target is ``ignore_index`` cost no matrix-product work (they are compacted away;
     with ``return_lse`` every row is computed, since every row's lse is returned).
 
@@ -748,40 +736,95 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     raises (except in float64, or with ``allow_retain_graph``); reduction "none" recomputes in
     backward and supports any per-row upstream gradient and repeated backward. celoss losses are
     differentiable once (double backward raises; use the plain PyTorch composition for that).
-
-    ``options``: None or a ``torch.nn.LinearCrossEntropyOptions`` (PyTorch >= 2.13), as in
-    ``torch.nn.functional.linear_cross_entropy``. Here: ``batch_chunk_size`` sets the rows per chunk
-    of the chunked engine (overriding ``chunk_bytes``); ``chunking_method="aspect_ratio[:k]"``
-    (without ``batch_chunk_size``) picks it by PyTorch's formula, ``"auto"``/None leave it to
-    ``chunk_bytes``; ``allow_retain_graph=True`` makes "mean"/"sum" recompute in backward, so the
-    graph can be backpropagated several times; ``acc_policy`` and ``acc_dtype`` are ignored: celoss
-    always accumulates in float32 (float64 for float64 inputs) and rounds each chunk's dW product
-    once. The fused engine has no chunks and ignores ``batch_chunk_size`` / ``chunking_method``.
-
-    ``engine``: None or "chunked" (the default on every device: logits of a chunk of rows by one
-    matrix product, the backend's row kernel in place on them, dX and dW by matrix products), or
-    "fused" (triton backend only: the Triton kernels that never write logits; smallest memory, but
-    their backward accumulates with atomics).
-
-    ``filter_eps`` (fused engine only; the chunked engine ignores it and stays exact): None
-    (default) computes exact gradients. A float enables gradient filtering: a (rows x vocabulary)
-    tile whose every ``|dloss/dz|`` (before the upstream / mean scaling; ``|softmax - onehot|``
-    for plain cross-entropy) is at most ``filter_eps`` contributes nothing to the gradients. Each
-    skipped element changes a gradient by at most ``filter_eps`` times the row's scale times
-    ``|W|`` (or ``|X|``); a tile holding a NaN is never skipped. Cut Cross-Entropy's default,
-    ``2**-12`` (bf16's epsilon / 32), is below the rounding of a bf16 gradient element; for a
-    confident model most tiles are skipped and the backward cost falls towards the recomputation
-    of the logit tiles -- so runtime then depends on the data. Not measured on a GPU here yet.
-
-    ``chunk_bytes``: bound of the chunked engine's workspace (the logits of a chunk of rows plus
-    their gathered hidden states), default :data:`DEFAULT_CHUNK_BYTES` (256 MB); at least one row.
-    Larger chunks amortise the dW accumulation, smaller ones bound memory. fp16/bf16 inputs add at
-    most 16 MB for the float32 accumulation of dW, plus that float32 dW itself.
-
-    ``backend``: "triton", "cython", "torch" or None (auto: CUDA -> triton, CPU -> cython): the row
-    kernel of the chunked engine.
-
     Under ``torch.compile`` (``fullgraph=True`` works) the engines are two opaque custom ops.
+
+    Args:
+        input (Tensor): hidden states ``(..., D)``.
+        linear_weight (Tensor): classifier weight ``(V, D)``, in ``input``'s dtype.
+        target (Tensor): class indices (int64 or uint8) of shape ``input.shape[:-1]``, or class
+            probabilities of shape ``input.shape[:-1] + (V,)`` (see above).
+        linear_bias (Tensor, optional, keyword-only): classifier bias ``(V)``, in ``input``'s dtype.
+            Default: None
+        weight (Tensor, optional, keyword-only): ``(V)`` class weights (any sign). Default: None
+        reduction (str, optional, keyword-only): ``"mean"`` (weighted), ``"sum"`` or ``"none"``.
+            Default: ``"mean"``
+        ignore_index (int, optional, keyword-only): target value that is skipped (index targets
+            only); None means -100. Default: -100
+        label_smoothing (float, optional, keyword-only): in [0, 1]. Default: 0.0
+        options (torch.nn.LinearCrossEntropyOptions, optional, keyword-only): as in
+            ``torch.nn.functional.linear_cross_entropy`` (PyTorch >= 2.13). Here:
+            ``batch_chunk_size`` sets the rows per chunk of the chunked engine (overriding
+            ``chunk_bytes``); ``chunking_method="aspect_ratio[:k]"`` (without ``batch_chunk_size``)
+            picks it by PyTorch's formula, ``"auto"``/None leave it to ``chunk_bytes``;
+            ``allow_retain_graph=True`` makes "mean"/"sum" recompute in backward, so the graph can be
+            backpropagated several times; ``acc_policy`` and ``acc_dtype`` are ignored: celoss always
+            accumulates in float32 (float64 for float64 inputs) and rounds each chunk's dW product
+            once. The fused engine has no chunks and ignores ``batch_chunk_size`` /
+            ``chunking_method``. Default: None
+        logit_scale (float, keyword-only): multiplies the logits first (as in
+            :func:`celoss.cross_entropy`). Default: 1.0
+        softcap (float, optional, keyword-only): then applies ``softcap * tanh(x / softcap)``, then
+            the softmax. Default: None
+        z_loss (float, keyword-only): adds ``z_loss * lse**2`` per counted row (weighted by the
+            target's class weight; by 1 with probability targets). Default: 0.0
+        shift (bool, keyword-only): next-token prediction on ``input (..., T, D)`` /
+            ``target (..., T)``: position t is scored against label t + 1 and the last position is
+            dropped; the hidden states are addressed by index arithmetic, never copied (as long as
+            ``input.reshape(-1, D)`` is a view, e.g. any contiguous input). Default: False
+        return_lse (bool, keyword-only): also return the (differentiable) lse of every row.
+            Default: False
+        return_z_loss (bool, keyword-only): also return the z-loss part of the loss (reduced like
+            the loss, for logging). Default: False
+        filter_eps (float, optional, keyword-only): fused engine only (the chunked engine ignores it
+            and stays exact). None computes exact gradients. A float enables gradient filtering: a
+            (rows x vocabulary) tile whose every ``|dloss/dz|`` (before the upstream / mean scaling;
+            ``|softmax - onehot|`` for plain cross-entropy) is at most ``filter_eps`` contributes
+            nothing to the gradients. Each skipped element changes a gradient by at most
+            ``filter_eps`` times the row's scale times ``|W|`` (or ``|X|``); a tile holding a NaN is
+            never skipped. Cut Cross-Entropy's default, ``2**-12`` (bf16's epsilon / 32), is below
+            the rounding of a bf16 gradient element; for a confident model most tiles are skipped
+            and the backward cost falls towards the recomputation of the logit tiles -- so runtime
+            then depends on the data. Not measured on a GPU here yet. Default: None
+        chunk_bytes (int, optional, keyword-only): bound of the chunked engine's workspace (the
+            logits of a chunk of rows plus their gathered hidden states), None for
+            :data:`DEFAULT_CHUNK_BYTES` (256 MB); at least one row. Larger chunks amortise the dW
+            accumulation, smaller ones bound memory. fp16/bf16 inputs add at most 16 MB for the
+            float32 accumulation of dW, plus that float32 dW itself. Default: None
+        engine (str, optional, keyword-only): None or ``"chunked"`` (the default on every device:
+            logits of a chunk of rows by one matrix product, the backend's row kernel in place on
+            them, dX and dW by matrix products), or ``"fused"`` (triton backend only: the Triton
+            kernels that never write logits; smallest memory, but their backward accumulates with
+            atomics). Default: None
+        backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None (auto:
+            CUDA -> triton, CPU -> cython): the row kernel of the chunked engine. Default: None
+
+    Shape:
+        - Input: ``(D)``, ``(N, D)`` or ``(..., D)``; with ``shift``, ``(..., T, D)`` (at least 3
+          dimensions).
+        - Linear_weight: ``(V, D)``; linear_bias: ``(V)``; weight: ``(V)``.
+        - Target: ``input.shape[:-1]`` (class indices) or ``input.shape[:-1] + (V,)``
+          (probabilities).
+        - Output: ``()``; with ``reduction="none"``, ``input.shape[:-1]`` (with ``shift``,
+          ``(..., T - 1)``). The lse has that unreduced shape.
+
+    Returns:
+        Tensor: the loss, in ``input``'s dtype (promoted with the target's for probability targets).
+        With ``return_lse`` or ``return_z_loss``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)``
+        whose unset fields are None.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> hidden = torch.randn(2, 16, 64, requires_grad=True)   # (B, T, D)
+        >>> lm_head = torch.randn(1000, 64, requires_grad=True)   # (V, D)
+        >>> labels = torch.randint(0, 1000, (2, 16))              # (B, T)
+        >>> loss = celoss.linear_cross_entropy(hidden, lm_head, labels, shift=True)
+        >>> ref = F.cross_entropy((hidden[:, :-1] @ lm_head.T).flatten(0, 1), labels[:, 1:].flatten())
+        >>> torch.allclose(loss, ref, rtol=1e-4)
+        True
+        >>> loss.backward()
+        >>> hidden.grad.shape, lm_head.grad.shape
+        (torch.Size([2, 16, 64]), torch.Size([1000, 64]))
     """
     _checks.reduction(reduction)
     _check_args(input, linear_weight, target, linear_bias, shift)

@@ -237,17 +237,7 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
 
     Semantics (kinds "kl", "reverse_kl", "ce", "jsd" with ``beta``, ``temperature``, the hard-label
     term weighted ``1 - alpha``, ``ignore_index``, reductions "batchmean" / "mean" / "sum" / "none",
-    NaN / inf propagation, V = 0) are those of :func:`celoss.distillation_loss`; the loss has the
-    student's dtype.
-
-    Shapes: ``student_input (..., D_s)``, ``student_weight (V, D_s)``, ``teacher_input (..., D_t)``
-    (the same leading dimensions; the hidden sizes may differ), ``teacher_weight (V, D_t)``, biases
-    ``(V,)``, ``target (...)`` int64 or None. Each model's input, weight and bias share a dtype
-    (fp32, fp16, bf16, fp64); the student's and the teacher's may differ.
-
-    ``shift=True`` (next-token prediction on ``(..., T, D)`` inputs): both hidden states drop their
-    last position and the labels are ``target[..., 1:]`` (a "none" loss has shape ``(..., T - 1)``);
-    the hidden states are addressed by index arithmetic, never copied.
+    NaN / inf propagation, V = 0) are those of :func:`celoss.distillation_loss`.
 
     Rows whose target is ``ignore_index`` cost no matrix product (unless their logits may be
     non-finite: PyTorch's gradient is NaN there, and so is this one).
@@ -258,11 +248,62 @@ def linear_distillation_loss(student_input: Tensor, student_weight: Tensor, teac
     a second backward through the same graph raises; reduction "none" recomputes in backward.
     Differentiable once (double backward raises).
 
-    ``chunk_bytes``: bound of the workspace (default 256 MB): per row of a chunk, the student's and
-    teacher's logits (and the logit gradients asked for) plus the gathered hidden rows; fp16/bf16
-    weights add their float32 dW accumulators (and at most 16 MB for the accumulation itself).
-    ``backend``: "triton", "cython", "torch" or None (auto: CUDA -> triton, CPU -> cython): the
-    distillation row kernel; the matrix products are torch's (BLAS / cuBLAS).
+    Args:
+        student_input (Tensor): the student's hidden states ``(..., D_s)``.
+        student_weight (Tensor): the student's classifier ``(V, D_s)``.
+        teacher_input (Tensor): the teacher's hidden states ``(..., D_t)``: the same leading
+            dimensions (the hidden sizes may differ).
+        teacher_weight (Tensor): the teacher's classifier ``(V, D_t)`` (the same vocabulary).
+        target (Tensor, optional): int64 class indices ``(...)`` for the hard-label term, or None.
+            Default: None
+        student_bias (Tensor, optional, keyword-only): ``(V)``. Default: None
+        teacher_bias (Tensor, optional, keyword-only): ``(V)``. Default: None
+        temperature (float, keyword-only): as in :func:`celoss.distillation_loss`. Default: 1.0
+        kind (str, keyword-only): ``"kl"``, ``"reverse_kl"``, ``"ce"`` or ``"jsd"``, as in
+            :func:`celoss.distillation_loss`. Default: ``"kl"``
+        beta (float, keyword-only): the JSD mixture weight, in [0, 1]. Default: 0.5
+        alpha (float, keyword-only): weight of the soft term; ``1 - alpha`` weighs the hard-label
+            cross-entropy. Default: 1.0
+        ignore_index (int, keyword-only): target value whose rows are excluded. Default: -100
+        reduction (str, keyword-only): ``"batchmean"``, ``"mean"``, ``"sum"`` or ``"none"``, as in
+            :func:`celoss.distillation_loss`. Default: ``"batchmean"``
+        shift (bool, keyword-only): next-token prediction on ``(..., T, D)`` inputs: both hidden
+            states drop their last position and the labels are ``target[..., 1:]``; the hidden
+            states are addressed by index arithmetic, never copied. Default: False
+        chunk_bytes (int, optional, keyword-only): bound of the workspace (None: 256 MB): per row of
+            a chunk, the student's and teacher's logits (and the logit gradients asked for) plus the
+            gathered hidden rows; fp16/bf16 weights add their float32 dW accumulators (and at most
+            16 MB for the accumulation itself). Default: None
+        backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None (auto:
+            CUDA -> triton, CPU -> cython): the distillation row kernel; the matrix products are
+            torch's (BLAS / cuBLAS). Default: None
+
+    Shape:
+        - Student_input: ``(..., D_s)``; teacher_input: ``(..., D_t)``; with ``shift``, ``(..., T, D)``
+          (at least 3 dimensions).
+        - Student_weight: ``(V, D_s)``; teacher_weight: ``(V, D_t)``; biases: ``(V)``. Each model's
+          input, weight and bias share a dtype (fp32, fp16, bf16, fp64); the student's and the
+          teacher's may differ.
+        - Target: ``(...)``.
+        - Output: ``()``; with ``reduction="none"``, ``(...)`` (with ``shift``, ``(..., T - 1)``).
+
+    Returns:
+        Tensor: the loss, in the student's dtype.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> x_s = torch.randn(2, 8, 16, requires_grad=True)    # student (B, T, D_s)
+        >>> w_s = torch.randn(100, 16, requires_grad=True)
+        >>> x_t, w_t = torch.randn(2, 8, 32), torch.randn(100, 32)   # teacher, D_t = 32
+        >>> labels = torch.randint(0, 100, (2, 8))
+        >>> loss = celoss.linear_distillation_loss(x_s, w_s, x_t, w_t, labels, alpha=0.5, temperature=2.0)
+        >>> ref = celoss.distillation_loss(x_s @ w_s.T, x_t @ w_t.T, labels, alpha=0.5, temperature=2.0)
+        >>> torch.allclose(loss, ref, rtol=1e-4)
+        True
+        >>> loss.backward()
+        >>> x_s.grad.shape, w_s.grad.shape
+        (torch.Size([2, 8, 16]), torch.Size([100, 16]))
     """
     check_layer(student_input, student_weight, student_bias, ("student_input", "student_weight", "student_bias"))
     check_layer(teacher_input, teacher_weight, teacher_bias, ("teacher_input", "teacher_weight", "teacher_bias"))

@@ -31,7 +31,23 @@ _REF_CHUNK_ELEMENTS = 1 << 22  # the reference's float32 temporaries per chunk o
 
 class TokenLogprobsOutput(NamedTuple):
     """``(logprobs, entropy)`` of :func:`token_logprobs` / :func:`linear_token_logprobs` with
-    ``return_entropy=True``."""
+    ``return_entropy=True``.
+
+    Attributes:
+        logprobs (Tensor): per-token ``log softmax(logits / temperature)[token]``, 0 at ignored
+            positions; differentiable.
+        entropy (Tensor): per-token entropy of that distribution, of the same shape and dtype, 0 at
+            ignored positions; differentiable.
+
+    Example::
+
+        >>> logits, tokens = torch.randn(3, 10), torch.tensor([0, 4, -100])
+        >>> out = celoss.token_logprobs(logits, tokens, return_entropy=True)
+        >>> out.logprobs.shape, out.entropy.shape
+        (torch.Size([3]), torch.Size([3]))
+        >>> out.logprobs[2].item(), out.entropy[2].item()
+        (0.0, 0.0)
+    """
     logprobs: Tensor
     entropy: Tensor
 
@@ -379,14 +395,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, 
     """Per-token log-probabilities ``log softmax(logits / temperature)[..., token]``, and optionally
     the per-token entropy of that distribution.
 
-    ``logits`` (..., V), class dimension LAST (the RL convention, unlike ``cross_entropy``);
-    ``tokens`` (...) integer ids in [0, V) or ``ignore_index``. Returns float32 values for
-    float32/float16/bfloat16 logits (RL code compares log-probabilities in float32; the row
-    statistics accumulate in float32 whatever the input) and float64 for float64 logits, of
-    shape ``tokens.shape``. With ``return_entropy=True``: a :class:`TokenLogprobsOutput`
-    ``(logprobs, entropy)``, ``entropy = -sum_j p_j log p_j = lse - sum_j p_j z_j`` with
-    ``z = logits / temperature`` (``0 log 0 = 0``: -inf logits, e.g. a masked vocabulary, add
-    nothing).
+    The class dimension is LAST (the RL convention, unlike ``cross_entropy``). The entropy is
+    ``-sum_j p_j log p_j = lse - sum_j p_j z_j`` with ``z = logits / temperature`` (``0 log 0 = 0``:
+    -inf logits, e.g. a masked vocabulary, add nothing).
 
     Equals ``log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0]`` (and the entropy from
     that ``log_softmax``), with ignored positions masked out before the softmax: their outputs are
@@ -396,9 +407,43 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, 
     differentiable once (double backward raises).
 
     One pass over each row (running max, sum of exps and sum of exps times z) and one more in
-    backward; no probability tensor is materialized. ``backend``: "triton" (CUDA; float64 runs the
-    reference), "cython" (CPU OpenMP kernel), "torch" (plain PyTorch, any device) or None (auto).
-    Out-of-range tokens raise IndexError naming the value.
+    backward; no probability tensor is materialized. Out-of-range tokens raise IndexError naming
+    the value.
+
+    Args:
+        logits (Tensor): ``(..., V)``, float32/float16/bfloat16/float64.
+        tokens (Tensor): integer ids in [0, V) or ``ignore_index``, of shape ``logits.shape[:-1]``.
+        temperature (float, keyword-only): divides the logits, finite and > 0. Default: 1.0
+        ignore_index (int, keyword-only): token value whose outputs are 0. Default: -100
+        return_entropy (bool, keyword-only): also return the entropy. Default: False
+        backend (str, optional, keyword-only): ``"triton"`` (CUDA; float64 runs the reference),
+            ``"cython"`` (CPU OpenMP kernel), ``"torch"`` (plain PyTorch, any device) or None
+            (auto). Default: None
+
+    Shape:
+        - Logits: ``(..., V)`` (at least 1 dimension).
+        - Tokens: ``(...)``.
+        - Output: ``(...)``, the tokens' shape (both fields with ``return_entropy``).
+
+    Returns:
+        Tensor: the log-probabilities, float32 for float32/float16/bfloat16 logits (RL code compares
+        log-probabilities in float32; the row statistics accumulate in float32 whatever the input)
+        and float64 for float64 logits. With ``return_entropy=True``: a
+        :class:`TokenLogprobsOutput` ``(logprobs, entropy)`` of that dtype.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> logits = torch.randn(2, 6, 50, requires_grad=True)   # (B, T, V)
+        >>> tokens = torch.randint(0, 50, (2, 6))
+        >>> lp, ent = celoss.token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
+        >>> ref = (logits / 0.7).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        >>> torch.allclose(lp, ref, atol=1e-6)
+        True
+        >>> advantages = torch.randn(2, 6)
+        >>> (-(lp * advantages).mean() - 0.01 * ent.mean()).backward()
+        >>> logits.grad.shape
+        torch.Size([2, 6, 50])
     """
     _checks.floating("logits", logits)
     if logits.dim() == 0:
@@ -420,21 +465,57 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, 
                           backend: Optional[str] = None):
     """:func:`token_logprobs` of ``input @ linear_weight.T + linear_bias`` without the N x V logits.
 
-    ``input`` (..., D) hidden states, ``linear_weight`` (V, D), ``linear_bias`` (V,) or None,
-    ``tokens`` (...). Same outputs, dtypes and edge cases as :func:`token_logprobs` applied to
+    Same outputs, dtypes and edge cases as :func:`token_logprobs` applied to
     ``F.linear(input, linear_weight, linear_bias)``; gradients for ``input``, ``linear_weight``
     and ``linear_bias`` (in their dtypes; the weight's float32-accumulated across chunks for
     fp16/bf16).
 
-    ``shift=True``: next-token scoring on ``input (..., T, D)`` / ``tokens (..., T)``, as in
-    :func:`celoss.linear_cross_entropy`: position t is scored against token t + 1 and the last
-    position is dropped (outputs of shape ``(..., T - 1)``), by index arithmetic (no copy).
-
     The rows are processed in chunks (as ``linear_cross_entropy``'s chunked engine): per chunk one
-    matrix product forms its logits into a workspace of at most ``chunk_bytes`` (default 256 MB,
-    at least one row), the backend's row kernel reads them once; backward recomputes each chunk's
-    logits, overwrites them with dlogits and accumulates ``dX = dz W``, ``dW += dz^T X``,
-    ``db += sum dz`` by matrix products. Ignored positions cost no matrix-product work.
+    matrix product forms its logits into a workspace of at most ``chunk_bytes``, the backend's row
+    kernel reads them once; backward recomputes each chunk's logits, overwrites them with dlogits
+    and accumulates ``dX = dz W``, ``dW += dz^T X``, ``db += sum dz`` by matrix products. Ignored
+    positions cost no matrix-product work.
+
+    Args:
+        input (Tensor): hidden states ``(..., D)``, float32/float16/bfloat16/float64.
+        linear_weight (Tensor): ``(V, D)``, in ``input``'s dtype.
+        tokens (Tensor): integer ids in [0, V) or ``ignore_index``, of shape ``input.shape[:-1]``.
+        linear_bias (Tensor, optional, keyword-only): ``(V)``, in ``input``'s dtype. Default: None
+        temperature (float, keyword-only): divides the logits, finite and > 0. Default: 1.0
+        ignore_index (int, keyword-only): token value whose outputs are 0. Default: -100
+        shift (bool, keyword-only): next-token scoring on ``input (..., T, D)`` /
+            ``tokens (..., T)``, as in :func:`celoss.linear_cross_entropy`: position t is scored
+            against token t + 1 and the last position is dropped, by index arithmetic (no copy).
+            Default: False
+        return_entropy (bool, keyword-only): also return the entropy. Default: False
+        chunk_bytes (int, optional, keyword-only): bound of the logits workspace; None: 256 MB. At
+            least one row is processed per chunk. Default: None
+        backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None
+            (automatic), as in :func:`token_logprobs`. Default: None
+
+    Shape:
+        - Input: ``(..., D)``; with ``shift``, ``(..., T, D)`` (at least 3 dimensions).
+        - Linear_weight: ``(V, D)``; linear_bias: ``(V)``.
+        - Tokens: ``input.shape[:-1]``.
+        - Output: ``input.shape[:-1]``; with ``shift``, ``(..., T - 1)``.
+
+    Returns:
+        Tensor: the log-probabilities (float32, float64 for float64 input), or with
+        ``return_entropy=True`` a :class:`TokenLogprobsOutput` ``(logprobs, entropy)``.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> hidden = torch.randn(2, 8, 32, requires_grad=True)   # (B, T, D)
+        >>> lm_head = torch.randn(100, 32)                        # (V, D)
+        >>> tokens = torch.randint(0, 100, (2, 8))
+        >>> lp = celoss.linear_token_logprobs(hidden, lm_head, tokens, shift=True)
+        >>> lp.shape
+        torch.Size([2, 7])
+        >>> ref = (hidden[:, :-1] @ lm_head.T).log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        >>> torch.allclose(lp, ref, atol=1e-4)
+        True
+        >>> lp.sum().backward()
     """
     _checks.floating("input", input)
     shape_in = tuple(input.shape[:-1]) if input.dim() else ()
