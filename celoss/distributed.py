@@ -108,8 +108,13 @@ from . import stats as S
 from ._autograd import input_grads, once_differentiable
 from ._dtypes import accum_dtype
 from .cross_entropy import CrossEntropyOutput
+from .distillation import distill_options
+from .linear_cross_entropy import _contiguous_rows, _hidden_rows, check_layer, check_shift, gather_rows
+from .logprobs import _check_temperature, _check_tokens, _result
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_range"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "vocab_parallel_linear_distillation_loss", "vocab_parallel_linear_token_logprobs",
+           "vocab_parallel_token_logprobs", "vocab_range"]
 
 # Rows of the linear variant's logits computed at once: bounds its workspace to this many elements
 # (times the logits' and the gradient's element size) whatever N is.
@@ -199,10 +204,10 @@ def _unwrap_dtensors(sharded_name: str, sharded, shard_dim: int, group, **others
                 placements == tuple(Shard(0) if isinstance(pl, Shard) else pl for pl in layout)
             replicated = all(isinstance(pl, Replicate) for pl in placements)
             # a replicated bias would get a replicated gradient holding only this rank's slice
-            allowed = {"linear_bias": like_sharded,
-                       "weight": replicated or like_sharded}.get(name, replicated)
+            bias = name.endswith("bias")
+            allowed = like_sharded if bias else {"weight": replicated or like_sharded}.get(name, replicated)
             if not allowed:
-                what = "sharded like the classifier (Shard(0))" if name == "linear_bias" else \
+                what = "sharded like the classifier (Shard(0))" if bias else \
                     "replicated" + (" or sharded like the logits (Shard(0))" if name == "weight" else "")
                 raise ValueError(f"celoss.distributed: `{name}` is a DTensor with placements {placements} "
                                  f"on {t.device_mesh}; it must be {what}"
@@ -236,6 +241,14 @@ def _all_gather(dist, out: Tensor, inp: Tensor, group) -> None:
     """out (K * n, ...) <- concatenation of every rank's inp (n, ...)."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
+
+
+def _gather_rows(dist, group, world: int, local: Tensor) -> Tensor:
+    """(K, N, ...): every rank's (N, ...) row statistics, in rank order (one all-gather)."""
+    send = local.contiguous()
+    recv = send.new_empty((world * send.shape[0],) + tuple(send.shape[1:]))
+    _all_gather(dist, recv, send, group)
+    return recv.view((world,) + tuple(send.shape))
 
 
 def _fallback_device(dist, group) -> torch.device:
@@ -321,7 +334,8 @@ def _agree(dist, group, world: int, rank: int, plan, error, device) -> None:
     if size_differs:
         problems[-1] += "; left out, vocab_size defaults to world_size * V_local (even shards only)"
     differ(_HASH, "the options (ignore_index, reduction, label_smoothing, logit_scale, softcap, "
-                  "z_loss, class weights given or not, dtype, which inputs need gradients)", show=False)
+                  "z_loss, temperature, kind, beta, alpha, class weights / target / bias given or not, "
+                  "shift, dtypes, hidden sizes, which inputs need gradients)", show=False)
     differ(_TDIGEST, "the targets (they must be replicated: the same global class indices on every "
                   "rank)", show=False)
     if not size_differs:
@@ -473,10 +487,7 @@ def _global_rows(dist, group, world: int, p: _Plan, local_stats: Tensor):
         send[:n, :S.NUM_STATS] = local_stats
         send[:n, S.NUM_STATS] = _local_target_weight(p)
         send[n, 0] = p.weight.sum()
-    send = send.contiguous()
-    recv = send.new_empty((world * send.shape[0],) + tuple(send.shape[1:]))
-    _all_gather(dist, recv, send, group)
-    recv = recv.view((world,) + tuple(send.shape))
+    recv = _gather_rows(dist, group, world, send)
     merged = S.merge_all(recv[:, :n, :S.NUM_STATS])
     options = dict(num_classes=p.vocab_size, label_smoothing=p.label_smoothing, z_loss=p.z_loss)
     counted = p.target != p.ignore_index
@@ -784,3 +795,660 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
                                                       world)
     p.hidden = None
     return _finish(p, loss, lse, per_row, hidden.dtype, return_lse, return_z_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# token log-probabilities / entropy and distillation: more row statistics per softmax
+# ----------------------------------------------------------------------------------------------
+#
+# Each rank computes, per row and per softmax it needs, the statistics of its class block: the max
+# m, s = sum_j e^(z_j - m), and sums e^(z_j - m) f_j of what the loss needs (f shift-free, e.g.
+# t - s, or the shifted f = z - m of the entropy). They merge exactly across ranks by rescaling to
+# the common max (_merge, the rule of celoss.stats.merge_all), in one all-gather. The local pass is
+# row-chunked plain PyTorch (no backend kernel reports these partial sums), its temporaries bounded
+# by about LINEAR_CHUNK_ELEMENTS elements each.
+
+def _finite_or_zero(m: Tensor) -> Tensor:
+    """The "safe shift": a max that is +-inf or NaN shifts by 0, so exp never sees inf - inf."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _block(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(max, z - max, e^(z - max)) of a block of rows ``z`` (n, v >= 1), shifted safely."""
+    m = z.amax(1)
+    d = z - _finite_or_zero(m).unsqueeze(1)
+    return m, d, d.exp()
+
+
+def _pmul(p: Tensor, f: Tensor) -> Tensor:
+    """``p * f`` with a zero ``p`` counting 0 (0 log 0 = 0: masked, -inf classes add nothing)."""
+    return torch.where(p == 0, 0.0, p * f)
+
+
+def _merge(m: Tensor, s: Tensor, scaled=(), shifted=()) -> list:
+    """Merge (K, N) block statistics of one softmax over the ranks: maxes ``m``, sums
+    ``s = sum e^(z - m)``, ``scaled`` sums ``sum e^(z - m) f`` (f shift-free) and ``shifted`` sums
+    ``sum e^(z - m) (z - m)``. Returns ``[M, S, *scaled, *shifted]`` relative to the global max M
+    (to 0 where M is not finite)."""
+    big = m.amax(0)
+    safe = _finite_or_zero(big)
+    r = torch.exp(m - safe)
+
+    def total(f):  # an underflowed r (a block far below the max) is a zero probability
+        return _pmul(r, f).sum(0)
+
+    shifted = [u + torch.where(s == 0, 0.0, (m - safe) * s) for u in shifted]
+    return [big, total(s), *(total(f) for f in scaled), *(total(u) for u in shifted)]
+
+
+def _owned(p: _Plan) -> None:
+    """``p.counted``, ``p.here`` (the row's target lies in this slice) and ``p.local_tok`` (its local
+    index there, 0 elsewhere)."""
+    t = p.target
+    p.counted = t != p.ignore_index
+    local = t - p.vocab_start
+    p.here = (local >= 0) & (local < p.v_local) & p.counted
+    p.local_tok = torch.where(p.here, local, torch.zeros_like(local))
+
+
+class _Layer:
+    """One model's local logits, chunk by chunk of output rows: ``x`` itself ((N, V_local) logits,
+    ``w`` None), or ``x @ w.T + b`` with ``x`` the flattened hidden states read at rows ``src``
+    (None: hidden row r for output row r; with shift, r + r // (T - 1))."""
+
+    def __init__(self, x: Tensor, w: Optional[Tensor] = None, b: Optional[Tensor] = None, src=None):
+        self.x, self.w, self.b, self.src = x, w, b, src
+
+    def chunk(self, rows: slice):
+        """(hidden rows selector, hidden rows, local logits) of output rows ``rows``."""
+        if self.w is None:
+            return rows, None, self.x[rows]
+        sel = _contiguous_rows(self.src, rows.start, rows.stop)
+        h = gather_rows(self.x, sel)
+        return sel, h, F.linear(h, self.w, self.b)
+
+
+class _LayerGrads:
+    """Gradients of a :class:`_Layer`'s inputs (x, w, b; None where not needed), chunk by chunk:
+    ``dX = dZ W``, ``dW += dZ^T X``, ``db += sum dZ`` (dW, db accumulated in float32 at least)."""
+
+    def __init__(self, layer: _Layer, need):
+        self.layer = layer
+        x, w, b = layer.x, layer.w, layer.b
+        self.gx = torch.zeros_like(x) if need[0] else None
+        acc = accum_dtype(x.dtype)
+        self.gw = torch.zeros(w.shape, dtype=acc, device=w.device) if w is not None and need[1] else None
+        self.gb = torch.zeros(b.shape, dtype=acc, device=b.device) if b is not None and need[2] else None
+
+    def add(self, rows: slice, sel, h: Optional[Tensor], dz: Tensor) -> None:
+        w = self.layer.w
+        g = dz.to(self.layer.x.dtype)
+        if self.gx is not None:
+            if w is None:
+                self.gx[rows] = g
+            elif isinstance(sel, slice):
+                torch.mm(g, w, out=self.gx[sel])
+            else:
+                self.gx.index_copy_(0, sel, g @ w)
+        if self.gw is not None:
+            self.gw += (g.t() @ h).to(self.gw.dtype)
+        if self.gb is not None:
+            self.gb += g.sum(0, dtype=self.gb.dtype)
+
+    def result(self, dist, group) -> tuple:
+        layer = self.layer
+        if layer.w is not None and self.gx is not None:
+            # tensor-parallel convention: the hidden states are replicated, their gradient is the
+            # sum over the ranks (every rank runs this: whether it does is part of the options hash)
+            dist.all_reduce(self.gx, group=group)
+        return (self.gx, None if self.gw is None else self.gw.to(layer.w.dtype),
+                None if self.gb is None else self.gb.to(layer.b.dtype))
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be None or > 0, got {chunk_size}")
+
+
+def _linear_rows(hidden: Tensor, tokens: Tensor, shift: bool):
+    """(flattened hidden states, output-row labels, hidden row of each output row or None, output shape)."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    if not shift:
+        return x, tokens, None, tuple(tokens.shape)
+    labels = tokens[..., 1:]
+    n_out = labels.numel()
+    src = _hidden_rows(torch.arange(n_out, device=x.device), hidden.shape[-2]) if n_out else None
+    return x, labels, src, tuple(labels.shape)
+
+
+def _aux_plan(like: Tensor, target: Tensor, out_shape, v_local: int, layout, ignore_index, variant_key) -> _Plan:
+    """The plan (descriptor fields, target digest) of the functions below, through the
+    cross-entropy plan without its options."""
+    p = _common_plan(like, target, out_shape, v_local, vocab_start=layout[0], vocab_size=layout[1],
+                     weight=None, ignore_index=_checks.index_value("ignore_index", ignore_index),
+                     reduction="none", label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0,
+                     backend=None, variant_key=variant_key)
+    _owned(p)
+    return p
+
+
+# ---- token log-probabilities and entropy ----
+# local statistics per row: (m, s, u = sum e^(z - m) (z - m), z_y on the rank holding the token)
+
+def _logprobs_stats(z: Tensor, p: _Plan, rows: slice) -> Tensor:
+    m, d, e = _block(z)
+    zy = z.gather(1, p.local_tok[rows].unsqueeze(1)).squeeze(1)
+    return torch.stack([m, e.sum(1), _pmul(e, d).sum(1), torch.where(p.here[rows], zy, 0.0)], 1)
+
+
+def _logprobs_rows(recv: Tensor, p: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p_y, entropy, lse) per row from the gathered (K, N, 4) statistics: as the single-process
+    kernels, log p_y = (z_y - M) - log S, H = log S - U / S; NaN where lse is not finite, 0 on
+    ignored rows."""
+    big, s, u = _merge(recv[..., 0], recv[..., 1], shifted=(recv[..., 2],))
+    log_s = s.log()
+    lse = big + log_s
+    vals = torch.stack([(recv[..., 3].sum(0) - big) - log_s, log_s - u / s, lse])
+    vals = torch.where(torch.isfinite(lse), vals, math.nan)
+    return tuple(torch.where(p.counted, vals, 0.0).unbind(0))
+
+
+def _logprobs_grad(z: Tensor, p: _Plan, rows: slice, lse, ent, gl, gh) -> Tensor:
+    """dz = gl [j == y] - p_j (gl + gh (a_j + H)) times 1/T, a = z - lse (0 where p_j == 0),
+    0 on ignored rows."""
+    a = z - lse[rows].unsqueeze(1)
+    prob = a.exp()
+    c = torch.zeros_like(lse[rows]) if gl is None else gl[rows]
+    if gh is None:
+        g = -prob * c.unsqueeze(1)
+    else:
+        g = -_pmul(prob, (c + gh[rows] * ent[rows]).unsqueeze(1) + gh[rows].unsqueeze(1) * a)
+    g.scatter_add_(1, p.local_tok[rows].unsqueeze(1), torch.where(p.here[rows], c, 0.0).unsqueeze(1))
+    return torch.where(p.counted[rows].unsqueeze(1), g * p.scale, 0.0)
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """Inputs (logits, None, None) or (hidden, weight, bias); outputs (log p_y, entropy)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, plan, dist, group, world):
+        ctx.set_materialize_grads(False)
+        p = plan
+        layer = _Layer(x, w, b, p.src)
+        local = torch.zeros(p.n, 4, dtype=p.acc, device=p.device)
+        local[:, 0] = -math.inf  # an empty block (V_local = 0)
+        if p.v_local:
+            for rows in _chunks(p.n, p.v_local, p.chunk_size):
+                z = layer.chunk(rows)[2].to(p.acc) * p.scale
+                local[rows] = _logprobs_stats(z, p, rows)
+        lp, ent, lse = _logprobs_rows(_gather_rows(dist, group, world, local), p)
+        ctx.plan, ctx.dist, ctx.group = p, dist, group
+        ctx.save_for_backward(x, w, b, lse, ent)
+        if not p.entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+
+def _logprobs_backward(ctx, gl, gh):
+    x, w, b, lse, ent = ctx.saved_tensors
+    p = ctx.plan
+    layer = _Layer(x, w, b, p.src)
+    grads = _LayerGrads(layer, ctx.needs_input_grad[:3])
+    if p.v_local and (gl is not None or gh is not None):
+        gl, gh = (None if g is None else g.reshape(-1).to(p.acc) for g in (gl, gh))
+        for rows in _chunks(p.n, p.v_local, p.chunk_size):
+            sel, h, z = layer.chunk(rows)
+            grads.add(rows, sel, h, _logprobs_grad(z.to(p.acc) * p.scale, p, rows, lse, ent, gl, gh))
+    return input_grads(ctx, *grads.result(ctx.dist, ctx.group))
+
+
+class _VocabParallelLinearLogprobs(_VocabParallelLogprobs):
+    @staticmethod
+    @once_differentiable("celoss.distributed.vocab_parallel_linear_token_logprobs")
+    def backward(ctx, grad_logprobs, grad_entropy):
+        return _logprobs_backward(ctx, grad_logprobs, grad_entropy)
+
+
+class _VocabParallelTokenLogprobs(_VocabParallelLogprobs):
+    @staticmethod
+    @once_differentiable("celoss.distributed.vocab_parallel_token_logprobs")
+    def backward(ctx, grad_logprobs, grad_entropy):
+        return _logprobs_backward(ctx, grad_logprobs, grad_entropy)
+
+
+def _logprobs_plan(like, tokens, out_shape, v_local, layout, temperature, ignore_index, return_entropy,
+                   variant_key) -> _Plan:
+    scale = 1.0 / _check_temperature(temperature)
+    p = _aux_plan(like, tokens, out_shape, v_local, layout, ignore_index,
+                  ("token_logprobs", scale, bool(return_entropy)) + variant_key)
+    p.scale, p.entropy, p.src, p.chunk_size = scale, bool(return_entropy), None, None
+    return p
+
+
+def vocab_parallel_token_logprobs(local_logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
+                                  ignore_index: int = -100, return_entropy: bool = False,
+                                  vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
+                                  group=None, validate: bool = True):
+    """:func:`celoss.token_logprobs` of logits sharded over the vocabulary across the ranks of ``group``.
+
+    Per position, ``log softmax(z)[token]`` and (``return_entropy``) the entropy ``H = lse - sum_j p_j
+    z_j`` of ``z = logits / temperature`` over the whole ``vocab_size``-class vocabulary, although
+    each rank holds only its slice ``[vocab_start, vocab_start + V_local)`` of the logits. Forward:
+    each rank's row statistics (max, sum of exps, sum of exps times z, the token's logit on the rank
+    that holds it), one all-gather of those ``(N, 4)`` statistics, merged in rank order: the results
+    are identical on every rank and equal the single-process call on the concatenated logits
+    (ignored positions 0, NaN rows where ``log_softmax`` has them). Backward: local, no
+    communication; gradients flow from both outputs with any (replicated) upstream gradients.
+    The local pass is row-chunked plain PyTorch (any device). Differentiable once.
+
+    Args:
+        local_logits (Tensor): this rank's ``(..., V_local)`` slice of the logits (class dimension
+            last), float32/float16/bfloat16/float64; or a DTensor sharded on the class dimension
+            (``Shard(-1)``): slice, ``vocab_size`` and ``group`` then come from its placement.
+        tokens (Tensor): ``(...)`` integer global token ids in ``[0, vocab_size)`` or
+            ``ignore_index``, the same on every rank (a replicated DTensor is accepted).
+        temperature (float, keyword-only): finite and > 0. Default: 1.0
+        ignore_index (int, keyword-only): token value whose outputs and gradients are 0. Default: -100
+        return_entropy (bool, keyword-only): also return the entropy (differentiable). Default: False
+        vocab_start (int, optional, keyword-only): first global class of this rank's slice; with
+            ``vocab_size``, any tiling of the vocabulary. Both left out: even shards,
+            ``rank * V_local`` of ``world_size * V_local``. Default: None
+        vocab_size (int, optional, keyword-only): the full vocabulary size. Default: None
+        group (ProcessGroup, optional, keyword-only): the tensor-parallel group; None: the default
+            group. Default: None
+        validate (bool, keyword-only): check the arguments across ranks first (one tiny all-gather
+            and host sync; every rank raises the same error on a mismatch). Default: True
+
+    Shape:
+        - Local_logits: ``(..., V_local)``.
+        - Tokens: ``(...)``.
+        - Output(s): ``(...)``.
+
+    Returns:
+        Tensor of log-probabilities (float32 for float32/float16/bfloat16 logits, float64 for
+        float64), replicated on the group; with ``return_entropy``, a
+        :class:`celoss.TokenLogprobsOutput` ``(logprobs, entropy)``.
+
+    Example::
+
+        # on each of K ranks (torch.distributed initialized), logits sharded on the vocabulary
+        full = torch.randn(4, 16, 1000)                      # the same on every rank (a seed)
+        tokens = torch.randint(0, 1000, (4, 16))
+        start, end = celoss.distributed.vocab_range(1000, rank, world_size)
+        local = full[..., start:end].clone().requires_grad_()
+        out = celoss.distributed.vocab_parallel_token_logprobs(
+            local, tokens, vocab_start=start, vocab_size=1000, return_entropy=True)
+        # == celoss.token_logprobs(full, tokens, return_entropy=True) on every rank
+        (-(out.logprobs * advantages).mean() - 0.01 * out.entropy.mean()).backward()
+    """
+    local_logits, group, derived, rest = _unwrap_dtensors("local_logits", local_logits, -1, group, tokens=tokens)
+    tokens = rest["tokens"]
+    dist, world, rank = _group_info(group)
+
+    def make_plan():
+        _checks.floating("local_logits", local_logits)
+        if local_logits.dim() == 0:
+            raise ValueError("local_logits must have at least 1 dimension (the local classes, last)")
+        t = _check_tokens(tokens, tuple(local_logits.shape[:-1]), local_logits, "local_logits")
+        rows, t, out_shape = _class_last_rows(local_logits, t)
+        layout = _vocab_layout(vocab_start, vocab_size, rows.shape[1], rank, world, derived)
+        p = _logprobs_plan(local_logits, t, out_shape, rows.shape[1], layout, temperature, ignore_index,
+                           return_entropy, ("logits",))
+        p.rows = rows
+        return p
+
+    p = _prepare(dist, group, world, rank, make_plan, validate)
+    lp, ent = _VocabParallelTokenLogprobs.apply(p.rows, None, None, p, dist, group, world)
+    p.rows = None  # the autograd graph keeps what backward needs
+    return _result(lp, ent, p.out_shape, return_entropy)
+
+
+def vocab_parallel_linear_token_logprobs(hidden: Tensor, local_weight: Tensor, tokens: Tensor, *,
+                                         local_bias: Optional[Tensor] = None, temperature: float = 1.0,
+                                         ignore_index: int = -100, shift: bool = False,
+                                         return_entropy: bool = False, chunk_size: Optional[int] = None,
+                                         vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
+                                         group=None, validate: bool = True):
+    """:func:`celoss.linear_token_logprobs` with the classifier sharded by rows across ``group``.
+
+    The logits ``hidden @ local_weight.T + local_bias`` of this rank's classes are computed
+    ``chunk_size`` rows at a time (default: about ``LINEAR_CHUNK_ELEMENTS / V_local`` rows), never
+    gathered; the statistics flow is the one of :func:`vocab_parallel_token_logprobs` (one
+    all-gather of ``(N, 4)`` statistics in forward). Backward recomputes each chunk's logits; the
+    gradient of ``hidden`` is **summed over the group** by one all-reduce (every rank gets the full
+    gradient, the tensor-parallel convention; every rank must run backward), the gradients of
+    ``local_weight`` / ``local_bias`` stay local (accumulated in float32 at least across chunks).
+    Results equal the single-process call with the full classifier. Differentiable once.
+
+    Args:
+        hidden (Tensor): ``(..., D)`` hidden states, replicated on the group (a replicated DTensor
+            is accepted).
+        local_weight (Tensor): ``(V_local, D)`` classifier rows ``[vocab_start, vocab_start +
+            V_local)``, the dtype and device of ``hidden``; or a DTensor sharded by rows (``Shard(0)``).
+        tokens (Tensor): ``(...)`` integer global token ids or ``ignore_index``, replicated.
+        local_bias (Tensor, optional, keyword-only): ``(V_local,)`` bias of those rows (a DTensor
+            sharded like the classifier). Default: None
+        temperature (float, keyword-only): finite and > 0. Default: 1.0
+        ignore_index (int, keyword-only): token value whose outputs and gradients are 0. Default: -100
+        shift (bool, keyword-only): next-token scoring on ``(..., T, D)`` / ``(..., T)``: position t
+            is scored against token t + 1, the last position is dropped (by index arithmetic).
+            Default: False
+        return_entropy (bool, keyword-only): also return the entropy (differentiable). Default: False
+        chunk_size (int, optional, keyword-only): rows per chunk of local logits. Default: None
+        vocab_start, vocab_size, group, validate: as :func:`vocab_parallel_token_logprobs`.
+
+    Shape:
+        - Hidden: ``(..., D)``; local_weight: ``(V_local, D)``; local_bias: ``(V_local,)``.
+        - Tokens: ``(...)``.
+        - Output(s): ``(...)``; with ``shift``, ``(..., T - 1)``.
+
+    Returns:
+        Tensor of log-probabilities (float32, or float64 for float64 inputs), replicated; with
+        ``return_entropy``, a :class:`celoss.TokenLogprobsOutput` ``(logprobs, entropy)``.
+
+    Example::
+
+        # on each of K ranks, an LM head sharded by rows (tensor parallel)
+        start, end = celoss.distributed.vocab_range(vocab, rank, world_size)
+        local_head = head.weight[start:end]                 # (V_local, D)
+        out = celoss.distributed.vocab_parallel_linear_token_logprobs(
+            hidden, local_head, input_ids, shift=True, return_entropy=True,
+            vocab_start=start, vocab_size=vocab)
+        loss = -(out.logprobs * advantages[..., 1:]).mean() - 0.01 * out.entropy.mean()
+        loss.backward()   # every rank: the full d(hidden), its own slice of d(head)
+    """
+    local_weight, group, derived, rest = _unwrap_dtensors(
+        "local_weight", local_weight, 0, group, hidden=hidden, tokens=tokens, local_bias=local_bias)
+    hidden, tokens, local_bias = rest["hidden"], rest["tokens"], rest["local_bias"]
+    dist, world, rank = _group_info(group)
+
+    def make_plan():
+        check_layer(hidden, local_weight, local_bias, ("hidden", "local_weight", "local_bias"))
+        check_shift(hidden, shift, "hidden")
+        t = _check_tokens(tokens, tuple(hidden.shape[:-1]), hidden, "hidden")
+        _check_chunk_size(chunk_size)
+        x, labels, src, out_shape = _linear_rows(hidden, t, shift)
+        v_local = local_weight.shape[0]
+        layout = _vocab_layout(vocab_start, vocab_size, v_local, rank, world, derived)
+        needs = torch.is_grad_enabled() and hidden.requires_grad
+        p = _logprobs_plan(hidden, labels, out_shape, v_local, layout, temperature, ignore_index, return_entropy,
+                           ("linear", hidden.shape[-1], local_bias is not None, bool(shift), needs))
+        p.hidden, p.src, p.chunk_size = x, src, chunk_size
+        return p
+
+    p = _prepare(dist, group, world, rank, make_plan, validate)
+    lp, ent = _VocabParallelLinearLogprobs.apply(p.hidden, local_weight, local_bias, p, dist, group, world)
+    p.hidden = None
+    return _result(lp, ent, p.out_shape, return_entropy)
+
+
+# ---- distillation ----
+# local statistics per row (s = student / T, t = teacher / T, y the hard target):
+#   0, 1: m, sum e^(s - m)             2, 3: m, sum e^(t - m)
+#   4: the kind's sum: kl sum e^(t - m_t) (t - s); ce sum e^(t - m_t) s; reverse_kl
+#      sum e^(s - m_s) (s - t); jsd none (its mixture term is not a row statistic: a second pass
+#      sums it elementwise, with the merged lse's, and all-reduces the sums)
+#   5, 6, 7: the hard-label cross-entropy's softmax of the student at temperature 1: m, sum, z_y
+
+_STUDENT_SUM_KINDS, _TEACHER_SUM_KINDS = ("reverse_kl",), ("kl", "ce")
+
+
+def _distill_stats(zs: Tensor, zt: Tensor, p: _Plan, rows: slice) -> Tensor:
+    s, t = zs * p.inv_t, zt * p.inv_t
+    ms, ds, es = _block(s)
+    mt, dt, et = _block(t)
+    kind_sum = {"kl": lambda: _pmul(et, t - s), "ce": lambda: _pmul(et, s),
+                "reverse_kl": lambda: _pmul(es, s - t)}.get(p.kind, lambda: torch.zeros_like(s))().sum(1)
+    cols = [ms, es.sum(1), mt, et.sum(1), kind_sum]
+    if p.hard:
+        m1, _, e1 = (ms, ds, es) if p.inv_t == 1.0 else _block(zs)
+        zy = zs.gather(1, p.local_tok[rows].unsqueeze(1)).squeeze(1)
+        cols += [m1, e1.sum(1), torch.where(p.here[rows], zy, 0.0)]
+    else:
+        cols += [torch.full_like(ms, -math.inf), torch.zeros_like(ms), torch.zeros_like(ms)]
+    return torch.stack(cols, 1)
+
+
+def _jsd_logs(zs: Tensor, zt: Tensor, p: _Plan, rows: slice, saved: Tensor):
+    """(log p_S, log p_T, log M) of a chunk, M = beta p_T + (1 - beta) p_S."""
+    ls = zs * p.inv_t - saved[rows, 0].unsqueeze(1)
+    lt = zt * p.inv_t - saved[rows, 1].unsqueeze(1)
+    lm = torch.logaddexp(lt + math.log(p.beta), ls + math.log1p(-p.beta)) if p.kind == "jsd" else None
+    return ls, lt, lm
+
+
+def _distill_rows(dist, group, world, recv: Tensor, p: _Plan, layers) -> tuple[Tensor, Tensor]:
+    """(row losses, saved (N, 5): lse_S, lse_T, D (jsd: KL(p_S || M)), KL(p_T || M) (jsd), lse of
+    the student at temperature 1) from the gathered (K, N, 8) statistics; jsd's second pass here."""
+    c = recv.unbind(-1)
+    ms, ss, *a_s = _merge(c[0], c[1], scaled=c[4:5] if p.kind in _STUDENT_SUM_KINDS else ())
+    mt, st, *a_t = _merge(c[2], c[3], scaled=c[4:5] if p.kind in _TEACHER_SUM_KINDS else ())
+    lse_s, lse_t = ms + ss.log(), mt + st.log()
+    saved = torch.zeros(p.n, 5, dtype=p.acc, device=p.device)
+    saved[:, 0], saved[:, 1] = lse_s, lse_t
+    if p.kind == "kl":
+        d = a_t[0] / st + lse_s - lse_t
+    elif p.kind == "ce":
+        d = lse_s - a_t[0] / st
+    elif p.kind == "reverse_kl":
+        d = a_s[0] / ss + lse_t - lse_s
+    else:
+        sums = torch.zeros(p.n, 2, dtype=p.acc, device=p.device)
+        if p.v_local:
+            for rows in _chunks(p.n, p.v_local, p.chunk_size):
+                zs, zt = (layer.chunk(rows)[2].to(p.acc) for layer in layers)
+                ls, lt, lm = _jsd_logs(zs, zt, p, rows, saved)
+                sums[rows, 0] = _pmul(ls.exp(), ls - lm).sum(1)
+                sums[rows, 1] = _pmul(lt.exp(), lt - lm).sum(1)
+        dist.all_reduce(sums, group=group)
+        saved[:, 2:4] = sums
+        d = (1 - p.beta) * sums[:, 0] + p.beta * sums[:, 1]
+    d = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse_t), d, math.nan)
+    if p.kind != "jsd":
+        saved[:, 2] = d
+    loss = p.temperature ** 2 * d
+    if p.hard:
+        m1, s1 = _merge(c[5], c[6])
+        log_s1 = s1.log()
+        saved[:, 4] = m1 + log_s1
+        nll = torch.where(torch.isfinite(saved[:, 4]), (m1 - c[7].sum(0)) + log_s1, math.nan)
+        loss = p.alpha * loss + (1 - p.alpha) * nll
+    return torch.where(p.counted, loss, 0.0), saved
+
+
+def _distill_grads(zs: Tensor, zt: Tensor, p: _Plan, rows: slice, saved: Tensor, coef: Tensor):
+    """(d/dz_S, d/dz_T) of ``sum_rows coef * loss`` for a chunk (``coef`` 0 on ignored rows: 0 times
+    the row's gradient, NaN where that is NaN, as in PyTorch)."""
+    ls, lt, lm = _jsd_logs(zs, zt, p, rows, saved)
+    ps, pt = ls.exp(), lt.exp()
+    d = saved[rows, 2].unsqueeze(1)
+    if p.kind == "kl":
+        gs, gt = ps - pt, _pmul(pt, lt - ls - d)
+    elif p.kind == "ce":
+        gs, gt = ps - pt, -_pmul(pt, ls + d)
+    elif p.kind == "reverse_kl":
+        gs, gt = _pmul(ps, ls - lt - d), pt - ps
+    else:
+        gs = (1 - p.beta) * _pmul(ps, ls - lm - d)
+        gt = p.beta * _pmul(pt, lt - lm - saved[rows, 3].unsqueeze(1))
+    c = coef[rows].unsqueeze(1)
+    k = c * (p.alpha * p.temperature)  # T^2 D of z / T: T dD/d(z / T)
+    dzs, dzt = k * gs, k * gt
+    if p.hard:
+        ch = c * (1 - p.alpha)
+        dzs += ch * (zs - saved[rows, 4].unsqueeze(1)).exp()
+        dzs.scatter_add_(1, p.local_tok[rows].unsqueeze(1), torch.where(p.here[rows].unsqueeze(1), -ch, 0.0))
+    return dzs, dzt
+
+
+class _VocabParallelLinearDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, ws, bs, xt, wt, bt, plan, dist, group, world):
+        ctx.set_materialize_grads(False)
+        p = plan
+        layers = (_Layer(xs, ws, bs, p.src), _Layer(xt, wt, bt, p.src))
+        local = torch.zeros(p.n, 8, dtype=p.acc, device=p.device)
+        local[:, [0, 2, 5]] = -math.inf  # an empty block (V_local = 0)
+        if p.v_local:
+            for rows in _chunks(p.n, p.v_local, p.chunk_size):
+                zs, zt = (layer.chunk(rows)[2].to(p.acc) for layer in layers)
+                local[rows] = _distill_stats(zs, zt, p, rows)
+        loss_rows, saved = _distill_rows(dist, group, world, _gather_rows(dist, group, world, local), p, layers)
+        ctx.plan, ctx.dist, ctx.group = p, dist, group
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, saved)
+        if p.reduction == "none":
+            return loss_rows
+        total = loss_rows.sum()
+        return total if p.reduction == "sum" else total / p.denom
+
+    @staticmethod
+    @once_differentiable("celoss.distributed.vocab_parallel_linear_distillation_loss")
+    def backward(ctx, grad):
+        xs, ws, bs, xt, wt, bt, saved = ctx.saved_tensors
+        p = ctx.plan
+        layers = (_Layer(xs, ws, bs, p.src), _Layer(xt, wt, bt, p.src))
+        sinks = (_LayerGrads(layers[0], ctx.needs_input_grad[:3]), _LayerGrads(layers[1], ctx.needs_input_grad[3:6]))
+        if p.v_local and grad is not None:
+            coef = grad.to(p.acc).reshape(-1).expand(p.n)
+            if p.reduction in ("mean", "batchmean"):
+                coef = coef * torch.where(p.denom > 0, 1 / p.denom, 0.0)
+            coef = torch.where(p.counted, coef, 0.0)
+            teacher = any(ctx.needs_input_grad[3:6])
+            for rows in _chunks(p.n, p.v_local, p.chunk_size):
+                (sel_s, h_s, zs), (sel_t, h_t, zt) = (layer.chunk(rows) for layer in layers)
+                dzs, dzt = _distill_grads(zs.to(p.acc), zt.to(p.acc), p, rows, saved, coef)
+                sinks[0].add(rows, sel_s, h_s, dzs)
+                if teacher:
+                    sinks[1].add(rows, sel_t, h_t, dzt)
+        return input_grads(ctx, *sinks[0].result(ctx.dist, ctx.group), *sinks[1].result(ctx.dist, ctx.group))
+
+
+def vocab_parallel_linear_distillation_loss(student_input: Tensor, local_student_weight: Tensor,
+                                            teacher_input: Tensor, local_teacher_weight: Tensor,
+                                            target: Optional[Tensor] = None, *,
+                                            student_bias: Optional[Tensor] = None,
+                                            teacher_bias: Optional[Tensor] = None, temperature: float = 1.0,
+                                            kind: str = "kl", beta: float = 0.5, alpha: float = 1.0,
+                                            ignore_index: int = -100, reduction: str = "batchmean",
+                                            shift: bool = False, chunk_size: Optional[int] = None,
+                                            vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
+                                            group=None, validate: bool = True) -> Tensor:
+    """:func:`celoss.linear_distillation_loss` with both classifiers sharded by rows across ``group``.
+
+    Each rank holds rows ``[vocab_start, vocab_start + V_local)`` of the student's and of the
+    teacher's classifier (the same slice for both); the hidden states and ``target`` are
+    replicated. The loss equals the single-process call with the full classifiers (every
+    ``kind``, the hard-label term, ``shift``, reductions, NaN / inf rows) and is replicated.
+
+    Forward, per chunk of rows (``chunk_size``, default about ``LINEAR_CHUNK_ELEMENTS / V_local``),
+    both local logits by one matrix product each and their row statistics: max and sum of exps of
+    ``s = student / T`` and ``t = teacher / T``, plus the sum the kind needs, relative to a max that
+    merges across ranks (``"kl"``: ``sum e^(t - m_t) (t - s)``, so ``KL = A / S_t + lse_s - lse_t``;
+    ``"ce"``: ``sum e^(t - m_t) s``, ``CE = lse_s - B / S_t``; ``"reverse_kl"``:
+    ``sum e^(s - m_s) (s - t)``), and with a hard-label term the student's statistics at temperature
+    1 and its target logit: one all-gather of ``(N, 8)`` statistics. ``"jsd"``: the mixture's
+    ``log M`` is not a function of row statistics, so a second pass recomputes the chunks and sums
+    ``p_S (log p_S - log M)`` and ``p_T (log p_T - log M)`` elementwise with the merged lse's, then
+    one all-reduce of those ``(N, 2)`` sums. Backward recomputes the chunks; the hidden-state
+    gradients (student's, and teacher's if it requires grad) are summed over the group by one
+    all-reduce each (every rank must run backward), the classifier and bias gradients stay local.
+    The local pass is row-chunked plain PyTorch. Differentiable once.
+
+    Args:
+        student_input (Tensor): ``(..., D_s)`` student hidden states, replicated.
+        local_student_weight (Tensor): ``(V_local, D_s)`` student classifier rows, or a DTensor
+            sharded by rows (``Shard(0)``; slice, ``vocab_size`` and ``group`` from its placement).
+        teacher_input (Tensor): ``(..., D_t)`` teacher hidden states (the same leading dimensions;
+            ``D_t`` may differ from ``D_s``), replicated.
+        local_teacher_weight (Tensor): ``(V_local, D_t)`` teacher classifier rows (the same slice),
+            or a DTensor laid out like the student's.
+        target (Tensor, optional): ``(...)`` int64 global class indices for the hard-label term,
+            replicated; None: none (``alpha`` must be 1). Default: None
+        student_bias, teacher_bias (Tensor, optional, keyword-only): ``(V_local,)`` bias slices
+            (DTensors sharded like their classifier). Default: None
+        temperature, kind, beta, alpha, ignore_index, reduction: as
+            :func:`celoss.distillation_loss` (``reduction="mean"`` divides by the counted rows times
+            the full ``vocab_size``).
+        shift (bool, keyword-only): both hidden states drop their last position and the labels
+            are ``target[..., 1:]`` (``(..., T, D)`` inputs). Default: False
+        chunk_size (int, optional, keyword-only): rows per chunk. Default: None
+        vocab_start, vocab_size, group, validate: as :func:`vocab_parallel_cross_entropy`.
+
+    Shape:
+        - Student_input: ``(..., D_s)``; teacher_input: ``(..., D_t)``.
+        - Local weights: ``(V_local, D_s)``, ``(V_local, D_t)``; biases ``(V_local,)``.
+        - Target: ``(...)``.
+        - Output: ``()``; with ``reduction="none"``, ``(...)`` (with ``shift``, ``(..., T - 1)``).
+
+    Returns:
+        Tensor: the loss in the student's dtype, replicated on the group.
+
+    Example::
+
+        # on each of K ranks: both LM heads sharded by rows (tensor parallel)
+        start, end = celoss.distributed.vocab_range(vocab, rank, world_size)
+        with torch.no_grad():
+            teacher_hidden = teacher.model(input_ids).last_hidden_state
+        loss = celoss.distributed.vocab_parallel_linear_distillation_loss(
+            student_hidden, student_head.weight[start:end], teacher_hidden,
+            teacher_head.weight[start:end], input_ids, kind="jsd", alpha=0.5, temperature=2.0,
+            shift=True, vocab_start=start, vocab_size=vocab)
+        loss.backward()
+    """
+    local_student_weight, group, derived, rest = _unwrap_dtensors(
+        "local_student_weight", local_student_weight, 0, group, student_input=student_input,
+        teacher_input=teacher_input, target=target, student_bias=student_bias)
+    local_teacher_weight, group, derived_t, rest_t = _unwrap_dtensors(
+        "local_teacher_weight", local_teacher_weight, 0, group, teacher_bias=teacher_bias)
+    if derived is not None and derived_t is not None and derived != derived_t:
+        raise ValueError(f"celoss.distributed: the student's classifier holds classes [{derived[0]}, ...) of "
+                         f"{derived[1]} but the teacher's [{derived_t[0]}, ...) of {derived_t[1]}: both must be "
+                         f"sharded alike")
+    derived = derived or derived_t
+    xs, xt, target = rest["student_input"], rest["teacher_input"], rest["target"]
+    ws, wt, bs, bt = local_student_weight, local_teacher_weight, rest["student_bias"], rest_t["teacher_bias"]
+    dist, world, rank = _group_info(group)
+
+    def make_plan():
+        check_layer(xs, ws, bs, ("student_input", "local_student_weight", "student_bias"))
+        check_layer(xt, wt, bt, ("teacher_input", "local_teacher_weight", "teacher_bias"))
+        if tuple(xt.shape[:-1]) != tuple(xs.shape[:-1]):
+            raise ValueError(f"student_input {tuple(xs.shape)} and teacher_input {tuple(xt.shape)} must have "
+                             f"the same leading dimensions (one row each)")
+        if wt.shape[0] != ws.shape[0]:
+            raise ValueError(f"local_student_weight has {ws.shape[0]} classes but local_teacher_weight has "
+                             f"{wt.shape[0]}: both must hold this rank's slice of the shared vocabulary")
+        if xt.device != xs.device:
+            raise ValueError(f"teacher_input is on {xt.device} but student_input is on {xs.device}")
+        check_shift(xs, shift, "student_input")
+        _check_chunk_size(chunk_size)
+        lead = tuple(xs.shape[:-1])
+        o = distill_options(kind, temperature, beta, alpha, _checks.index_value("ignore_index", ignore_index),
+                            reduction, target, lead, xs, "student_input")
+        labels = target if target is not None else torch.zeros(lead, dtype=torch.int64, device=xs.device)
+        x_s, labels, src, out_shape = _linear_rows(xs, labels, shift)
+        x_t = xt.reshape(-1, xt.shape[-1])
+        v_local = ws.shape[0]
+        layout = _vocab_layout(vocab_start, vocab_size, v_local, rank, world, derived)
+        grad_on = torch.is_grad_enabled()
+        needs = (grad_on and xs.requires_grad, grad_on and xt.requires_grad)
+        p = _aux_plan(xs, labels, out_shape, v_local, layout, o.ignore_index,
+                      ("distillation", o.kind, o.temperature, o.beta, o.alpha, reduction, target is not None,
+                       str(xt.dtype), xs.shape[-1], xt.shape[-1], bs is not None, bt is not None, bool(shift),
+                       needs))
+        if target is None:
+            p.counted = torch.ones_like(p.counted)
+        p.acc = accum_dtype(xs.dtype, xt.dtype)
+        p.kind, p.temperature, p.inv_t, p.beta, p.alpha = o.kind, o.temperature, 1.0 / o.temperature, o.beta, o.alpha
+        p.reduction, p.hard, p.src, p.chunk_size = reduction, target is not None and o.alpha != 1.0, src, chunk_size
+        counted = p.counted.sum().to(p.acc)
+        p.denom = counted * p.vocab_size if reduction == "mean" else counted
+        p.inputs = (x_s, x_t)
+        return p
+
+    p = _prepare(dist, group, world, rank, make_plan, validate)
+    loss = _VocabParallelLinearDistillation.apply(p.inputs[0], ws, bs, p.inputs[1], wt, bt, p, dist, group, world)
+    p.inputs = None
+    if p.reduction == "none":
+        loss = loss.reshape(p.out_shape)
+    return loss.to(xs.dtype)
