@@ -11,7 +11,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 from ._dtypes import accum_dtype
 from ._memory import fresh_like
-from ._ops import fake_grad, or_empty
+from ._ops import custom_op, fake_grad, or_empty
 from ._options import BinaryOptions, DistillOptions
 
 
@@ -19,7 +19,7 @@ from ._options import BinaryOptions, DistillOptions
 # binary cross-entropy with logits / sigmoid focal loss
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("celoss::binary_forward", mutates_args=())
+@custom_op("celoss::binary_forward", mutates_args=())
 def binary_forward(x: Tensor, y: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
                    coef: Optional[Tensor], backend: str, per_element: bool, grad_input: bool,
                    grad_target: bool, focal_alpha: float,
@@ -46,7 +46,7 @@ def _(x, y, weight, pos_weight, coef, backend, per_element, grad_input, grad_tar
 # distillation
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("celoss::distill_forward", mutates_args=())
+@custom_op("celoss::distill_forward", mutates_args=())
 def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], coef: Optional[Tensor],
                     backend: str, kind: str, temperature: float, beta: float, alpha: float,
                     ignore_index: int, grad_student: bool,

@@ -2,10 +2,12 @@
 (with fake implementations) instead of graph-breaking on pointers, OpenMP or Triton launches."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, _C
 
 from . import _checks, _dispatch
 from ._autograd import scale_is_one
@@ -14,6 +16,55 @@ from ._memory import fresh_like
 from ._options import SoftmaxOptions
 from .backends import reference
 from .stats import NUM_STATS
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter: no __torch_function__ of its own
+
+
+class _Op:
+    """A ``torch.library`` custom op whose eager calls skip the dispatcher.
+
+    Tracing (torch.compile, export, make_fx, FakeTensor), tensor subclasses, modes, functorch
+    transforms and autograd through the op see the registered op, as before. A plain eager call runs
+    the implementation directly: the same work without the dispatcher's overhead, and without the
+    ``torch._dynamo`` import (about 1.5 s) that torch.library's kernel wrapper does on an op's first
+    call. The one effect of the dispatcher kept is the version-counter bump of mutated arguments
+    (autograd's check that saved tensors were not modified relies on it)."""
+
+    def __init__(self, name: str, fn: Callable, mutates_args: tuple[str, ...]):
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        params = list(inspect.signature(fn).parameters)
+        self._mutated = tuple((params.index(a), a) for a in mutates_args)
+
+    def register_fake(self, fn: Callable) -> Callable:
+        return self._op.register_fake(fn)
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or not _plain_eager(args, kwargs):
+            return self._op(*args, **kwargs)
+        if self._mutated:
+            torch.autograd.graph.increment_version(
+                [args[i] if i < len(args) else kwargs[name] for i, name in self._mutated])
+        return self._fn(*args, **kwargs)
+
+
+def _plain_eager(args, kwargs) -> bool:
+    """No tracing, mode or functorch transform is active and every tensor argument is a plain
+    tensor that autograd doesn't track here (the op has no autograd formula of its own)."""
+    if (_C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled()
+            or _C._get_tracing_state() is not None or _C._are_functorch_transforms_active()):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or grad and a.requires_grad):
+            return False
+    return True
+
+
+def custom_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], _Op]:
+    """``torch.library.custom_op`` as a decorator, eager calls made direct (see :class:`_Op`)."""
+    return lambda fn: _Op(name, fn, tuple(mutates_args))
 
 
 def _ce_fused(logits, target, soft_target, weight, coef, grad_out, backend, options: SoftmaxOptions):
@@ -37,7 +88,7 @@ def fake_grad(asked: bool, like: Tensor) -> Tensor:
     return torch.empty_like(like, memory_format=torch.contiguous_format) if asked else like.new_empty(0)
 
 
-@torch.library.custom_op("celoss::ce_forward", mutates_args=())
+@custom_op("celoss::ce_forward", mutates_args=())
 def ce_forward(logits: Tensor, target: Optional[Tensor], soft_target: Optional[Tensor],
                weight: Optional[Tensor], coef: Optional[Tensor], backend: str, ignore_index: int,
                label_smoothing: float, logit_scale: float, softcap: Optional[float], z_loss: float,
@@ -55,7 +106,7 @@ def _(logits, target, soft_target, weight, coef, backend, ignore_index, label_sm
     return _rows_fake(logits), _rows_fake(logits), fake_grad(coef is not None, logits)
 
 
-@torch.library.custom_op("celoss::ce_forward_inplace", mutates_args=("logits",))
+@custom_op("celoss::ce_forward_inplace", mutates_args=("logits",))
 def ce_forward_inplace(logits: Tensor, target: Optional[Tensor], soft_target: Optional[Tensor],
                        weight: Optional[Tensor], coef: Tensor, backend: str, ignore_index: int,
                        label_smoothing: float, logit_scale: float, softcap: Optional[float],
@@ -71,7 +122,7 @@ def _(logits, target, soft_target, weight, coef, backend, ignore_index, label_sm
     return _rows_fake(logits), _rows_fake(logits)
 
 
-@torch.library.custom_op("celoss::ce_stats", mutates_args=())
+@custom_op("celoss::ce_stats", mutates_args=())
 def ce_stats(logits: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, class_start: int,
              ignore_index: int, logit_scale: float, softcap: Optional[float]) -> Tensor:
     """(N, 4) row statistics of a block of classes starting at `class_start`."""
@@ -85,7 +136,7 @@ def _(logits, target, weight, backend, class_start, ignore_index, logit_scale, s
     return logits.new_empty(logits.shape[0], NUM_STATS, dtype=accum_dtype(logits.dtype))
 
 
-@torch.library.custom_op("celoss::ce_grad", mutates_args=())
+@custom_op("celoss::ce_grad", mutates_args=())
 def ce_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, row_coefs: Tensor,
             backend: str, class_start: int, logit_scale: float, softcap: Optional[float]) -> Tensor:
     """dlogits for a block of classes from the full-row lse and (N, 3) coefficients (A, B, D)."""
@@ -100,7 +151,7 @@ def _(logits, target, weight, lse, row_coefs, backend, class_start, logit_scale,
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("celoss::ce_target_grads", mutates_args=())
+@custom_op("celoss::ce_target_grads", mutates_args=())
 def ce_target_grads(logits: Tensor, soft_target: Tensor, weight: Optional[Tensor], lse: Tensor,
                     coef: Tensor, grad_target: bool, grad_weight: bool, label_smoothing: float,
                     logit_scale: float, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
@@ -122,7 +173,7 @@ def _(logits, soft_target, weight, lse, coef, grad_target, grad_weight, label_sm
     return gt, gw
 
 
-@torch.library.custom_op("celoss::scale_", mutates_args=("grad",))
+@custom_op("celoss::scale_", mutates_args=("grad",))
 def scale_(grad: Tensor, scale: Tensor) -> None:
     """grad *= scale, in place; `scale` is one value (skipped when it is 1) or one per row."""
     if scale.numel() == 1:

@@ -438,7 +438,7 @@ def _zero_grads(x, w, b, need):
     return tuple(torch.zeros_like(t) if n and t is not None else None for t, n in zip((x, w, b), need))
 
 
-@torch.library.custom_op("celoss::lce_forward", mutates_args=())
+@_ops.custom_op("celoss::lce_forward", mutates_args=())
 def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft: Optional[Tensor],
                  weight: Optional[Tensor], coef: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool, backend: str,
                  engine: str, ignore_index: int, label_smoothing: float, logit_scale: float,
@@ -478,7 +478,7 @@ def _(x, w, b, labels, soft, weight, coef, need_dx, need_dw, need_db, *plan):
             grad_like(b, need_db))
 
 
-@torch.library.custom_op("celoss::lce_backward", mutates_args=())
+@_ops.custom_op("celoss::lce_backward", mutates_args=())
 def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft: Optional[Tensor],
                   weight: Optional[Tensor], lse: Tensor, scale: Tensor, grad_lse: Optional[Tensor], need_dx: bool, need_dw: bool,
                   need_db: bool, backend: str, engine: str, ignore_index: int, label_smoothing: float,

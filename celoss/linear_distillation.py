@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _ops
 from ._autograd import once_differentiable
 from .distillation import distill_options
 from .linear_cross_entropy import (DEFAULT_CHUNK_BYTES, GradSink, _contiguous_rows, _hidden_rows,
@@ -132,7 +132,7 @@ def _or_empty(grads, like: Tensor):
     return tuple(like.new_empty(0) if g is None else g for g in grads)
 
 
-@torch.library.custom_op("celoss::linear_distill_forward", mutates_args=())
+@_ops.custom_op("celoss::linear_distill_forward", mutates_args=())
 def _ld_forward(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor, bt: Optional[Tensor],
                 labels: Optional[Tensor], coef: Optional[Tensor], need_dxs: bool, need_dws: bool, need_dbs: bool,
                 need_dxt: bool, need_dwt: bool, need_dbt: bool, backend: str, kind: str, temperature: float,
@@ -160,7 +160,7 @@ def _(xs, ws, bs, xt, wt, bt, labels, coef, *flags_and_plan):
     return (xs.new_empty(n_out, dtype=_acc(xs, xt)), *grads)
 
 
-@torch.library.custom_op("celoss::linear_distill_backward", mutates_args=())
+@_ops.custom_op("celoss::linear_distill_backward", mutates_args=())
 def _ld_backward(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor, bt: Optional[Tensor],
                  labels: Optional[Tensor], scale: Tensor, need_dxs: bool, need_dws: bool, need_dbs: bool,
                  need_dxt: bool, need_dwt: bool, need_dbt: bool, backend: str, kind: str, temperature: float,

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _ops
 from ._autograd import input_grads, once_differentiable
 from ._dtypes import DTYPE_CODE, accum_dtype
 from ._memory import fresh_like
@@ -180,7 +180,7 @@ def _upstream(lse: Tensor, grad_lp: Optional[Tensor], grad_ent: Optional[Tensor]
 # Custom ops
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("celoss::token_logprobs_forward", mutates_args=())
+@_ops.custom_op("celoss::token_logprobs_forward", mutates_args=())
 def _forward_op(logits: Tensor, tokens: Tensor, backend: str, ignore_index: int,
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (log p_y, entropy, lse) of (N, V) logits; 0 on ignored rows."""
@@ -193,7 +193,7 @@ def _(logits, tokens, backend, ignore_index, scale):
     return tuple(logits.new_empty(logits.shape[0], dtype=accum_dtype(logits.dtype)) for _ in range(3))
 
 
-@torch.library.custom_op("celoss::token_logprobs_backward", mutates_args=())
+@_ops.custom_op("celoss::token_logprobs_backward", mutates_args=())
 def _backward_op(logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, grad_logprobs: Optional[Tensor],
                  grad_entropy: Optional[Tensor], backend: str, ignore_index: int, scale: float) -> Tensor:
     grad = fresh_like(logits)
@@ -245,7 +245,7 @@ def _chunk_logits(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], rows: _
         yield s, e, sel, xc, logits
 
 
-@torch.library.custom_op("celoss::linear_token_logprobs_forward", mutates_args=())
+@_ops.custom_op("celoss::linear_token_logprobs_forward", mutates_args=())
 def _linear_forward_op(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], labels: Tensor, backend: str,
                        ignore_index: int, scale: float, seq_len: int,
                        chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,7 +267,7 @@ def _(x, linear_weight, b, labels, backend, ignore_index, scale, seq_len, chunk_
     return tuple(x.new_empty(labels.shape[0], dtype=accum_dtype(x.dtype)) for _ in range(3))
 
 
-@torch.library.custom_op("celoss::linear_token_logprobs_backward", mutates_args=())
+@_ops.custom_op("celoss::linear_token_logprobs_backward", mutates_args=())
 def _linear_backward_op(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
                         grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], need_dx: bool,
                         need_dw: bool, need_db: bool, backend: str, ignore_index: int, scale: float,
