@@ -13,11 +13,18 @@ Kernels
 ``_ce_grad_kernel``   ``dz/dx * (A p - B [j == y] - D w)`` of a block of classes, given the full-row
                       lse and the row coefficients (A, B, D).
 
+The last two also run several programs per row, each over a contiguous range of classes
+(``splits``; grid (rows, splits)): the split-vocabulary mode of ``celoss.backends.triton.ce_fused``
+for few rows of many classes (:func:`split_count`), whose range statistics merge like those of
+vocab-parallel ranks.
+
 Launchers (``fused``, ``stats``, ``grad``) allocate the outputs, pick ``BLOCK`` / ``num_warps``
 (:func:`block_config`) and launch; nothing here knows about autograd or checks arguments beyond
 what the kernels need. Each is a ``*_plan`` function plus :func:`kernels._host.launch`.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -38,6 +45,32 @@ MIN_BLOCK = 64
 MAX_BLOCK = 4096
 BLOCK_CONFIGS = tuple((1 << k, max(1, (1 << k) // 512)) for k in range(6, 13))
 MAXNREG = 128
+
+
+# Split-vocabulary mode: rows are split over several programs when one program per row would
+# leave SMs idle (few rows, many classes). Each split streams at least SPLIT_MIN_BLOCKS blocks, so
+# its (max, sumexp, target_z, weighted_z) write and the merge stay small against its reads.
+PROGRAMS_PER_SM = 2  # 8-warp programs at MAXNREG resident per SM (64K registers / (256 x 128))
+SPLIT_MIN_BLOCKS = 4
+FORCE_SPLITS = None  # tests: an int forces that many splits (where the split path applies)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(num_rows: int, num_classes: int, device: torch.device) -> int:
+    """Programs per row for ``num_rows`` rows of ``num_classes`` classes: enough for PROGRAMS_PER_SM
+    programs on every multiprocessor of the (CUDA) device, each split at least SPLIT_MIN_BLOCKS
+    blocks; 1 (no split) when the rows alone fill the device. ``FORCE_SPLITS`` overrides (tests:
+    the interpreter has no multiprocessors)."""
+    if FORCE_SPLITS is not None:
+        return int(FORCE_SPLITS)
+    if device.type != "cuda" or num_rows == 0:
+        return 1
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), num_rows)
+    return max(1, min(wanted, num_classes // (SPLIT_MIN_BLOCKS * block_config(num_classes)[0])))
 
 
 def block_config(num_classes: int) -> tuple[int, int]:
@@ -281,25 +314,29 @@ def _ce_fused_kernel(
 
 @triton.jit
 def _ce_stats_kernel(
-    logits_ptr, stride_x, target_ptr, weight_ptr, out_ptr, C, class_start, ignore_index,
+    logits_ptr, stride_x, target_ptr, weight_ptr, out_ptr, C, span, class_start, ignore_index,
     scale, softcap, inv_softcap,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """(max, sumexp, target_z, weighted_z) of classes [class_start, class_start + C) of one row.
+    """(max, sumexp, target_z, weighted_z) of the classes [lo, lo + span) of one row (program_id(0)),
+    lo = span * program_id(1) (the split), the row's classes numbered from class_start.
 
-    target_z = z_y if the (non-ignored) target falls in the block, else 0;
-    weighted_z = sum_j w_j z_j (w = 1 without class weights). Stored in out (N, 4) float32.
+    target_z = z_y if the (non-ignored) target falls in the split, else 0;
+    weighted_z = sum_j w_j z_j (w = 1 without class weights). Stored in out (splits, N, 4) float32.
+    ``span`` is a multiple of BLOCK, so no block crosses into the next split.
     """
     row = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * span
+    hi = tl.minimum(lo + span, C)
     x_row = logits_ptr + row * stride_x
     y = tl.load(target_ptr + row)
     local = y - class_start
-    here = (local >= 0) & (local < C) & (y != ignore_index)
+    here = (local >= lo) & (local < hi) & (y != ignore_index)
     local = tl.where(here, local, 0)
     m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
     s_lane = tl.zeros((BLOCK,), tl.float32)
     wz_lane = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, C, BLOCK):
+    for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
         x = tl.load(x_row + cols, mask=mask, other=0.0)
@@ -311,7 +348,7 @@ def _ce_stats_kernel(
     x_y = tl.load(x_row + local, mask=here, other=0.0)
     z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
     z_y = tl.where(here, z_y, 0.0)
-    o = out_ptr + row * 4
+    o = out_ptr + (tl.program_id(1) * tl.num_programs(0) + row) * 4
     tl.store(o, m)
     tl.store(o + 1, s)
     tl.store(o + 2, z_y)
@@ -321,10 +358,11 @@ def _ce_stats_kernel(
 @triton.jit
 def _ce_grad_kernel(
     logits_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, row_coefs_ptr, grad_ptr, stride_g,
-    C, class_start, scale, softcap, inv_softcap,
+    C, span, class_start, scale, softcap, inv_softcap,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ALIGNED_GRAD: tl.constexpr,
 ):
-    """grad_j = dz_j/dx_j (A p_j - B [j + class_start == y] - D w_j) for one row of a class block.
+    """grad_j = dz_j/dx_j (A p_j - B [j + class_start == y] - D w_j) for one row (program_id(0)) of a
+    class block, over its classes [lo, lo + span), lo = span * program_id(1) (the split).
 
     p_j = exp(z_j - lse) with the full-row lse; (A, B, D) = row_coefs[row] (already scaled by the
     upstream gradient). The target element uses (A - B) p_y + B expm1(z_y - lse) (see the fused
@@ -355,7 +393,8 @@ def _ce_grad_kernel(
     lp = z_y - lse
     g_y = (a - b) * tl.exp(lp) + b * expm1(lp) - d * w_y
     y_col = tl.where(here, local, -1)  # the target's column in this block, -1 if elsewhere
-    for start in range(0, C, BLOCK):
+    lo = tl.program_id(1) * span
+    for start in range(lo, tl.minimum(lo + span, C), BLOCK):
         cols = _block_cols(start, BLOCK, ALIGNED_GRAD)
         mask = cols < C
         x = tl.load(x_row + cols, mask=cols < n_read, other=0.0)
@@ -414,33 +453,46 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
     return _ce_fused_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), (loss, lse)
 
 
-def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):
+def split_span(num_classes: int, splits: int, block: int) -> tuple[int, int]:
+    """(span, count): ``splits`` contiguous class ranges of ``span`` classes each, ``span`` a multiple
+    of ``block`` (so every split but the last is whole blocks, and its columns keep the row's
+    16-byte alignment), ``count`` <= ``splits`` of them non-empty; (whole blocks of the row, 1)
+    without a split."""
+    blocks = max(triton.cdiv(num_classes, block), 1)
+    span = triton.cdiv(blocks, max(min(int(splits), blocks), 1)) * block
+    return span, max(triton.cdiv(num_classes, span), 1)
+
+
+def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap, splits=1):
     check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
-    out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     scale, cap, inv_cap = softcap_args(logit_scale, softcap)
     block, num_warps = block_config(c)
+    span, count = split_span(c, splits, block)
+    out = torch.empty(count, n, 4, dtype=torch.float32, device=logits.device)
     kwargs = with_flags(dict(
         logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=f32(weight),
-        out_ptr=out, C=c, class_start=int(class_start), ignore_index=int(ignore_index),
+        out_ptr=out, C=c, span=span, class_start=int(class_start), ignore_index=int(ignore_index),
         scale=scale, softcap=cap, inv_softcap=inv_cap, BLOCK=block, HAS_SOFTCAP=softcap is not None,
     ), HAS_WEIGHT="weight_ptr")
-    return _ce_stats_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), out
+    return _ce_stats_kernel, (n, count), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), out
 
 
-def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap):
+def grad_plan(logits, target, weight, lse, row_coefs, grad_out, *, class_start, logit_scale, softcap,
+              splits=1):
     check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
     scale, cap, inv_cap = softcap_args(logit_scale, softcap)
     block, num_warps = block_config(c)
+    span, count = split_span(c, splits, block)
     assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
     kwargs = with_flags(dict(
         logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=f32(weight),
         lse_ptr=f32(lse), row_coefs_ptr=f32(row_coefs), grad_ptr=grad_out, stride_g=grad_out.stride(0),
-        C=c, class_start=int(class_start), scale=scale, softcap=cap, inv_softcap=inv_cap,
+        C=c, span=span, class_start=int(class_start), scale=scale, softcap=cap, inv_softcap=inv_cap,
         BLOCK=block, HAS_SOFTCAP=softcap is not None, ALIGNED_GRAD=aligned16(grad_out),
     ), HAS_WEIGHT="weight_ptr")
-    return _ce_grad_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), grad_out
+    return _ce_grad_kernel, (n, count), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), grad_out
 
 
 def _row_major_out(out: torch.Tensor):
@@ -463,18 +515,23 @@ def fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index=-
     return loss, lse
 
 
-def stats(logits, target, weight, *, class_start=0, ignore_index=-100, logit_scale=1.0, softcap=None):
-    """(N, 4) float32 row statistics of the class block ``[class_start, class_start + C)``."""
-    return launch(stats_plan(logits, target, weight, class_start=class_start,
-                             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap))
+def stats(logits, target, weight, *, class_start=0, ignore_index=-100, logit_scale=1.0, softcap=None,
+          splits=None):
+    """(N, 4) float32 row statistics of the class block ``[class_start, class_start + C)``; with
+    ``splits``, (K, N, 4) statistics of K <= splits contiguous ranges of it (:func:`split_span`),
+    several programs per row, to merge with ``celoss.stats.merge_all``."""
+    out = launch(stats_plan(logits, target, weight, class_start=class_start, ignore_index=ignore_index,
+                            logit_scale=logit_scale, softcap=softcap, splits=splits or 1))
+    return out if splits else out[0]
 
 
 def grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start=0, logit_scale=1.0,
-         softcap=None):
-    """Writes ``dz/dx * (A p - B onehot - D w)`` of a class block into ``grad_out`` (may alias)."""
+         softcap=None, splits=1):
+    """Writes ``dz/dx * (A p - B onehot - D w)`` of a class block into ``grad_out`` (may alias);
+    ``splits`` programs per row, each over a contiguous range of classes."""
     buf = _row_major_out(grad_out)
     launch(grad_plan(logits, target, weight, lse, row_coefs, buf, class_start=class_start,
-                     logit_scale=logit_scale, softcap=softcap))
+                     logit_scale=logit_scale, softcap=softcap, splits=splits))
     if buf is not grad_out:
         grad_out.copy_(buf)
     return grad_out

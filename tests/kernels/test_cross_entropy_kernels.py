@@ -473,3 +473,124 @@ def test_out_of_range_target_gives_nan_not_an_out_of_bounds_read():
     grad = torch.empty_like(x)
     loss, _ = ce.fused(x, y, None, None, torch.ones(1, device=DEVICE), grad)
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 12 B: split-vocabulary mode (several programs per row, merged statistics)
+# ------------------------------------------------------------------------------------------------
+
+SPLIT_CLASSES = 3 * ce.MAX_BLOCK + 5  # four blocks: four splits of one block, the last one ragged
+INDEX_OPTIONS = [name for name, opts in OPTIONS.items() if not opts.get("soft")]
+
+
+@pytest.fixture
+def forced_splits(monkeypatch):
+    """Force the split path (the interpreter has no multiprocessors to count)."""
+    def force(k):
+        monkeypatch.setattr(ce, "FORCE_SPLITS", k)
+    return force
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", INDEX_OPTIONS)
+def test_issue12_split_vocabulary_matches_unsplit_and_oracle(name, dtype, forced_splits):
+    """Every index-target option of ce_fused gives the same loss, lse and gradient with the vocabulary
+    split over four programs per row as with one, and the float64 oracle's; the targets fall in
+    different splits, including the ragged last one."""
+    opts = OPTIONS[name]
+    n, c = 4, SPLIT_CLASSES
+    x, target, _, weight, coef, kw = make_case(n, c, dtype, opts, seed=12)
+    target[1], target[2] = 5, c - 1  # first and last (ragged) split
+    if opts.get("ignore"):
+        target[0] = kw["ignore_index"]
+    unsplit = torch.empty_like(x)
+    u_loss, u_lse = fused(x, target, None, weight, coef, unsplit, **kw)
+    forced_splits(4)
+    assert ce.split_span(c, 4, ce.block_config(c)[0]) == (ce.MAX_BLOCK, 4)
+    grad = torch.full_like(x, float("nan"))  # every element must be written
+    loss, lse = fused(x, target, None, weight, coef, grad, **kw)
+    o_loss, o_lse, o_grad = oracle(x, target, None, weight, coef, **kw)
+    check(lse, o_lse, 2e-6, 2e-6, "lse")
+    check(loss, o_loss, 2e-5, 2e-5, "loss")
+    check_grad(grad, o_grad, dtype, "grad")
+    check(lse, u_lse, 2e-6, 2e-6, "lse vs unsplit")
+    check(loss, u_loss, 2e-5, 2e-5, "loss vs unsplit")
+    check_grad(grad, unsplit.double(), dtype, "grad vs unsplit")
+    ignored = target == kw["ignore_index"]
+    assert (loss[ignored] == 0).all() and (grad[ignored] == 0).all()
+    loss2, lse2 = fused(x, target, None, weight, coef, None, **kw)  # loss only
+    assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
+    y = x.clone()
+    fused(y, target, None, weight, coef, y, **kw)  # in place
+    assert torch.equal(y, grad)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the garbage rows
+def test_issue12_split_vocabulary_edge_rows(forced_splits):
+    """Split path, rows the fused kernel treats specially: an ignored row with a NaN logit (NaN
+    gradient, loss 0), a counted row with +inf (NaN loss and gradient whatever the upstream
+    gradient), an out-of-range target (NaN loss, no out-of-bounds read), a zero upstream gradient."""
+    n, c = 5, SPLIT_CLASSES
+    x, target, _, weight, _, kw = make_case(n, c, torch.float32, dict(weight=True, label_smoothing=0.1), seed=3)
+    coef = torch.tensor([1.0, 0.0, 1.5, 2.0, 0.5], device=DEVICE)
+    target[0] = IGNORE
+    x[0, 7000] = float("nan")
+    x[1, 9000] = float("inf")
+    target[2] = c + 3
+    expected = [fused(x, target, None, weight, coef, torch.empty_like(x), **kw)]
+    forced_splits(3)
+    grad = torch.empty_like(x)
+    loss, lse = fused(x, target, None, weight, coef, grad, **kw)
+    assert loss[0] == 0 and torch.isnan(grad[0]).all()
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isnan(loss[2])
+    o_loss, _, o_grad = oracle(x[3:], target[3:], None, weight, coef[3:], **kw)
+    check(loss[3:], o_loss, 2e-5, 2e-5, "loss")
+    check_grad(grad[3:], o_grad, torch.float32, "grad")
+    e_loss, e_lse = expected[0]
+    torch.testing.assert_close(loss, e_loss, equal_nan=True)
+    torch.testing.assert_close(lse, e_lse, equal_nan=True)
+
+
+def test_issue12_split_vocabulary_not_for_probability_targets(forced_splits):
+    """Probability targets have no split statistics: they stay on one program per row, unchanged."""
+    x, _, soft, weight, coef, kw = make_case(3, SPLIT_CLASSES, torch.float32, OPTIONS["soft_everything"], seed=1)
+    g1, g2 = torch.empty_like(x), torch.empty_like(x)
+    l1, s1 = fused(x, None, soft, weight, coef, g1, **kw)
+    forced_splits(4)
+    l2, s2 = fused(x, None, soft, weight, coef, g2, **kw)
+    assert torch.equal(l1, l2) and torch.equal(s1, s2) and torch.equal(g1, g2)
+
+
+def test_issue12_split_count_rule(monkeypatch):
+    """Split only when the rows leave multiprocessors idle, never into pieces below SPLIT_MIN_BLOCKS
+    blocks, and never off CUDA (the interpreter) unless forced."""
+    monkeypatch.setattr(ce, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    per_split = ce.SPLIT_MIN_BLOCKS * ce.MAX_BLOCK
+    assert ce.split_count(8, 128256, cuda) == 128256 // per_split  # capped by the split size
+    assert ce.split_count(132, 262144, cuda) == 2  # 2 programs per SM
+    assert ce.split_count(16384, 128256, cuda) == 1  # rows fill the device
+    assert ce.split_count(8, 4096, cuda) == 1  # one block: nothing to split
+    assert ce.split_count(8, 128256, torch.device("cpu")) == 1
+    monkeypatch.setattr(ce, "FORCE_SPLITS", 3)
+    assert ce.split_count(16384, 128256, torch.device("cpu")) == 3
+    for c, k in [(1, 4), (4096, 2), (4097, 2), (4097, 7), (SPLIT_CLASSES, 3), (10 * 4096, 3)]:
+        block = ce.block_config(c)[0]
+        span, count = ce.split_span(c, k, block)
+        assert span % block == 0 and 1 <= count <= k and (count - 1) * span < c <= count * span
+
+
+def test_issue12_split_stats_merge_to_the_row(forced_splits):
+    """ce_stats with splits: (K, N, 4) range statistics that merge to the whole row's."""
+    n, c = 3, SPLIT_CLASSES
+    x, target, _, weight, _, _ = make_case(n, c, torch.bfloat16, dict(weight=True), seed=8)
+    target[0] = 4096  # first column of the second split
+    parts = ce.stats(x, target, weight, ignore_index=IGNORE, logit_scale=1.0, softcap=None, splits=4)
+    assert parts.shape == (4, n, 4)
+    assert ((parts[:, :, 2] != 0).sum(0) == 1).all()  # each target counted by one split
+    full = stats64(x, target, weight, 0, IGNORE, 1.0, None)
+    merged = S.merge_all(parts)
+    check(S.lse_of(merged), torch.logsumexp(x.double(), 1), 2e-6, 2e-6, "merged lse")
+    check(merged[:, 2], full[:, 2], 1e-6, 1e-6, "target_z")
+    check(merged[:, 3], full[:, 3], 1e-5, 1e-3, "weighted_z")
