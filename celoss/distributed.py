@@ -126,9 +126,28 @@ _FIELDS = 8
 
 
 def vocab_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Balanced contiguous split: ``(vocab_start, vocab_end)`` of ``rank`` (the first
-    ``vocab_size % world_size`` ranks get one class more), e.g. 50257 over 4 ranks:
-    12565, 12564, 12564, 12564."""
+    """Balanced contiguous split of the vocabulary: ``(vocab_start, vocab_end)`` of ``rank`` (the
+    first ``vocab_size % world_size`` ranks get one class more), e.g. 50257 over 4 ranks: 12565,
+    12564, 12564, 12564 classes.
+
+    Args:
+        vocab_size (int): number of classes.
+        rank (int): this rank's index in the group.
+        world_size (int): number of ranks in the group.
+
+    Shape:
+        - Output: two ints, this rank's slice ``[vocab_start, vocab_end)``.
+
+    Returns:
+        tuple[int, int]: ``(vocab_start, vocab_end)``.
+
+    Example::
+
+        >>> celoss.distributed.vocab_range(50257, 1, 4)
+        (12565, 25129)
+        >>> [celoss.distributed.vocab_range(2, r, 4) for r in range(4)]  # more ranks than classes
+        [(0, 1), (1, 2), (2, 2), (2, 2)]
+    """
     base, extra = divmod(int(vocab_size), int(world_size))
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -618,19 +637,68 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, *,
 
     ``local_logits`` (N, V_local) or (..., V_local) -- the class dimension is the **last** one (the
     tensor-parallel layout) -- holds classes ``[vocab_start, vocab_start + V_local)`` of a
-    ``vocab_size``-class softmax; ``target`` (N,) or (...) holds global class indices (int64), the
-    same on every rank. ``weight``: class weights, this rank's slice (V_local) or the full vector
-    (vocab_size). Options as :func:`celoss.cross_entropy` (``ignore_index``, ``reduction``,
-    ``label_smoothing``, ``logit_scale``, ``softcap``, ``z_loss``, ``return_lse``,
-    ``return_z_loss``, ``backend``); results equal the single-process call on the concatenated
-    vocabulary and are replicated on every rank. Forward: one all-gather of O(N) statistics (plus
-    the tiny argument check unless ``validate=False``); backward: no communication. See the module
-    docstring for the conventions and the bytes sent.
+    ``vocab_size``-class softmax; ``target`` holds global class indices (int64), the same on every
+    rank. Options as :func:`celoss.cross_entropy`; results equal the single-process call on the
+    concatenated vocabulary and are replicated on every rank. Forward: one all-gather of O(N)
+    statistics (plus the tiny argument check unless ``validate=False``); backward: no
+    communication. See the module docstring for the conventions and the bytes sent.
 
-    ``vocab_start`` and ``vocab_size`` left out: even shards (``rank * V_local`` and
-    ``world_size * V_local``). ``local_logits`` may be a DTensor sharded on the class dimension
-    (``Shard(-1)``, as under ``loss_parallel``): the slice, ``vocab_size`` and ``group`` then come
-    from its placement.
+    ``local_logits`` may be a DTensor sharded on the class dimension (``Shard(-1)``, as under
+    ``loss_parallel``): the slice, ``vocab_size`` and ``group`` then come from its placement.
+
+    Args:
+        local_logits (Tensor): this rank's slice of the logits, float32/float16/bfloat16/float64,
+            or a DTensor ``Shard(-1)``.
+        target (Tensor): int64 global class indices, replicated (a replicated DTensor is accepted).
+        vocab_start (int, optional, keyword-only): first global class of this rank's slice; with
+            ``vocab_size``, any tiling of the vocabulary (uneven, empty, in any rank order). Both
+            left out: even shards, ``rank * V_local`` of ``world_size * V_local``. Default: None
+        vocab_size (int, optional, keyword-only): the full vocabulary size. Default: None
+        group (ProcessGroup, optional, keyword-only): the tensor-parallel group; None: the default
+            group (with DTensor inputs: the mesh's group). Default: None
+        weight (Tensor, optional, keyword-only): class weights, this rank's slice (``V_local``) or
+            the full vector (``vocab_size``); a DTensor replicated or sharded like the logits.
+            Default: None
+        ignore_index (int, keyword-only): target value that is skipped. Default: -100
+        reduction (str, keyword-only): ``"mean"`` (weighted), ``"sum"`` or ``"none"``. Default: ``"mean"``
+        label_smoothing (float, keyword-only): in [0, 1]. Default: 0.0
+        logit_scale (float, keyword-only): multiplies the logits first. Default: 1.0
+        softcap (float, optional, keyword-only): then ``softcap * tanh(z / softcap)``. Default: None
+        z_loss (float, keyword-only): adds ``z_loss * lse**2`` per counted row. Default: 0.0
+        return_lse (bool, keyword-only): also return the per-row lse (differentiable). Default: False
+        return_z_loss (bool, keyword-only): also return the z-loss part of the loss. Default: False
+        backend (str, optional, keyword-only): the row kernels' backend (``"triton"``,
+            ``"cython"``, ``"torch"`` or None: automatic), as :func:`celoss.cross_entropy`. Default: None
+        validate (bool, keyword-only): check the arguments across the ranks first (one tiny
+            all-gather and host sync; every rank then raises the same error on a mismatch). False
+            skips it: arguments that differ between ranks can then hang or give wrong results.
+            Default: True
+
+    Shape:
+        - Local_logits: ``(N, V_local)`` or ``(..., V_local)``.
+        - Target: ``(N)`` or ``(...)``.
+        - Output: ``()``; with ``reduction="none"``, the target's shape (the lse: always).
+
+    Returns:
+        Tensor: the loss in the logits' dtype, replicated; with ``return_lse`` / ``return_z_loss``,
+        a :class:`celoss.CrossEntropyOutput` ``(loss, lse, z_loss)``.
+
+    Example::
+
+        >>> import torch.distributed as dist
+        >>> # every rank of the tensor-parallel group runs this; here a group of one process
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> rank, world = dist.get_rank(), dist.get_world_size()
+        >>> _ = torch.manual_seed(0)
+        >>> logits, target = torch.randn(4, 1000), torch.tensor([1, 500, 999, -100])  # every rank
+        >>> start, end = celoss.distributed.vocab_range(1000, rank, world)
+        >>> local = logits[:, start:end].clone().requires_grad_()
+        >>> loss = celoss.distributed.vocab_parallel_cross_entropy(
+        ...     local, target, vocab_start=start, vocab_size=1000, label_smoothing=0.1)
+        >>> torch.allclose(loss, celoss.cross_entropy(logits, target, label_smoothing=0.1))
+        True
+        >>> loss.backward()  # local.grad: this rank's slice of the gradient
+        >>> dist.destroy_process_group()
     """
     local_logits, group, derived, rest = _unwrap_dtensors("local_logits", local_logits, -1, group,
                                                           target=target, weight=weight)
@@ -735,19 +803,73 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
                                         chunk_size: Optional[int] = None, validate: bool = True):
     """Cross-entropy of ``hidden @ local_weight.T (+ linear_bias)`` with the classifier sharded by rows.
 
-    ``hidden`` (N, D) or (..., D) is replicated on the group; ``local_weight`` (V_local, D) holds
-    classifier rows ``[vocab_start, vocab_start + V_local)``, ``linear_bias`` (V_local,) their bias.
-    The local logits are computed ``chunk_size`` rows at a time (default: about
+    ``local_weight`` holds classifier rows ``[vocab_start, vocab_start + V_local)``; ``hidden`` is
+    replicated. The local logits are computed ``chunk_size`` rows at a time (default: about
     ``LINEAR_CHUNK_ELEMENTS / V_local`` rows), so the workspace is bounded whatever N is and logits
-    are never gathered; the statistics flow is the one of :func:`vocab_parallel_cross_entropy`
-    (same options; ``weight`` = class weights). Backward recomputes each chunk's logits; the
-    gradient of ``hidden`` is **summed over the group** with one all-reduce (every rank gets the full
-    gradient -- the tensor-parallel convention; every rank must run backward), the gradients of
-    ``local_weight`` / ``linear_bias`` are local (accumulated in fp32 across chunks).
+    are never gathered; the statistics flow is the one of :func:`vocab_parallel_cross_entropy`.
+    Backward recomputes each chunk's logits; the gradient of ``hidden`` is **summed over the group**
+    with one all-reduce (every rank gets the full gradient -- the tensor-parallel convention; every
+    rank must run backward), the gradients of ``local_weight`` / ``linear_bias`` are local
+    (accumulated in fp32 across chunks). ``local_weight`` may be a DTensor sharded by rows
+    (``Shard(0)``; ``linear_bias`` then sharded alike, ``hidden`` replicated).
 
-    ``vocab_start`` and ``vocab_size`` left out: even shards. ``local_weight`` may be a DTensor
-    sharded by rows (``Shard(0)``; ``linear_bias`` then sharded alike, ``hidden`` replicated): the
-    slice, ``vocab_size`` and ``group`` then come from its placement.
+    Args:
+        hidden (Tensor): hidden states, replicated (a replicated DTensor is accepted).
+        local_weight (Tensor): this rank's classifier rows (the dtype and device of ``hidden``), or
+            a DTensor ``Shard(0)``.
+        target (Tensor): int64 global class indices, replicated.
+        vocab_start (int, optional, keyword-only): first global class of this rank's slice; with
+            ``vocab_size``, any tiling of the vocabulary (uneven, empty, in any rank order). Both
+            left out: even shards, ``rank * V_local`` of ``world_size * V_local``. Default: None
+        vocab_size (int, optional, keyword-only): the full vocabulary size. Default: None
+        group (ProcessGroup, optional, keyword-only): the tensor-parallel group; None: the default
+            group (with DTensor inputs: the mesh's group). Default: None
+        linear_bias (Tensor, optional, keyword-only): the bias of those rows. Default: None
+        weight (Tensor, optional, keyword-only): class weights, this rank's slice or all of them.
+            Default: None
+        ignore_index (int, keyword-only): target value that is skipped. Default: -100
+        reduction (str, keyword-only): ``"mean"`` (weighted), ``"sum"`` or ``"none"``. Default: ``"mean"``
+        label_smoothing (float, keyword-only): in [0, 1]. Default: 0.0
+        logit_scale (float, keyword-only): multiplies the logits first. Default: 1.0
+        softcap (float, optional, keyword-only): then ``softcap * tanh(z / softcap)``. Default: None
+        z_loss (float, keyword-only): adds ``z_loss * lse**2`` per counted row. Default: 0.0
+        return_lse (bool, keyword-only): also return the per-row lse (differentiable). Default: False
+        return_z_loss (bool, keyword-only): also return the z-loss part of the loss. Default: False
+        backend (str, optional, keyword-only): the row kernels' backend (``"triton"``,
+            ``"cython"``, ``"torch"`` or None: automatic), as :func:`celoss.cross_entropy`. Default: None
+        chunk_size (int, optional, keyword-only): rows of local logits per chunk. Default: None
+        validate (bool, keyword-only): check the arguments across the ranks first (one tiny
+            all-gather and host sync; every rank then raises the same error on a mismatch). False
+            skips it: arguments that differ between ranks can then hang or give wrong results.
+            Default: True
+
+    Shape:
+        - Hidden: ``(N, D)`` or ``(..., D)``; local_weight: ``(V_local, D)``; linear_bias: ``(V_local)``.
+        - Target: ``(N)`` or ``(...)``.
+        - Output: ``()``; with ``reduction="none"``, the target's shape.
+
+    Returns:
+        Tensor: the loss in ``hidden``'s dtype, replicated; with ``return_lse`` /
+        ``return_z_loss``, a :class:`celoss.CrossEntropyOutput`.
+
+    Example::
+
+        >>> import torch.distributed as dist
+        >>> # every rank of the tensor-parallel group runs this; here a group of one process
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> rank, world = dist.get_rank(), dist.get_world_size()
+        >>> _ = torch.manual_seed(0)
+        >>> hidden = torch.randn(4, 16, requires_grad=True)             # replicated
+        >>> head = torch.randn(1000, 16)                                 # the full LM head
+        >>> target = torch.tensor([1, 500, 999, -100])
+        >>> start, end = celoss.distributed.vocab_range(1000, rank, world)
+        >>> local_head = head[start:end].clone().requires_grad_()        # this rank's rows
+        >>> loss = celoss.distributed.vocab_parallel_linear_cross_entropy(
+        ...     hidden, local_head, target, vocab_start=start, vocab_size=1000, chunk_size=2)
+        >>> torch.allclose(loss, celoss.linear_cross_entropy(hidden, head, target))
+        True
+        >>> loss.backward()  # hidden.grad: the full gradient on every rank
+        >>> dist.destroy_process_group()
     """
     local_weight, group, derived, rest = _unwrap_dtensors(
         "local_weight", local_weight, 0, group, hidden=hidden, target=target, linear_bias=linear_bias,
@@ -1031,33 +1153,35 @@ def vocab_parallel_token_logprobs(local_logits: Tensor, tokens: Tensor, *, tempe
                                   group=None, validate: bool = True):
     """:func:`celoss.token_logprobs` of logits sharded over the vocabulary across the ranks of ``group``.
 
-    Per position, ``log softmax(z)[token]`` and (``return_entropy``) the entropy ``H = lse - sum_j p_j
-    z_j`` of ``z = logits / temperature`` over the whole ``vocab_size``-class vocabulary, although
-    each rank holds only its slice ``[vocab_start, vocab_start + V_local)`` of the logits. Forward:
-    each rank's row statistics (max, sum of exps, sum of exps times z, the token's logit on the rank
-    that holds it), one all-gather of those ``(N, 4)`` statistics, merged in rank order: the results
-    are identical on every rank and equal the single-process call on the concatenated logits
-    (ignored positions 0, NaN rows where ``log_softmax`` has them). Backward: local, no
-    communication; gradients flow from both outputs with any (replicated) upstream gradients.
-    The local pass is row-chunked plain PyTorch (any device). Differentiable once.
+    Per position, ``log softmax(z)[token]`` and (``return_entropy``) the entropy ``H = lse - sum_j
+    p_j z_j`` of ``z = logits / temperature`` over the whole vocabulary, although each rank holds
+    only its slice ``[vocab_start, vocab_start + V_local)`` of the logits. Forward: each rank's row
+    statistics (max, sum of exps, sum of exps times ``z - max``, the token's logit on the rank that
+    holds it), one all-gather of those ``(N, 4)`` statistics, merged in rank order: the results are
+    identical on every rank and equal the single-process call on the concatenated logits (ignored
+    positions 0 with a zero gradient; NaN rows where ``log_softmax`` has them). Backward: local, no
+    communication; gradients flow from both outputs with any (replicated) upstream gradients. The
+    local pass is row-chunked plain PyTorch (any device). Differentiable once.
 
     Args:
-        local_logits (Tensor): this rank's ``(..., V_local)`` slice of the logits (class dimension
-            last), float32/float16/bfloat16/float64; or a DTensor sharded on the class dimension
+        local_logits (Tensor): this rank's slice of the logits (class dimension last),
+            float32/float16/bfloat16/float64; or a DTensor sharded on the class dimension
             (``Shard(-1)``): slice, ``vocab_size`` and ``group`` then come from its placement.
-        tokens (Tensor): ``(...)`` integer global token ids in ``[0, vocab_size)`` or
-            ``ignore_index``, the same on every rank (a replicated DTensor is accepted).
+        tokens (Tensor): integer global token ids in ``[0, vocab_size)`` or ``ignore_index``, the
+            same on every rank (a replicated DTensor is accepted).
         temperature (float, keyword-only): finite and > 0. Default: 1.0
         ignore_index (int, keyword-only): token value whose outputs and gradients are 0. Default: -100
         return_entropy (bool, keyword-only): also return the entropy (differentiable). Default: False
         vocab_start (int, optional, keyword-only): first global class of this rank's slice; with
-            ``vocab_size``, any tiling of the vocabulary. Both left out: even shards,
-            ``rank * V_local`` of ``world_size * V_local``. Default: None
+            ``vocab_size``, any tiling of the vocabulary (uneven, empty, in any rank order). Both
+            left out: even shards, ``rank * V_local`` of ``world_size * V_local``. Default: None
         vocab_size (int, optional, keyword-only): the full vocabulary size. Default: None
         group (ProcessGroup, optional, keyword-only): the tensor-parallel group; None: the default
-            group. Default: None
-        validate (bool, keyword-only): check the arguments across ranks first (one tiny all-gather
-            and host sync; every rank raises the same error on a mismatch). Default: True
+            group (with DTensor inputs: the mesh's group). Default: None
+        validate (bool, keyword-only): check the arguments across the ranks first (one tiny
+            all-gather and host sync; every rank then raises the same error on a mismatch). False
+            skips it: arguments that differ between ranks can then hang or give wrong results.
+            Default: True
 
     Shape:
         - Local_logits: ``(..., V_local)``.
@@ -1065,21 +1189,29 @@ def vocab_parallel_token_logprobs(local_logits: Tensor, tokens: Tensor, *, tempe
         - Output(s): ``(...)``.
 
     Returns:
-        Tensor of log-probabilities (float32 for float32/float16/bfloat16 logits, float64 for
-        float64), replicated on the group; with ``return_entropy``, a
-        :class:`celoss.TokenLogprobsOutput` ``(logprobs, entropy)``.
+        Tensor: the log-probabilities (float32 for float32/float16/bfloat16 logits, float64 for
+        float64), replicated; with ``return_entropy``, a :class:`celoss.TokenLogprobsOutput`
+        ``(logprobs, entropy)``.
 
     Example::
 
-        # on each of K ranks (torch.distributed initialized), logits sharded on the vocabulary
-        full = torch.randn(4, 16, 1000)                      # the same on every rank (a seed)
-        tokens = torch.randint(0, 1000, (4, 16))
-        start, end = celoss.distributed.vocab_range(1000, rank, world_size)
-        local = full[..., start:end].clone().requires_grad_()
-        out = celoss.distributed.vocab_parallel_token_logprobs(
-            local, tokens, vocab_start=start, vocab_size=1000, return_entropy=True)
-        # == celoss.token_logprobs(full, tokens, return_entropy=True) on every rank
-        (-(out.logprobs * advantages).mean() - 0.01 * out.entropy.mean()).backward()
+        >>> import torch.distributed as dist
+        >>> # every rank of the tensor-parallel group runs this; here a group of one process
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> rank, world = dist.get_rank(), dist.get_world_size()
+        >>> _ = torch.manual_seed(0)
+        >>> logits = torch.randn(2, 8, 1000)                      # the same on every rank
+        >>> tokens = torch.randint(0, 1000, (2, 8))
+        >>> start, end = celoss.distributed.vocab_range(1000, rank, world)
+        >>> local = logits[..., start:end].clone().requires_grad_()
+        >>> out = celoss.distributed.vocab_parallel_token_logprobs(
+        ...     local, tokens, temperature=0.7, return_entropy=True, vocab_start=start, vocab_size=1000)
+        >>> ref = celoss.token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
+        >>> torch.allclose(out.logprobs, ref.logprobs) and torch.allclose(out.entropy, ref.entropy)
+        True
+        >>> advantages = torch.randn(2, 8)
+        >>> (-(out.logprobs * advantages).mean() - 0.01 * out.entropy.mean()).backward()
+        >>> dist.destroy_process_group()
     """
     local_logits, group, derived, rest = _unwrap_dtensors("local_logits", local_logits, -1, group, tokens=tokens)
     tokens = rest["tokens"]
@@ -1121,41 +1253,60 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, local_weight: Tensor, t
     Results equal the single-process call with the full classifier. Differentiable once.
 
     Args:
-        hidden (Tensor): ``(..., D)`` hidden states, replicated on the group (a replicated DTensor
-            is accepted).
-        local_weight (Tensor): ``(V_local, D)`` classifier rows ``[vocab_start, vocab_start +
-            V_local)``, the dtype and device of ``hidden``; or a DTensor sharded by rows (``Shard(0)``).
-        tokens (Tensor): ``(...)`` integer global token ids or ``ignore_index``, replicated.
-        local_bias (Tensor, optional, keyword-only): ``(V_local,)`` bias of those rows (a DTensor
-            sharded like the classifier). Default: None
+        hidden (Tensor): hidden states, replicated on the group (a replicated DTensor is accepted).
+        local_weight (Tensor): classifier rows ``[vocab_start, vocab_start + V_local)``, the dtype
+            and device of ``hidden``; or a DTensor sharded by rows (``Shard(0)``).
+        tokens (Tensor): integer global token ids or ``ignore_index``, replicated.
+        local_bias (Tensor, optional, keyword-only): the bias of those rows (a DTensor sharded like
+            the classifier). Default: None
         temperature (float, keyword-only): finite and > 0. Default: 1.0
         ignore_index (int, keyword-only): token value whose outputs and gradients are 0. Default: -100
         shift (bool, keyword-only): next-token scoring on ``(..., T, D)`` / ``(..., T)``: position t
             is scored against token t + 1, the last position is dropped (by index arithmetic).
             Default: False
         return_entropy (bool, keyword-only): also return the entropy (differentiable). Default: False
-        chunk_size (int, optional, keyword-only): rows per chunk of local logits. Default: None
-        vocab_start, vocab_size, group, validate: as :func:`vocab_parallel_token_logprobs`.
+        chunk_size (int, optional, keyword-only): rows of local logits per chunk. Default: None
+        vocab_start (int, optional, keyword-only): first global class of this rank's slice; with
+            ``vocab_size``, any tiling of the vocabulary (uneven, empty, in any rank order). Both
+            left out: even shards, ``rank * V_local`` of ``world_size * V_local``. Default: None
+        vocab_size (int, optional, keyword-only): the full vocabulary size. Default: None
+        group (ProcessGroup, optional, keyword-only): the tensor-parallel group; None: the default
+            group (with DTensor inputs: the mesh's group). Default: None
+        validate (bool, keyword-only): check the arguments across the ranks first (one tiny
+            all-gather and host sync; every rank then raises the same error on a mismatch). False
+            skips it: arguments that differ between ranks can then hang or give wrong results.
+            Default: True
 
     Shape:
-        - Hidden: ``(..., D)``; local_weight: ``(V_local, D)``; local_bias: ``(V_local,)``.
+        - Hidden: ``(..., D)``; local_weight: ``(V_local, D)``; local_bias: ``(V_local)``.
         - Tokens: ``(...)``.
         - Output(s): ``(...)``; with ``shift``, ``(..., T - 1)``.
 
     Returns:
-        Tensor of log-probabilities (float32, or float64 for float64 inputs), replicated; with
+        Tensor: the log-probabilities (float32, or float64 for float64 inputs), replicated; with
         ``return_entropy``, a :class:`celoss.TokenLogprobsOutput` ``(logprobs, entropy)``.
 
     Example::
 
-        # on each of K ranks, an LM head sharded by rows (tensor parallel)
-        start, end = celoss.distributed.vocab_range(vocab, rank, world_size)
-        local_head = head.weight[start:end]                 # (V_local, D)
-        out = celoss.distributed.vocab_parallel_linear_token_logprobs(
-            hidden, local_head, input_ids, shift=True, return_entropy=True,
-            vocab_start=start, vocab_size=vocab)
-        loss = -(out.logprobs * advantages[..., 1:]).mean() - 0.01 * out.entropy.mean()
-        loss.backward()   # every rank: the full d(hidden), its own slice of d(head)
+        >>> import torch.distributed as dist
+        >>> # every rank of the tensor-parallel group runs this; here a group of one process
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> rank, world = dist.get_rank(), dist.get_world_size()
+        >>> _ = torch.manual_seed(0)
+        >>> hidden = torch.randn(2, 8, 16, requires_grad=True)    # replicated
+        >>> head = torch.randn(1000, 16)                           # the full LM head
+        >>> input_ids = torch.randint(0, 1000, (2, 8))
+        >>> start, end = celoss.distributed.vocab_range(1000, rank, world)
+        >>> out = celoss.distributed.vocab_parallel_linear_token_logprobs(
+        ...     hidden, head[start:end], input_ids, shift=True, return_entropy=True,
+        ...     vocab_start=start, vocab_size=1000)
+        >>> out.logprobs.shape
+        torch.Size([2, 7])
+        >>> ref = celoss.linear_token_logprobs(hidden, head, input_ids, shift=True)
+        >>> torch.allclose(out.logprobs, ref, atol=1e-5)
+        True
+        >>> (-(out.logprobs * torch.randn(2, 7)).mean() - 0.01 * out.entropy.mean()).backward()
+        >>> dist.destroy_process_group()
     """
     local_weight, group, derived, rest = _unwrap_dtensors(
         "local_weight", local_weight, 0, group, hidden=hidden, tokens=tokens, local_bias=local_bias)
@@ -1195,13 +1346,13 @@ _STUDENT_SUM_KINDS, _TEACHER_SUM_KINDS = ("reverse_kl",), ("kl", "ce")
 
 def _distill_stats(zs: Tensor, zt: Tensor, p: _Plan, rows: slice) -> Tensor:
     s, t = zs * p.inv_t, zt * p.inv_t
-    ms, ds, es = _block(s)
-    mt, dt, et = _block(t)
+    ms, _, es = _block(s)
+    mt, _, et = _block(t)
     kind_sum = {"kl": lambda: _pmul(et, t - s), "ce": lambda: _pmul(et, s),
                 "reverse_kl": lambda: _pmul(es, s - t)}.get(p.kind, lambda: torch.zeros_like(s))().sum(1)
     cols = [ms, es.sum(1), mt, et.sum(1), kind_sum]
     if p.hard:
-        m1, _, e1 = (ms, ds, es) if p.inv_t == 1.0 else _block(zs)
+        m1, e1 = (ms, es) if p.inv_t == 1.0 else _block(zs)[::2]
         zy = zs.gather(1, p.local_tok[rows].unsqueeze(1)).squeeze(1)
         cols += [m1, e1.sum(1), torch.where(p.here[rows], zy, 0.0)]
     else:
@@ -1343,40 +1494,56 @@ def vocab_parallel_linear_distillation_loss(student_input: Tensor, local_student
     Forward, per chunk of rows (``chunk_size``, default about ``LINEAR_CHUNK_ELEMENTS / V_local``),
     both local logits by one matrix product each and their row statistics: max and sum of exps of
     ``s = student / T`` and ``t = teacher / T``, plus the sum the kind needs, relative to a max that
-    merges across ranks (``"kl"``: ``sum e^(t - m_t) (t - s)``, so ``KL = A / S_t + lse_s - lse_t``;
-    ``"ce"``: ``sum e^(t - m_t) s``, ``CE = lse_s - B / S_t``; ``"reverse_kl"``:
-    ``sum e^(s - m_s) (s - t)``), and with a hard-label term the student's statistics at temperature
-    1 and its target logit: one all-gather of ``(N, 8)`` statistics. ``"jsd"``: the mixture's
-    ``log M`` is not a function of row statistics, so a second pass recomputes the chunks and sums
-    ``p_S (log p_S - log M)`` and ``p_T (log p_T - log M)`` elementwise with the merged lse's, then
-    one all-reduce of those ``(N, 2)`` sums. Backward recomputes the chunks; the hidden-state
-    gradients (student's, and teacher's if it requires grad) are summed over the group by one
-    all-reduce each (every rank must run backward), the classifier and bias gradients stay local.
-    The local pass is row-chunked plain PyTorch. Differentiable once.
+    merges across ranks (``"kl"``: ``A = sum e^(t - m_t) (t - s)``, ``KL = A / S_t + lse_s -
+    lse_t``; ``"ce"``: ``B = sum e^(t - m_t) s``, ``CE = lse_s - B / S_t``; ``"reverse_kl"``:
+    ``sum e^(s - m_s) (s - t)``), and with a hard-label term the student's statistics at
+    temperature 1 and its target logit: one all-gather of ``(N, 8)`` statistics. ``"jsd"``: the
+    mixture's ``log M`` is not a function of row statistics, so a second pass recomputes the chunks
+    and sums ``p_S (log p_S - log M)`` and ``p_T (log p_T - log M)`` elementwise with the merged
+    lse's, then one all-reduce of those ``(N, 2)`` sums. Backward recomputes the chunks; the
+    hidden-state gradients (the student's, and the teacher's if it requires grad) are summed over
+    the group by one all-reduce each (every rank must run backward); the classifier and bias
+    gradients stay local. The local pass is row-chunked plain PyTorch. Differentiable once.
 
     Args:
-        student_input (Tensor): ``(..., D_s)`` student hidden states, replicated.
-        local_student_weight (Tensor): ``(V_local, D_s)`` student classifier rows, or a DTensor
+        student_input (Tensor): student hidden states, replicated.
+        local_student_weight (Tensor): the student's classifier rows of this slice, or a DTensor
             sharded by rows (``Shard(0)``; slice, ``vocab_size`` and ``group`` from its placement).
-        teacher_input (Tensor): ``(..., D_t)`` teacher hidden states (the same leading dimensions;
-            ``D_t`` may differ from ``D_s``), replicated.
-        local_teacher_weight (Tensor): ``(V_local, D_t)`` teacher classifier rows (the same slice),
-            or a DTensor laid out like the student's.
-        target (Tensor, optional): ``(...)`` int64 global class indices for the hard-label term,
-            replicated; None: none (``alpha`` must be 1). Default: None
-        student_bias, teacher_bias (Tensor, optional, keyword-only): ``(V_local,)`` bias slices
-            (DTensors sharded like their classifier). Default: None
-        temperature, kind, beta, alpha, ignore_index, reduction: as
-            :func:`celoss.distillation_loss` (``reduction="mean"`` divides by the counted rows times
-            the full ``vocab_size``).
-        shift (bool, keyword-only): both hidden states drop their last position and the labels
-            are ``target[..., 1:]`` (``(..., T, D)`` inputs). Default: False
+        teacher_input (Tensor): teacher hidden states (the same leading dimensions; its hidden size
+            may differ from the student's), replicated.
+        local_teacher_weight (Tensor): the teacher's classifier rows of the same slice, or a
+            DTensor laid out like the student's.
+        target (Tensor, optional): int64 global class indices for the hard-label term, replicated;
+            None: none (``alpha`` must be 1). Default: None
+        student_bias (Tensor, optional, keyword-only): the student's bias slice (a DTensor sharded
+            like its classifier). Default: None
+        teacher_bias (Tensor, optional, keyword-only): the teacher's bias slice. Default: None
+        temperature (float, keyword-only): ``T``, finite and > 0. Default: 1.0
+        kind (str, keyword-only): ``"kl"``, ``"reverse_kl"``, ``"ce"`` or ``"jsd"``, as
+            :func:`celoss.distillation_loss`. Default: ``"kl"``
+        beta (float, keyword-only): the JSD mixture weight, in [0, 1]. Default: 0.5
+        alpha (float, keyword-only): weight of the soft term; ``1 - alpha`` weighs the hard-label
+            cross-entropy. Default: 1.0
+        ignore_index (int, keyword-only): target value whose rows are excluded. Default: -100
+        reduction (str, keyword-only): ``"batchmean"``, ``"mean"`` (divided by the counted rows
+            times the full ``vocab_size``), ``"sum"`` or ``"none"``. Default: ``"batchmean"``
+        shift (bool, keyword-only): both hidden states drop their last position and the labels are
+            ``target[..., 1:]`` (``(..., T, D)`` inputs). Default: False
         chunk_size (int, optional, keyword-only): rows per chunk. Default: None
-        vocab_start, vocab_size, group, validate: as :func:`vocab_parallel_cross_entropy`.
+        vocab_start (int, optional, keyword-only): first global class of this rank's slice; with
+            ``vocab_size``, any tiling of the vocabulary (uneven, empty, in any rank order). Both
+            left out: even shards, ``rank * V_local`` of ``world_size * V_local``. Default: None
+        vocab_size (int, optional, keyword-only): the full vocabulary size. Default: None
+        group (ProcessGroup, optional, keyword-only): the tensor-parallel group; None: the default
+            group (with DTensor inputs: the mesh's group). Default: None
+        validate (bool, keyword-only): check the arguments across the ranks first (one tiny
+            all-gather and host sync; every rank then raises the same error on a mismatch). False
+            skips it: arguments that differ between ranks can then hang or give wrong results.
+            Default: True
 
     Shape:
         - Student_input: ``(..., D_s)``; teacher_input: ``(..., D_t)``.
-        - Local weights: ``(V_local, D_s)``, ``(V_local, D_t)``; biases ``(V_local,)``.
+        - Local weights: ``(V_local, D_s)``, ``(V_local, D_t)``; biases: ``(V_local)``.
         - Target: ``(...)``.
         - Output: ``()``; with ``reduction="none"``, ``(...)`` (with ``shift``, ``(..., T - 1)``).
 
@@ -1385,15 +1552,27 @@ def vocab_parallel_linear_distillation_loss(student_input: Tensor, local_student
 
     Example::
 
-        # on each of K ranks: both LM heads sharded by rows (tensor parallel)
-        start, end = celoss.distributed.vocab_range(vocab, rank, world_size)
-        with torch.no_grad():
-            teacher_hidden = teacher.model(input_ids).last_hidden_state
-        loss = celoss.distributed.vocab_parallel_linear_distillation_loss(
-            student_hidden, student_head.weight[start:end], teacher_hidden,
-            teacher_head.weight[start:end], input_ids, kind="jsd", alpha=0.5, temperature=2.0,
-            shift=True, vocab_start=start, vocab_size=vocab)
-        loss.backward()
+        >>> import torch.distributed as dist
+        >>> # every rank of the tensor-parallel group runs this; here a group of one process
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> rank, world = dist.get_rank(), dist.get_world_size()
+        >>> _ = torch.manual_seed(0)
+        >>> student_hidden = torch.randn(2, 8, 16, requires_grad=True)
+        >>> teacher_hidden = torch.randn(2, 8, 32)
+        >>> student_head, teacher_head = torch.randn(1000, 16), torch.randn(1000, 32)
+        >>> input_ids = torch.randint(0, 1000, (2, 8))
+        >>> start, end = celoss.distributed.vocab_range(1000, rank, world)
+        >>> loss = celoss.distributed.vocab_parallel_linear_distillation_loss(
+        ...     student_hidden, student_head[start:end], teacher_hidden, teacher_head[start:end],
+        ...     input_ids, kind="jsd", alpha=0.5, temperature=2.0, shift=True,
+        ...     vocab_start=start, vocab_size=1000)
+        >>> ref = celoss.linear_distillation_loss(
+        ...     student_hidden, student_head, teacher_hidden, teacher_head, input_ids, kind="jsd",
+        ...     alpha=0.5, temperature=2.0, shift=True)
+        >>> torch.allclose(loss, ref)
+        True
+        >>> loss.backward()
+        >>> dist.destroy_process_group()
     """
     local_student_weight, group, derived, rest = _unwrap_dtensors(
         "local_student_weight", local_student_weight, 0, group, student_input=student_input,

@@ -690,9 +690,467 @@ def suite_dtensor(rank, world, backend, record):
             ["pass both vocab_start and vocab_size"])
 
 
+# ------------------------------------------------------------------------------------------------
+# issue 14 items 1, 2, 4: vocab-parallel token log-probs / entropy and linear distillation
+# ------------------------------------------------------------------------------------------------
+
+def ragged_layout(world):
+    """13 classes in uneven slices, out of rank order; on 3 ranks rank 1 holds none."""
+    return {2: ((4, 9), (1, 0)), 3: ((0, 5, 8), (2, 0, 1))}[world]
+
+
+def _tol(dtype):
+    """(vs the float64 oracle, vs single-process celoss) tolerances."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-10), dict(rtol=1e-11, atol=1e-11)
+    if dtype == torch.float32:
+        return dict(rtol=3e-5, atol=3e-5), dict(rtol=1e-5, atol=1e-5)
+    return dict(rtol=5e-2, atol=5e-2), dict(rtol=2e-2, atol=2e-2)
+
+
+def _layout_kw(layout, start, vocab_size):
+    """Explicit vocab_start / vocab_size, or none (the even-shard defaults) for layout 'even'."""
+    return {} if layout == "even" else dict(vocab_start=start, vocab_size=vocab_size)
+
+
+def _slice_of(world, rank, vocab_size, layout):
+    return slices(world, vocab_size, "balanced" if layout == "even" else layout)[rank]
+
+
+def _objective(outs, ups):
+    """sum_i <out_i, up_i> in float64 (random upstream gradients for every output)."""
+    return sum((o.double() * u).sum() for o, u in zip(outs, ups))
+
+
+def _close_all(pairs, tol, what):
+    for name, ours, ref in pairs:
+        assert_close(ours, ref, f"{what}: {name}", **tol)
+
+
+def token_cases(world):
+    v = 8 * world + 3
+    ragged = ragged_layout(world)
+    return [
+        dict(vocab_size=v),
+        dict(vocab_size=v, temperature=0.7, ignore_index=3, shape=(2, 5)),
+        dict(vocab_size=13, layout=ragged, temperature=1.6, entropy=False),
+        dict(vocab_size=13, layout=ragged, dtype=torch.float64, temperature=0.5, shape=(3, 4)),
+        dict(vocab_size=4 * world, layout="even", temperature=1.3),
+        dict(vocab_size=13, layout=ragged, special=True),   # -inf classes, an all -inf slice, NaN / inf rows
+        dict(vocab_size=v, dtype=torch.bfloat16, temperature=0.9),
+        dict(vocab_size=v, all_ignored=True),
+    ]
+
+
+def check_token_logprobs(rank, world, backend, *, vocab_size, seed, shape=(7,), layout="balanced",
+                         dtype=torch.float32, temperature=1.0, ignore_index=-100, entropy=True, special=False,
+                         all_ignored=False):
+    gen = torch.Generator().manual_seed(seed)
+    v = vocab_size
+    full = (torch.randn(*shape, v, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    tokens = make_target(gen, shape, v, ignore_index, 0.3)
+    start, end = _slice_of(world, rank, v, layout)
+    if special:
+        rows = full.view(-1, v)
+        first = slices(world, v, layout)
+        r0 = first[0]
+        rows[0, r0[0]:r0[1]] = -math.inf          # rank 0's whole slice -inf in this row
+        rows[0, (r0[1]) % v] = 2.0
+        tokens.view(-1)[0] = r0[1] % v
+        rows[1, ::3] = -math.inf                    # masked classes (the token's among them: -inf)
+        tokens.view(-1)[1] = 3
+        rows[2, 5] = math.nan
+        tokens.view(-1)[2] = 1
+        rows[3] = -math.inf                         # all -inf: NaN, as log_softmax
+        tokens.view(-1)[3] = 2
+        rows[4, 7] = math.inf
+        tokens.view(-1)[4] = 7
+        rows[5, 2] = math.nan                       # an ignored NaN row: 0 outputs, 0 gradient
+        tokens.view(-1)[5] = ignore_index
+    if all_ignored:
+        tokens = torch.full_like(tokens, ignore_index)
+    ups = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2 if entropy else 1)]
+
+    x_o = full.double().clone().requires_grad_()
+    outs_o = oracle.token_logprobs(x_o, tokens, temperature, ignore_index)[:len(ups)]
+    _objective(outs_o, ups).backward()
+
+    x_s = full.clone().requires_grad_()
+    single = celoss.token_logprobs(x_s, tokens, temperature=temperature, ignore_index=ignore_index,
+                                   return_entropy=entropy, backend=backend)
+    outs_s = tuple(single) if entropy else (single,)
+    _objective(outs_s, ups).backward()
+
+    x_d = full[..., start:end].clone().requires_grad_()
+    out = cd.vocab_parallel_token_logprobs(x_d, tokens, temperature=temperature, ignore_index=ignore_index,
+                                           return_entropy=entropy, **_layout_kw(layout, start, v))
+    if entropy:
+        assert isinstance(out, celoss.TokenLogprobsOutput)
+        outs_d = tuple(out)
+    else:
+        assert type(out) is torch.Tensor
+        outs_d = (out,)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert all(o.dtype == acc and o.shape == shape for o in outs_d), [(o.dtype, o.shape) for o in outs_d]
+    _objective(outs_d, ups).backward()
+
+    names = ("logprobs", "entropy")
+    tol_o, tol_s = _tol(dtype)
+    if dtype != torch.bfloat16:  # bf16: vs single-process (itself checked against the oracle in tests/)
+        _close_all([*zip(names, outs_d, outs_o), ("grad", x_d.grad, x_o.grad[..., start:end])], tol_o, "vs oracle")
+    _close_all([*zip(names, outs_d, outs_s), ("grad", x_d.grad, x_s.grad[..., start:end])], tol_s,
+               "vs single-process")
+    ignored = tokens == ignore_index
+    for o in outs_d:
+        assert float(o.detach()[ignored].abs().sum()) == 0.0
+    assert float(x_d.grad[ignored].abs().sum()) == 0.0
+    if special:  # the edges are reached: NaN rows, a finite row whose slice on rank 0 is all -inf
+        assert outs_o[0].view(-1)[[2, 3, 4]].isnan().all() and outs_o[0].view(-1)[0].isfinite()
+        assert outs_o[0].view(-1)[1] == -math.inf
+    return outs_d
+
+
+def linear_token_cases(world):
+    v = 8 * world + 3
+    ragged = ragged_layout(world)
+    return [
+        dict(vocab_size=v),
+        dict(vocab_size=v, shift=True, temperature=0.8, chunk_size=3, bias=False),
+        dict(vocab_size=13, layout=ragged, shift=True, chunk_size=2, ignore_index=2),
+        dict(vocab_size=13, layout=ragged, dtype=torch.float64, temperature=1.4, entropy=False, hidden_grad=False),
+        dict(vocab_size=3 * world, layout="even", shift=True),
+        dict(vocab_size=v, dtype=torch.bfloat16, chunk_size=4),
+    ]
+
+
+def check_linear_token_logprobs(rank, world, backend, *, vocab_size, seed, lead=(2, 5), d=6, layout="balanced",
+                                dtype=torch.float32, temperature=1.0, ignore_index=-100, shift=False, bias=True,
+                                chunk_size=None, entropy=True, hidden_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    v = vocab_size
+    hidden = torch.randn(*lead, d, generator=gen, dtype=torch.float64).to(dtype)
+    head = (torch.randn(v, d, generator=gen, dtype=torch.float64) * (2 / math.sqrt(d))).to(dtype)
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    tokens = make_target(gen, lead, v, ignore_index, 0.3)
+    out_shape = lead[:-1] + (lead[-1] - 1,) if shift else lead
+    ups = [torch.randn(out_shape, generator=gen, dtype=torch.float64) for _ in range(2 if entropy else 1)]
+    start, end = _slice_of(world, rank, v, layout)
+
+    def leaves(dt, local):
+        h = hidden.to(dt).clone().requires_grad_(hidden_grad)
+        w = (head[start:end] if local else head).to(dt).clone().requires_grad_()
+        bb = None if b is None else (b[start:end] if local else b).to(dt).clone().requires_grad_()
+        return h, w, bb
+
+    h_o, w_o, b_o = leaves(torch.float64, False)
+    z = F.linear(h_o, w_o, b_o)
+    z, t = (z[..., :-1, :], tokens[..., 1:]) if shift else (z, tokens)
+    outs_o = oracle.token_logprobs(z, t, temperature, ignore_index)[:len(ups)]
+    _objective(outs_o, ups).backward()
+
+    h_s, w_s, b_s = leaves(dtype, False)
+    single = celoss.linear_token_logprobs(h_s, w_s, tokens, linear_bias=b_s, temperature=temperature,
+                                          ignore_index=ignore_index, shift=shift, return_entropy=entropy,
+                                          backend=backend)
+    _objective(tuple(single) if entropy else (single,), ups).backward()
+    outs_s = tuple(single) if entropy else (single,)
+
+    h_d, w_d, b_d = leaves(dtype, True)
+    out = cd.vocab_parallel_linear_token_logprobs(
+        h_d, w_d, tokens, local_bias=b_d, temperature=temperature, ignore_index=ignore_index, shift=shift,
+        return_entropy=entropy, chunk_size=chunk_size, **_layout_kw(layout, start, v))
+    outs_d = tuple(out) if entropy else (out,)
+    assert all(o.shape == out_shape for o in outs_d)
+    _objective(outs_d, ups).backward()
+
+    def grads(h, w, bb, local):
+        sl = slice(None) if local else slice(start, end)
+        return [("grad hidden", h.grad), ("grad weight", w.grad[sl])] + \
+            ([("grad bias", bb.grad[sl])] if bb is not None else [])
+
+    names = ("logprobs", "entropy")
+    tol_o, tol_s = _tol(dtype)
+    ours = grads(h_d, w_d, b_d, True) if hidden_grad else grads(h_d, w_d, b_d, True)[1:]
+    if not hidden_grad:
+        assert h_d.grad is None
+    for what, refs, grads_ref, tol in (("vs oracle", outs_o, grads(h_o, w_o, b_o, False), tol_o),
+                                       ("vs single-process", outs_s, grads(h_s, w_s, b_s, False), tol_s)):
+        if what == "vs oracle" and dtype == torch.bfloat16:
+            continue
+        refs_g = grads_ref if hidden_grad else grads_ref[1:]
+        _close_all([*zip(names, outs_d, refs), *((n, a, r) for (n, a), (_, r) in zip(ours, refs_g))], tol, what)
+
+
+KINDS = ("kl", "reverse_kl", "ce", "jsd")
+
+
+def distill_cases(world):
+    v = 8 * world + 3
+    ragged = ragged_layout(world)
+    cases = []
+    for i, kind in enumerate(KINDS):
+        cases += [
+            dict(kind=kind, vocab_size=v, reduction="batchmean"),
+            dict(kind=kind, vocab_size=13, layout=ragged, reduction="none", temperature=2.0, alpha=0.3,
+                 target=True, shift=True, teacher_grad=True, chunk_size=3),
+            dict(kind=kind, vocab_size=v, reduction=("mean", "sum")[i % 2], temperature=0.7, target=True,
+                 ignore_index=4, bias=False, beta=0.3),
+        ]
+    cases += [
+        dict(kind="jsd", vocab_size=3 * world, layout="even", reduction="sum", alpha=0.6, target=True, beta=0.8),
+        dict(kind="kl", vocab_size=13, layout=ragged, dtype=torch.float64, reduction="batchmean", temperature=1.5,
+             alpha=0.5, target=True, shift=True, teacher_grad=True),
+        dict(kind="ce", vocab_size=v, dtype=torch.bfloat16, reduction="batchmean", target=True, alpha=0.5),
+        dict(kind="kl", vocab_size=v, reduction="batchmean", target=True, all_ignored=True),
+    ]
+    return cases
+
+
+def check_linear_distillation(rank, world, backend, *, vocab_size, seed, kind, reduction, lead=(2, 4), ds=6, dt=5,
+                              layout="balanced", dtype=torch.float32, temperature=1.0, alpha=1.0, beta=0.5,
+                              target=False, ignore_index=-100, shift=False, teacher_grad=False, bias=True,
+                              chunk_size=None, all_ignored=False):
+    gen = torch.Generator().manual_seed(seed)
+    v = vocab_size
+    f64 = dict(generator=gen, dtype=torch.float64)
+    base = [torch.randn(*lead, ds, **f64), torch.randn(v, ds, **f64) * (2 / math.sqrt(ds)),
+            torch.randn(v, **f64) * 0.5 if bias else None,
+            torch.randn(*lead, dt, **f64), torch.randn(v, dt, **f64) * (3 / math.sqrt(dt)),
+            torch.randn(v, **f64) * 0.5 if bias else None]
+    base = [None if t is None else t.to(dtype) for t in base]
+    y = make_target(gen, lead, v, ignore_index, 0.3) if target else None
+    if all_ignored:
+        y = torch.full_like(y, ignore_index)
+    out_shape = lead[:-1] + (lead[-1] - 1,) if shift else lead
+    up = torch.randn(out_shape, **f64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    start, end = _slice_of(world, rank, v, layout)
+    opts = dict(temperature=temperature, kind=kind, beta=beta, alpha=alpha, ignore_index=ignore_index,
+                reduction=reduction)
+    needs = (True, True, True, teacher_grad, teacher_grad, teacher_grad)
+
+    def leaves(dt_, local):
+        out = []
+        for i, t in enumerate(base):
+            if t is not None:
+                t = t[start:end] if local and i % 3 else t
+                t = t.to(dt_).clone().requires_grad_(needs[i])
+            out.append(t)
+        return out
+
+    o = leaves(torch.float64, False)
+    zs, zt = F.linear(o[0], o[1], o[2]), F.linear(o[3], o[4], o[5])
+    yo = y
+    if shift:
+        zs, zt, yo = zs[..., :-1, :], zt[..., :-1, :], None if y is None else y[..., 1:]
+    loss_o = oracle.distillation_loss(zs, zt, yo, **opts)
+    (loss_o * up).sum().backward()
+
+    s = leaves(dtype, False)
+    loss_s = celoss.linear_distillation_loss(s[0], s[1], s[3], s[4], y, student_bias=s[2], teacher_bias=s[5],
+                                             shift=shift, backend=backend, **opts)
+    (loss_s.double() * up).sum().backward()
+
+    dd = leaves(dtype, True)
+    loss_d = cd.vocab_parallel_linear_distillation_loss(
+        dd[0], dd[1], dd[3], dd[4], y, student_bias=dd[2], teacher_bias=dd[5], shift=shift, chunk_size=chunk_size,
+        **opts, **_layout_kw(layout, start, v))
+    assert loss_d.dtype == dtype and loss_d.shape == (out_shape if reduction == "none" else ())
+    (loss_d.double() * up).sum().backward()
+
+    names = ("student_input", "student_weight", "student_bias", "teacher_input", "teacher_weight", "teacher_bias")
+    tol_o, tol_s = _tol(dtype)
+    for what, ref, refs, tol in (("vs oracle", loss_o, o, tol_o), ("vs single-process", loss_s, s, tol_s)):
+        if what == "vs oracle" and dtype == torch.bfloat16:
+            continue
+        pairs = [("loss", loss_d, ref)]
+        for i, (name, a, r) in enumerate(zip(names, dd, refs)):
+            if a is None:
+                continue
+            if not needs[i]:
+                assert a.grad is None, name
+                continue
+            pairs.append((f"grad {name}", a.grad, r.grad if i % 3 == 0 else r.grad[start:end]))
+        _close_all(pairs, tol, what)
+    if all_ignored:
+        assert torch.isnan(loss_d) and float(dd[0].grad.abs().sum()) == 0.0
+
+
+def suite_issue14(rank, world, backend, record):
+    """The new vocab-parallel functions vs single-process celoss (``backend``) and the float64 oracle."""
+    for name, cases, check in (("token_logprobs", token_cases(world), check_token_logprobs),
+                               ("linear_token_logprobs", linear_token_cases(world), check_linear_token_logprobs),
+                               ("linear_distillation", distill_cases(world), check_linear_distillation)):
+        for i, case in enumerate(cases):
+            try:
+                check(rank, world, backend, seed=3000 + i, **case)
+            except Exception as exc:
+                raise AssertionError(f"{name} case {i} {case}: {exc}") from exc
+            record(f"issue14 {name} case {i}")
+    check_issue14_dtensor(rank, world, record)
+    check_issue14_errors(rank, world, record)
+    check_issue14_communication(rank, world, record)
+
+
+def check_issue14_dtensor(rank, world, record):
+    """DTensor logits Shard(-1) (uneven torch.chunk slices), heads and biases Shard(0), replicated
+    hidden states and tokens: values and DTensor gradients vs the float64 oracle."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    tol = dict(rtol=3e-5, atol=3e-5)
+    gen = torch.Generator().manual_seed(9)
+    v, d = 5 * world + 1, 4
+    full = torch.randn(2, 3, v, generator=gen, dtype=torch.float64) * 2
+    tokens = torch.randint(0, v, (2, 3), generator=gen)
+    tokens[1, 0] = -100
+    gl, gh = (torch.randn(2, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    x_o = full.clone().requires_grad_()
+    lp_o, ent_o = oracle.token_logprobs(x_o, tokens, 0.8)
+    _objective((lp_o, ent_o), (gl, gh)).backward()
+    dx = distribute_tensor(full.float(), mesh, [Shard(-1)]).requires_grad_()
+    out = cd.vocab_parallel_token_logprobs(dx, distribute_tensor(tokens, mesh, [Replicate()]), temperature=0.8,
+                                           return_entropy=True)
+    assert type(out.logprobs) is torch.Tensor
+    _objective(tuple(out), (gl, gh)).backward()
+    assert tuple(dx.grad.placements) == (Shard(2),)
+    _close_all([("logprobs", out.logprobs, lp_o), ("entropy", out.entropy, ent_o),
+                ("grad", dx.grad.full_tensor(), x_o.grad)], tol, "dtensor token_logprobs")
+    record("issue14 dtensor token_logprobs")
+
+    hidden = torch.randn(2, 3, d, generator=gen, dtype=torch.float64)
+    head = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    h_o, w_o, b_o = (t.clone().requires_grad_() for t in (hidden, head, bias))
+    lp_o, ent_o = oracle.token_logprobs(F.linear(h_o, w_o, b_o)[:, :-1], tokens[:, 1:])
+    _objective((lp_o, ent_o), (gl[:, 1:], gh[:, 1:])).backward()
+    dh = distribute_tensor(hidden.float(), mesh, [Replicate()]).requires_grad_()
+    dw = distribute_tensor(head.float(), mesh, [Shard(0)]).requires_grad_()
+    db = distribute_tensor(bias.float(), mesh, [Shard(0)]).requires_grad_()
+    out = cd.vocab_parallel_linear_token_logprobs(dh, dw, tokens, local_bias=db, shift=True, return_entropy=True)
+    _objective(tuple(out), (gl[:, 1:], gh[:, 1:])).backward()
+    _close_all([("logprobs", out.logprobs, lp_o), ("entropy", out.entropy, ent_o),
+                ("grad hidden", dh.grad.to_local(), h_o.grad), ("grad weight", dw.grad.full_tensor(), w_o.grad),
+                ("grad bias", db.grad.full_tensor(), b_o.grad)], tol, "dtensor linear_token_logprobs")
+    record("issue14 dtensor linear_token_logprobs")
+
+    teacher = torch.randn(v, d + 1, generator=gen, dtype=torch.float64)
+    t_hidden = torch.randn(2, 3, d + 1, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, v, (2, 3), generator=gen)
+    h_o, w_o, b_o = (t.clone().requires_grad_() for t in (hidden, head, bias))
+    loss_o = oracle.distillation_loss(F.linear(h_o, w_o, b_o), F.linear(t_hidden, teacher), target, kind="jsd",
+                                      alpha=0.7, temperature=1.5)
+    (loss_o * 1.2).backward()
+    dh, dw, db = (distribute_tensor(t.float(), mesh, [pl]).requires_grad_()
+                  for t, pl in ((hidden, Replicate()), (head, Shard(0)), (bias, Shard(0))))
+    dt_w = distribute_tensor(teacher.float(), mesh, [Shard(0)])
+    loss = cd.vocab_parallel_linear_distillation_loss(dh, dw, t_hidden.float(), dt_w, target, student_bias=db,
+                                                      kind="jsd", alpha=0.7, temperature=1.5)
+    (loss * 1.2).backward()
+    _close_all([("loss", loss, loss_o), ("grad hidden", dh.grad.to_local(), h_o.grad),
+                ("grad weight", dw.grad.full_tensor(), w_o.grad), ("grad bias", db.grad.full_tensor(), b_o.grad)],
+               tol, "dtensor linear_distillation")
+    record("issue14 dtensor linear_distillation")
+    # the teacher's head sharded some other way than the student's: the same error on every rank
+    _expect(record, "issue14 dtensor teacher layout", ValueError,
+            lambda: cd.vocab_parallel_linear_distillation_loss(
+                dh, dw, t_hidden.float(), distribute_tensor(teacher.float(), mesh, [Replicate()])),
+            ["local_teacher_weight", "sharded on the vocabulary"])
+
+
+def check_issue14_errors(rank, world, record):
+    """Arguments that differ across ranks raise the same error everywhere; double backward raises."""
+    v, d = 4 * world, 3
+    start, end = cd.vocab_range(v, rank, world)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, v, generator=gen)[:, start:end].clone().requires_grad_()
+    tokens = torch.randint(0, v, (5,), generator=gen)
+    h = torch.randn(5, d, generator=gen).requires_grad_()
+    w = torch.randn(v, d, generator=gen)[start:end].clone().requires_grad_()
+    last = rank == world - 1
+    _expect(record, "issue14 errors token_logprobs temperature", ValueError,
+            lambda: cd.vocab_parallel_token_logprobs(x, tokens, temperature=2.0 if last else 1.0),
+            ["the options (", "every rank raises"])
+    _expect(record, "issue14 errors linear_token_logprobs shift", ValueError,
+            lambda: cd.vocab_parallel_linear_token_logprobs(h.unsqueeze(0), w, tokens.unsqueeze(0), shift=last),
+            ["the options (", "every rank raises"])
+    _expect(record, "issue14 errors linear_distillation kind", ValueError,
+            lambda: cd.vocab_parallel_linear_distillation_loss(h, w, h, w, kind="jsd" if last else "kl"),
+            ["the options (", "every rank raises"])
+    _expect(record, "issue14 errors linear_distillation tokens", ValueError,
+            lambda: cd.vocab_parallel_linear_distillation_loss(h, w, h, w, (tokens + last) % v, alpha=0.5),
+            ["the targets (they must be replicated"])
+    if last:
+        _expect(record, "issue14 errors local (raiser)", ValueError,
+                lambda: cd.vocab_parallel_token_logprobs(x, tokens, temperature=-1.0), ["temperature"])
+    else:
+        _expect(record, "issue14 errors local (others)", ValueError,
+                lambda: cd.vocab_parallel_token_logprobs(x, tokens), [f"rank(s) [{world - 1}]"])
+    bad = tokens.clone()
+    bad[1] = v
+    _expect(record, "issue14 errors token range", IndexError,
+            lambda: cd.vocab_parallel_token_logprobs(x, bad), ["out of bounds"])
+
+    out = cd.vocab_parallel_token_logprobs(x, tokens, return_entropy=True)
+    (g,) = torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), x, create_graph=True)
+    _expect(record, "issue14 double backward token_logprobs", RuntimeError, lambda: g.sum().backward(),
+            ["once", "vocab_parallel_token_logprobs"])
+    lp = cd.vocab_parallel_linear_token_logprobs(h, w, tokens)
+    gh_, gw_ = torch.autograd.grad(lp.sum(), (h, w), create_graph=True)
+    _expect(record, "issue14 double backward linear_token_logprobs", RuntimeError,
+            lambda: (gh_.sum() + gw_.sum()).backward(), ["once", "vocab_parallel_linear_token_logprobs"])
+    loss = cd.vocab_parallel_linear_distillation_loss(h, w, h.detach(), w.detach(), kind="reverse_kl")
+    gh_, gw_ = torch.autograd.grad(loss, (h, w), create_graph=True)
+    _expect(record, "issue14 double backward linear_distillation", RuntimeError,
+            lambda: (gh_.sum() + gw_.sum()).backward(), ["once", "vocab_parallel_linear_distillation_loss"])
+
+
+def check_issue14_communication(rank, world, record):
+    """token log-probs: the descriptor + one (N, 4) all-gather, nothing in the logits variant's
+    backward, one d(hidden) all-reduce in the linear one; distillation: (N, 8), jsd one (N, 2)
+    all-reduce more, backward one d(hidden) all-reduce per model whose hidden states need it."""
+    log = []
+    real_gather, real_reduce = cd._all_gather, dist.all_reduce
+
+    def gather(dist_mod, out, inp, group):
+        log.append(("all_gather", inp.numel() * inp.element_size()))
+        return real_gather(dist_mod, out, inp, group)
+
+    def reduce_(tensor, *args, **kwargs):
+        log.append(("all_reduce", tensor.numel() * tensor.element_size()))
+        return real_reduce(tensor, *args, **kwargs)
+
+    n, v, d = 6, 4 * world + 1, 3
+    start, end = cd.vocab_range(v, rank, world)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(n, v, generator=gen)[:, start:end].clone().requires_grad_()
+    tokens = torch.randint(0, v, (n,), generator=gen)
+    h = torch.randn(n, d, generator=gen).requires_grad_()
+    w = torch.randn(v, d, generator=gen)[start:end].clone().requires_grad_()
+    kw = dict(vocab_start=start, vocab_size=v)
+    cd._all_gather, dist.all_reduce = gather, reduce_
+    try:
+        out = cd.vocab_parallel_token_logprobs(x, tokens, return_entropy=True, **kw)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+        assert log == [("all_gather", 64), ("all_gather", n * 4 * 4)], log
+        log.clear()
+        cd.vocab_parallel_linear_token_logprobs(h, w, tokens, **kw).sum().backward()
+        assert log == [("all_gather", 64), ("all_gather", n * 4 * 4), ("all_reduce", n * d * 4)], log
+        log.clear()
+        cd.vocab_parallel_linear_distillation_loss(h, w, h.detach(), w.detach(), tokens, alpha=0.5, **kw).backward()
+        assert log == [("all_gather", 64), ("all_gather", n * 8 * 4), ("all_reduce", n * d * 4)], log
+        log.clear()
+        cd.vocab_parallel_linear_distillation_loss(h, w, h.detach(), w.detach(), kind="jsd", **kw).backward()
+        assert log == [("all_gather", 64), ("all_gather", n * 8 * 4), ("all_reduce", n * 2 * 4),
+                       ("all_reduce", n * d * 4)], log
+    finally:
+        cd._all_gather, dist.all_reduce = real_gather, real_reduce
+    record("issue14 communication")
+
+
 # in this order: the short suites first, so that a failure in a long one still leaves their checks
 SUITES = {"issue11": suite_issue11, "dtensor": suite_dtensor, "logits": suite_logits, "linear": suite_linear,
-          "errors": suite_errors}
+          "errors": suite_errors, "issue14": suite_issue14}
 
 
 def main(rank, world, port, backends, suites, out_dir):
@@ -713,7 +1171,8 @@ def main(rank, world, port, backends, suites, out_dir):
         for suite in suites:
             # DTensor unwrapping does not depend on the backend: one, not the interpreter if possible
             compiled = [b for b in backends if not interpreted(b)] or backends
-            for backend in (compiled[:1] if suite == "dtensor" else backends):
+            # so do the issue 14 functions (plain PyTorch): compared with one single-process backend
+            for backend in (compiled[:1] if suite in ("dtensor", "issue14") else backends):
                 t = time.monotonic()
                 SUITES[suite](rank, world, backend, record)
                 result["seconds"][f"{suite}[{backend}]"] = time.monotonic() - t

@@ -1,4 +1,5 @@
-"""Vocab-parallel cross-entropy (celoss.distributed) on 2 and 3 Gloo processes on loopback.
+"""celoss.distributed (vocab-parallel cross-entropy, token log-probs / entropy, linear distillation)
+on 2 and 3 Gloo processes on loopback.
 
 One spawn per world size for the whole module (the `ranks` fixture): one process per rank runs
 every suite of tests/_distributed_workers.py, which does the checks inside the ranks, against a
@@ -212,6 +213,56 @@ def test_issue14_dtensor_vocab_sharding(ranks):
     messages = [ranks.message(r, "dtensor contradicting vocab_start") for r in range(world)]
     assert f"rank(s) {list(range(1, world))}" in messages[0], messages[0]
     assert all("contradict the DTensor's placement" in m for m in messages[1:]), messages
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue14_vocab_parallel_token_logprobs(ranks):
+    """Issue 14 items 2 and 4: vocab_parallel_token_logprobs and vocab_parallel_linear_token_logprobs vs
+    single-process celoss and the float64 oracle: both outputs and every gradient under random upstream
+    gradients for both outputs, temperature != 1, ignore_index (default and a class id), shift, bias,
+    chunking, uneven / permuted / empty slices, even-shard defaults, float64 / bfloat16, -inf classes,
+    a rank whose slice of a row is all -inf, NaN / inf rows, all tokens ignored."""
+    world = ranks.world
+    ranks.require({f"issue14 token_logprobs case {i}" for i in range(len(workers.token_cases(world)))}
+                  | {f"issue14 linear_token_logprobs case {i}"
+                     for i in range(len(workers.linear_token_cases(world)))})
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue14_vocab_parallel_linear_distillation(ranks):
+    """Issue 14 items 1 and 4: vocab_parallel_linear_distillation_loss vs single-process
+    linear_distillation_loss and the float64 oracle for every kind and reduction, the hard-label term
+    (alpha < 1), ignore_index, shift, temperature != 1, teacher gradients, different hidden sizes,
+    uneven / permuted / empty slices, even-shard defaults, float64 / bfloat16, all rows ignored."""
+    cases = workers.distill_cases(ranks.world)
+    assert {c["kind"] for c in cases} == set(workers.KINDS)
+    assert {c["reduction"] for c in cases} == {"batchmean", "mean", "sum", "none"}
+    ranks.require({f"issue14 linear_distillation case {i}" for i in range(len(cases))})
+
+
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
+def test_issue14_vocab_parallel_new_functions_dtensor_errors_communication(ranks):
+    """The three new functions with DTensor inputs (logits Shard(-1), heads and biases Shard(0)); arguments
+    that differ across ranks raise the same ValueError on every rank, a local error raises there and a
+    ValueError naming it elsewhere; double backward raises; what goes over the wire."""
+    world = ranks.world
+    same_everywhere = ("issue14 dtensor teacher layout", "issue14 errors token_logprobs temperature",
+                       "issue14 errors linear_token_logprobs shift", "issue14 errors linear_distillation kind",
+                       "issue14 errors linear_distillation tokens", "issue14 errors token range")
+    double = ("token_logprobs", "linear_token_logprobs", "linear_distillation")
+    ranks.require({"issue14 dtensor token_logprobs", "issue14 dtensor linear_token_logprobs",
+                   "issue14 dtensor linear_distillation", "issue14 communication", *same_everywhere}
+                  | {f"issue14 double backward {name}" for name in double})
+    for name in same_everywhere:
+        messages = {ranks.message(r, name) for r in range(world)}
+        assert len(messages) == 1, (name, messages)
+    for name in double:
+        message = ranks.message(0, f"issue14 double backward {name}")
+        assert message.startswith("RuntimeError") and "differentiable once" in message, message
+    last = world - 1
+    assert "temperature" in ranks.message(last, "issue14 errors local (raiser)")
+    for r in range(last):
+        assert ranks.message(r, "issue14 errors local (others)").startswith("ValueError")
 
 
 def test_vocab_range():
