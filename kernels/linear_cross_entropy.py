@@ -16,29 +16,45 @@ Kernels
                        (:mod:`celoss.backends`). Writes ``(n_splits, M, 4)`` partial statistics,
                        merged by the caller with :func:`celoss.stats.merge_all`, and turned into
                        the loss / lse / gradient coefficients by :func:`celoss.stats.coefficients`.
-``_lce_backward_kernel`` grid (row blocks x vocabulary blocks, grouped for L2 reuse of W tiles).
-                       Recomputes one logit tile, forms the gradient tile in registers::
+``_lce_dx_kernel``     grid (row blocks x D blocks). Each program owns a ``BLOCK_M x BLOCK_N``
+                       block of dX and walks the whole vocabulary (see "Backward" below).
+``_lce_dw_kernel``     grid (vocabulary blocks x D blocks). Each program owns a ``BLOCK_V x BLOCK_N``
+                       block of dW (and, for the first D block, those classes' db) and walks all rows.
 
-                           g_nj = dz_nj/dx_nj * (A_n p_nj - B_n [j == y_n] - D_n w_j)
+Backward
+--------
+With ``z = transform(X[src] W^T + b)`` (logit_scale, softcap), ``p = exp(z - lse)`` and the row
+coefficients ``(A, B, D)`` (already multiplied by the upstream gradient; the returned-lse gradient
+is folded into A; see :mod:`celoss.backends`), the gradient of the logits is::
 
-                       with ``p = exp(z - lse)`` and the row coefficients (A, B, D) (already
-                       multiplied by the upstream gradient; the returned-lse gradient is folded
-                       into A), then accumulates ``dX[src] += g W_tile`` and ``dW += g^T X_tile``
-                       (and ``db += sum_rows g``) with float32 atomics, one D block at a time.
-                       Gradient filtering (``FILTER``): a tile whose every
-                       ``|A p - B onehot - D w|`` is at most the row's threshold (never one
-                       holding a NaN; ``eps`` times
-                       the row's upstream scale, so the test is on the unscaled
-                       ``|softmax - onehot|`` of Cut Cross-Entropy) skips its dX/dW/db updates.
+    G_nj = dz_nj/dx_nj * (A_n p_nj - B_n [j == y_n] - D_n w_j)
+    dX[src] = G W,   dW = G^T X[src],   db = sum_n G_n
+
+the target element evaluated as ``(A - B) p_y + B expm1(z_y - lse) - D w_y`` (no ``1 - p_y``
+cancellation as ``p_y -> 1``). G is never stored: both kernels recompute its tiles from X and W
+(:func:`_grad_tile`), and each program accumulates the block of dX or dW it owns in registers over
+the whole vocabulary (dX) or all rows (dW), then adds it to the output once: no atomics, no
+contention, bit-reproducible results. The price is FLOPs: a G tile costs the full-D product
+``2 BLOCK_M BLOCK_V D`` while a program only uses it for ``BLOCK_N`` columns of D, so the logits
+are recomputed ``ceil(D / BLOCK_N)`` times in each kernel; the backward costs about
+``2 + ceil(D / BLOCK_N_dx) + ceil(D / BLOCK_N_dw)`` GEMMs of ``M x V x D`` (4 when D fits one
+block; 56 at D = 2304 with the 16-bit tiles below, whose BLOCK_N the register budget caps at 64 /
+128) against 3 for a kernel that forms each tile once and accumulates with atomics. This engine
+is the smallest-memory option (no logits, not even a chunk); the chunked engine of
+:mod:`celoss.linear_cross_entropy` (cuBLAS products on a bounded logits chunk) is the fast one.
+
+Gradient filtering (``FILTER``): a G tile whose every ``|A p - B onehot - D w|`` is at most the
+row's threshold (``eps`` times the row's upstream scale, so the test is on the unscaled
+``|softmax - onehot|`` of Cut Cross-Entropy; never a tile holding a NaN) is skipped by the kernel
+that formed it (each kernel decides on its own tiles).
 
 All offsets along rows and vocabulary entries are int64. fp32 inputs use IEEE fp32 ``tl.dot``
 (no TF32, matching PyTorch's default), fp16/bf16 inputs use tensor-core dots with fp32
 accumulation; the gradient tile is rounded to the input dtype only as the operand of the dX/dW
 products (after division by the largest per-row upstream scale, so that a mean over many rows
-does not underflow fp16), whose accumulators are float32 (relaxed atomics: the order of the
-additions, hence the last bits of dX/dW, varies between runs).
+does not underflow fp16), whose accumulators are float32.
 
-Launchers (``stats``, ``backward``) are thin: a ``*_plan`` function plus
+Launchers (``stats``, ``backward``) are thin: ``stats_plan`` / ``backward_plans`` plus
 :func:`kernels._host.launch`.
 """
 from __future__ import annotations
@@ -69,13 +85,22 @@ STATS_CONFIGS = {
     ("fp32", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
     ("fp32", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
 }
+# Backward, per kernel: BLOCK_M x BLOCK_V gradient tiles (the logits recomputed over D in BLOCK_D
+# steps), BLOCK_N the D columns a program owns (backward_configs narrows it for a small D). The
+# epilogue forming a gradient tile (softcap, smoothing, filter) keeps several fp32 tiles live: the
+# largest tiles that compile without spills on sm_80 and sm_90 with every flag on (measured with
+# tests/kernels/aot.py; 128 x 128 gradient tiles spill there).
 BACKWARD_CONFIGS = {
-    ("lowp", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=2),
-    ("lowp", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=4, num_stages=2),
-    ("fp32", True): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=8, num_stages=2),
-    ("fp32", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, GROUP_M=8, num_warps=8, num_stages=2),
+    ("dx", "lowp", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("dw", "lowp", True): dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("dx", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("dw", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("dx", "fp32", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dw", "fp32", True): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dx", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("dw", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=16, num_warps=4, num_stages=2),
 }
-INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, GROUP_M=2, num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _aligned(*tensors) -> bool:
@@ -93,14 +118,21 @@ def _aligned(*tensors) -> bool:
 
 def stats_config(dtype: torch.dtype, aligned: bool = True) -> dict:
     if _interpreting():
-        return {k: v for k, v in INTERPRETER_CONFIG.items() if k != "GROUP_M"}
+        return dict(INTERPRETER_CONFIG)
     return dict(STATS_CONFIGS["fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
 
 
-def backward_config(dtype: torch.dtype, aligned: bool = True) -> dict:
-    if _interpreting():
-        return dict(INTERPRETER_CONFIG)
-    return dict(BACKWARD_CONFIGS["fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
+def backward_configs(dtype: torch.dtype, d: int, aligned: bool = True) -> dict:
+    """``{"dx": tiles, "dw": tiles}`` of the backward kernels for inputs of ``dtype`` and width
+    ``d``: the table's, keyed on (dtype, alignment), with BLOCK_N narrowed to cover a small D in one
+    block (no padded columns computed)."""
+    out = {}
+    for kernel in ("dx", "dw"):
+        cfg = dict(INTERPRETER_CONFIG if _interpreting() else
+                   BACKWARD_CONFIGS[kernel, "fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
+        cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(max(d, 1))))
+        out[kernel] = cfg
+    return out
 
 
 def _num_sms(device: torch.device) -> int:
@@ -193,49 +225,32 @@ def _lce_stats_kernel(
 
 
 @triton.jit
-def _lce_backward_kernel(
-    x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
-    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dx_ptr, stride_dxn, dw_ptr, stride_dwv, db_ptr,
-    M, V, D, scale, softcap, inv_softcap,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dX[src] += g W_tile, dW[cols] += g^T X_tile, db[cols] += sum_rows g for one (rows, vocab) tile.
-
-    g = dz/dx * (A p - B [j == y] - D w) with p = exp(z - lse) and (A, B, D) = row_coefs[row]; the
-    target element is evaluated as (A - B) p_y + B expm1(z_y - lse) - D w_y (no 1 - p_y
-    cancellation as p_y -> 1). dx/dw/db are float32 (atomics).
-
-    NORMALIZE (fp16/bf16): the tile is divided by ``unit`` (the largest per-row upstream scale)
-    before it is rounded to the input dtype for the tensor-core products, and their results
-    multiplied back, so that e.g. a mean over many rows (gradients ~ p / N) does not underflow
-    fp16.
-    """
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_v = tl.cdiv(V, BLOCK_V)
-    # grouped order: GROUP_M consecutive programs share a vocabulary block (W tile in L2)
-    per_group = GROUP_M * n_v
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
-    rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+def _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D: tl.constexpr, FILTER: tl.constexpr):
+    """Per-row backward inputs of a row block: lse, (A, B, D) and the filter threshold."""
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     c_ptr = row_coefs_ptr + rows.to(tl.int64) * 3
     a = tl.load(c_ptr, mask=row_mask, other=0.0).to(tl.float32)
     b = tl.load(c_ptr + 1, mask=row_mask, other=0.0).to(tl.float32)
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
+    d = tl.zeros_like(a)
+    if HAS_D:
+        d = tl.load(c_ptr + 2, mask=row_mask, other=0.0).to(tl.float32)
+    thr = a  # unused without FILTER
+    if FILTER:
+        thr = tl.load(thr_ptr + rows, mask=row_mask, other=float("inf"))
+    return lse, a, b, d, thr
 
-    acc = _logit_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, src,
-                      row_mask, cols, col_mask, D, BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS,
-                      DOT_PRECISION)
+
+@triton.jit
+def _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr, src, y, row_mask,
+               cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
+               BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """The float32 gradient tile ``dloss/dx_nj`` of rows x cols (0 on masked lanes), recomputed from
+    the logits, and whether it is kept (``FILTER``: not every ``|A p - B onehot - D w|`` is at most
+    the row's threshold; a NaN keeps it)."""
+    acc = _logit_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, src, row_mask,
+                      cols, col_mask, D, BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
     z, dz = transform(acc, scale, softcap, inv_softcap, HAS_SOFTCAP)
     p = tl.exp(z - lse[:, None])
     is_t = cols[None, :] == y[:, None]
@@ -244,46 +259,121 @@ def _lce_backward_kernel(
     g_y = (a - b) * tl.exp(lp_y) + b * expm1(lp_y)
     g = tl.where(is_t, g_y[:, None], a[:, None] * p)
     if HAS_D:
-        d = tl.load(c_ptr + 2, mask=row_mask, other=0.0).to(tl.float32)
         g -= d[:, None] * class_weight(weight_ptr, cols, col_mask, HAS_WEIGHT)[None, :]
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
-
     keep = True
     if FILTER:
-        thr = tl.load(thr_ptr + rows, mask=row_mask, other=float("inf"))
         # "not <=" rather than ">": a NaN element (or threshold) keeps the tile, so NaN propagates
         keep = tl.max(tl.max(tl.where(tl.abs(g) <= thr[:, None], 0, 1), axis=1), axis=0) > 0
-    if keep:
-        g = g * dz
-        if NEED_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-        if NORMALIZE:
-            unit = tl.load(unit_ptr)
-            gc = (g * (1.0 / unit)).to(x_ptr.dtype.element_ty)
-        else:
-            unit = 1.0
-            gc = g.to(x_ptr.dtype.element_ty)
-        x_rows = x_ptr + src[:, None] * stride_xn
-        w_cols = lw_ptr + cols[:, None] * stride_lwv
-        for k in range(0, D, BLOCK_D):
-            ks = k + tl.arange(0, BLOCK_D)
-            k_mask = ks < D
-            if NEED_DX:
-                wt = tl.load(w_cols + ks[None, :] * stride_lwd,
-                             mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                dxp = tl.dot(gc, wt, input_precision=DOT_PRECISION)
-                if NORMALIZE:
-                    dxp = dxp * unit
-                tl.atomic_add(dx_ptr + src[:, None] * stride_dxn + ks[None, :], dxp,
-                              mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
+    return g * dz, keep
+
+
+@triton.jit
+def _lce_dx_kernel(
+    x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
+    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dx_ptr, stride_dxn,
+    M, V, D, scale, softcap, inv_softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
+    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dX[src[rows], n-block] += sum over the vocabulary of G[rows, v] W[v, n-block]: one program owns
+    a (rows, BLOCK_N columns of D) block of dX and walks every vocabulary block (recomputing its
+    gradient tile over the whole of D); the block is written once, without atomics.
+
+    NORMALIZE (fp16/bf16): gradient tiles are divided by ``unit`` (the largest per-row upstream
+    scale) before they are rounded to the input dtype for the tensor-core product, and the float32
+    accumulator multiplied back once, so that e.g. a mean over many rows (gradients ~ p / N) does
+    not underflow fp16."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(D, BLOCK_N)
+    pid_m = pid // n_n  # the D blocks of one row block are neighbours: they stream the same W tiles
+    pid_n = pid % n_n
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = ns < D
+    inv_unit = 1.0
+    if NORMALIZE:
+        inv_unit = 1.0 / tl.load(unit_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for vb in range(0, tl.cdiv(V, BLOCK_V)):
+        # the row data are reloaded (L1 hits) rather than held across the loop: registers
+        rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+        lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
+        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr, src, y,
+                             row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
+                             BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
+                             DOT_PRECISION)
+        if keep:
+            wt = tl.load(lw_ptr + cols[:, None] * stride_lwv + ns[None, :] * stride_lwd,
+                         mask=col_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot((g * inv_unit).to(x_ptr.dtype.element_ty), wt, acc, input_precision=DOT_PRECISION)
+    if NORMALIZE:
+        acc = acc * tl.load(unit_ptr)
+    rows, row_mask, src, _ = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+    out = dx_ptr + src[:, None] * stride_dxn + ns[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _lce_dw_kernel(
+    x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
+    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dw_ptr, stride_dwv, db_ptr,
+    M, V, D, scale, softcap, inv_softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dW[cols, n-block] += sum over rows of G[rows, cols]^T X[src[rows], n-block] and
+    db[cols] += sum over rows of G[rows, cols]: one program owns a (BLOCK_V classes, BLOCK_N columns
+    of D) block of dW (the first D block of each class block also owns its db) and walks every row
+    block, recomputing the gradient tiles; written once, without atomics. NORMALIZE: see
+    :func:`_lce_dx_kernel`."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(D, BLOCK_N)
+    if NEED_DW:
+        pid_v = pid // n_n
+        pid_n = pid % n_n
+    else:
+        pid_v = pid
+        pid_n = 0
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = ns < D
+    inv_unit = 1.0
+    if NORMALIZE:
+        inv_unit = 1.0 / tl.load(unit_ptr)
+    acc = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for mb in range(0, tl.cdiv(M, BLOCK_M)):
+        rows, row_mask, src, y = _row_block(mb, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+        lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
+        g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr, src, y,
+                             row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
+                             BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
+                             DOT_PRECISION)
+        if keep:
+            if NEED_DB:
+                db_acc += tl.sum(g, axis=0)
             if NEED_DW:
-                xt = tl.load(x_rows + ks[None, :] * stride_xd,
-                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                dwp = tl.dot(tl.trans(gc), xt, input_precision=DOT_PRECISION)
-                if NORMALIZE:
-                    dwp = dwp * unit
-                tl.atomic_add(dw_ptr + cols[:, None] * stride_dwv + ks[None, :], dwp,
-                              mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+                xt = tl.load(x_ptr + src[:, None] * stride_xn + ns[None, :] * stride_xd,
+                             mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(tl.trans((g * inv_unit).to(x_ptr.dtype.element_ty)), xt, acc,
+                             input_precision=DOT_PRECISION)
+    if NEED_DW:
+        if NORMALIZE:
+            acc = acc * tl.load(unit_ptr)
+        out = dw_ptr + cols[:, None] * stride_dwv + ns[None, :]
+        mask = col_mask[:, None] & n_mask[None, :]
+        tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+    if NEED_DB:
+        db_mask = col_mask & (pid_n == 0)
+        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=db_mask, other=0.0) + db_acc, mask=db_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,24 +432,43 @@ def stats_plan(x, linear_weight, b, src, tgt, weight, *, logit_scale=1.0, softca
     return _lce_stats_kernel, (n_m, num_splits), kwargs, options, out
 
 
-def backward_plan(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db, *,
-                  logit_scale=1.0, softcap=None, has_d=False, unit=None, config=None):
-    """Plan of :func:`backward` (accumulates into the float32 ``dx``/``dw``/``db`` given)."""
+def backward_plans(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db, *,
+                   logit_scale=1.0, softcap=None, has_d=False, unit=None, config=None) -> dict:
+    """Plans of :func:`backward`: ``{"dx": plan, "dw": plan}`` for the kernels the requested
+    gradients need (``"dw"`` also computes db), each accumulating into the float32 ``dx``/``dw``/``db``.
+    ``config``: one tile configuration for both kernels (default: :func:`backward_configs`)."""
     _check(x, linear_weight, b)
-    cfg = dict(config or backward_config(x.dtype, _aligned(x, linear_weight, b, dx, dw)))
-    grid = (triton.cdiv(tgt.shape[0], cfg["BLOCK_M"]) * triton.cdiv(linear_weight.shape[0], cfg["BLOCK_V"]),)
+    v, d = linear_weight.shape
+    m = tgt.shape[0]
     for t in (dx, dw, db):
         assert t is None or (t.dtype == torch.float32 and t.stride(-1) == 1)
-    kwargs = with_flags(dict(
-        _common_args(x, linear_weight, b, src, tgt, f32(weight) if has_d else None, cfg, logit_scale, softcap),
-        lse_ptr=lse, row_coefs_ptr=row_coefs, thr_ptr=thresholds, unit_ptr=unit,
-        dx_ptr=dx, stride_dxn=dx.stride(0) if dx is not None else 0,
-        dw_ptr=dw, stride_dwv=dw.stride(0) if dw is not None else 0, db_ptr=db,
-        GROUP_M=cfg["GROUP_M"], HAS_D=bool(has_d),
-    ), HAS_SRC="src_ptr", HAS_BIAS="b_ptr", HAS_WEIGHT="weight_ptr", FILTER="thr_ptr", NEED_DX="dx_ptr",
-        NEED_DW="dw_ptr", NEED_DB="db_ptr", NORMALIZE="unit_ptr")
-    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return _lce_backward_kernel, grid, kwargs, options, (dx, dw, db)
+    cfgs = ({k: dict(config) for k in ("dx", "dw")} if config else
+            backward_configs(x.dtype, d, _aligned(x, linear_weight, b, dx, dw)))
+    if d == 0:
+        dx = dw = None  # nothing to accumulate (db still has its bias terms)
+
+    def args(cfg, **extra):
+        return dict(with_flags(dict(
+            _common_args(x, linear_weight, b, src, tgt, f32(weight) if has_d else None, cfg, logit_scale, softcap),
+            lse_ptr=lse, row_coefs_ptr=row_coefs, thr_ptr=thresholds, unit_ptr=unit, BLOCK_N=cfg["BLOCK_N"],
+            HAS_D=bool(has_d), **extra,
+        ), HAS_SRC="src_ptr", HAS_BIAS="b_ptr", HAS_WEIGHT="weight_ptr", FILTER="thr_ptr", NORMALIZE="unit_ptr"))
+
+    def options(cfg):
+        return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    plans = {}
+    if dx is not None:
+        cfg = cfgs["dx"]
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d, cfg["BLOCK_N"]),)
+        plans["dx"] = (_lce_dx_kernel, grid, args(cfg, dx_ptr=dx, stride_dxn=dx.stride(0)), options(cfg), dx)
+    if dw is not None or db is not None:
+        cfg = cfgs["dw"]
+        grid = (triton.cdiv(v, cfg["BLOCK_V"]) * (triton.cdiv(d, cfg["BLOCK_N"]) if dw is not None else 1),)
+        kwargs = with_flags(args(cfg, dw_ptr=dw, stride_dwv=dw.stride(0) if dw is not None else 0, db_ptr=db),
+                            NEED_DW="dw_ptr", NEED_DB="db_ptr")
+        plans["dw"] = (_lce_dw_kernel, grid, kwargs, options(cfg), (dw, db))
+    return plans
 
 
 def stats(x, linear_weight, b, src, tgt, weight=None, *, logit_scale=1.0, softcap=None, need_wz=False,
@@ -385,9 +494,13 @@ def backward(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, 
     None: gradient filtering (skip tiles whose |A p - B onehot - D w| never exceeds the row's
     threshold). ``has_d`` must be True when any D coefficient is non-zero (label smoothing).
     ``unit``: None, or a (1,) float32 tensor > 0, the magnitude of the largest row coefficient
-    scale; fp16/bf16 tiles are normalized by it before rounding (see the kernel).
+    scale; fp16/bf16 tiles are normalized by it before rounding (see the kernel). The entries of
+    ``src`` must be distinct (each dX row has one owner; the caller's row maps are injective).
     """
     if unit is not None and x.dtype == torch.float32:
         unit = None  # fp32 operands are not rounded
-    return launch(backward_plan(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db,
-                                logit_scale=logit_scale, softcap=softcap, has_d=has_d, unit=unit, config=config))
+    plans = backward_plans(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db,
+                           logit_scale=logit_scale, softcap=softcap, has_d=has_d, unit=unit, config=config)
+    for plan in plans.values():
+        launch(plan)
+    return dx, dw, db

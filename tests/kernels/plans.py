@@ -86,12 +86,13 @@ def ce_cases(kernel="fused", heaviest=False):
 # Linear cross-entropy tiles (celoss.kernels.linear_cross_entropy)
 # ----------------------------------------------------------------------------------------------
 
-LCE_KERNELS = ("stats", "backward")
+LCE_KERNELS = ("stats", "backward_dx", "backward_dw")
 LCE_FLAGS = {"stats": ("src", "bias", "softcap", "smoothing", "weight"),
-          "backward": ("src", "bias", "softcap", "smoothing", "weight", "filter", "no_dx", "no_dw")}
+             "backward_dx": ("src", "bias", "softcap", "smoothing", "weight", "filter"),
+             "backward_dw": ("src", "bias", "softcap", "smoothing", "weight", "filter", "no_dw")}
 
 
-def lce_plan(kernel="backward", dtype="bfloat16", aligned=True, round_sizes=False, config=None, **flags):
+def lce_plan(kernel="backward_dw", dtype="bfloat16", aligned=True, round_sizes=False, config=None, **flags):
     """The plan (kernel, grid, kwargs, options, outputs) a launch would use, with small CPU tensors
     standing in for CUDA ones (only dtypes and alignments matter to the compiler; the launch
     configuration is the GPU one when TRITON_INTERPRET is unset). ``aligned=False``: odd D and
@@ -102,7 +103,7 @@ def lce_plan(kernel="backward", dtype="bfloat16", aligned=True, round_sizes=Fals
         raise ValueError(f"unknown flags {unknown}")
     dt = getattr(torch, dtype)
     n, v = (32, 320) if round_sizes else (5, 301)
-    d = 64 if aligned else 63
+    d = 256 if aligned else 255  # wide enough for every BLOCK_N of the backward table
 
     def mat(rows, cols, dtype=dt):
         if aligned:
@@ -119,16 +120,17 @@ def lce_plan(kernel="backward", dtype="bfloat16", aligned=True, round_sizes=Fals
     if kernel == "stats":
         return lce.stats_plan(x, linear_weight, b, src, tgt, weight, logit_scale=1.0, softcap=softcap,
                               need_wz=smoothing, config=config)
-    if kernel == "backward":
+    if kernel in ("backward_dx", "backward_dw"):
         f32 = dict(dtype=torch.float32)
-        dx = None if flags.get("no_dx") else torch.zeros(n, d, **f32)
-        dw = None if flags.get("no_dw") else torch.zeros(v, d, **f32)
-        db = torch.zeros(v, **f32) if b is not None else None
+        dx = torch.zeros(n, d, **f32) if kernel == "backward_dx" else None
+        dw = None if flags.get("no_dw") or kernel == "backward_dx" else torch.zeros(v, d, **f32)
+        db = torch.zeros(v, **f32) if b is not None and kernel == "backward_dw" else None
         thr = torch.zeros(n, **f32) if flags.get("filter") else None
         unit = None if dt == torch.float32 else torch.ones(1, **f32)
-        return lce.backward_plan(x, linear_weight, b, src, tgt, weight, torch.zeros(n, **f32),
-                                 torch.zeros(n, 3, **f32), thr, dx, dw, db, logit_scale=1.0, softcap=softcap,
-                                 has_d=smoothing, unit=unit, config=config)
+        plans = lce.backward_plans(x, linear_weight, b, src, tgt, weight, torch.zeros(n, **f32),
+                                   torch.zeros(n, 3, **f32), thr, dx, dw, db, logit_scale=1.0, softcap=softcap,
+                                   has_d=smoothing, unit=unit, config=config)
+        return plans[kernel.split("_")[1]]
     raise ValueError(kernel)
 
 
@@ -141,12 +143,11 @@ def lce_cases(kernel="backward", heaviest=False):
         c = dict(zip(names, values))
         if c["weight"] and not c["smoothing"]:
             continue
-        if c.get("no_dx") and c.get("no_dw"):
+        if c.get("no_dw") and not c["bias"]:  # the dW kernel then has nothing to do (db only)
             continue
         combos.append(c)
     if heaviest:
-        return [c for c in combos if all(c[k] for k in names if not k.startswith("no_"))
-                and not c.get("no_dx") and not c.get("no_dw")]
+        return [c for c in combos if all(c[k] for k in names if not k.startswith("no_")) and not c.get("no_dw")]
     return combos
 
 # ----------------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ No GPU needed: ``tests/kernels/aot.py`` takes each launch plan (``plans.lce_plan
 specializes it exactly like a launch would and compiles it in fresh processes (this process may run
 under TRITON_INTERPRET=1, where nothing can be compiled), then reads ``ptxas -v``.
 
-Cases: per dtype x alignment (16-byte aligned operands with D % 16 == 0 -> the large tiles;
-anything else -> the small tiles) x size divisibility (M, V multiples of 16 or not), the flag
-combination with the most live state; plus, in bf16, the lightest combination and the partial
-gradient variants (dX only / dW only). Compiling every flag combination is too slow for the
-suite; a sweep of all of them in bf16 (all 24 of the stats kernel, the 72 of the backward kernel
-with a row map, aligned and unaligned: 192 plans, Triton 3.6.0) was run once with the same helpers
-(``aot.compile_many("plans", "lce_plan", cases)``): no spills, at most 255 registers.
+Cases: per kernel (stats, backward dX, backward dW) x dtype x alignment (16-byte aligned operands
+with D % 16 == 0 -> the large tiles; anything else -> the small tiles) x size divisibility (M, V
+multiples of 16 or not), the flag combination with the most live state; plus, in bf16, the lightest
+combination and the dW kernel computing db only. Compiling every flag combination is too slow for
+the suite.
+
+Issue 12 A: the backward kernels own their dX / dW / db blocks (no ``atom.global``/``red.global`` at
+all) and, in fp16 / bf16, multiply on tensor cores (``wgmma`` on sm_90, ``mma.sync`` on sm_80).
 """
 import aot
 import plans
@@ -40,7 +41,7 @@ def _cases():
                         cases.append(dict(kernel=kernel, dtype=dtype, aligned=aligned, round_sizes=round_sizes,
                                           **flags))
         light = [c for c in plans.lce_cases(kernel) if not any(c.values())]
-        partial = [c for c in plans.lce_cases(kernel) if (c.get("no_dx") or c.get("no_dw")) and c["src"]
+        partial = [c for c in plans.lce_cases(kernel) if c.get("no_dw") and c["src"]
                    and c["smoothing"] and c["softcap"] and c["bias"] and c["filter"] and c["weight"]]
         for flags in light + partial:
             for aligned in (True, False):
@@ -68,12 +69,42 @@ def test_compiles_without_spills(compiled, case_id):
 
 
 def test_stand_ins_reach_both_configurations():
-    """lce_plan's aligned / unaligned stand-ins select the large / small tiles of each kernel, so
-    the cases above compile what launches use."""
+    """lce_plan's aligned / unaligned stand-ins select the large / small tiles of each kernel, and
+    their D is wide enough for the table's widest BLOCK_N, so the cases above compile what launches
+    use."""
     for kernel in plans.LCE_KERNELS:
         for aligned in (True, False):
             kwargs = plans.lce_plan(kernel, "bfloat16", aligned, bias=True)[2]
             operands = [kwargs["x_ptr"], kwargs["lw_ptr"], kwargs["b_ptr"]]
-            if kernel == "backward":
-                operands += [kwargs["dx_ptr"], kwargs["dw_ptr"]]
+            operands += [kwargs[k] for k in ("dx_ptr", "dw_ptr") if kwargs.get(k) is not None]
             assert lce._aligned(*operands) == aligned
+            if kernel != "stats":
+                assert kwargs["D"] >= max(c["BLOCK_N"] for c in lce.BACKWARD_CONFIGS.values())
+
+
+BACKWARD_IDS = [i for i in CASES if CASES[i]["kernel"] != "stats"]
+
+
+@pytest.mark.parametrize("case_id", BACKWARD_IDS)
+def test_issue12_fused_backward_has_no_global_atomics(compiled, case_id):
+    """Each dX / dW / db block has one owner program: no atomic accumulation anywhere (issue 12 A:
+    the former kernel added every 64 x 64 tile into dX and dW with atom.global)."""
+    for arch, usage in compiled[case_id].items():
+        assert "error" not in usage, f"sm_{arch}: {usage.get('error')}"
+        assert usage["ptx_summary"]["atomics"] == 0, f"sm_{arch}: {usage['ptx_summary']}"
+
+
+@pytest.mark.parametrize("case_id", [i for i in BACKWARD_IDS if CASES[i]["dtype"] != "float32"])
+def test_issue12_lowp_fused_backward_uses_tensor_cores(compiled, case_id):
+    ptx = {arch: usage["ptx_summary"] for arch, usage in compiled[case_id].items()}
+    assert ptx[90]["wgmma"] > 0, ptx[90]
+    assert ptx[80]["mma"] > 0, ptx[80]
+
+
+def test_issue12_lowp_backward_tiles():
+    """16-bit aligned tiles: the owned dX / dW blocks have 128 columns of D, the gradient tiles 128
+    x 64 (the largest that do not spill with every flag on), 3 pipeline stages."""
+    for kernel in ("dx", "dw"):
+        cfg = lce.BACKWARD_CONFIGS[kernel, "lowp", True]
+        assert cfg["BLOCK_N"] >= 128 and cfg["num_stages"] >= 3
+        assert max(cfg["BLOCK_M"], cfg["BLOCK_V"]) >= 128 and cfg["BLOCK_M"] * cfg["BLOCK_V"] >= 128 * 64
