@@ -1,4 +1,5 @@
-"""Vocabulary-parallel cross-entropy over ``torch.distributed`` (tensor-parallel LM heads).
+"""Vocabulary-parallel losses over ``torch.distributed`` (tensor-parallel LM heads): cross-entropy,
+token log-probabilities and entropy (RL), knowledge distillation from hidden states.
 
 Each rank of a process group holds the logits (or the classifier rows) of one contiguous slice
 ``[vocab_start, vocab_start + V_local)`` of the vocabulary; the slices of all ranks tile
@@ -64,8 +65,20 @@ Conventions
   them. ``target``, ``hidden`` and class weights may be replicated DTensors (class weights also
   sharded like the logits). The results are plain tensors, replicated on the group; gradients
   reach the DTensors through ``to_local``.
-* Both functions are differentiable once (their backward forms the first-order gradient
+* Every function is differentiable once (its backward forms the first-order gradient
   directly); a double backward raises a RuntimeError that says so.
+
+Token log-probabilities, entropy, distillation
+----------------------------------------------
+:func:`vocab_parallel_token_logprobs`, :func:`vocab_parallel_linear_token_logprobs` and
+:func:`vocab_parallel_linear_distillation_loss` follow the same conventions (replicated tokens /
+targets and hidden states, the argument check, DTensor inputs, the hidden-state gradient summed
+over the group). Their per-row statistics are, per softmax, the max ``m``, ``s = sum e^(z - m)`` and
+the sums ``sum e^(z - m) f`` each result needs (the entropy's ``f = z - m``; distillation's
+``t - s``, ``s`` or ``s - t`` by kind), merged across ranks by rescaling to the common max; one
+all-gather of ``(N, 4)`` (log-probs) or ``(N, 8)`` (distillation) statistics in forward, plus one
+all-reduce of ``(N, 2)`` sums for ``kind="jsd"`` (its mixture term needs the merged lse's first).
+Their local passes are row-chunked plain PyTorch (no fused kernel reports these partial sums).
 
 Numbers
 -------
@@ -1057,10 +1070,16 @@ def _aux_plan(like: Tensor, target: Tensor, out_shape, v_local: int, layout, ign
 # ---- token log-probabilities and entropy ----
 # local statistics per row: (m, s, u = sum e^(z - m) (z - m), z_y on the rank holding the token)
 
-def _logprobs_stats(z: Tensor, p: _Plan, rows: slice) -> Tensor:
+def _positions(p: _Plan, rows: slice):
+    """Output rows of processed rows ``rows`` (ignored rows are not processed where ``p.proc`` lists
+    the others: their outputs and gradients are 0 whatever their logits)."""
+    return rows if p.proc is None else p.proc[rows]
+
+
+def _logprobs_stats(z: Tensor, p: _Plan, pos) -> Tensor:
     m, d, e = _block(z)
-    zy = z.gather(1, p.local_tok[rows].unsqueeze(1)).squeeze(1)
-    return torch.stack([m, e.sum(1), _pmul(e, d).sum(1), torch.where(p.here[rows], zy, 0.0)], 1)
+    zy = z.gather(1, p.local_tok[pos].unsqueeze(1)).squeeze(1)
+    return torch.stack([m, e.sum(1), _pmul(e, d).sum(1), torch.where(p.here[pos], zy, 0.0)], 1)
 
 
 def _logprobs_rows(recv: Tensor, p: _Plan) -> tuple[Tensor, Tensor, Tensor]:
@@ -1075,18 +1094,18 @@ def _logprobs_rows(recv: Tensor, p: _Plan) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.where(p.counted, vals, 0.0).unbind(0))
 
 
-def _logprobs_grad(z: Tensor, p: _Plan, rows: slice, lse, ent, gl, gh) -> Tensor:
+def _logprobs_grad(z: Tensor, p: _Plan, pos, lse, ent, gl, gh) -> Tensor:
     """dz = gl [j == y] - p_j (gl + gh (a_j + H)) times 1/T, a = z - lse (0 where p_j == 0),
     0 on ignored rows."""
-    a = z - lse[rows].unsqueeze(1)
+    a = z - lse[pos].unsqueeze(1)
     prob = a.exp()
-    c = torch.zeros_like(lse[rows]) if gl is None else gl[rows]
+    c = torch.zeros_like(lse[pos]) if gl is None else gl[pos]
     if gh is None:
         g = -prob * c.unsqueeze(1)
     else:
-        g = -_pmul(prob, (c + gh[rows] * ent[rows]).unsqueeze(1) + gh[rows].unsqueeze(1) * a)
-    g.scatter_add_(1, p.local_tok[rows].unsqueeze(1), torch.where(p.here[rows], c, 0.0).unsqueeze(1))
-    return torch.where(p.counted[rows].unsqueeze(1), g * p.scale, 0.0)
+        g = -_pmul(prob, (c + gh[pos] * ent[pos]).unsqueeze(1) + gh[pos].unsqueeze(1) * a)
+    g.scatter_add_(1, p.local_tok[pos].unsqueeze(1), torch.where(p.here[pos], c, 0.0).unsqueeze(1))
+    return torch.where(p.counted[pos].unsqueeze(1), g * p.scale, 0.0)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -1100,9 +1119,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local = torch.zeros(p.n, 4, dtype=p.acc, device=p.device)
         local[:, 0] = -math.inf  # an empty block (V_local = 0)
         if p.v_local:
-            for rows in _chunks(p.n, p.v_local, p.chunk_size):
-                z = layer.chunk(rows)[2].to(p.acc) * p.scale
-                local[rows] = _logprobs_stats(z, p, rows)
+            for rows in _chunks(p.m, p.v_local, p.chunk_size):
+                pos = _positions(p, rows)
+                local[pos] = _logprobs_stats(layer.chunk(rows)[2].to(p.acc) * p.scale, p, pos)
         lp, ent, lse = _logprobs_rows(_gather_rows(dist, group, world, local), p)
         ctx.plan, ctx.dist, ctx.group = p, dist, group
         ctx.save_for_backward(x, w, b, lse, ent)
@@ -1118,9 +1137,9 @@ def _logprobs_backward(ctx, gl, gh):
     grads = _LayerGrads(layer, ctx.needs_input_grad[:3])
     if p.v_local and (gl is not None or gh is not None):
         gl, gh = (None if g is None else g.reshape(-1).to(p.acc) for g in (gl, gh))
-        for rows in _chunks(p.n, p.v_local, p.chunk_size):
+        for rows in _chunks(p.m, p.v_local, p.chunk_size):
             sel, h, z = layer.chunk(rows)
-            grads.add(rows, sel, h, _logprobs_grad(z.to(p.acc) * p.scale, p, rows, lse, ent, gl, gh))
+            grads.add(rows, sel, h, _logprobs_grad(z.to(p.acc) * p.scale, p, _positions(p, rows), lse, ent, gl, gh))
     return input_grads(ctx, *grads.result(ctx.dist, ctx.group))
 
 
@@ -1143,7 +1162,7 @@ def _logprobs_plan(like, tokens, out_shape, v_local, layout, temperature, ignore
     scale = 1.0 / _check_temperature(temperature)
     p = _aux_plan(like, tokens, out_shape, v_local, layout, ignore_index,
                   ("token_logprobs", scale, bool(return_entropy)) + variant_key)
-    p.scale, p.entropy, p.src, p.chunk_size = scale, bool(return_entropy), None, None
+    p.scale, p.entropy, p.src, p.chunk_size, p.proc, p.m = scale, bool(return_entropy), None, None, None, p.n
     return p
 
 
@@ -1324,6 +1343,10 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, local_weight: Tensor, t
         needs = torch.is_grad_enabled() and hidden.requires_grad
         p = _logprobs_plan(hidden, labels, out_shape, v_local, layout, temperature, ignore_index, return_entropy,
                            ("linear", hidden.shape[-1], local_bias is not None, bool(shift), needs))
+        if not bool(p.counted.all()):  # ignored positions cost no matrix-product work
+            p.proc = p.counted.nonzero().squeeze(1)
+            p.m = p.proc.numel()
+            src = p.proc if src is None else src[p.proc]
         p.hidden, p.src, p.chunk_size = x, src, chunk_size
         return p
 
@@ -1407,24 +1430,20 @@ def _distill_rows(dist, group, world, recv: Tensor, p: _Plan, layers) -> tuple[T
     return torch.where(p.counted, loss, 0.0), saved
 
 
-def _distill_grads(zs: Tensor, zt: Tensor, p: _Plan, rows: slice, saved: Tensor, coef: Tensor):
-    """(d/dz_S, d/dz_T) of ``sum_rows coef * loss`` for a chunk (``coef`` 0 on ignored rows: 0 times
-    the row's gradient, NaN where that is NaN, as in PyTorch)."""
+def _distill_grads(zs: Tensor, zt: Tensor, p: _Plan, rows: slice, saved: Tensor, coef: Tensor, teacher: bool):
+    """(d/dz_S, d/dz_T or None) of ``sum_rows coef * loss`` for a chunk (``coef`` 0 on ignored rows:
+    0 times the row's gradient, NaN where that is NaN, as in PyTorch); dD/ds and dD/dt by kind."""
     ls, lt, lm = _jsd_logs(zs, zt, p, rows, saved)
     ps, pt = ls.exp(), lt.exp()
     d = saved[rows, 2].unsqueeze(1)
-    if p.kind == "kl":
-        gs, gt = ps - pt, _pmul(pt, lt - ls - d)
-    elif p.kind == "ce":
-        gs, gt = ps - pt, -_pmul(pt, ls + d)
-    elif p.kind == "reverse_kl":
-        gs, gt = _pmul(ps, ls - lt - d), pt - ps
-    else:
-        gs = (1 - p.beta) * _pmul(ps, ls - lm - d)
-        gt = p.beta * _pmul(pt, lt - lm - saved[rows, 3].unsqueeze(1))
+    gs, gt = {"kl": (lambda: ps - pt, lambda: _pmul(pt, lt - ls - d)),
+              "ce": (lambda: ps - pt, lambda: -_pmul(pt, ls + d)),
+              "reverse_kl": (lambda: _pmul(ps, ls - lt - d), lambda: pt - ps),
+              "jsd": (lambda: (1 - p.beta) * _pmul(ps, ls - lm - d),
+                      lambda: p.beta * _pmul(pt, lt - lm - saved[rows, 3].unsqueeze(1)))}[p.kind]
     c = coef[rows].unsqueeze(1)
     k = c * (p.alpha * p.temperature)  # T^2 D of z / T: T dD/d(z / T)
-    dzs, dzt = k * gs, k * gt
+    dzs, dzt = k * gs(), k * gt() if teacher else None
     if p.hard:
         ch = c * (1 - p.alpha)
         dzs += ch * (zs - saved[rows, 4].unsqueeze(1)).exp()
@@ -1467,7 +1486,7 @@ class _VocabParallelLinearDistillation(torch.autograd.Function):
             teacher = any(ctx.needs_input_grad[3:6])
             for rows in _chunks(p.n, p.v_local, p.chunk_size):
                 (sel_s, h_s, zs), (sel_t, h_t, zt) = (layer.chunk(rows) for layer in layers)
-                dzs, dzt = _distill_grads(zs.to(p.acc), zt.to(p.acc), p, rows, saved, coef)
+                dzs, dzt = _distill_grads(zs.to(p.acc), zt.to(p.acc), p, rows, saved, coef, teacher)
                 sinks[0].add(rows, sel_s, h_s, dzs)
                 if teacher:
                     sinks[1].add(rows, sel_t, h_t, dzt)
