@@ -40,6 +40,7 @@ from . import _checks, _dispatch, _ops
 from . import stats as S
 from ._autograd import once_differentiable
 from ._dtypes import accum_dtype
+from ._memory import fresh_like
 from .cross_entropy import CrossEntropyOutput, counted_weight
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # logits workspace of the chunked engine (bytes)
@@ -118,22 +119,35 @@ def rows_per_chunk(chunk_bytes: int, per_row: int) -> int:
     return max(1, chunk_bytes // max(per_row, 1))
 
 
+def workspace(shape, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised contiguous buffer; a large CPU one is recycled through celoss's CPU cache, so
+    a training step does not pay the page faults of fresh chunk buffers every time."""
+    return fresh_like(torch.empty((), dtype=dtype, device=device).expand(shape))
+
+
 class GradSink:
     """dX, dW, db of one linear layer ``x2d @ w^T + b``, accumulated from the dloss/dlogits of row
     chunks by matrix products (no atomics): dX rows written, dW and db summed over chunks (float32
-    for fp16/bf16 parameters). ``need``: (dX, dW, db) wanted; ``m`` processed rows (``every_row``:
-    they are all rows of x2d, in order, so dX needs no zero fill)."""
+    for fp16/bf16 parameters, unless ``one_chunk``: the one product, rounded once, is dW). ``need``:
+    (dX, dW, db) wanted; ``m`` processed rows (``every_row``: they are all rows of x2d, in order, so
+    dX needs no zero fill). The gradients come from the CPU cache (see :func:`workspace`)."""
 
-    def __init__(self, x2d: Tensor, w: Tensor, b: Optional[Tensor], need, m: int, every_row: bool):
+    def __init__(self, x2d: Tensor, w: Tensor, b: Optional[Tensor], need, m: int, every_row: bool,
+                 one_chunk: bool = False):
         dtype = x2d.dtype
         acc = accum_dtype(dtype)
         self.w, self.b, self.acc = w, b, acc
         need_dx, need_dw, need_db = need
         # dx rows outside the processed set stay 0; dw is written (not accumulated) by the first
         # chunk, unless there is no chunk
-        self.dx = (torch.empty if every_row else torch.zeros)(x2d.shape, dtype=dtype, device=x2d.device) \
-            if need_dx else None
-        self.dw = (torch.empty if m else torch.zeros)(w.shape, dtype=acc, device=w.device) if need_dw else None
+        self.dx = None
+        if need_dx:
+            self.dx = fresh_like(x2d) if every_row else fresh_like(x2d).zero_()
+        self.dw = None
+        if need_dw:
+            self.dw = workspace(w.shape, dtype if one_chunk else acc, w.device)
+            if not m:
+                self.dw.zero_()
         self.db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if (need_db and b is not None) else None
 
     def add(self, g: Tensor, sel, xc: Tensor, first: bool) -> None:
@@ -177,14 +191,17 @@ class _ChunkedEngine:
             return self.chunk_rows
         return rows_per_chunk(self.chunk_bytes, row_bytes(x2d, w.shape[0], buffers))
 
+    def _soft_sel(self, rows: _Rows, s: int, e: int):
+        """Rows of the flattened probability targets read by processed rows [s, e) (slice or index)."""
+        sel = _contiguous_rows(rows.src, s, e)
+        off = self.soft_offset
+        return slice(sel.start + off, sel.stop + off) if isinstance(sel, slice) else sel + off
+
     def _targets(self, rows: _Rows, s: int, e: int, dtype: torch.dtype):
         """(class indices, probability targets) of processed rows [s, e): one of them is None."""
         if self.soft is None:
             return rows.tgt[s:e], None
-        sel = _contiguous_rows(rows.src, s, e)
-        off = self.soft_offset
-        sel = slice(sel.start + off, sel.stop + off) if isinstance(sel, slice) else sel + off
-        soft = gather_rows(self.soft, sel).to(dtype)
+        soft = gather_rows(self.soft, self._soft_sel(rows, s, e)).to(dtype)
         return None, (soft if soft.stride(-1) == 1 else soft.contiguous())
 
     def _pass(self, x2d, w, b, rows: _Rows, need, make_grad, buffers=1):
@@ -192,11 +209,11 @@ class _ChunkedEngine:
         dloss/dlogits (in place or a new tensor; None: no gradient) and records what it wants.
         Returns the (dx, dw, db) accumulated from those gradients (None where not needed)."""
         m = rows.tgt.shape[0]
-        sink = GradSink(x2d, w, b, need, m, every_row=rows.src is None and m == x2d.shape[0])
+        step = min(self._step(x2d, w, buffers), m)
+        sink = GradSink(x2d, w, b, need, m, every_row=rows.src is None and m == x2d.shape[0], one_chunk=step == m)
         if m == 0:
             return sink.grads()
-        step = min(self._step(x2d, w, buffers), m)
-        buf = torch.empty(step, w.shape[0], dtype=x2d.dtype, device=x2d.device)
+        buf = workspace((step, w.shape[0]), x2d.dtype, x2d.device)
         wt = w.t()
         for s in range(0, m, step):
             e = min(m, s + step)
@@ -234,9 +251,10 @@ class _ChunkedEngine:
         out = self._pass(x2d, w, b, rows, need if grads else (False, False, False), make_grad)
         return loss, lse, (out if grads else None)
 
-    def backward(self, x2d, w, b, rows: _Rows, lse, scale, grad_lse, need):
+    def backward(self, x2d, w, b, rows: _Rows, lse, scale, grad_lse, need, targets=None):
         """Gradients of ``sum_n scale_n loss_n + grad_lse_n lse_n`` (``scale`` (M,)) by recomputing
-        the logits."""
+        the logits; ``targets`` (a :class:`TargetGrads`, probability targets only) also collects
+        those of the targets and the class weight."""
         opts = self.opts
         v = w.shape[0]
         if self.soft is not None:
@@ -246,6 +264,10 @@ class _ChunkedEngine:
                 torch.stack([grad_lse.to(lse.dtype), torch.zeros_like(lse), torch.zeros_like(lse)], dim=1)
 
             def make_grad_soft(logits, s, e):
+                if targets is not None:  # before the row kernel overwrites the logits
+                    targets.add(logits, self.soft, self._soft_sel(rows, s, e), lse[s:e], scale[s:e])
+                if not any(need):
+                    return None
                 t, soft = self._targets(rows, s, e, logits.dtype)
                 extra = None if lse_coefs is None else _ops.ce_grad(
                     logits, rows.tgt[s:e], self.weight, lse[s:e], lse_coefs[s:e], self.backend, 0,
@@ -268,6 +290,34 @@ class _ChunkedEngine:
             return _ops.ce_grad(logits, rows.tgt[s:e], self.weight, lse[s:e], row_coefs[s:e], self.backend,
                                 0, opts["logit_scale"], opts["softcap"])
         return self._pass(x2d, w, b, rows, need, make_grad_lse, buffers=2)
+
+
+class TargetGrads:
+    """Gradients of probability targets (rows of the flattened target, ``soft``) and of the class
+    weight, collected chunk by chunk from each chunk's logits and lse by ``celoss::ce_target_grads``
+    (``-log p = lse - z`` is all they need). ``every_row``: every target row is read, so the target
+    gradient needs no zero fill."""
+
+    def __init__(self, soft: Tensor, weight: Optional[Tensor], need_soft: bool, need_weight: bool,
+                 every_row: bool, opts: dict):
+        self.weight, self.opts = weight, opts
+        self.dsoft = ((torch.empty if every_row else torch.zeros)(soft.shape, dtype=soft.dtype, device=soft.device)
+                      if need_soft else None)
+        self.dweight = torch.zeros_like(weight) if need_weight else None
+
+    def add(self, logits: Tensor, soft: Tensor, sel, lse: Tensor, scale: Tensor) -> None:
+        """Adds a chunk: ``logits`` of target rows ``sel`` of ``soft``, their ``lse`` and upstream ``scale``."""
+        o = self.opts
+        gt, gw = _ops.ce_target_grads(logits, gather_rows(soft, sel), self.weight, lse, scale,
+                                      self.dsoft is not None, self.dweight is not None, o["label_smoothing"],
+                                      o["logit_scale"], o["softcap"])
+        if self.dsoft is not None:
+            if isinstance(sel, slice):
+                self.dsoft[sel] = gt
+            else:
+                self.dsoft.index_copy_(0, sel, gt)
+        if self.dweight is not None:
+            self.dweight += gw
 
 
 def _contiguous_rows(src, s, e):
@@ -320,8 +370,9 @@ def _accumulate_dw(dw: Tensor, g: Tensor, xc: Tensor, first: bool) -> None:
 
 def _finish(grads, w, b):
     dx, dw, db = grads
-    return (dx, None if dw is None else dw.to(w.dtype),
-            None if (db is None or b is None) else db.to(b.dtype))
+    if dw is not None and dw.dtype != w.dtype:
+        dw = fresh_like(w).copy_(dw)  # the returned gradient from the CPU cache too
+    return dx, dw, None if (db is None or b is None) else db.to(b.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,17 +532,25 @@ def _(x, w, b, labels, soft, weight, coef, need_dx, need_dw, need_db, *plan):
 @_ops.custom_op("celoss::lce_backward", mutates_args=())
 def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft: Optional[Tensor],
                   weight: Optional[Tensor], lse: Tensor, scale: Tensor, grad_lse: Optional[Tensor], need_dx: bool, need_dw: bool,
-                  need_db: bool, backend: str, engine: str, ignore_index: int, label_smoothing: float,
-                  logit_scale: float, softcap: Optional[float], z_loss: float, seq_len: int, keep_all: bool,
-                  chunk_bytes: int, chunk_rows: int, filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+                  need_db: bool, need_dsoft: bool, need_dweight: bool, backend: str, engine: str, ignore_index: int,
+                  label_smoothing: float, logit_scale: float, softcap: Optional[float], z_loss: float, seq_len: int,
+                  keep_all: bool, chunk_bytes: int, chunk_rows: int,
+                  filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``sum_n scale_n loss_n + grad_lse_n lse_n`` over the output rows (``scale``: one
-    value or one per output row; ``lse`` as returned by ``lce_forward``) by recomputing the logits."""
+    value or one per output row; ``lse`` as returned by ``lce_forward``) by recomputing the logits:
+    those of x, w, b, then (chunked engine, probability targets) of ``soft`` and the class ``weight``."""
     plan = _Plan(backend, engine, ignore_index, label_smoothing, logit_scale, softcap, z_loss, seq_len,
                  keep_all, chunk_bytes, chunk_rows, filter_eps)
     need = (need_dx, need_dw, need_db and b is not None)
-    if w.shape[0] == 0:
-        return tuple(_or_empty(g, x) for g in _zero_grads(x, w, b, need))
+    if w.shape[0] == 0:  # no classes: no logits, and the targets and the class weight are empty
+        grads = _zero_grads(x, w, b, need) + _zero_grads(soft, weight, None, (need_dsoft, need_dweight, False))[:2]
+        return tuple(_or_empty(g, x) for g in grads)
     rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale)
+    targets = None
+    if soft is not None and (need_dsoft or need_dweight):
+        targets = TargetGrads(soft, weight, need_dsoft, need_dweight,
+                              rows.src is None and rows.tgt.shape[0] == soft.shape[0], plan.opts())
+    target_grads = (None, None) if targets is None else (targets.dsoft, targets.dweight)
     m = rows.tgt.shape[0]
 
     def processed(t):
@@ -502,14 +561,17 @@ def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, sof
     # for a zero denominator), as in PyTorch
     scale = torch.where(rows.tgt != ignore_index, scale, 0.0).contiguous()
     gl = None if grad_lse is None else processed(grad_lse).contiguous()
-    grads = _engine(plan, weight, soft).backward(x, w, b, rows, processed(lse).contiguous(), scale, gl, need)
-    return tuple(_or_empty(g, x) for g in grads)
+    args = (x, w, b, rows, processed(lse).contiguous(), scale, gl, need)
+    engine = _engine(plan, weight, soft)  # target gradients: probability targets, so the chunked engine
+    grads = engine.backward(*args) if targets is None else engine.backward(*args, targets=targets)
+    return tuple(_or_empty(g, x) for g in grads + target_grads)
 
 
 @_lce_backward.register_fake
-def _(x, w, b, labels, soft, weight, lse, scale, grad_lse, need_dx, need_dw, need_db, *plan):
+def _(x, w, b, labels, soft, weight, lse, scale, grad_lse, need_dx, need_dw, need_db, need_dsoft, need_dweight,
+      *plan):
     return tuple(torch.empty_like(t) if n and t is not None else x.new_empty(0)
-                 for t, n in zip((x, w, b), (need_dx, need_dw, need_db)))
+                 for t, n in zip((x, w, b, soft, weight), (need_dx, need_dw, need_db, need_dsoft, need_dweight)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,10 +607,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 retain):
         ctx.set_materialize_grads(False)
         need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
+        # probability targets and the class weight (with probability targets): gradients from the
+        # recomputed logits in backward
+        need_targets = tuple(bool(grad_enabled and soft is not None and n) for n in ctx.needs_input_grad[4:6])
         # gradients formed in forward unless backward must recompute anyway (per-row upstream
-        # gradient, returned lse), may run twice (retain), or float64 wants a float64 scale
+        # gradient, returned lse, target gradients), may run twice (retain), or float64 wants a float64 scale
         grad_in_forward = (any(need) and plan.engine == "chunked" and reduction != "none" and not return_lse
-                 and not retain and x2d.dtype != torch.float64)
+                 and not retain and x2d.dtype != torch.float64 and not any(need_targets))
         if grad_in_forward:
             loss_rows, lse, *grads = _lce_forward(x2d, w, b, labels, soft, weight,
                                                   coef.reshape(1).to(torch.float32), *need, *plan)
@@ -557,9 +622,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(*(g if n else None for g, n in zip(grads, need)))
         else:
             loss_rows, lse, *_ = _lce_forward(x2d, w, b, labels, soft, weight, None, False, False, False, *plan)
-            if any(need):
+            if any(need) or any(need_targets):
                 ctx.save_for_backward(x2d, w, b, labels, soft, weight, lse, coef)
         ctx.grad_in_forward, ctx.plan, ctx.need, ctx.reduction, ctx.consumed = grad_in_forward, plan, need, reduction, False
+        ctx.need_targets = need_targets
         if reduction == "none":
             loss = loss_rows
         elif reduction == "sum":
@@ -580,7 +646,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return hand_over(ctx, grad_loss, _NAME, "use reduction='none' or options=torch.nn."
                              "LinearCrossEntropyOptions(allow_retain_graph=True) (both recompute in backward)") \
                 + nothing
-        if grad_loss is None and grad_lse is None:
+        # the targets and the class weight reach the loss only (not the lse)
+        need_targets = ctx.need_targets if grad_loss is not None else (False, False)
+        if not (any(ctx.need) or any(need_targets)) or (grad_loss is None and grad_lse is None):
             return (None, None, None) + nothing
         x2d, w, b, labels, soft, weight, lse, coef = ctx.saved_tensors
         acc = accum_dtype(x2d.dtype)
@@ -591,8 +659,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:  # coef: 1 for "sum", d(mean)/d(row loss) for "mean"
             scale = (grad_loss.to(acc) * coef).reshape(1)
         gl = None if grad_lse is None else grad_lse.reshape(-1)
-        grads = _lce_backward(x2d, w, b, labels, soft, weight, lse, scale, gl, *ctx.need, *ctx.plan)
-        return tuple(g if n else None for g, n in zip(grads, ctx.need)) + nothing
+        grads = _lce_backward(x2d, w, b, labels, soft, weight, lse, scale, gl, *ctx.need, *need_targets, *ctx.plan)
+        dx, dw, db, dsoft, dweight = (g if n else None for g, n in zip(grads, ctx.need + need_targets))
+        return (dx, dw, db, None, dsoft, dweight) + (None,) * 7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -844,15 +913,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if ignore_index != -100:
             raise RuntimeError(f"ignore_index is not supported for probability (floating point) targets (got "
                                f"ignore_index={ignore_index}), as in torch.nn.functional.cross_entropy")
-        for what, t in (("probability targets", target), ("the class weight", weight)):
-            if t is not None and t.requires_grad and grad_on:
-                raise NotImplementedError(f"{_NAME}: gradients with respect to {what} are not implemented "
-                                          f"(pass .detach(), or use celoss.cross_entropy on the logits)")
     elif weight is not None and weight.requires_grad and grad_on:
-        raise RuntimeError(f"{_NAME} is not differentiable with respect to the class weight (as "
-                           f"torch.nn.functional.cross_entropy with class-index targets); pass weight.detach()")
+        # PyTorch's nll_loss_forward refuses it in the same words
+        raise RuntimeError(f"{_NAME}: the function is not differentiable with respect to argument 'weight' (the "
+                           f"class weight) with class-index targets. This input cannot have requires_grad True, "
+                           f"as in torch.nn.functional.cross_entropy; pass weight.detach()")
     v, d = linear_weight.shape
-    weight = _checks.class_weight(weight, v, input)
+    weight = _checks.class_weight(weight, v, input, differentiable=soft)
     x2d = input.flatten(0, -2) if input.dim() > 1 else input.unsqueeze(0)
     chunk_rows, retain = _read_options(options, x2d.shape[0], d, v)
     name = _dispatch.resolve(input.device, backend)
@@ -868,7 +935,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if soft:
         # rows of the flattened target, read chunk by chunk (row r + 1 scores hidden row r with shift);
         # placeholder labels: every row counts, with weight 1 in the mean and the z-loss
-        soft_rows = target.reshape(-1, v)
+        soft_rows = target.flatten(0, -2) if target.dim() > 1 else target.unsqueeze(0)
         labels = torch.zeros(n_out, dtype=torch.int64, device=input.device)
         per_row = torch.ones(n_out, dtype=acc, device=input.device)
     else:
@@ -876,6 +943,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         labels = (target[..., 1:] if shift else target).reshape(-1).to(torch.int64).contiguous()
         per_row = counted_weight(labels, weight, ignore_index)
     denom = per_row.to(acc).sum()
+    if soft and v == 0:  # PyTorch's probability-target mean divides by numel / V: 0 / 0 without classes
+        denom = torch.full_like(denom, math.nan)
     coef = _mean_coef(labels, denom, ignore_index, reduction)
     plan = _Plan(name, kind, ignore_index, label_smoothing, float(logit_scale), softcap, float(z_loss), seq_len,
                  bool(return_lse), chunk_bytes, chunk_rows, None if filter_eps is None else float(filter_eps))

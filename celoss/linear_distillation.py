@@ -26,7 +26,7 @@ from ._autograd import once_differentiable
 from .distillation import distill_options
 from .linear_cross_entropy import (DEFAULT_CHUNK_BYTES, GradSink, _contiguous_rows, _hidden_rows,
                                    _may_be_nonfinite, _Rows, check_layer, check_shift, gather_rows, hand_over,
-                                   row_bytes, rows_per_chunk)
+                                   row_bytes, rows_per_chunk, workspace)
 
 _NAME = "celoss.linear_distillation_loss"
 
@@ -87,15 +87,16 @@ def _chunks(layers, rows: _Rows, coef: Optional[Tensor], need, plan: _Plan):
     grad_s, grad_t = grads and any(need[:3]), grads and any(need[3:])
     chunked = m if v else 0  # rows that chunks will write (without classes, none: zero gradients)
     every_row = rows.src is None and chunked == xs.shape[0]
-    sinks = (GradSink(xs, ws, bs, need[:3], chunked, every_row) if grad_s else None,
-             GradSink(xt, wt, bt, need[3:], chunked, every_row) if grad_t else None)
+    step = min(chunked, rows_per_chunk(plan.chunk_bytes, row_bytes(xs, v, 1 + grad_s) + row_bytes(xt, v, 1 + grad_t)))
+    sinks = (GradSink(xs, ws, bs, need[:3], chunked, every_row, one_chunk=step == chunked) if grad_s else None,
+             GradSink(xt, wt, bt, need[3:], chunked, every_row, one_chunk=step == chunked) if grad_t else None)
     loss = torch.zeros(m, dtype=acc, device=device)
-    if m and v:
-        step = min(m, rows_per_chunk(plan.chunk_bytes, row_bytes(xs, v, 1 + grad_s) + row_bytes(xt, v, 1 + grad_t)))
-        ls = torch.empty(step, v, dtype=xs.dtype, device=device)
-        lt = torch.empty(step, v, dtype=xt.dtype, device=device)
-        gs = torch.empty_like(ls) if grad_s else None
-        gt = torch.empty_like(lt) if grad_t else None
+    if chunked:
+        # workspace buffers recycled through the CPU cache: no page faults of fresh N x V chunks per step
+        ls = workspace((step, v), xs.dtype, device)
+        lt = workspace((step, v), xt.dtype, device)
+        gs = workspace((step, v), xs.dtype, device) if grad_s else None
+        gt = workspace((step, v), xt.dtype, device) if grad_t else None
         # the kernels take float32 coefficients: float64 gradients are scaled here instead, exactly
         scale_after = grads and acc == torch.float64
         unit = torch.ones(1, dtype=torch.float32, device=device)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import celoss
 from celoss.linear_cross_entropy import linear_cross_entropy
 
-from conftest import against_oracle, backend_device, backend_params
+from conftest import against_oracle, backend_device, backend_params, lowp_against_oracle, lowp_margin
 
 IGNORE = -100
 lce_mod = importlib.import_module("celoss.linear_cross_entropy")  # (the package attribute is the function)
@@ -239,7 +239,7 @@ def test_issue11_bad_arguments():
     x, w, b = _data(3, 4, 5)
     y = torch.tensor([0, 1, 2])
     cw = torch.rand(5, requires_grad=True)
-    with pytest.raises(RuntimeError, match="not differentiable with respect to the class weight"):
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
         linear_cross_entropy(x, w, y, weight=cw)
     with torch.no_grad():  # as PyTorch: only refused when a graph is being built
         linear_cross_entropy(x, w, y, weight=cw)
@@ -455,6 +455,176 @@ def test_issue14_probability_targets_float64_and_lse_gradient(backend):
         torch.testing.assert_close(g1, g2, rtol=1e-11, atol=1e-12)
 
 
+def _capped_soft_oracle(x, w, b, p, cw, *, logit_scale=1.0, softcap=None, **kw):
+    """``_soft_oracle`` of the logits ``softcap * tanh(logit_scale * z / softcap)`` (as celoss transforms
+    them), written as one more linear layer when there is no softcap."""
+    if softcap is None:
+        return _soft_oracle(x, w * logit_scale, None if b is None else b * logit_scale, p, weight=cw, **kw)
+    capped = lambda z: softcap * torch.tanh(logit_scale * z / softcap)  # noqa: E731
+    v = w.shape[0]
+    z = capped(F.linear(x[..., :-1, :] if kw.get("shift") else x, w, b)).reshape(-1, v)
+    eye = torch.eye(v, dtype=z.dtype)
+    sub = dict(kw, shift=False)
+    pp = p[..., 1:, :] if kw.get("shift") else p
+    return _soft_oracle(z, eye, None, pp.reshape(-1, v), weight=cw, **sub).reshape(
+        pp.shape[:-1] if kw.get("reduction") == "none" else ())
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("shift", (False, True), ids=("rows", "shift"))
+def test_issue14_probability_target_and_weight_gradients(backend, reduction, shift):
+    """Gradients of the probability targets and of the class weight (besides x, W, b), as PyTorch's
+    F.cross_entropy(F.linear(x, W, b), p, weight=w): label smoothing, z-loss, several chunks, random
+    upstream gradients; with shift the target rows of position 0 (never read) get a zero gradient."""
+    dev = backend_device(backend)
+    bsz, seq, d, v = 3, 5, 7, 23
+    x, w, b = _data(bsz * seq, d, v, device=dev)
+    x = x.reshape(bsz, seq, d)
+    p = _soft((bsz, seq), v, device=dev)
+    cw = (torch.rand(v, generator=torch.Generator().manual_seed(3)) + 0.5).to(dev)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, shift=shift)
+    a, o, ga, go = against_oracle(
+        lambda x_, w_, b_, p_, cw_: linear_cross_entropy(x_, w_, p_, linear_bias=b_, weight=cw_, chunk_bytes=700,
+                                                          backend=backend, **kw),
+        lambda x_, w_, b_, p_, cw_: _soft_oracle(x_, w_, b_, p_, weight=cw_, **kw), x, w, b, p, cw)
+    torch.testing.assert_close(a.double(), o.detach(), rtol=2e-5, atol=2e-6)
+    for name, g1, g2 in zip(("x", "W", "b", "target", "weight"), ga, go):
+        assert g1.dtype == torch.float32 and g1.shape == g2.shape, name
+        torch.testing.assert_close(g1.double(), g2, rtol=2e-5, atol=2e-6, msg=name)
+    assert ga[3].abs().amin(-1).gt(0).sum() == (bsz * (seq - 1) if shift else bsz * seq)
+    if shift:
+        assert torch.count_nonzero(ga[3][:, 0]) == 0
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("softcap", (None, 2.0))
+def test_issue14_probability_target_gradients_alone(backend, softcap):
+    """Only the targets and the class weight require grad (no x / W gradient: the row kernel is
+    skipped), with logit_scale and softcap (the gradient is w_j (1 - eps) (lse - z_j) of the
+    transformed logits)."""
+    dev = backend_device(backend)
+    n, d, v = 11, 5, 17
+    x, w, b = _data(n, d, v, device=dev)
+    p = _soft((n,), v, device=dev)
+    cw = (torch.rand(v, generator=torch.Generator().manual_seed(4)) - 0.3).to(dev)  # signs of both kinds
+    kw = dict(reduction="sum", label_smoothing=0.05, logit_scale=0.7, softcap=softcap)
+    a, o, ga, go = against_oracle(
+        lambda p_, cw_: linear_cross_entropy(x, w, p_, linear_bias=b, weight=cw_, chunk_bytes=300,
+                                             backend=backend, **kw),
+        lambda p_, cw_: _capped_soft_oracle(x.double(), w.double(), b.double(), p_, cw_, **kw), p, cw)
+    torch.testing.assert_close(a.double(), o.detach(), rtol=2e-5, atol=2e-6)
+    for g1, g2 in zip(ga, go):
+        torch.testing.assert_close(g1.double(), g2, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+def test_issue14_probability_target_gradients_bf16(backend):
+    """bf16 hidden states, head, targets and class weight: every gradient within PyTorch's own bf16 error
+    of the float64 value (plus a margin)."""
+    dev = backend_device(backend)
+    n, d, v = 12, 16, 40
+    x, w, b = _data(n, d, v, dtype=torch.bfloat16, device=dev)
+    p = _soft((n,), v, device=dev, dtype=torch.bfloat16)
+    cw = (torch.rand(v, generator=torch.Generator().manual_seed(3)) + 0.5).to(dev, torch.bfloat16)
+    kw = dict(label_smoothing=0.1)
+    lowp_against_oracle(
+        lambda x_, w_, p_, cw_: linear_cross_entropy(x_, w_, p_, weight=cw_, chunk_bytes=600, backend=backend, **kw),
+        lambda x_, w_, p_, cw_: F.cross_entropy(F.linear(x_, w_), p_, weight=cw_, **kw),
+        x, w, p, cw, margin=lowp_margin(backend, torch.bfloat16, 2e-3))
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+def test_issue14_probability_target_gradients_float64_with_lse(backend):
+    """float64 (tight), a returned lse that carries its own gradient (it reaches x, W, not the targets),
+    and float32 targets with float64 hidden states (the target gradient keeps the target's dtype)."""
+    n, d, v = 9, 4, 13
+    x, w, b = _data(n, d, v, dtype=torch.float64)
+    p = _soft((n,), v, dtype=torch.float32)
+    cw = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) + 0.2
+    lse_w = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def ours(x_, w_, p_, cw_):
+        out = linear_cross_entropy(x_, w_, p_, linear_bias=b, weight=cw_, return_lse=True, z_loss=1e-2,
+                                   label_smoothing=0.2, chunk_bytes=250, backend=backend)
+        return out.loss + (out.lse * lse_w).sum()
+
+    a, o, ga, go = against_oracle(
+        ours, lambda x_, w_, p_, cw_: _soft_oracle(x_, w_, b, p_, weight=cw_, z_loss=1e-2, label_smoothing=0.2,
+                                                   lse_weights=lse_w), x, w, p, cw)
+    assert ga[2].dtype == torch.float32 and ga[3].dtype == torch.float64
+    torch.testing.assert_close(a, o, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(ga, go):
+        torch.testing.assert_close(g1.double(), g2, rtol=1e-6 if g1.dtype == torch.float32 else 1e-11,
+                                   atol=1e-7 if g1.dtype == torch.float32 else 1e-12)
+
+
+def test_issue14_probability_target_gradients_refusals():
+    """The fused engine takes class indices only; double backward says the loss is differentiable once;
+    the compiled graph (fake implementations) gives eager's target gradients."""
+    x, w, b = _data(6, 4, 9)
+    p = _soft((6,), 9).requires_grad_()
+    if celoss.available_backends()["triton"] is None:
+        with pytest.raises(ValueError, match="engine='fused' takes class-index targets"):
+            linear_cross_entropy(x, w, p, engine="fused", backend="triton")
+    loss = linear_cross_entropy(x, w, p, backend="torch")
+    g, = torch.autograd.grad(loss, p, create_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        g.sum().backward()
+
+    cw = torch.rand(9, generator=torch.Generator().manual_seed(2)) + 0.5
+
+    def step(p_, cw_):
+        return linear_cross_entropy(x, w, p_, linear_bias=b, weight=cw_, label_smoothing=0.1, backend="torch")
+
+    torch._dynamo.reset()
+    grads = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        leaves = (p.detach().clone().requires_grad_(), cw.clone().requires_grad_())
+        grads.append(torch.autograd.grad(fn(*leaves), leaves))
+    torch.testing.assert_close(grads[1], grads[0])
+    assert all(g.abs().max() > 0 for g in grads[1])
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+def test_issue14_index_target_weight_requiring_grad_refused_as_pytorch(backend):
+    """With class-index targets a class weight that requires grad is refused as PyTorch refuses it
+    (RuntimeError, the same words), and accepted under no_grad."""
+    dev = backend_device(backend)
+    x, w, b = _data(4, 3, 5, device=dev)
+    y = torch.tensor([0, 4, IGNORE, 2], device=dev)
+    cw = torch.rand(5, device=dev, requires_grad=True)
+    with pytest.raises(RuntimeError) as theirs:
+        F.linear_cross_entropy(x, w, y, weight=cw)
+    words = "not differentiable with respect to argument 'weight'"
+    assert words in str(theirs.value)
+    with pytest.raises(RuntimeError, match=words):
+        linear_cross_entropy(x, w, y, weight=cw, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, y, weight=cw, backend=backend),
+                                   F.cross_entropy(F.linear(x, w), y, weight=cw))
+
+
+@pytest.mark.parametrize("backend", LCE_BACKENDS)
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("n,v", [(4, 0), (0, 5)], ids=("V0", "N0"))
+def test_issue14_probability_target_gradients_empty_dims(backend, reduction, n, v):
+    """No classes or no rows with probability targets that require grad: PyTorch's values (a "mean"
+    without classes is 0 / 0 = NaN) and its gradients (zeros, empty where a dimension is 0)."""
+    dev = backend_device(backend)
+    x, w, b = _data(n, 3, v, device=dev)
+    p = _soft((n,), v, device=dev) if v else torch.zeros(n, 0, device=dev)
+    cw = torch.rand(v, generator=torch.Generator().manual_seed(2)).to(dev)
+    a, o, ga, go = against_oracle(
+        lambda x_, w_, p_, cw_: linear_cross_entropy(x_, w_, p_, weight=cw_, reduction=reduction, backend=backend),
+        lambda x_, w_, p_, cw_: F.cross_entropy(F.linear(x_, w_), p_, weight=cw_, reduction=reduction),
+        x, w, p, cw)
+    torch.testing.assert_close(a.double(), o.detach(), equal_nan=True)
+    for g1, g2 in zip(ga, go):
+        assert g1.shape == g2.shape
+        torch.testing.assert_close(g1.double(), g2)
+
+
 @pytest.mark.parametrize("backend", LCE_BACKENDS)
 def test_issue14_probability_targets_dtype_promotion(backend):
     """fp16 hidden states with float32 targets: the loss is float32 (as celoss.cross_entropy), within
@@ -514,10 +684,6 @@ def test_issue14_probability_target_errors():
     p = _soft((4,), 5)
     with pytest.raises(RuntimeError, match="ignore_index is not supported for probability"):
         linear_cross_entropy(x, w, p, ignore_index=1)
-    with pytest.raises(NotImplementedError, match="probability targets"):
-        linear_cross_entropy(x, w, p.clone().requires_grad_())
-    with pytest.raises(NotImplementedError, match="class weight"):
-        linear_cross_entropy(x, w, p, weight=torch.ones(5, requires_grad=True))
     with pytest.raises(ValueError, match="probability targets must have shape"):
         linear_cross_entropy(x, w, p[:, :4])
     if celoss.available_backends()["triton"] is None:
