@@ -1,4 +1,4 @@
-"""``python -m benchmarks [ce|linear|logprobs|family|all] [options]`` -- the celoss benchmark suite.
+"""``python -m benchmarks [ce|linear|logprobs|linear_distill|family|all] [options]`` -- the celoss benchmark suite.
 
 With no sub-command: the quick default on the device at hand (CPU: the cross-entropy table of the
 core issue, about 3 minutes on 2 cores; CUDA: the lent-GPU subset of cross-entropy and linear CE).
@@ -8,6 +8,7 @@ Examples:
   python -m benchmarks all --full               # everything (the committed CPU results)
   python -m benchmarks ce --vocab 8192,32000,128256 --tokens 4096 --dtype bf16 --methods 'celoss-*,eager'
   python -m benchmarks logprobs                 # RL log-probs + entropy from hidden states
+  python -m benchmarks linear_distill           # distillation from the student's and teacher's hidden states
   python -m benchmarks linear --device cuda --preset gpu
   python -m benchmarks --list                   # the methods and what they are
 The terminal gets a short summary (celoss against eager and torch.compile per shape and dtype) and
@@ -56,7 +57,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", type=_command,
-                   help="ce, linear, logprobs, family, all, or a comma list such as ce,linear "
+                   help="ce, linear, logprobs, linear_distill, family, all, or a comma list such as ce,linear "
                         "(default: the quick default for the device)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
@@ -69,7 +70,8 @@ def parse_args(argv):
     p.add_argument("--dtype", help="comma list: fp32, bf16, fp16 (default: the preset's)")
     p.add_argument("--tokens", help="comma list of N (replaces the preset's shapes)")
     p.add_argument("--vocab", help="comma list of V (replaces the preset's shapes)")
-    p.add_argument("--hidden", help="comma list of D for linear CE and log-probs (replaces the preset's shapes)")
+    p.add_argument("--hidden", help="comma list of D for the ops from hidden states: linear CE, log-probs, "
+                   "linear distillation (replaces the preset's shapes)")
     p.add_argument("--methods", help="comma list of method names or globs, e.g. 'celoss-*,eager' "
                    "({native} = the device's celoss backend); see --list")
     p.add_argument("--phases", default="fwd,train", help="fwd and/or train (= fwd+bwd step)")

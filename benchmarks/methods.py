@@ -6,7 +6,8 @@ that can't run says why (``Method.unavailable``) and becomes a row of the report
 
 Operations (``OPS``): ``ce`` (logits given), ``linear`` (fused linear cross-entropy from hidden states
 and the classifier weight), ``logprobs`` (per-token log-probabilities and entropy from hidden states
-and the classifier weight, the RL policy-loss building block), and the loss family ``focal``,
+and the classifier weight, the RL policy-loss building block), ``linear_distill`` (distillation from
+the student's and the teacher's hidden states and classifiers), and the loss family ``focal``,
 ``sigmoid_focal``, ``bce``, ``distill``.
 Each defines its inputs (deterministic per seed, created on the device in the dtype), which inputs
 get gradients, the roofline floor of each phase (bytes moved or FLOPs), and the plain-PyTorch
@@ -60,12 +61,15 @@ class Op:
     floor_kind: str      # "bytes" (memory-bound) or "flops" (compute-bound)
     celoss_attr: str     # name of the celoss function
     param_keys: tuple = ()  # inputs that are parameters: they still require grad under no_grad (eval)
+    products: int = 1    # N x D x V products of the forward (2 for distillation: student and teacher);
+    #                      the backward's are always 2 (G W and G^T X: one layer gets gradients)
 
     def floor(self, shape: dict, dtype: str, phase: str) -> float:
         """Bytes that must move (or FLOPs that must run) in `phase` at the least."""
         n, v, e = shape["N"], shape["V"], ELEMENT_SIZE[dtype]
         if self.floor_kind == "flops":
-            return {"fwd": 2, "bwd": 4, "train": 6}[phase] * n * shape["D"] * v
+            fwd = 2 * self.products
+            return {"fwd": fwd, "bwd": 4, "train": fwd + 4}[phase] * n * shape["D"] * v
         reads = {"ce": 1, "focal": 1, "distill": 2, "bce": 2, "sigmoid_focal": 2}[self.name]
         # fwd reads the inputs; bwd writes the gradient; the fused training step does both
         return {"fwd": reads, "bwd": 1, "train": reads + 1}[phase] * n * v * e
@@ -80,7 +84,7 @@ class Op:
     def input_bytes(self, shape: dict, dtype: str) -> int:
         e = ELEMENT_SIZE[dtype]
         if "D" in self.dims:
-            return (shape["N"] + shape["V"]) * shape["D"] * e + shape["N"] * 8
+            return self.products * (shape["N"] + shape["V"]) * shape["D"] * e + shape["N"] * 8
         per = {"ce": 1, "focal": 1, "distill": 2, "bce": 2, "sigmoid_focal": 2}[self.name]
         return per * shape["N"] * shape["V"] * e + shape["N"] * 8
 
@@ -100,6 +104,10 @@ OPS = {
     "logprobs": Op("logprobs", f"per-token log-probs and entropy from hidden states (N x D hidden, V x D "
                    f"classifier, T={LOGPROBS_TEMPERATURE})", ("x", "w", "y"), ("x", "w"), ("N", "D", "V"),
                    "flops", "linear_token_logprobs", param_keys=("w",)),
+    "linear_distill": Op("linear_distill", f"distillation from hidden states, forward KL at "
+                         f"T={DISTILL_TEMPERATURE} (student and teacher: N x D hidden, V x D classifier; "
+                         f"gradients for the student)", ("x", "w", "xt", "wt"), ("x", "w"), ("N", "D", "V"),
+                         "flops", "linear_distillation_loss", param_keys=("w",), products=2),
     "focal": Op("focal", f"softmax focal loss (gamma={FOCAL_GAMMA})", ("x", "y"), ("x",), ("N", "V"),
                 "bytes", "focal_loss"),
     "sigmoid_focal": Op("sigmoid_focal", f"sigmoid focal loss (alpha={SIGMOID_FOCAL_ALPHA}, "
@@ -110,8 +118,9 @@ OPS = {
     "distill": Op("distill", f"distillation, forward KL at T={DISTILL_TEMPERATURE} (student and teacher "
                   f"logits)", ("s", "t"), ("s",), ("N", "V"), "bytes", "distillation_loss"),
 }
-SUBCOMMAND_OPS = {"ce": ("ce",), "linear": ("linear",), "logprobs": ("logprobs",), "family": FAMILY,
-                  "all": ("ce", "linear", "logprobs") + FAMILY}
+LINEAR_OPS = ("linear", "logprobs", "linear_distill")  # from hidden states: compared with the bare products
+SUBCOMMAND_OPS = {"ce": ("ce",), "linear": ("linear",), "logprobs": ("logprobs",),
+                  "linear_distill": ("linear_distill",), "family": FAMILY, "all": ("ce",) + LINEAR_OPS + FAMILY}
 
 
 def make_inputs(op: Op, shape: dict, dtype: str, device: str, seed: int) -> dict:
@@ -133,6 +142,10 @@ def make_inputs(op: Op, shape: dict, dtype: str, device: str, seed: int) -> dict
     elif op.name in ("linear", "logprobs"):
         d = shape["D"]
         inp = {"x": randn(n, d), "w": randn(v, d, scale=d ** -0.5), "y": labels()}
+    elif op.name == "linear_distill":  # a teacher as wide as the student, with sharper logits
+        d = shape["D"]
+        inp = {"x": randn(n, d), "w": randn(v, d, scale=d ** -0.5), "xt": randn(n, d),
+               "wt": randn(v, d, scale=2 * d ** -0.5)}
     elif op.name in ("bce", "sigmoid_focal"):
         t = torch.rand(n, v, generator=gen, device=device, dtype=dt).lt_(BCE_POSITIVE_RATE).to(dt)
         inp = {"x": randn(n, v), "t": t}
@@ -166,6 +179,12 @@ def eager_fn(op_name: str) -> Callable:
             entropy = -(logp.exp() * logp).sum(-1)
             return -(lp.mean() + ENTROPY_BONUS * entropy.mean())
         return logprobs
+    if op_name == "linear_distill":
+        distill = eager_fn("distill")
+
+        def linear_distill(x, w, xt, wt):  # the teacher needs no graph: nothing of it requires grad
+            return distill(F.linear(x, w), F.linear(xt, wt))
+        return linear_distill
     if op_name == "focal":
         def focal(x, y):
             logp = F.log_softmax(x, dim=1)
@@ -212,6 +231,11 @@ def celoss_fn(op_name: str, backend: str, inplace: bool = False) -> Callable:
                                                        return_entropy=True, backend=backend)
             return -(lp.mean() + ENTROPY_BONUS * entropy.mean())
         return logprobs
+    if op_name == "linear_distill":
+        def linear_distill(x, w, xt, wt):
+            return celoss.linear_distillation_loss(x, w, xt, wt, temperature=DISTILL_TEMPERATURE, kind="kl",
+                                                   backend=backend)
+        return linear_distill
     if op_name == "focal":
         def focal(x, y):
             return celoss.focal_loss(x, y, gamma=FOCAL_GAMMA, backend=backend)
@@ -280,23 +304,25 @@ class NonLeafImpl(Impl):
 
 
 class MatmulImpl(Impl):
-    """The bare products a linear cross-entropy needs: X W^T (forward), G W and G^T X (backward),
-    with G a given N x V gradient. Outputs are allocated, as a real computation would."""
+    """The bare products a loss from hidden states needs: X W^T (forward; for distillation the
+    teacher's X_t W_t^T too), G W and G^T X (backward), with G a given N x V gradient. Outputs are
+    allocated, as a real computation would."""
 
-    def __init__(self, shape, dtype, device):
+    def __init__(self, op, shape, dtype, device):
         import torch
         gen = torch.Generator(device=device).manual_seed(12345)
         self.g = torch.randn(shape["N"], shape["V"], generator=gen, device=device,
                              dtype=torch_dtype(dtype)).mul_(1e-4)
+        self.layers = (("x", "w"), ("xt", "wt"))[:op.products]
 
     def forward(self, inp):
-        return inp["x"].detach() @ inp["w"].detach().T
+        return [inp[x].detach() @ inp[w].detach().T for x, w in self.layers]
 
     def train(self, inp, mark):
-        x, w = inp["x"].detach(), inp["w"].detach()
-        logits = x @ w.T
+        logits = self.forward(inp)
         mark()
         del logits
+        x, w = inp["x"].detach(), inp["w"].detach()
         gx = self.g @ w
         gw = self.g.T @ x
         return gx, gw  # the step's outputs stay alive until the clock stops (as gradients would)
@@ -440,7 +466,7 @@ def _ok(op, device, dtype):
     return None
 
 
-ALL_OPS = ("ce", "linear", "logprobs") + FAMILY
+ALL_OPS = ("ce",) + LINEAR_OPS + FAMILY
 METHODS: dict[str, Method] = {}
 
 
@@ -480,9 +506,10 @@ _register(Method("cce-exact", ("linear",), "Cut Cross-Entropy without gradient f
                  "has it, else impl='cce' with filter_eps=None",
                  lambda op, device, dtype: _needs_cuda(device) or _import_reason("cut_cross_entropy"),
                  _cce_build(exact=True)))
-_register(Method("matmuls", ("linear", "logprobs"), "the bare products X W^T (fwd), G W and G^T X (bwd): "
-                 "the floor a fused linear CE (or log-probs) is compared with", _ok,
-                 lambda op, device, dtype, shape: MatmulImpl(shape, dtype, device)))
+_register(Method("matmuls", LINEAR_OPS, "the bare products X W^T (fwd; distillation: the teacher's X_t W_t^T "
+                 "too), G W and G^T X (bwd): the floor a loss from hidden states (linear CE, log-probs, "
+                 "linear distillation) is compared with", _ok,
+                 lambda op, device, dtype, shape: MatmulImpl(op, shape, dtype, device)))
 
 # Order of the tables: ours first, then the references. Order of execution: ours, then what the
 # ratios need (matmuls, eager), the peers, and the slow-to-start ones last (so a run budget cuts them).

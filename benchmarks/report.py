@@ -28,9 +28,11 @@ its bwd is small: compare fwd+bwd. Times are medians of the repeats after warm-u
 sets rotated; each method's own allocations are in its time. **% floor** is the floor time over the
 measured time: the floor is the bytes that must move over the copy bandwidth measured in this run
 (cross-entropy: logits read, + gradient written for fwd+bwd; distillation and BCE: both inputs read)
-or, for linear CE and log-probs, the FLOPs (2NDV forward, 6NDV forward+backward) over the matmul
-FLOP/s measured in this run. **GB/s** is those bytes over the time (effective bandwidth). **x matmuls** is the time over
-the bare products X W^T, G W, G^T X measured in the same run (`matmuls` row). **x eager** is eager's
+or, for the ops from hidden states (linear CE, log-probs, linear distillation), the FLOPs (2NDV
+forward, 6NDV forward+backward; distillation: 4NDV and 8NDV, the teacher's product included) over
+the matmul FLOP/s measured in this run. **GB/s** is those bytes over the time (effective bandwidth).
+**x matmuls** is the time over the bare products X W^T (and the teacher's), G W, G^T X measured in
+the same run (`matmuls` row). **x eager** is eager's
 fwd+bwd time over the method's (**x compile**: `torch.compile`'s). **peak MB** is the peak extra memory of a call (CPU: peak resident
 set of the worker process over its size just before the call; GPU: `max_memory_allocated` over
 `memory_allocated` before it), the gradient included for fwd+bwd; **x grad** divides it by the size
@@ -241,7 +243,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if heads:
         out += ["## Headlines", "",
                 "celoss's fastest method per case (the in-place variant apart), fwd+bwd; x ... = the other's "
-                "time over celoss's (above 1: celoss is faster); x matmuls: over the bare products (linear CE).", "", heads, ""]
+                "time over celoss's (above 1: celoss is faster); x matmuls: over the bare products (the ops "
+                "from hidden states).", "", heads, ""]
     for op_name in meta["ops"]:
         if not any(r["op"] == op_name and r.get("status") != "unavailable" for r in rows):
             continue

@@ -247,6 +247,29 @@ def test_workspace_bounded_by_chunk_bytes(backend, monkeypatch):
     close(xs.grad, xs1.grad, 1e-6, 1e-7)
 
 
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+def test_issue14_chunk_buffers_recycled_through_the_cpu_cache(backend, monkeypatch):
+    """The chunk workspace (the student's and the teacher's logits, the student's logit gradient) comes
+    from celoss's CPU cache: the first training step maps it, the second reuses those mappings (no
+    fresh page faults every step, which cost as much as the bf16 products here), same gradients."""
+    import mmap as mmap_module
+    n, d, v = 64, 8, 40000  # one chunk: 64 x 40000 float32 = 10 MB per buffer (cached from 8 MB)
+    student, teacher, t = make((n,), d, d, v, ignore=False)
+    celoss.empty_cpu_cache()
+    real, made = mmap_module.mmap, []
+    monkeypatch.setattr(mmap_module, "mmap", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    counts, grads = [], []
+    for _ in range(2):
+        xs, ws = (a.clone().requires_grad_() for a in student[:2])
+        linear_distillation_loss(xs, ws, *teacher[:2], t, backend=backend).backward()
+        grads.append((xs.grad, ws.grad))
+        counts.append(sum(1 for size in made if size >= n * v * 4))
+        del xs, ws
+    assert counts == [3, 3], counts
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # autograd contract, module, errors
 # ------------------------------------------------------------------------------------------------

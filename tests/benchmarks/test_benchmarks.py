@@ -137,3 +137,17 @@ def test_issue15_a_run_without_out_goes_to_a_new_ignored_folder(tmp_path, monkey
     printed = capsys.readouterr().out
     assert printed.rstrip().endswith(f"full report: {folder / 'results.md'}")
     assert len(printed.strip().splitlines()) <= 15
+
+
+def test_issue14_hidden_state_ops_smoke(tmp_path):
+    """linear_distill and logprobs rows from a run (tiny preset): celoss, eager and the bare products
+    measured, and celoss's time over the products' (x_matmuls) reported for both."""
+    out = tmp_path / "hidden"
+    _bench(["linear_distill,logprobs", "--preset", "tiny", "--methods", "celoss-{native},eager,matmuls",
+            "--repeats", "1", "--isolate", "none", "--no-plots"], out)
+    rows = _rows(out)
+    for op in ("linear_distill", "logprobs"):
+        for method in ("eager", "matmuls", "celoss-cython"):
+            assert _row(rows, op=op, method=method, dtype="fp32", N=128, D=64, V=1000)["status"] == "ok"
+        assert float(_row(rows, op=op, method="celoss-cython")["x_matmuls"]) > 0
+    assert "## linear_distill:" in (out / "results.md").read_text()

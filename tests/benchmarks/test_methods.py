@@ -55,3 +55,47 @@ def test_issue15_logprobs_is_a_flops_op_compared_with_the_bare_products():
     op = OPS["logprobs"]
     assert op.floor({"N": 8, "D": 3, "V": 10}, "bf16", "train") == 6 * 8 * 3 * 10
     assert "logprobs" in METHODS["matmuls"].ops and op.param_keys == ("w",)
+
+
+@pytest.mark.parametrize("method", ["celoss-cython", "celoss-torch", "compile"])
+def test_issue14_linear_distill_rows_match_the_eager_composition(method):
+    """linear_distillation_loss rows compute the eager distillation_loss(F.linear(x, W), F.linear(x_t,
+    W_t)) they are compared with: the loss and the student's gradients; the teacher gets none."""
+    shape = {"N": 24, "D": 16, "V": 70}
+    _, want_loss, want = _step("eager", "linear_distill", shape)
+    inp, loss, got = _step(method, "linear_distill", shape)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for k in ("x", "w"):
+        assert want[k] is not None and want[k].abs().max() > 0
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert inp["xt"].grad is None and inp["wt"].grad is None and not inp["wt"].requires_grad
+
+
+def test_issue14_linear_distill_is_compared_with_both_forward_products():
+    """The floor and the bare products of linear distillation count the teacher's forward product:
+    4NDV forward, 8NDV forward+backward; the matmuls row computes X W^T and X_t W_t^T."""
+    op = OPS["linear_distill"]
+    shape = {"N": 8, "D": 3, "V": 10}
+    assert [op.floor(shape, "fp32", p) for p in ("fwd", "bwd", "train")] == [4 * 240, 4 * 240, 8 * 240]
+    assert op.grad_keys == ("x", "w") and op.param_keys == ("w",)
+    inp = make_inputs(op, shape, "fp32", "cpu", seed=1)
+    impl = _build("matmuls", "linear_distill", shape)
+    student, teacher = impl.forward(inp)
+    torch.testing.assert_close(teacher, inp["xt"] @ inp["wt"].T)
+    torch.testing.assert_close(student, inp["x"].detach() @ inp["w"].detach().T)
+    assert len(_build("matmuls", "linear", shape).forward(make_inputs(OPS["linear"], shape, "fp32", "cpu", 1))) == 1
+
+
+def test_issue14_ops_from_hidden_states_have_every_preset():
+    """linear_distill and logprobs are sub-commands (and part of "all") with every preset, each with
+    eager, torch.compile and the bare products to compare with."""
+    from benchmarks import suites
+    from benchmarks.methods import SUBCOMMAND_OPS
+    for op in ("logprobs", "linear_distill"):
+        assert SUBCOMMAND_OPS[op] == (op,) and op in SUBCOMMAND_OPS["all"]
+        for name in ("tiny", "quick", "full", "gpu"):
+            for device in ("cpu", "cuda"):
+                pre = suites.preset(name, op, device)
+                assert pre["shapes"] and all(set(s) == {"N", "D", "V"} for s in pre["shapes"]), (op, name)
+                if name != "tiny":
+                    assert {"eager", "compile", "matmuls"} <= set(pre["methods"]), (op, name)
