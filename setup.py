@@ -1,7 +1,8 @@
 """Build: maps kernels/ -> celoss.kernels and cpu/ -> celoss.cpu, compiles the OpenMP CPU kernels.
 
 The CPU kernels are portable x86-64 by default; the hot loops carry per-ISA clones
-(AVX-512 / AVX2 / baseline) chosen at load time (see cpu/ce_rows.h). Set
+(AVX-512 / AVX2 / baseline) chosen at load time, and bf16 stores use AVX512-BF16 where the CPU has
+it (a target attribute plus a cpuid check at load: no build flag; see cpu/ce_rows.h). Set
 CELOSS_NATIVE=1 to build for the host CPU only, CELOSS_NO_EXT=1 to skip the compiled
 kernels (CPU calls then run the torch reference backend). The metadata is in pyproject.toml.
 """

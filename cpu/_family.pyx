@@ -32,6 +32,7 @@ cdef extern from "family.h" nogil:
         int64_t C, ws0, ws1, ps0, ps1
         double coef, alpha, gamma
     int FAM_CHUNK
+    int ce_use_hw_bf16(int on)
     double fam_distill_row_f32(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
                                int64_t y, double coef, void *g, int gdt)
     double fam_distill_row_f64(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
@@ -159,3 +160,8 @@ def binary(int64_t R, int64_t C, size_t x, int xdt, size_t y, int ydt, size_t w,
         else:
             v = fam_binary_seg_f32(&c, off, n, row, c0)
             pf[k] = <float>v
+
+
+def use_avx512bf16(on=None):
+    """As celoss.cpu._kernels.use_avx512bf16, for this module's bf16 stores (its own copy)."""
+    return bool(ce_use_hw_bf16(-1 if on is None else int(bool(on))))

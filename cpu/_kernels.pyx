@@ -25,6 +25,8 @@ cdef extern from "ce_rows.h" nogil:
     void ce_stats_row(int dt, const ce_opts *o, const void *x, int64_t y, const void *w, void *out)
     void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g, int64_t y, const void *w,
                      const void *lse, const void *abd)
+    int ce_use_hw_bf16(int on)
+    void ce_f2bf_row(const float *src, unsigned short *dst, int64_t n)
 
 cdef inline int64_t first_bad(const int64_t *y, int64_t n, int64_t C,
                               int64_t ignore_index) noexcept nogil:
@@ -108,3 +110,17 @@ def grad(int dt, int64_t N, int64_t C, size_t x, int64_t sx, size_t g, int64_t s
     for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
         ce_grad_row(dt, &o, xb + n * sx * isz, gb + n * sg * isz, yp[n], <const void *>w,
                     <char *>lse + n * asz, <char *>abd + 3 * n * asz)
+
+
+def use_avx512bf16(on=None):
+    """Store bf16 gradients with vcvtneps2bf16 (``on`` true, where the CPU has AVX512-BF16; the
+    default unless CELOSS_NO_AVX512BF16=1 was set at import) or with the portable integer rounding
+    (false); None: no change. Returns whether the instruction is used now. Call it between kernel
+    calls only."""
+    return bool(ce_use_hw_bf16(-1 if on is None else int(bool(on))))
+
+
+def to_bf16(size_t src, size_t dst, int64_t n):
+    """n float32 values at ``src`` rounded to bfloat16 at ``dst``, as the gradient stores do."""
+    with nogil:
+        ce_f2bf_row(<const float *>src, <unsigned short *>dst, n)

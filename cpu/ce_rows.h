@@ -11,7 +11,9 @@
  * with -fopt-info-vec); the row functions are cloned for AVX-512, AVX2+FMA and baseline x86-64
  * and picked at load time (target_clones), so the build needs no -march. Every dtype shares one
  * template (bottom of this file), instantiated per storage dtype by per_dtype.h: fp32/fp16/bf16
- * accumulate in fp32, fp64 in fp64.
+ * accumulate in fp32, fp64 in fp64. fp16/bf16 rows: a shorter exp polynomial (ce_expf_lowp) and
+ * gradients narrowed in L1-sized pieces, bf16 ones through vcvtneps2bf16 where the CPU has
+ * AVX512-BF16 (ce_f2bf_row, chosen at load time, with a portable fallback).
  *
  * NaN/inf: pass 1 also flags NaN; a row with a NaN, a +inf z or only -inf gets NaN lse, loss and
  * gradient, like torch's log_softmax (ce_exp() itself does not propagate NaN); an ignored row has
@@ -23,6 +25,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CE_INLINE static inline __attribute__((always_inline))
@@ -44,6 +47,7 @@
 #ifndef CE_CHUNK
 #define CE_CHUNK 1024 /* classes per chunk: passes 1 and 2 of a chunk run over it in L1 */
 #endif
+#define CE_NARROW_PIECE 256 /* 16-bit gradients: fp32 values per narrowing call (1 KiB) */
 #define CE_MAX_CHUNKS 1024 /* per-chunk (max, sum) slots on the stack; longer rows: longer chunks */
 
 enum { CE_F32 = 0, CE_F64 = 1, CE_F16 = 2, CE_BF16 = 3 };
@@ -86,6 +90,50 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
     return (uint16_t)(r | sign >> 16);
 }
 
+/* ---- fp32 -> bf16 rows (the 16-bit gradient stores), dispatched at load time ----
+ * With AVX512-BF16, vcvtneps2bf16 (1 instruction for 16 values; the integer rounding above is
+ * about 8). Both round to nearest even; the instruction also reads subnormal inputs as +-0 (bf16
+ * subnormals: an absolute difference < 1.2e-38) and keeps a NaN's sign. ce_use_hw_bf16(0) (or CELOSS_NO_AVX512BF16=1 at load) forces the portable loop:
+ * the tests compare the two. The pointer is written only from Python, between kernel calls. */
+typedef void (*ce_f2bf_fn)(const float *src, uint16_t *dst, int64_t n);
+static CE_CLONES void ce_f2bf_sw(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) dst[j] = ce_f2bf(src[j]);
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define CE_HW_BF16 1
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+ce_f2bf_hw(const float *src, uint16_t *dst, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(dst + j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+    if (j < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        _mm256_mask_storeu_epi16(dst + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j)));
+    }
+}
+#else
+#define CE_HW_BF16 0
+#endif
+static ce_f2bf_fn ce_f2bf_row = ce_f2bf_sw;
+/* on > 0: use vcvtneps2bf16 where the CPU has it, 0: the portable loop, < 0: no change. Returns
+ * whether the instruction is used now. */
+static int ce_use_hw_bf16(int on) {
+#if CE_HW_BF16
+    __builtin_cpu_init();
+    if (on >= 0) ce_f2bf_row = on && __builtin_cpu_supports("avx512bf16") ? ce_f2bf_hw : ce_f2bf_sw;
+    return ce_f2bf_row == ce_f2bf_hw;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+__attribute__((constructor)) static void ce_init_hw_bf16(void) {
+    const char *off = getenv("CELOSS_NO_AVX512BF16");
+    ce_use_hw_bf16(!(off && *off && strcmp(off, "0") != 0));
+}
+
 /* ---- exp and tanh: x = n ln2 + r, polynomial for e^r, 2^n through the exponent bits ----
  * For x <= 88 (beyond: garbage; the kernels only use x <= ~0); below -87.3 the result is +0 or a
  * denormal of about the right size, exp(-inf) = +0. NaN is not propagated: rows with a NaN are
@@ -101,18 +149,25 @@ CE_INLINE uint16_t ce_f2h(float f) { /* round to nearest even (F. Giesen's float
 CE_INLINE int32_t ce_clamp32(int32_t a, int32_t lo, int32_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
 CE_INLINE int64_t ce_clamp64(int64_t a, int64_t lo, int64_t hi) { return a < lo ? lo : (a > hi ? hi : a); }
 
-CE_INLINE float ce_expf(float x) {
+CE_INLINE float ce_expf_poly(float x, const int lowp) {
     const float M = 12582912.0f + 127.0f; /* 1.5 2^23 + exponent bias: n + 127 in the low bits */
     uint32_t kb = (uint32_t)ce_clamp32((int32_t)ce_f2u(x * 1.44269504f + M), 0x4b400000 - 100,
                                        0x4b4000fe); /* n in [-227, 127] */
     float n = ce_u2f(kb) - M;
     uint32_t rb = ce_f2u(x - n * 0.693147182f); /* one fma: ln2 - (float)ln2 = 1.9e-9 */
     float r = ce_u2f(rb < 0xbf800000u ? rb : 0xbf800000u); /* r >= -1 (x = -inf) */
-    float q = 1.3814593030815068e-3f; /* e^r: degree-6 minimax with exact 1 + r, 3e-9 */
-    q = q * r + 8.368708362507856e-3f;
-    q = q * r + 4.1668387524302165e-2f;
-    q = q * r + 1.666652070223355e-1f;
-    q = q * r + 4.9999993451752395e-1f;
+    float q;
+    if (lowp) { /* degree 4, 5.4e-6: for 16-bit storage (bf16 rounds to 2e-3), 2 FMAs fewer */
+        q = 4.127765227700239e-2f;
+        q = q * r + 1.675353143450736e-1f;
+        q = q * r + 5.000511830165396e-1f;
+    } else { /* e^r: degree-6 minimax with exact 1 + r, 3e-9 */
+        q = 1.3814593030815068e-3f;
+        q = q * r + 8.368708362507856e-3f;
+        q = q * r + 4.1668387524302165e-2f;
+        q = q * r + 1.666652070223355e-1f;
+        q = q * r + 4.9999993451752395e-1f;
+    }
     q = q * r + 1.0f;
     q = q * r + 1.0f;
     /* times 2^n by adding n to the exponent (an integer op, not a multiply); below the normal
@@ -120,6 +175,10 @@ CE_INLINE float ce_expf(float x) {
     int32_t e = (int32_t)(ce_f2u(q) + ((kb - 0x4b40007fu) << 23));
     return ce_u2f((uint32_t)(e > 0 ? e : 0));
 }
+CE_INLINE float ce_expf(float x) { return ce_expf_poly(x, 0); }
+/* The exp of the bulk loops of 16-bit rows (their p_j and sums): 5.4e-6 relative error, far
+ * below a bf16/fp16 rounding of the loss and gradient, which is all that is returned of them. */
+CE_INLINE float ce_expf_lowp(float x) { return ce_expf_poly(x, 1); }
 CE_INLINE double ce_expd(double x) {
     const double M = 6755399441055744.0 + 1023.0; /* 1.5 2^52 + exponent bias */
     int64_t t;
@@ -200,19 +259,30 @@ static inline int64_t ce_chunk_len(int64_t C) {
     return L > CE_CHUNK ? L : CE_CHUNK;
 }
 
-/* Calls FN(args..., capped, e, lin, has_w, has_t) with compile-time flags, so every combination
+/* The logit transform z(x) of a row, a compile-time flag of the loops: */
+enum { CE_SCALED = 0, /* z = scale x */
+       CE_CAPPED = 1, /* z = softcap tanh(scale x / softcap) */
+       CE_UNIT = 2 }; /* z = x (scale 1, no softcap): no product, so no guard against FMA (ce_z) */
+static inline int ce_mode_of(const ce_opts *o) {
+    return o->softcap > 0 ? CE_CAPPED : (o->scale == 1 ? CE_UNIT : CE_SCALED);
+}
+
+/* Calls FN(args..., mode, e, lin, has_w, has_t) with compile-time flags, so every combination
  * gets its own branch-free vectorized loop (e: the exp row buffer, only without softcap). */
-#define CE_LIN_VARIANTS(FN, capped, e, lin, has_w, has_t, ...)                                    \
-    if (!(lin)) FN(__VA_ARGS__, capped, e, 0, 0, 0);                                              \
-    else if (!(has_w) && !(has_t)) FN(__VA_ARGS__, capped, e, 1, 0, 0);                           \
-    else if (!(has_w)) FN(__VA_ARGS__, capped, e, 1, 0, 1);                                       \
-    else if (!(has_t)) FN(__VA_ARGS__, capped, e, 1, 1, 0);                                       \
-    else FN(__VA_ARGS__, capped, e, 1, 1, 1);
-#define CE_SPECIALIZE(FN, capped, e, lin, has_w, has_t, ...)                                      \
+#define CE_LIN_VARIANTS(FN, mode, e, lin, has_w, has_t, ...)                                      \
+    if (!(lin)) FN(__VA_ARGS__, mode, e, 0, 0, 0);                                                \
+    else if (!(has_w) && !(has_t)) FN(__VA_ARGS__, mode, e, 1, 0, 0);                             \
+    else if (!(has_w)) FN(__VA_ARGS__, mode, e, 1, 0, 1);                                         \
+    else if (!(has_t)) FN(__VA_ARGS__, mode, e, 1, 1, 0);                                         \
+    else FN(__VA_ARGS__, mode, e, 1, 1, 1);
+#define CE_E_VARIANTS(FN, mode, e, lin, has_w, has_t, ...)                                        \
+    if (e) { CE_LIN_VARIANTS(FN, mode, 1, lin, has_w, has_t, __VA_ARGS__) }                       \
+    else { CE_LIN_VARIANTS(FN, mode, 0, lin, has_w, has_t, __VA_ARGS__) }
+#define CE_SPECIALIZE(FN, mode, e, lin, has_w, has_t, ...)                                        \
     do {                                                                                          \
-        if (capped) { CE_LIN_VARIANTS(FN, 1, 0, lin, has_w, has_t, __VA_ARGS__) }                 \
-        else if (e) { CE_LIN_VARIANTS(FN, 0, 1, lin, has_w, has_t, __VA_ARGS__) }                 \
-        else { CE_LIN_VARIANTS(FN, 0, 0, lin, has_w, has_t, __VA_ARGS__) }                        \
+        if ((mode) == CE_CAPPED) { CE_LIN_VARIANTS(FN, CE_CAPPED, 0, lin, has_w, has_t, __VA_ARGS__) } \
+        else if ((mode) == CE_UNIT) { CE_E_VARIANTS(FN, CE_UNIT, e, lin, has_w, has_t, __VA_ARGS__) } \
+        else { CE_E_VARIANTS(FN, CE_SCALED, e, lin, has_w, has_t, __VA_ARGS__) }                   \
     } while (0)
 
 #define CE_ROW_TEMPLATE
@@ -246,6 +316,11 @@ static inline void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g,
 
 #else /* ---- row template: one storage dtype (parameters: see per_dtype.h) ---- */
 
+#if CE_NARROW
+#define CE_EXP ce_expf_lowp
+#else
+#define CE_EXP ce_exp
+#endif
 /* The logit transform, copied out of ce_opts so the loops keep it in registers. */
 typedef struct { CE_ACC scale, k, cap; } CE_F(ce_tr);
 CE_INLINE CE_F(ce_tr) CE_F(ce_tr_of)(const ce_opts *o) {
@@ -253,16 +328,17 @@ CE_INLINE CE_F(ce_tr) CE_F(ce_tr_of)(const ce_opts *o) {
                       (CE_ACC)o->softcap};
     return tr;
 }
-/* z rounded to CE_ACC, as torch rounds it. The build contracts a product followed by a sum into
+/* z rounded to CE_ACC, as torch rounds it (CE_SCALED, CE_CAPPED). The build contracts a product followed by a sum into
  * one FMA (-ffp-contract=fast, on in the FMA clones), so z - shift would be the exact product minus
  * the rounded row max: for |z| > 2^31 (fp32) that is up to +ulp(z)/2 > 88 above the max, and exp
  * overflows. min(z, +inf) is the identity on non-NaN z, so it survives as one vminps that takes the
  * product out of reach of contraction (NaN becomes +inf: rows with a NaN are flagged in pass 1
- * and handled apart). */
+ * and handled apart). CE_UNIT has no product: z - shift is a plain subtraction, without the vminps. */
 CE_INLINE CE_ACC CE_F(ce_rounded)(CE_ACC z) { return z < (CE_ACC)INFINITY ? z : (CE_ACC)INFINITY; }
-/* z = cap tanh(k x) (k = scale / cap) when capped, else scale x; *dz = dz/dx. */
-CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int capped, CE_ACC *dz) {
-    if (!capped) { *dz = tr.scale; return CE_F(ce_rounded)(tr.scale * x); }
+/* z = cap tanh(k x) (k = scale / cap) when capped, else scale x (x for CE_UNIT); *dz = dz/dx. */
+CE_INLINE CE_ACC CE_F(ce_z)(CE_ACC x, CE_F(ce_tr) tr, const int mode, CE_ACC *dz) {
+    if (mode == CE_UNIT) { *dz = 1; return x; }
+    if (mode == CE_SCALED) { *dz = tr.scale; return CE_F(ce_rounded)(tr.scale * x); }
     CE_ACC th = ce_tanh(x * tr.k);
     *dz = tr.scale * (1 - th * th);
     return CE_F(ce_rounded)(tr.cap * th);
@@ -288,11 +364,11 @@ CE_INLINE CE_ACC CE_F(ce_max_body)(const CE_T *x, int64_t n, const int neg, int 
     *has_nan = a > inf;
     return neg ? -m : m;
 }
-CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const int capped,
+CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const int mode,
                               int *has_nan) {
     CE_ACC dz, m = tr.scale < 0 ? CE_F(ce_max_body)(x, n, 1, has_nan)
                                 : CE_F(ce_max_body)(x, n, 0, has_nan);
-    return CE_F(ce_z)(m, tr, capped, &dz);
+    return CE_F(ce_z)(m, tr, mode, &dz);
 }
 
 /* u_j = w_j (c1 t_j + c0), w_j = 1 without has_w, t_j = 0 without has_t. */
@@ -304,12 +380,12 @@ CE_INLINE CE_ACC CE_F(ce_max)(const CE_T *x, int64_t n, CE_F(ce_tr) tr, const in
  * in place): j is read before it is written. */
 CE_INLINE void CE_F(ce_sums)(const CE_ACC *xa, const CE_T *t, const CE_ACC *w, CE_ACC *E, int64_t n,
                              CE_F(ce_tr) tr, CE_ACC shift, CE_ACC c1, CE_ACC c0, CE_ACC out[3],
-                             const int centered, const int capped, const int e, const int lin,
+                             const int centered, const int mode, const int e, const int lin,
                              const int has_w, const int has_t) {
     CE_ACC s = 0, su = 0, suz = 0;
 #pragma omp simd reduction(+ : s, su, suz)
     for (int64_t j = 0; j < n; j++) {
-        CE_ACC dz, z = CE_F(ce_z)(xa[j], tr, capped, &dz), d = z - shift, p = ce_exp(d);
+        CE_ACC dz, z = CE_F(ce_z)(xa[j], tr, mode, &dz), d = z - shift, p = CE_EXP(d);
         s += p;
         if (e) E[j] = p;
         if (lin) {
@@ -343,7 +419,7 @@ CE_INLINE const CE_ACC *CE_F(ce_widen)(const CE_T *x, int64_t n, CE_ACC *buf) {
 CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, CE_ACC *E,
                                  CE_T *pf, int64_t C, int64_t L, CE_F(ce_tr) tr, CE_ACC c1,
                                  CE_ACC c0, CE_ACC *mk, CE_ACC *sk, CE_ACC *row_max,
-                                 double lin[2], int *has_nan, const int centered, const int capped,
+                                 double lin[2], int *has_nan, const int centered, const int mode,
                                  const int e, const int lin_, const int has_w, const int has_t) {
     CE_ACC m = -INFINITY, out[3], buf[CE_NARROW ? CE_CHUNK : 1];
     CE_ACC uk[CE_MAX_CHUNKS], uzk[CE_MAX_CHUNKS]; /* per chunk: sum u_j, sum u_j (z_j - shift_k) */
@@ -351,7 +427,7 @@ CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, 
     for (int64_t k = 0, j0 = 0; j0 < C; k++, j0 += L) {
         const int64_t n = C - j0 < L ? C - j0 : L;
         int nk;
-        mk[k] = CE_F(ce_max)(x + j0, n, tr, capped, &nk);
+        mk[k] = CE_F(ce_max)(x + j0, n, tr, mode, &nk);
         const CE_ACC shift = isfinite(mk[k]) ? mk[k] : 0;
         sk[k] = uk[k] = uzk[k] = 0;
         for (int64_t i = j0; i < j0 + n; i += CE_CHUNK) { /* one piece unless C is huge */
@@ -360,7 +436,7 @@ CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, 
                 for (int64_t b = 0; b < ni * (int64_t)sizeof(CE_T); b += 64)
                     __builtin_prefetch((char *)(pf + i) + b, 1, 3);
             CE_F(ce_sums)(CE_F(ce_widen)(x + i, ni, buf), has_t ? t + i : t, has_w ? w + i : w,
-                          e ? E + i : E, ni, tr, shift, c1, c0, out, centered, capped, e, lin_, has_w,
+                          e ? E + i : E, ni, tr, shift, c1, c0, out, centered, mode, e, lin_, has_w,
                           has_t);
             sk[k] += out[0], uk[k] += out[1], uzk[k] += out[2];
         }
@@ -378,34 +454,59 @@ CE_INLINE void CE_F(ce_row_sums)(const CE_T *x, const CE_T *t, const CE_ACC *w, 
     *row_max = m;
 }
 
-/* Pass 3: g_j = (a exp(z_j - shift) - u_j) dz_j (u_j only with lin); with e, from pass 2's E_j
- * instead of x: chunk k scaled by a exp(mk[k] - shift) (then dz = scale). g may alias x or E: j is
- * read before it is written, so there is no loop-carried dependence (omp simd). */
-CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w,
-                              const CE_ACC *E, int64_t n, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a,
-                              CE_ACC c1, CE_ACC c0, const int capped, const int e, const int lin,
-                              const int has_w, const int has_t) {
+/* Pass 3: ga_j = (a exp(z_j - shift) - u_j) dz_j in the accumulation type (u_j only with lin);
+ * with e, from pass 2's E_j instead of x: chunk k scaled by a exp(mk[k] - shift) (then dz = scale).
+ * ga may alias x or E: j is read before it is written, so there is no loop-carried dependence
+ * (omp simd). */
+CE_INLINE void CE_F(ce_grads_acc)(const CE_T *x, CE_ACC *ga, const CE_T *t, const CE_ACC *w,
+                                  const CE_ACC *E, int64_t n, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a,
+                                  CE_ACC c1, CE_ACC c0, const int mode, const int e, const int lin,
+                                  const int has_w, const int has_t) {
 #pragma omp simd
     for (int64_t j = 0; j < n; j++) {
-        CE_ACC dz = tr.scale, p = e ? E[j] : ce_exp(CE_F(ce_z)(CE_LOAD(x[j]), tr, capped, &dz) - shift);
-        g[j] = CE_STORE((a * p - (lin ? CE_U(j) : 0)) * dz);
+        CE_ACC dz = mode == CE_UNIT ? 1 : tr.scale,
+               p = e ? E[j] : CE_EXP(CE_F(ce_z)(CE_LOAD(x[j]), tr, mode, &dz) - shift);
+        ga[j] = (a * p - (lin ? CE_U(j) : 0)) * dz;
     }
 }
 #undef CE_U
+/* Pass 3 into the gradient row g. 16-bit g: pieces of CE_NARROW_PIECE computed in fp32 into an
+ * L1-resident buffer, then narrowed in one loop (bf16: ce_f2bf_row; into E itself instead, the
+ * lines to write back double the L2 traffic: measured slower). */
+CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w, CE_ACC *E,
+                              int64_t n, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1,
+                              CE_ACC c0, const int mode, const int e, const int lin,
+                              const int has_w, const int has_t) {
+#if CE_NARROW
+    CE_ACC buf[CE_NARROW_PIECE];
+    for (int64_t i = 0; i < n; i += CE_NARROW_PIECE) {
+        const int64_t ni = n - i < CE_NARROW_PIECE ? n - i : CE_NARROW_PIECE;
+        CE_F(ce_grads_acc)(x + i, buf, has_t ? t + i : t, has_w ? w + i : w, e ? E + i : E, ni, tr,
+                           shift, a, c1, c0, mode, e, lin, has_w, has_t);
+#if CE_DT == 3 /* bf16 */
+        ce_f2bf_row(buf, g + i, ni);
+#else
+        for (int64_t j = 0; j < ni; j++) g[i + j] = CE_STORE(buf[j]);
+#endif
+    }
+#else
+    CE_F(ce_grads_acc)(x, g, t, w, E, n, tr, shift, a, c1, c0, mode, e, lin, has_w, has_t);
+#endif
+}
 /* Pass 3 over the row (with e: chunk by chunk, scaled by a exp(mk[k] - shift)). */
 CE_INLINE void CE_F(ce_row_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_ACC *w,
-                                  const CE_ACC *E, int64_t C, int64_t L, const CE_ACC *mk,
+                                  CE_ACC *E, int64_t C, int64_t L, const CE_ACC *mk,
                                   CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1, CE_ACC c0,
-                                  const int capped, const int e, const int lin, const int has_w,
+                                  const int mode, const int e, const int lin, const int has_w,
                                   const int has_t) {
     if (!e) {
-        CE_F(ce_grads)(x, g, t, w, E, C, tr, shift, a, c1, c0, capped, e, lin, has_w, has_t);
+        CE_F(ce_grads)(x, g, t, w, E, C, tr, shift, a, c1, c0, mode, e, lin, has_w, has_t);
         return;
     }
     for (int64_t k = 0, j0 = 0; j0 < C; k++, j0 += L) {
         CE_ACC ak = mk[k] == -INFINITY ? 0 : a * ce_exp(mk[k] - shift);
         CE_F(ce_grads)(x + j0, g + j0, has_t ? t + j0 : t, has_w ? w + j0 : w, E + j0,
-                       C - j0 < L ? C - j0 : L, tr, shift, ak, c1, c0, capped, e, lin, has_w, has_t);
+                       C - j0 < L ? C - j0 : L, tr, shift, ak, c1, c0, mode, e, lin, has_w, has_t);
     }
 }
 
@@ -423,22 +524,22 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
                                          CE_ACC *lse_out, void *scratch) {
     const int64_t C = o->C, L = ce_chunk_len(C);
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
-    const int capped = o->softcap > 0, soft = t != NULL, counted = soft || y != o->ignore_index;
+    const int mode = ce_mode_of(o), soft = t != NULL, counted = soft || y != o->ignore_index;
     if (!soft && counted && (y < 0 || y >= C)) { /* never read out of bounds (the caller raises) */
         *loss = *lse_out = NAN;
         return;
     }
-    CE_ACC dzy = 0, zy = (!soft && counted) ? CE_F(ce_z)(CE_LOAD(x[y]), tr, capped, &dzy) : 0;
+    CE_ACC dzy = 0, zy = (!soft && counted) ? CE_F(ce_z)(CE_LOAD(x[y]), tr, mode, &dzy) : 0;
     double wy = counted && !soft && w ? (double)w[y] : 1.0;
     /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
-    CE_ACC *E = !g || !counted || capped ? NULL
+    CE_ACC *E = !g || !counted || mode == CE_CAPPED ? NULL
                 : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)scratch;
     const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], m;
     double sums[2];
     int nan;
-    CE_SPECIALIZE(CE_F(ce_row_sums), capped, E != NULL, lin, w != NULL, soft, x, t, w, E,
+    CE_SPECIALIZE(CE_F(ce_row_sums), mode, E != NULL, lin, w != NULL, soft, x, t, w, E,
                   E && (void *)E != (void *)g && (const void *)g != (const void *)x ? g : NULL,
                   C, L, tr, c1, c0, mk, sk, &m, sums, &nan, 1);
     if (nan || !isfinite(m)) {
@@ -464,7 +565,7 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
     /* p_j = exp(z_j - m) / s: z_j - m is exact where it matters, unlike z_j - (rounded lse) */
     const CE_ACC a = (CE_ACC)(coef * abd[0] / s);
     const CE_ACC gc1 = (CE_ACC)(coef * c1), gc0 = (CE_ACC)(coef * (soft ? c0 : abd[2]));
-    CE_SPECIALIZE(CE_F(ce_row_grads), capped, E != NULL, soft || abd[2] != 0, w != NULL, soft, x, g,
+    CE_SPECIALIZE(CE_F(ce_row_grads), mode, E != NULL, soft || abd[2] != 0, w != NULL, soft, x, g,
                   t, w, E, C, L, mk, tr, m, a, gc1, gc0);
     if (!soft) /* the target term, from z_y read before x may have been overwritten */
         g[y] = CE_STORE((CE_ACC)((a * ce_exp(zy - m) - coef * (abd[1] + abd[2] * wy)) * dzy));
@@ -477,18 +578,18 @@ static CE_CLONES void CE_F(ce_stats_row)(const ce_opts *o, const CE_T *x, int64_
                                          const CE_ACC *w, CE_ACC *out) {
     const int64_t C = o->C, L = ce_chunk_len(C), local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
-    const int capped = o->softcap > 0;
+    const int mode = ce_mode_of(o);
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], m, dz;
     double sums[2];
     int nan;
-    CE_SPECIALIZE(CE_F(ce_row_sums), capped, 0, 1, w != NULL, 0, x, NULL, w, NULL, NULL, C, L, tr, 0,
+    CE_SPECIALIZE(CE_F(ce_row_sums), mode, 0, 1, w != NULL, 0, x, NULL, w, NULL, NULL, C, L, tr, 0,
                   1, mk, sk, &m, sums, &nan, 0);
     double s = 0, shift = isfinite(m) ? m : 0; /* as celoss.stats.merge_all */
     for (int64_t k = 0; k * L < C; k++) s += mk[k] == -INFINITY ? 0 : sk[k] * exp((double)mk[k] - shift);
     out[0] = nan ? NAN : m;
     out[1] = nan ? NAN : (m == INFINITY ? INFINITY : (CE_ACC)s);
     const CE_ACC xy = y != o->ignore_index && local >= 0 && local < C ? CE_LOAD(x[local]) : 0;
-    out[2] = xy != xy ? xy : CE_F(ce_z)(xy, tr, capped, &dz);
+    out[2] = xy != xy ? xy : CE_F(ce_z)(xy, tr, mode, &dz);
     out[3] = nan ? NAN : (CE_ACC)sums[1];
 }
 
@@ -498,16 +599,17 @@ static CE_CLONES void CE_F(ce_grad_row)(const ce_opts *o, const CE_T *x, CE_T *g
                                         const CE_ACC *w, const CE_ACC *lse, const CE_ACC *abd) {
     const int64_t C = o->C, local = y - o->class_start;
     const CE_F(ce_tr) tr = CE_F(ce_tr_of)(o);
-    const int capped = o->softcap > 0, here = local >= 0 && local < C;
+    const int mode = ce_mode_of(o), here = local >= 0 && local < C;
     const CE_ACC l = *lse, A = abd[0], B = abd[1], D = abd[2];
     if (!isfinite(l)) {
         CE_F(ce_fill)(g, C, NAN);
         return;
     }
-    CE_ACC dzy = 0, zy = here ? CE_F(ce_z)(CE_LOAD(x[local]), tr, capped, &dzy) : 0; /* before g */
-    CE_SPECIALIZE(CE_F(ce_grads), capped, 0, D != 0, w != NULL, 0, x, g, NULL, w, NULL, C, tr, l, A,
+    CE_ACC dzy = 0, zy = here ? CE_F(ce_z)(CE_LOAD(x[local]), tr, mode, &dzy) : 0; /* before g */
+    CE_SPECIALIZE(CE_F(ce_grads), mode, 0, D != 0, w != NULL, 0, x, g, NULL, w, NULL, C, tr, l, A,
                   0, D);
     if (here)
         g[local] = CE_STORE((A * ce_exp(zy - l) - B - D * (w ? w[local] : 1)) * dzy);
 }
+#undef CE_EXP
 #endif /* CE_ROW_TEMPLATE */

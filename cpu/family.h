@@ -64,7 +64,7 @@ CE_INLINE void fam_st_f32(void *base, int dt, int64_t off, int64_t n, const floa
     }
     uint16_t *h = (uint16_t *)base + off;
     if (dt == CE_BF16) {
-        for (int64_t j = 0; j < n; j++) h[j] = ce_f2bf(src[j]);
+        ce_f2bf_row(src, h, n); /* vcvtneps2bf16 where present (ce_rows.h) */
     } else {
         for (int64_t j = 0; j < n; j++) h[j] = ce_f2h(src[j]);
     }

@@ -1,5 +1,6 @@
 """The OpenMP/Cython row kernels (celoss.backends.cython) against the reference backend and a
 float64 PyTorch oracle (F.cross_entropy / log_softmax on the transformed logits, autograd)."""
+import contextlib
 import math
 import os
 import pathlib
@@ -449,7 +450,7 @@ SCALED_DTYPES = {torch.float32: 1e10, torch.float64: 1e30, torch.bfloat16: 1e10,
 
 
 @pytest.mark.parametrize("dtype", list(SCALED_DTYPES), ids=str)
-@pytest.mark.parametrize("scale", [0.7, 1.1])
+@pytest.mark.parametrize("scale", [0.7, 1.0, 1.1])  # 1.0: the CE_UNIT loops (no product to guard)
 @pytest.mark.parametrize("kw", [{}, dict(z_loss=1e-3), dict(softcap="big")], ids=["plain", "zloss", "softcap"])
 def test_issue11_scaled_huge_logits_are_finite(dtype, scale, kw):
     """Item 5: |scale x| far beyond 2^31 gave NaN: the FMA-contracted z_j - max was the exact product
@@ -468,8 +469,8 @@ def test_issue11_scaled_huge_logits_are_finite(dtype, scale, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kw", [dict(logit_scale=0.7), dict(logit_scale=1.1, softcap=1e9)],
-                         ids=["scale", "softcap"])
+@pytest.mark.parametrize("kw", [dict(logit_scale=0.7), dict(logit_scale=1.0),
+                                dict(logit_scale=1.1, softcap=1e9)], ids=["scale", "unit", "softcap"])
 def test_issue11_scaled_huge_logits_stats_and_grad_kernels(dtype, kw):
     """Item 5 on the kernels of linear CE and celoss.distributed: ce_stats (checked against the
     reference backend) and ce_grad, through linear_cross_entropy with a gradient through the lse."""
@@ -546,3 +547,114 @@ def test_issue11_zloss_with_inf_logit_is_nan_like_pytorch(backend):
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
     assert torch.isnan(x.grad[0]).all() and torch.isfinite(x.grad[1]).all()
     check_against_composition(backend, x.detach(), y, "none", z_loss=1e-3)
+
+
+# ---- issue 16: bf16 stores with vcvtneps2bf16 (AVX512-BF16) and with the portable rounding ----
+def _bf16_modules():
+    from celoss.cpu import _family, _kernels
+    return _kernels, _family
+
+
+@contextlib.contextmanager
+def bf16_stores(hw):
+    """Both extension modules (each has its own switch) store bf16 with the instruction (hw) or
+    the portable loop; skips when hw is asked for and the CPU lacks AVX512-BF16."""
+    mods = _bf16_modules()
+    before = [m.use_avx512bf16() for m in mods]
+    try:
+        used = [m.use_avx512bf16(hw) for m in mods]
+        if hw and not all(used):
+            pytest.skip("this CPU has no AVX512-BF16")
+        assert not any(used) if not hw else all(used)
+        yield
+    finally:
+        for m, b in zip(mods, before):
+            m.use_avx512bf16(b)
+
+
+def _round_bf16(x32, hw):
+    out = torch.empty(x32.shape, dtype=torch.bfloat16)
+    with bf16_stores(hw):
+        _bf16_modules()[0].to_bf16(x32.data_ptr(), out.data_ptr(), x32.numel())
+    return out
+
+
+@pytest.mark.parametrize("hw", [False, True], ids=["portable", "avx512bf16"])
+def test_issue16_bf16_store_rounds_like_torch(hw):
+    """Round to nearest even (ties both ways, carries into the exponent, overflow to inf) as
+    torch's own float32 -> bfloat16; NaN stays NaN. The instruction takes subnormal inputs as zero
+    of the same sign (an absolute difference below 2^-126)."""
+    gen = torch.Generator().manual_seed(16)
+    bits = torch.randint(-2**31, 2**31, (200_000,), generator=gen, dtype=torch.int64)
+    low = torch.tensor([0x0000, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    hi = torch.randint(0, 2**16, (2000,), generator=gen, dtype=torch.int64)
+    ties = ((hi[:, None] << 16) | low).flatten()  # exact ties with even and odd bf16, both signs
+    special = torch.tensor([0x7F7FFFFF, 0x7F7F8000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001,
+                            0x00000001, 0x007FFFFF, 0x00800000, 0x80000001, 0x0, 0x80000000,
+                            0x3F7F8000, 0x3F808000], dtype=torch.int64)
+    allb = torch.cat([bits, ties, special, special | (1 << 31)])
+    x = ((allb + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
+    want, ours = x.to(torch.bfloat16), _round_bf16(x, hw)
+    nan = torch.isnan(x)
+    assert torch.isnan(ours[nan].float()).all()
+    w, o = want[~nan].view(torch.int16), ours[~nan].view(torch.int16)
+    subnormal = (x[~nan].abs() < 2.0**-126) & (x[~nan] != 0)  # as in fp32: the same exponent range
+    assert subnormal.any() and (w[~subnormal] == o[~subnormal]).all()
+    if hw:  # read and written as zero, sign kept
+        assert (o[subnormal] & 0x7FFF == 0).all() and ((o[subnormal] < 0) == (w[subnormal] < 0)).all()
+    else:
+        assert (w[subnormal] == o[subnormal]).all()
+
+
+def test_issue16_bf16_kernels_agree_with_and_without_avx512bf16():
+    """Every bf16 store path gives the same bits through the instruction and the portable loop
+    (no subnormal values here): cross-entropy (index / soft targets, the exp row kept or
+    recomputed under softcap, the blocked grad kernel), distillation and sigmoid focal loss."""
+    gen = torch.Generator().manual_seed(3)
+    n, c = 5, 4099
+    x = (torch.randn(n, c, generator=gen) * 3).bfloat16()
+    t = (torch.randn(n, c, generator=gen) * 2).bfloat16()
+    y = torch.randint(0, c, (n,), generator=gen)
+    soft = torch.softmax(t.float(), 1).bfloat16()
+    coef = torch.linspace(0.5, 2.0, n)
+
+    def run():
+        out = []
+        for kw in ({}, dict(label_smoothing=0.1, logit_scale=0.7), dict(softcap=5.0)):
+            for target, s in ((y, None), (None, soft)):
+                g = torch.empty_like(x)
+                out += [*cy.ce_fused(x, target, s, None, coef, g, **opts(**kw)), g]
+        lse = torch.logsumexp(x.float(), 1)
+        abd = torch.rand(n, 3, generator=torch.Generator().manual_seed(1))
+        g = torch.empty_like(x)
+        cy._K.grad(3, n, c, x.data_ptr(), c, g.data_ptr(), c, y.data_ptr(), 0, lse.data_ptr(),
+                   abd.data_ptr(), class_start=0, logit_scale=1.0, softcap=None, num_threads=2)
+        out.append(g)
+        for kind in ("kl", "reverse_kl", "jsd"):
+            xs = x.clone().requires_grad_()
+            celoss.distillation_loss(xs, t, temperature=2.0, kind=kind, backend="cython").backward()
+            out.append(xs.grad)
+        xs = x.clone().requires_grad_()
+        prob = torch.sigmoid(t.float()).bfloat16()
+        loss = celoss.sigmoid_focal_loss(xs, prob, alpha=0.25, gamma=2.0, reduction="none",
+                                         backend="cython")
+        loss.backward(torch.rand(n, c, generator=torch.Generator().manual_seed(2)).bfloat16())
+        return out + [loss.detach(), xs.grad]
+
+    with bf16_stores(True):
+        hw = run()
+    with bf16_stores(False):
+        sw = run()
+    assert len(hw) == len(sw)
+    for a, b in zip(hw, sw):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_issue16_no_avx512bf16_environment_variable():
+    """CELOSS_NO_AVX512BF16=1 at import selects the portable bf16 stores in every module."""
+    code = ("from celoss.cpu import _kernels, _family; "
+            "print(_kernels.use_avx512bf16(), _family.use_avx512bf16())")
+    env = {**os.environ, "CELOSS_NO_AVX512BF16": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
