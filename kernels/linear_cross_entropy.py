@@ -38,8 +38,8 @@ contention, bit-reproducible results. The price is FLOPs: a G tile costs the ful
 ``2 BLOCK_M BLOCK_V D`` while a program only uses it for ``BLOCK_N`` columns of D, so the logits
 are recomputed ``ceil(D / BLOCK_N)`` times in each kernel; the backward costs about
 ``2 + ceil(D / BLOCK_N_dx) + ceil(D / BLOCK_N_dw)`` GEMMs of ``M x V x D`` (4 when D fits one
-block; 56 at D = 2304 with the 16-bit tiles below, whose BLOCK_N the register budget caps at 64 /
-128) against 3 for a kernel that forms each tile once and accumulates with atomics. This engine
+block; 38 at D = 2304 with the 16-bit tiles below, whose BLOCK_N = 128 the register budget caps)
+against 3 for a kernel that forms each tile once and accumulates with atomics. This engine
 is the smallest-memory option (no logits, not even a chunk); the chunked engine of
 :mod:`celoss.linear_cross_entropy` (cuBLAS products on a bounded logits chunk) is the fast one.
 
