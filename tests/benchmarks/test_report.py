@@ -200,3 +200,12 @@ def test_issue15_plots_write_an_overview_and_scaling_figures_with_a_speedup_pane
     assert {l.get_label() for l in speedup.get_lines()} >= {"celoss-cython vs eager",
                                                             "celoss-cython vs torch.compile"}
     assert fig.axes[2].get_yscale() == "symlog"
+    # the two speed-ups of one method differ in line style and marker fill, in the legend too; the
+    # log axis says "x" on its ticks
+    lines = {l.get_label(): l for l in speedup.get_lines()}
+    eager, compiled = lines["celoss-cython vs eager"], lines["celoss-cython vs torch.compile"]
+    assert eager.get_linestyle() != compiled.get_linestyle()
+    assert compiled.get_markerfacecolor() == "none" != eager.get_markerfacecolor()
+    assert speedup.get_legend().handlelength >= 3
+    fig.canvas.draw()
+    assert all(t.get_text().endswith("x") for t in speedup.get_yticklabels() if t.get_text())
