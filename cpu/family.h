@@ -463,7 +463,7 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
 
 /* binary: one element */
 CE_INLINE void CE_F(fam_bin)(R x, R y, R w, R pw, R alpha, R gamma, R *loss, R *dx, R *dy,
-                             const int focal, const int has_pw) {
+                             const int focal, const int has_pw, const int sq) {
     R ax = x < 0 ? -x : x, e = ce_exp(-ax), inv = 1 / (1 + e);
     R l1 = fam_log1p01(e), spn = (x < 0 ? -x : (R)0) + l1; /* softplus(-x) */
     R sgn = x >= 0 ? e * inv : inv;            /* sigmoid(-x) = 1 - p */
@@ -478,7 +478,8 @@ CE_INLINE void CE_F(fam_bin)(R x, R y, R w, R pw, R alpha, R gamma, R *loss, R *
     }
     R p = x >= 0 ? inv : e * inv, ce = (1 - y) * x + spn;
     R q = p * (1 - y) + y * sgn;
-    R mod = q > 0 ? ce_exp(gamma * fam_log(q)) : (gamma == 0 ? (R)1 : (R)0);
+    /* sq (gamma == 2, torchvision's default): q * q, as torch's pow does, without a log and an exp */
+    R mod = sq ? q * q : (q > 0 ? ce_exp(gamma * fam_log(q)) : (gamma == 0 ? (R)1 : (R)0));
     R at = alpha >= 0 ? alpha * y + (1 - alpha) * (1 - y) : (R)1;
     R rr = (1 - 2 * y) * (q > 0 ? p * sgn / (q > 0 ? q : (R)1) : (R)1);
     *loss = at * ce * mod;
@@ -489,12 +490,12 @@ CE_INLINE void CE_F(fam_bin)(R x, R y, R w, R pw, R alpha, R gamma, R *loss, R *
 /* binary: a chunk (loss into lb, gradients times the upstream up into gxb, gyb) */
 CE_INLINE R CE_F(fam_bloop)(const R *xp, const R *yp, const R *wb, const R *pb, const R *up, R *lb,
                             R *gxb, R *gyb, int64_t n, R alpha, R gamma, const int focal,
-                            const int has_pw) {
+                            const int has_pw, const int sq) {
     R total = 0;
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < n; j++) {
         R l, dx, dy;
-        CE_F(fam_bin)(xp[j], yp[j], wb[j], pb[j], alpha, gamma, &l, &dx, &dy, focal, has_pw);
+        CE_F(fam_bin)(xp[j], yp[j], wb[j], pb[j], alpha, gamma, &l, &dx, &dy, focal, has_pw, sq);
         total += l;
         lb[j] = l;
         gxb[j] = dx * up[j];
@@ -529,9 +530,11 @@ FAM_ATTR double CE_F(fam_binary_seg)(const fam_bcfg *c, int64_t off, int64_t n, 
     CE_F(fam_gather)(c->pw, c->ps0, c->ps1, row, c0, n, pb);
     const R alpha = (R)c->alpha, gamma = (R)c->gamma;
     R total = 0;
-    if (c->focal) total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 1, 0);
-    else if (c->pw) total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 1);
-    else total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 0);
+    if (c->focal && c->gamma == 2)
+        total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 1, 0, 1);
+    else if (c->focal) total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 1, 0, 0);
+    else if (c->pw) total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 1, 0);
+    else total = CE_F(fam_bloop)(xp, yp, wb, pb, up, lb, gxb, gyb, n, alpha, gamma, 0, 0, 0);
     if (c->loss) CE_F(fam_st)(c->loss, c->xdt, off, n, lb);
     if (c->gx) CE_F(fam_st)(c->gx, c->gxdt, off, n, gxb);
     if (c->gy) CE_F(fam_st)(c->gy, c->gydt, off, n, gyb);
