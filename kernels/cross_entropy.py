@@ -13,10 +13,12 @@ Kernels
 ``_ce_grad_kernel``   ``dz/dx * (A p - B [j == y] - D w)`` of a block of classes, given the full-row
                       lse and the row coefficients (A, B, D).
 
-The last two also run several programs per row, each over a contiguous range of classes
-(``splits``; grid (rows, splits)): the split-vocabulary mode of ``celoss.backends.triton.ce_fused``
-for few rows of many classes (:func:`split_count`), whose range statistics merge like those of
-vocab-parallel ranks.
+Split-vocabulary mode (few rows of many classes, :func:`split_count`): :func:`fused` launches the
+statistics kernel with several programs per row, each over a contiguous range of classes (grid
+(rows, splits), EXCLUDE_TARGET), then the fused kernel with SPLIT on the same grid: each program
+merges its row's range statistics (as ``celoss.stats.merge_all`` merges those of vocab-parallel
+ranks), derives loss and coefficients exactly as without a split, and writes its range's gradient.
+The gradient kernel takes the same grid.
 
 Launchers (``fused``, ``stats``, ``grad``) allocate the outputs, pick ``BLOCK`` / ``num_warps``
 (:func:`block_config`) and launch; nothing here knows about autograd or checks arguments beyond
@@ -39,8 +41,13 @@ from ._tl import class_weight, expm1, lane_finish, lane_update, log1m, row_coef,
 # without .maxnreg, ptxas picks its own occupancy-driven register target (64 for 512 threads,
 # 48-80 for 256) and spilled 8-24 bytes in 70 variants (mostly unaligned rows, whose unvectorized
 # loads need a 64-bit address per element); with .maxnreg 128 none spills and the heaviest variant
-# uses 96 registers (2 programs of 8 warps per SM at worst). BLOCK 8192 with 16 warps was dropped:
-# ptxas caps 512-thread programs at 64 registers and some fused variants spilled on sm_90a.
+# uses 96 registers (2 programs of 8 warps per SM at worst). BLOCK 8192 with 16 warps was dropped
+# without .maxnreg (ptxas capped 512-thread programs at 64 registers; fused variants spilled on
+# sm_90a). With .maxnreg 128 the heaviest 16-bit variants of every kernel compile without spills
+# on sm_80 and sm_90 (issue 12, 121-128 registers for probability targets), but a program then
+# fills an SM's register file alone: the same 16 warps per SM, 16 elements per thread and bytes
+# in flight as two 8-warp programs, so nothing predicts a gain; not adopted before a GPU
+# measurement says otherwise.
 MIN_BLOCK = 64
 MAX_BLOCK = 4096
 BLOCK_CONFIGS = tuple((1 << k, max(1, (1 << k) // 512)) for k in range(6, 13))
@@ -52,6 +59,7 @@ MAXNREG = 128
 # its (max, sumexp, target_z, weighted_z) write and the merge stay small against its reads.
 PROGRAMS_PER_SM = 2  # 8-warp programs at MAXNREG resident per SM (64K registers / (256 x 128))
 SPLIT_MIN_BLOCKS = 4
+MAX_SPLITS = tl.constexpr(64)  # the fused kernel merges up to this many range statistics per row
 FORCE_SPLITS = None  # tests: an int forces that many splits (where the split path applies)
 
 
@@ -66,11 +74,12 @@ def split_count(num_rows: int, num_classes: int, device: torch.device) -> int:
     blocks; 1 (no split) when the rows alone fill the device. ``FORCE_SPLITS`` overrides (tests:
     the interpreter has no multiprocessors)."""
     if FORCE_SPLITS is not None:
-        return int(FORCE_SPLITS)
+        return min(int(FORCE_SPLITS), MAX_SPLITS.value)
     if device.type != "cuda" or num_rows == 0:
         return 1
     wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), num_rows)
-    return max(1, min(wanted, num_classes // (SPLIT_MIN_BLOCKS * block_config(num_classes)[0])))
+    most = num_classes // (SPLIT_MIN_BLOCKS * block_config(num_classes)[0])
+    return max(1, min(wanted, most, MAX_SPLITS.value))
 
 
 def block_config(num_classes: int) -> tuple[int, int]:
@@ -160,12 +169,18 @@ def _focal_terms(lp, p_y, p_other, gamma):
 def _ce_fused_kernel(
     logits_ptr, stride_x, target_ptr, soft_ptr, stride_t, weight_ptr, wsum_ptr, coef_ptr,
     grad_ptr, stride_g, loss_ptr, lse_ptr, C, ignore_index, one_minus_eps, eps_over_c,
-    scale, softcap, inv_softcap, z_loss, gamma,
+    scale, softcap, inv_softcap, z_loss, gamma, split_ptr, num_splits, span,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SOFT_TARGET: tl.constexpr, IS_FOCAL: tl.constexpr,
     HAS_GRAD: tl.constexpr, PER_ROW_COEF: tl.constexpr, ALIGNED_GRAD: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Loss, lse and (HAS_GRAD) the gradient of one row (program_id(0) = row).
+
+    SPLIT (index targets; split-vocabulary mode): pass 1 is replaced by the merge of the row's
+    ``num_splits`` range statistics in ``split_ptr`` ((K, N, 4) from ``_ce_stats_kernel`` with
+    EXCLUDE_TARGET, so the merged (max, sumexp) are pass 1's), and program (row, k) writes the
+    gradient of classes [k span, (k + 1) span) only; split 0 stores loss and lse.
 
     Math (celoss/stats.py; z = transformed logits, p = softmax(z), w = class weights or 1,
     W = sum_c w_c, eps = label smoothing, lam = z-loss, y = target, lp = log p_y = z_y - lse):
@@ -213,29 +228,39 @@ def _ce_fused_kernel(
     # sm_90 (fp32 rows off the 16-byte grid); their unaligned gradient loop pays the conversion.
     CONTIGUOUS: tl.constexpr = ALIGNED_GRAD or HAS_SOFT_TARGET
 
-    # ---- pass 1: online statistics, per lane (no barrier in the loop), merged once ------------
-    m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
-    s_lane = tl.zeros((BLOCK,), tl.float32)
-    wz_lane = tl.zeros((BLOCK,), tl.float32)
-    mass = 0.0
-    for start in range(0, C, BLOCK):
-        cols = _block_cols(start, BLOCK, CONTIGUOUS)
-        mask = cols < C
-        # keep the row in L2 for pass 2 (the contract: one read of the logits from memory)
-        x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-        z, _ = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        if HAS_SOFT_TARGET:
-            m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
-        else:
-            m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask & (cols != y_out), z, -float("inf")))
-        if NEED_LIN:
-            v = _term_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
-                             HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
-            wz_lane += v * z
-            if HAS_SOFT_TARGET:  # a block sum, not a fourth lane vector: that one spilled
-                mass += tl.sum(v, axis=0)
-    m, s = lane_finish(m_lane, s_lane)
-    wz = tl.sum(wz_lane, axis=0)
+    if SPLIT:
+        # ---- the split statistics, merged as celoss.stats.merge_all does ---------------------
+        ks = tl.arange(0, MAX_SPLITS)
+        st = split_ptr + row * 4 + ks.to(tl.int64) * tl.num_programs(0) * 4
+        m, s = lane_finish(tl.load(st, mask=ks < num_splits, other=-float("inf")),
+                           tl.load(st + 1, mask=ks < num_splits, other=0.0))
+        wz = tl.sum(tl.load(st + 3, mask=ks < num_splits, other=0.0), axis=0)
+        # z_y from the statistics: in place, another split may already have overwritten x_y
+        z_y_split = tl.sum(tl.load(st + 2, mask=ks < num_splits, other=0.0), axis=0)
+    else:
+        # ---- pass 1: online statistics, per lane (no barrier in the loop), merged once --------
+        m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
+        s_lane = tl.zeros((BLOCK,), tl.float32)
+        wz_lane = tl.zeros((BLOCK,), tl.float32)
+        mass = 0.0  # (created after the lane vectors: the loop-carried order ptxas allocates best)
+        for start in range(0, C, BLOCK):
+            cols = _block_cols(start, BLOCK, CONTIGUOUS)
+            mask = cols < C
+            # keep the row in L2 for pass 2 (the contract: one read of the logits from memory)
+            x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
+            z, _ = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
+            if HAS_SOFT_TARGET:
+                m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
+            else:
+                m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask & (cols != y_out), z, -float("inf")))
+            if NEED_LIN:
+                v = _term_weight(weight_ptr, t_row, cols, mask, one_minus_eps, eps_over_c,
+                                 HAS_WEIGHT, HAS_SOFT_TARGET, HAS_SMOOTHING)
+                wz_lane += v * z
+                if HAS_SOFT_TARGET:  # a block sum, not a fourth lane vector: that one spilled
+                    mass += tl.sum(v, axis=0)
+        m, s = lane_finish(m_lane, s_lane)
+        wz = tl.sum(wz_lane, axis=0)
 
     # ---- loss and row coefficients -------------------------------------------------------
     d = 0.0
@@ -247,8 +272,11 @@ def _ce_fused_kernel(
         loss = mass * lse - wz + z_loss * lse * lse
         a = mass + 2.0 * z_loss * lse
     else:
-        x_y = tl.load(x_row + y)
-        z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
+        if SPLIT:
+            z_y = z_y_split
+        else:
+            x_y = tl.load(x_row + y)
+            z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
         lse, shift, s_all, p_y, p_other, lp = _merge_target(m, s, z_y, counted)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y, mask=counted, other=0.0).to(tl.float32)
@@ -281,8 +309,16 @@ def _ce_fused_kernel(
     # a NaN / +inf logit, or only -inf ones: PyTorch's log_softmax is NaN for the whole row
     finite_row = tl.abs(lse) < float("inf")
     loss = tl.where(counted & (finite_row == 0), float("nan"), loss)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    if SPLIT:
+        tl.store(loss_ptr + row, loss, mask=tl.program_id(1) == 0)
+        tl.store(lse_ptr + row, lse, mask=tl.program_id(1) == 0)
+        lo = tl.program_id(1) * span
+        hi = tl.minimum(lo + span, C)
+    else:
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+        lo = 0
+        hi = C
 
     # ---- pass 2: gradient ----------------------------------------------------------------
     if HAS_GRAD:
@@ -295,7 +331,7 @@ def _ce_fused_kernel(
         shift = tl.where(finite_row, shift, float("nan"))  # p_j = NaN for a non-finite row
         a_over_s = a / s_all
         g_y = tl.where(finite_row, g_y, float("nan"))
-        for start in range(0, C, BLOCK):
+        for start in range(lo, hi, BLOCK):
             cols = _block_cols(start, BLOCK, CONTIGUOUS)
             mask = cols < C
             x = tl.load(x_row + cols, mask=cols < n_read, other=0.0, eviction_policy="evict_first")
@@ -317,9 +353,12 @@ def _ce_stats_kernel(
     logits_ptr, stride_x, target_ptr, weight_ptr, out_ptr, C, span, class_start, ignore_index,
     scale, softcap, inv_softcap,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    EXCLUDE_TARGET: tl.constexpr,
 ):
     """(max, sumexp, target_z, weighted_z) of the classes [lo, lo + span) of one row (program_id(0)),
     lo = span * program_id(1) (the split), the row's classes numbered from class_start.
+    EXCLUDE_TARGET: (max, sumexp) leave the target class out, as the fused kernel's pass 1 does
+    (its split mode folds z_y back in without the 1 - p_y cancellation).
 
     target_z = z_y if the (non-ignored) target falls in the split, else 0;
     weighted_z = sum_j w_j z_j (w = 1 without class weights). Stored in out (splits, N, 4) float32.
@@ -333,6 +372,7 @@ def _ce_stats_kernel(
     local = y - class_start
     here = (local >= lo) & (local < hi) & (y != ignore_index)
     local = tl.where(here, local, 0)
+    y_col = tl.where(here, local, -1).to(tl.int32)  # valid: < C < 2^31
     m_lane = tl.full((BLOCK,), -float("inf"), tl.float32)
     s_lane = tl.zeros((BLOCK,), tl.float32)
     wz_lane = tl.zeros((BLOCK,), tl.float32)
@@ -341,14 +381,17 @@ def _ce_stats_kernel(
         mask = cols < C
         x = tl.load(x_row + cols, mask=mask, other=0.0)
         z, _ = transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP)
-        m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
+        if EXCLUDE_TARGET:
+            m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask & (cols != y_col), z, -float("inf")))
+        else:
+            m_lane, s_lane = lane_update(m_lane, s_lane, tl.where(mask, z, -float("inf")))
         wz_lane += class_weight(weight_ptr, cols, mask, HAS_WEIGHT) * z
     m, s = lane_finish(m_lane, s_lane)
     wz = tl.sum(wz_lane, axis=0)
     x_y = tl.load(x_row + local, mask=here, other=0.0)
     z_y, _ = transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP)
     z_y = tl.where(here, z_y, 0.0)
-    o = out_ptr + (tl.program_id(1) * tl.num_programs(0) + row) * 4
+    o = out_ptr + row * 4 + tl.program_id(1).to(tl.int64) * tl.num_programs(0) * 4
     tl.store(o, m)
     tl.store(o + 1, s)
     tl.store(o + 2, z_y)
@@ -411,8 +454,10 @@ def _ce_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_index, label_smoothing,
-               logit_scale, softcap, z_loss, focal_gamma):
-    """Kernel, grid, keyword arguments and launch options of :func:`fused`, plus (loss, lse)."""
+               logit_scale, softcap, z_loss, focal_gamma, split_stats=None):
+    """Kernel, grid, keyword arguments and launch options of :func:`fused`, plus (loss, lse).
+    ``split_stats``: (K, N, 4) range statistics of index-target rows (``stats_plan`` with
+    ``exclude_target``), K > 1: the split-vocabulary mode, K programs per row."""
     check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
     if c == 0 and n > 0:
@@ -435,6 +480,9 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
         target = target.contiguous()
     if has_grad:
         assert grad_out.shape[1] <= 1 or grad_out.stride(1) == 1
+    splits = 1 if split_stats is None else split_stats.shape[0]
+    span, count = split_span(c, splits, block)
+    assert count == splits and (splits == 1 or not has_soft), (count, splits)
     kwargs = with_flags(dict(
         logits_ptr=logits, stride_x=logits.stride(0),
         target_ptr=None if has_soft else target,
@@ -446,11 +494,12 @@ def fused_plan(logits, target, soft_target, weight, coef, grad_out, *, ignore_in
         loss_ptr=loss, lse_ptr=lse, C=c, ignore_index=int(ignore_index),
         one_minus_eps=1.0 - eps, eps_over_c=eps / max(c, 1),
         scale=scale, softcap=cap, inv_softcap=inv_cap, z_loss=float(z_loss or 0.0),
-        gamma=float(focal_gamma) if is_focal else 0.0,
+        gamma=float(focal_gamma) if is_focal else 0.0, split_ptr=split_stats, num_splits=splits, span=span,
         BLOCK=block, HAS_SMOOTHING=has_smoothing, HAS_SOFTCAP=softcap is not None, IS_FOCAL=is_focal,
         PER_ROW_COEF=has_grad and coef.numel() != 1, ALIGNED_GRAD=not has_grad or aligned16(grad_out),
-    ), HAS_WEIGHT="weight_ptr", HAS_SOFT_TARGET="soft_ptr", HAS_GRAD="grad_ptr")
-    return _ce_fused_kernel, (n,), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), (loss, lse)
+    ), HAS_WEIGHT="weight_ptr", HAS_SOFT_TARGET="soft_ptr", HAS_GRAD="grad_ptr", SPLIT="split_ptr")
+    grid = (n, splits if has_grad else 1)  # without a gradient, split 0 merges and stores alone
+    return _ce_fused_kernel, grid, kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), (loss, lse)
 
 
 def split_span(num_classes: int, splits: int, block: int) -> tuple[int, int]:
@@ -463,7 +512,8 @@ def split_span(num_classes: int, splits: int, block: int) -> tuple[int, int]:
     return span, max(triton.cdiv(num_classes, span), 1)
 
 
-def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap, splits=1):
+def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap, splits=1,
+               exclude_target=False):
     check_rows(logits, "logits", "cross-entropy")
     n, c = logits.shape
     scale, cap, inv_cap = softcap_args(logit_scale, softcap)
@@ -474,6 +524,7 @@ def stats_plan(logits, target, weight, *, class_start, ignore_index, logit_scale
         logits_ptr=logits, stride_x=logits.stride(0), target_ptr=target.contiguous(), weight_ptr=f32(weight),
         out_ptr=out, C=c, span=span, class_start=int(class_start), ignore_index=int(ignore_index),
         scale=scale, softcap=cap, inv_softcap=inv_cap, BLOCK=block, HAS_SOFTCAP=softcap is not None,
+        EXCLUDE_TARGET=exclude_target,
     ), HAS_WEIGHT="weight_ptr")
     return _ce_stats_kernel, (n, count), kwargs, dict(num_warps=num_warps, maxnreg=MAXNREG), out
 
@@ -504,12 +555,23 @@ def _row_major_out(out: torch.Tensor):
 
 def fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_index=-100,
           label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, focal_gamma=None):
-    """Per-row (loss, lse) float32 and, when ``grad_out`` is given, ``coef * dloss/dlogits``."""
+    """Per-row (loss, lse) float32 and, when ``grad_out`` is given, ``coef * dloss/dlogits``.
+
+    Few rows of many classes with index targets (:func:`split_count`) run split: range statistics
+    (``_ce_stats_kernel``, several programs per row), then the fused kernel merging them and writing
+    each range's gradient (two launches, no host synchronization)."""
     buf = None if grad_out is None else _row_major_out(grad_out)
+    split_stats = None
+    if soft_target is None and logits.dim() == 2:
+        splits = split_count(*logits.shape, logits.device)
+        if splits > 1 and split_span(logits.shape[1], splits, block_config(logits.shape[1])[0])[1] > 1:
+            split_stats = launch(stats_plan(logits, target, weight, class_start=0, ignore_index=ignore_index,
+                                            logit_scale=logit_scale, softcap=softcap, splits=splits,
+                                            exclude_target=True))
     loss, lse = launch(fused_plan(
         logits, target, soft_target, weight, coef, buf, ignore_index=ignore_index,
         label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
-        z_loss=z_loss, focal_gamma=focal_gamma))
+        z_loss=z_loss, focal_gamma=focal_gamma, split_stats=split_stats))
     if buf is not None and buf is not grad_out:
         grad_out.copy_(buf)
     return loss, lse

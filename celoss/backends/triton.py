@@ -14,7 +14,6 @@ from celoss.kernels import cross_entropy as _k
 from celoss.kernels import distillation as _kd
 from celoss.kernels import linear_cross_entropy as _lce
 
-from .. import stats as S
 from . import reference as _reference
 
 
@@ -33,47 +32,9 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
                                    ignore_index=ignore_index, label_smoothing=label_smoothing,
                                    logit_scale=logit_scale, softcap=softcap, z_loss=z_loss,
                                    focal_gamma=focal_gamma)
-    # probability targets have no split statistics: one program per row
-    splits = 1 if soft_target is not None else _k.split_count(*logits.shape, logits.device)
-    if splits > 1:
-        return _split_fused(logits, target, weight, coef, grad_out, splits, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
-                            z_loss=z_loss, focal_gamma=focal_gamma)
     return _k.fused(logits, target, soft_target, weight, coef, grad_out, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
                     z_loss=z_loss, focal_gamma=focal_gamma)
-
-
-def _split_fused(logits, target, weight, coef, grad_out, splits, *, ignore_index, label_smoothing,
-                 logit_scale, softcap, z_loss, focal_gamma):
-    """ce_fused with several programs per row (few rows, many classes: see
-    celoss.kernels.cross_entropy.split_count), composed as the vocab-parallel path is
-    (celoss.distributed): statistics of contiguous class ranges, merged
-    (celoss.stats.merge_all), turned into loss, lse and row coefficients
-    (celoss.stats.coefficients), then the gradient from the full-row lse and the coefficients
-    times the upstream ``coef`` (device tensors: no host synchronization)."""
-    n, c = logits.shape
-    counted = target != ignore_index
-    # an out-of-range target (unchecked under CUDA-graph capture) makes its row's loss NaN, as in
-    # the fused kernel; class 0 stands in for it so no lookup leaves the class range
-    bad = counted & ((target < 0) | (target >= c))
-    target = torch.where(bad, torch.zeros_like(target), target)
-    merged = S.merge_all(_k.stats(logits, target, weight, ignore_index=ignore_index,
-                                  logit_scale=logit_scale, softcap=softcap, splits=splits))
-    loss, lse, row_coefs = S.coefficients(merged, target, weight, num_classes=c, ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing, z_loss=z_loss,
-                                          focal_gamma=focal_gamma)
-    loss = torch.where(bad, torch.nan, loss)
-    if grad_out is not None:
-        # counted rows times their upstream gradient; ignored rows stay 0 * softmax whatever it is
-        # (exact zeros: the kernel skips rows with A = B = D = 0). A NaN / +inf logit, or only -inf
-        # ones, make the whole row's gradient NaN: A = NaN there, on every row, as in PyTorch.
-        scale = coef.to(torch.float32).reshape(-1, 1)
-        row_coefs = torch.where(counted[:, None], row_coefs * scale, 0.0)
-        row_coefs[:, 0] = torch.where(torch.isfinite(lse), row_coefs[:, 0], torch.nan)
-        _k.grad(logits, target, weight, lse, row_coefs, grad_out, logit_scale=logit_scale, softcap=softcap,
-                splits=splits)
-    return loss, lse
 
 
 def ce_stats(logits, target, weight, *, class_start, ignore_index, logit_scale, softcap):

@@ -358,6 +358,11 @@ def table_cases() -> list[tuple[str, str, dict]]:
                     label = f"ce {kernel}" + (f" ({mode})" if kernel == "fused" else "")
                     rows.append((label, "ce_plan", dict(kernel=kernel, dtype=dtype, block=block, aligned=True,
                                                         **flags)))
+            if kernel == "fused" and mode != "soft":  # the split-vocabulary mode (several blocks per row)
+                for dtype in ("float32", "bfloat16"):
+                    rows.append((f"ce fused ({mode}, split)", "ce_plan",
+                                 dict(kernel=kernel, dtype=dtype, block=ce.MAX_BLOCK, aligned=True,
+                                      **dict(flags, split=True))))
     for kernel in plans.LCE_KERNELS:
         for flags in plans.lce_cases(kernel, heaviest=True):
             for dtype in ("float32", "float16", "bfloat16"):

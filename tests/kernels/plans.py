@@ -24,12 +24,15 @@ CE_KERNELS = ("fused", "stats", "grad")
 
 
 def ce_plan(kernel="fused", dtype="bfloat16", block=ce.MAX_BLOCK, aligned=True, *, weight=False,
-             smoothing=False, softcap=False, soft_target=False, focal=False, grad=None):
+             smoothing=False, softcap=False, soft_target=False, focal=False, grad=None, split=False,
+             exclude_target=False):
     """The plan (kernel, grid, kwargs, options, outputs) a launch would use for rows whose
     ``block_config`` is ``block``, with small CPU tensors standing in for CUDA ones (only their
     dtypes and alignments matter to the compiler). ``aligned=False``: odd C and row strides and a
     logits pointer off the 16-byte grid (a class slice), so no divisibility specialization.
-    ``grad``: None, "scalar" or "row" (fused kernel: coefficient shape)."""
+    ``grad``: None, "scalar" or "row" (fused kernel: coefficient shape). ``split``: the fused
+    kernel's split-vocabulary mode (two splits; rows of several blocks, so MAX_BLOCK only);
+    ``exclude_target``: the statistics kernel as that mode launches it."""
     dt = getattr(torch, dtype)
     c = block if aligned else block - 1  # same block_config, opposite divisibility
     if block == ce.MAX_BLOCK:
@@ -50,10 +53,11 @@ def ce_plan(kernel="fused", dtype="bfloat16", block=ce.MAX_BLOCK, aligned=True, 
         grad_out = (rows() if aligned else logits) if grad else None  # unaligned: in place
         return ce.fused_plan(logits, None if soft_target else target, soft, weights, coef, grad_out,
                              ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0,
-                             logit_scale=1.0, softcap=cap, z_loss=1e-4, focal_gamma=2.0 if focal else None)
+                             logit_scale=1.0, softcap=cap, z_loss=1e-4, focal_gamma=2.0 if focal else None,
+                             split_stats=torch.zeros(2, n, 4) if split else None)
     if kernel == "stats":
         return ce.stats_plan(logits, target, weights, class_start=0, ignore_index=-100, logit_scale=1.0,
-                             softcap=cap)
+                             softcap=cap, exclude_target=exclude_target)
     if kernel == "grad":
         return ce.grad_plan(logits, target, weights, torch.zeros(n), torch.zeros(n, 3), rows(),
                             class_start=0, logit_scale=1.0, softcap=cap)
@@ -68,6 +72,8 @@ def ce_cases(kernel="fused", heaviest=False):
     variant, fp32 unaligned weight + smoothing without softcap, 128 registers, is close behind)."""
     if kernel in ("stats", "grad"):
         combos = [dict(weight=wt, softcap=sc) for wt in (False, True) for sc in (False, True)]
+        if kernel == "stats":  # the split mode's variant: all options off and all on
+            combos += [dict(c, exclude_target=True) for c in (combos[0], combos[-1])]
         return combos[-1:] if heaviest else combos
     combos = []
     for mode in ("index", "soft", "focal"):
@@ -75,11 +81,16 @@ def ce_cases(kernel="fused", heaviest=False):
             for sm in ((False,) if mode == "focal" else (False, True)):
                 for sc in (False, True):
                     for g in (None, "scalar", "row"):
-                        combos.append(dict(weight=wt, smoothing=sm, softcap=sc, grad=g,
+                        combos.append(dict(weight=wt, smoothing=sm, softcap=sc, grad=g, split=False,
                                            soft_target=mode == "soft", focal=mode == "focal"))
-    if heaviest:
+                        # split mode (index targets): it swaps pass 1 for the merge and bounds pass 2,
+                        # the same for every option: all off and all on, without and with a gradient
+                        all_or_none = wt == sc and (sm == wt or mode == "focal")
+                        if mode != "soft" and g != "scalar" and all_or_none:
+                            combos.append(dict(combos[-1], split=True))
+    if heaviest:  # (split rows exist at MAX_BLOCK only: not among the heaviest of every block)
         return [c for c in combos if c["weight"] and c["softcap"] and c["grad"] == "row"
-                and (c["smoothing"] or c["focal"])]
+                and (c["smoothing"] or c["focal"]) and not c["split"]]
     return combos
 
 # ----------------------------------------------------------------------------------------------

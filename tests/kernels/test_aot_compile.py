@@ -8,10 +8,12 @@ constexprs), compiles it with ``triton.compile(..., target=GPUTarget("cuda", arc
 processes (this process may run under TRITON_INTERPRET=1, where nothing can be compiled) and reads
 ``ptxas -v``.
 
-Configurations: the launchers choose kernel x flags x dtype x (BLOCK, num_warps) x alignment, 2856
-plans in all. The full product was compiled offline with these helpers (no spills, at most 128
-registers: fp32, unaligned rows, fused with class weights + smoothing) and runs with
-CELOSS_AOT_FULL=1. By default, a covering subset (166 plans, both archs):
+Configurations: the launchers choose kernel x flags x dtype x (BLOCK, num_warps) x alignment, 2988
+plans in all (the split-vocabulary mode at MAX_BLOCK only, rows of one block are never split, and
+with all options off or all on: it changes pass 1 and the range of pass 2 alike for every option).
+The full product (2856 plans before the split mode) was compiled offline with these helpers (no
+spills, at most 128 registers: fp32, unaligned rows, fused with class weights + smoothing) and
+runs with CELOSS_AOT_FULL=1. By default, a covering subset (186 plans, both archs):
 * every flag combination of every kernel at the largest block (MAX_BLOCK = 4096, 8 warps) in
   fp32 with unaligned rows (odd C and row stride, pointer off the 16-byte grid: unvectorized
   loads, the most registers in the full sweep) and in bf16 with aligned rows (the common case);
@@ -38,7 +40,8 @@ FULL = os.environ.get("CELOSS_AOT_FULL") == "1"
 
 
 def _case_id(case):
-    flags = "+".join(k for k in ("weight", "smoothing", "softcap", "soft_target", "focal") if case.get(k))
+    flags = "+".join(k for k in ("weight", "smoothing", "softcap", "soft_target", "focal", "split", "exclude_target")
+                     if case.get(k))
     grad = f"grad={case['grad']}" if case.get("grad") else ""
     return "-".join(x for x in (case["kernel"], case["dtype"], str(case["block"]),
                                 "aligned" if case["aligned"] else "unaligned", flags or "plain", grad) if x)
@@ -53,7 +56,7 @@ def _cases():
         if FULL:
             for flags in plans.ce_cases(kernel):
                 for dtype in DTYPES:
-                    for block in blocks:
+                    for block in (blocks if not flags.get("split") else [ce.MAX_BLOCK]):
                         for aligned in (True, False):
                             cases.append(dict(kernel=kernel, dtype=dtype, block=block, aligned=aligned, **flags))
             continue

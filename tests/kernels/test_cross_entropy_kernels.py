@@ -485,9 +485,20 @@ INDEX_OPTIONS = [name for name, opts in OPTIONS.items() if not opts.get("soft")]
 
 @pytest.fixture
 def forced_splits(monkeypatch):
-    """Force the split path (the interpreter has no multiprocessors to count)."""
+    """``forced_splits(k)`` forces k splits (the interpreter has no multiprocessors to count) and
+    returns the list of split counts the launches used (a spy on the range-statistics launch)."""
+    used = []
+    plan = ce.stats_plan
+
+    def spy(*args, **kwargs):
+        out = plan(*args, **kwargs)
+        used.append(out[1][1])  # the grid's splits
+        return out
+
     def force(k):
         monkeypatch.setattr(ce, "FORCE_SPLITS", k)
+        monkeypatch.setattr(ce, "stats_plan", spy)
+        return used
     return force
 
 
@@ -505,10 +516,10 @@ def test_issue12_split_vocabulary_matches_unsplit_and_oracle(name, dtype, forced
         target[0] = kw["ignore_index"]
     unsplit = torch.empty_like(x)
     u_loss, u_lse = fused(x, target, None, weight, coef, unsplit, **kw)
-    forced_splits(4)
-    assert ce.split_span(c, 4, ce.block_config(c)[0]) == (ce.MAX_BLOCK, 4)
+    used = forced_splits(4)
     grad = torch.full_like(x, float("nan"))  # every element must be written
     loss, lse = fused(x, target, None, weight, coef, grad, **kw)
+    assert used == [4]
     o_loss, o_lse, o_grad = oracle(x, target, None, weight, coef, **kw)
     check(lse, o_lse, 2e-6, 2e-6, "lse")
     check(loss, o_loss, 2e-5, 2e-5, "loss")
@@ -538,9 +549,10 @@ def test_issue12_split_vocabulary_edge_rows(forced_splits):
     x[1, 9000] = float("inf")
     target[2] = c + 3
     expected = [fused(x, target, None, weight, coef, torch.empty_like(x), **kw)]
-    forced_splits(3)
+    used = forced_splits(3)
     grad = torch.empty_like(x)
     loss, lse = fused(x, target, None, weight, coef, grad, **kw)
+    assert used == [2]  # four blocks in three splits: two of two blocks
     assert loss[0] == 0 and torch.isnan(grad[0]).all()
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
     assert torch.isnan(loss[2])
@@ -557,9 +569,9 @@ def test_issue12_split_vocabulary_not_for_probability_targets(forced_splits):
     x, _, soft, weight, coef, kw = make_case(3, SPLIT_CLASSES, torch.float32, OPTIONS["soft_everything"], seed=1)
     g1, g2 = torch.empty_like(x), torch.empty_like(x)
     l1, s1 = fused(x, None, soft, weight, coef, g1, **kw)
-    forced_splits(4)
+    used = forced_splits(4)
     l2, s2 = fused(x, None, soft, weight, coef, g2, **kw)
-    assert torch.equal(l1, l2) and torch.equal(s1, s2) and torch.equal(g1, g2)
+    assert used == [] and torch.equal(l1, l2) and torch.equal(s1, s2) and torch.equal(g1, g2)
 
 
 def test_issue12_split_count_rule(monkeypatch):
@@ -572,9 +584,11 @@ def test_issue12_split_count_rule(monkeypatch):
     assert ce.split_count(132, 262144, cuda) == 2  # 2 programs per SM
     assert ce.split_count(16384, 128256, cuda) == 1  # rows fill the device
     assert ce.split_count(8, 4096, cuda) == 1  # one block: nothing to split
+    assert ce.split_count(1, 1 << 24, cuda) == ce.MAX_SPLITS.value  # what the fused kernel merges
     assert ce.split_count(8, 128256, torch.device("cpu")) == 1
     monkeypatch.setattr(ce, "FORCE_SPLITS", 3)
     assert ce.split_count(16384, 128256, torch.device("cpu")) == 3
+    assert ce.split_span(SPLIT_CLASSES, 4, ce.MAX_BLOCK) == (ce.MAX_BLOCK, 4)
     for c, k in [(1, 4), (4096, 2), (4097, 2), (4097, 7), (SPLIT_CLASSES, 3), (10 * 4096, 3)]:
         block = ce.block_config(c)[0]
         span, count = ce.split_span(c, k, block)
@@ -594,3 +608,56 @@ def test_issue12_split_stats_merge_to_the_row(forced_splits):
     check(S.lse_of(merged), torch.logsumexp(x.double(), 1), 2e-6, 2e-6, "merged lse")
     check(merged[:, 2], full[:, 2], 1e-6, 1e-6, "target_z")
     check(merged[:, 3], full[:, 3], 1e-5, 1e-3, "weighted_z")
+
+
+@pytest.mark.parametrize("gamma", [None, 2.0])
+def test_issue12_split_true_class_gradient_as_p_goes_to_one(gamma, forced_splits):
+    """The split statistics leave the target out of (max, sumexp) like the fused kernel's pass 1, so
+    1 - p_y keeps float32 relative accuracy as p_y -> 1 in split mode too (targets in every split)."""
+    n, c = 4, SPLIT_CLASSES
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(n, c, generator=g)
+    target = torch.tensor([3, 4100, 8300, c - 2])
+    x[torch.arange(n), target] += torch.tensor([14.0, 20.0, 30.0, 60.0])
+    x, target = x.to(DEVICE), target.to(DEVICE)
+    used = forced_splits(4)
+    grad = torch.empty_like(x)
+    loss, _ = fused(x, target, None, None, torch.ones(1, device=DEVICE), grad, **dict(DEFAULTS, focal_gamma=gamma))
+    assert used == [4]
+    o_loss, o_grad = near_one_oracle(x, target, gamma)
+    rows = torch.arange(n, device=DEVICE)
+    check(grad[rows, target], o_grad[rows, target], 1e-5, 1e-37, "true-class gradient")
+    check(grad, o_grad, 1e-5, 1e-37, "gradient")
+    check(loss, o_loss, 1e-5, 1e-37, "loss")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_issue12_split_vocabulary_through_cross_entropy(reduction, forced_splits):
+    """celoss.cross_entropy on the triton backend in split mode, backward with a non-trivial upstream
+    gradient (a scalar for the mean, one per row for 'none'), against float64 PyTorch."""
+    import celoss
+
+    n, c = 3, SPLIT_CLASSES
+    x, target, _, weight, _, _ = make_case(n, c, torch.bfloat16, dict(weight=True, ignore=True), seed=21)
+    used = forced_splits(4)
+    xs = x.clone().requires_grad_()
+    loss = celoss.cross_entropy(xs, target, weight, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                                backend="triton")
+    per_row = torch.rand(n, generator=torch.Generator().manual_seed(2)).to(DEVICE) + 0.5
+    up = torch.tensor(0.37, device=DEVICE) if reduction == "mean" else per_row
+    loss.backward(up)
+    assert used  # the forward and/or the backward's recompute ran split
+    x64 = x.double().requires_grad_()
+    w64 = weight.double()
+    ref = F.cross_entropy(x64, target, w64, reduction=reduction, label_smoothing=0.1)
+    lse = torch.logsumexp(x64, 1)
+    counted = target != IGNORE
+    w_y = torch.where(counted, w64[target.clamp(min=0)], torch.zeros_like(lse))
+    z = 1e-3 * w_y * lse * lse
+    ref = ref + (z.sum() / w_y.sum() if reduction == "mean" else z)
+    ref.backward(up.double())
+    check(loss, ref, 2.0 ** -8, 0, "loss")  # returned in the input's dtype (bf16)
+    if reduction == "none":  # recomputed in backward with the upstream gradient as the kernel's coef
+        check_grad(xs.grad, x64.grad, torch.bfloat16, "grad")
+    else:  # formed in forward for an upstream gradient of 1, then rescaled: two bf16 roundings
+        check(xs.grad, x64.grad, 2.0 ** -6, 1e-6, "grad")
