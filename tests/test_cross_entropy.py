@@ -519,3 +519,37 @@ def test_issue11_huge_logits_keep_their_differences(backend, focal):
                 else (lambda v: celoss.cross_entropy(v, y, backend=backend)))
         a, b, ga, gb = against_oracle(ours, lambda v: F.cross_entropy(v, y), x)
         assert_close_to_oracle(a, b, ga, gb, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["plain", "smoothing_weight", "softcap_scale", "probabilities", "none"])
+def test_issue16_reference_chunks_match_one_chunk(monkeypatch, dtype, case):
+    """The reference backend's fused pass over several chunks of its reused buffer (a short last
+    one included) equals one chunk bit for bit, non-finite and ignored rows included."""
+    from celoss.backends import reference
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 50, generator=g) * 4).to(dtype)
+    x[3, 7], x[5], x[8, 2] = float("inf"), float("-inf"), float("nan")
+    target = torch.randint(0, 50, (37,), generator=g)
+    target[::5] = -100
+    kwargs, reduction = {}, "none" if case == "none" else "mean"
+    if case == "smoothing_weight":
+        kwargs = dict(label_smoothing=0.1, weight=torch.rand(50, generator=g).to(dtype))
+    elif case == "softcap_scale":
+        kwargs = dict(softcap=5.0, logit_scale=0.7)
+    elif case == "probabilities":
+        target = torch.softmax(torch.randn(37, 50, generator=g), 1).to(dtype)
+    upstream = torch.rand(37, generator=g) + 0.5 if reduction == "none" else None
+
+    def run():
+        logits = x.clone().requires_grad_()
+        loss = celoss.cross_entropy(logits, target, reduction=reduction, backend="torch", **kwargs)
+        loss.backward(upstream.to(loss.dtype) if upstream is not None else None)
+        return loss, logits.grad
+
+    one = run()
+    monkeypatch.setattr(reference, "CE_CHUNK_ELEMENTS", 50 * 6)  # 6 rows a chunk, 1 in the last
+    many = run()
+    assert one[1].isnan().any()  # the non-finite rows are in play
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
