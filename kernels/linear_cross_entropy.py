@@ -16,10 +16,11 @@ Kernels
                        (:mod:`celoss.backends`). Writes ``(n_splits, M, 4)`` partial statistics,
                        merged by the caller with :func:`celoss.stats.merge_all`, and turned into
                        the loss / lse / gradient coefficients by :func:`celoss.stats.coefficients`.
-``_lce_dx_kernel``     grid (row blocks x D blocks). Each program owns a ``BLOCK_M x BLOCK_N``
-                       block of dX and walks the whole vocabulary (see "Backward" below).
-``_lce_dw_kernel``     grid (vocabulary blocks x D blocks). Each program owns a ``BLOCK_V x BLOCK_N``
-                       block of dW (and, for the first D block, those classes' db) and walks all rows.
+``_lce_dx_kernel``     persistent grid (at most 2 programs per SM). Each program owns whole row
+                       blocks of dX (``BLOCK_M`` rows over all of D) and walks the vocabulary for
+                       each (see "Backward" below).
+``_lce_dw_kernel``     persistent grid. Each program owns whole class blocks of dW (``BLOCK_V``
+                       classes over all of D, and their db) and walks all rows for each.
 
 Backward
 --------
@@ -31,22 +32,51 @@ is folded into A; see :mod:`celoss.backends`), the gradient of the logits is::
     dX[src] = G W,   dW = G^T X[src],   db = sum_n G_n
 
 the target element evaluated as ``(A - B) p_y + B expm1(z_y - lse) - D w_y`` (no ``1 - p_y``
-cancellation as ``p_y -> 1``). G is never stored: both kernels recompute its tiles from X and W
-(:func:`_grad_tile`), and each program accumulates the block of dX or dW it owns in registers over
-the whole vocabulary (dX) or all rows (dW), then adds it to the output once: no atomics, no
-contention, bit-reproducible results. The price is FLOPs: a G tile costs the full-D product
-``2 BLOCK_M BLOCK_V D`` while a program only uses it for ``BLOCK_N`` columns of D, so the logits
-are recomputed ``ceil(D / BLOCK_N)`` times in each kernel; the backward costs about
-``2 + ceil(D / BLOCK_N_dx) + ceil(D / BLOCK_N_dw)`` GEMMs of ``M x V x D`` (4 when D fits one
-block; 38 at D = 2304 with the 16-bit tiles below, whose BLOCK_N = 128 the register budget caps)
-against 3 for a kernel that forms each tile once and accumulates with atomics. This engine
-is the smallest-memory option (no logits, not even a chunk); the chunked engine of
-:mod:`celoss.linear_cross_entropy` (cuBLAS products on a bounded logits chunk) is the fast one.
+cancellation as ``p_y -> 1``). G is never stored whole. For an owned row block, the dX kernel forms
+each ``BLOCK_M x BLOCK_V`` gradient tile once (:func:`_grad_tile`: the logits by one pass over D),
+stages it in the operand dtype in the program's own slice of a small scratch (``GROUP`` tiles:
+``GROUP x BLOCK_M x BLOCK_V`` elements per program), and every GROUP kept tiles :func:`_flush`
+adds ``sum_k G_k W[block_k]`` to the owned float32 dX rows, ``BLOCK_N`` columns at a time, by one
+plain read-modify-write (a K = GROUP x BLOCK_V product per piece, its A operand streamed from the
+scratch, which also keeps it out of the registers). The dW kernel is the mirror image (per owned
+class block: G^T tiles of the row blocks staged, ``sum_k G_k^T X[rows_k]`` flushed into its dW
+rows, db summed in registers). Each dX / dW / db element has exactly one owner program, which adds
+its contributions in a fixed order: no atomics, no contention, bit-reproducible results.
+
+Cost: each kernel forms every gradient tile once (one ``M x V x D`` GEMM of logits) and does one
+``M x V x D`` product, so the backward is **4 GEMM-equivalents for any D** (2 logits + dX + dW;
+the forward's statistics are a fifth), against 3 for the bare ``X W^T``, ``G W``, ``G^T X``
+(the former design of this module recomputed the logits for every BLOCK_N columns of D:
+``2 + 2 ceil(D / 128)`` GEMMs, 38 at D = 2304). Extra memory traffic, per kernel:
+
+* the read-modify-writes of the owned float32 blocks, ``8 M D ceil(V / (GROUP BLOCK_V_dx))``
+  bytes (dX) and ``8 V D ceil(M / (GROUP BLOCK_M_dw))`` (dW): ``2 / (GROUP BLOCK_V)`` resp.
+  ``2 / (GROUP BLOCK_M)`` bytes per flop of the kernel, 1/512 with the 16-bit tiles below (K =
+  GROUP x that side = 1024 in both kernels; hence BLOCK_V = 128 in the dX kernel's table). At
+  (M, D, V) = (8192, 2304, 256000): about 38 GB per kernel (300 GB without staging) against
+  9.7 TFLOP per GEMM, i.e. ~8 ms of HBM time against ~10-15 ms of tensor-core time per GEMM on an
+  H100/H200 if none of it hits L2; the blocks in flight (one BLOCK_M x D or BLOCK_V x D float32
+  block per running program: 590 KB at D = 2304, ~150 MB for 264 programs) are larger than the
+  50 MB L2, so count on HBM;
+* the staged tiles: written once, read ``ceil(D / BLOCK_N)`` times from L2 (128 KB per program
+  with the 16-bit tiles: 34 MB for 264 programs), ``1 / BLOCK_N`` bytes per flop, as much as the
+  W / X operand tiles themselves.
+
+Forward + backward is thus 5 GEMM-equivalents against the 3 bare GEMMs: 1.67x by arithmetic alone,
+above issue 12's 1.5x target, which needs the logits formed fewer times than once per kernel (both
+kernels need every tile, and sharing one between them means atomics or a stored G); the traffic
+above should hide behind the products. Not measured on a GPU yet. Parallelism: one program
+per owned block up to 2 per SM: ``cdiv(M, BLOCK_M)`` row blocks for dX (a small M fills few SMs:
+64 rows per block, so M < 64 x #SMs leaves SMs idle in that kernel) and ``cdiv(V, BLOCK_V)``
+class blocks for dW. Memory: no logits, not even a chunk; beside the float32 gradients the caller
+allocates, the two staging scratches (``2 x #SMs x GROUP x BLOCK_M x BLOCK_V`` elements each). The
+chunked engine of :mod:`celoss.linear_cross_entropy` (cuBLAS products on a bounded logits chunk) is
+the fast one.
 
 Gradient filtering (``FILTER``): a G tile whose every ``|A p - B onehot - D w|`` is at most the
 row's threshold (``eps`` times the row's upstream scale, so the test is on the unscaled
 ``|softmax - onehot|`` of Cut Cross-Entropy; never a tile holding a NaN) is skipped by the kernel
-that formed it (each kernel decides on its own tiles).
+that formed it (each kernel decides on its own tiles): it is not staged, so it costs no product.
 
 All offsets along rows and vocabulary entries are int64. fp32 inputs use IEEE fp32 ``tl.dot``
 (no TF32, matching PyTorch's default), fp16/bf16 inputs use tensor-core dots with fp32
@@ -85,22 +115,25 @@ STATS_CONFIGS = {
     ("fp32", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
     ("fp32", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
 }
-# Backward, per kernel: BLOCK_M x BLOCK_V gradient tiles (the logits recomputed over D in BLOCK_D
-# steps), BLOCK_N the D columns a program owns (backward_configs narrows it for a small D). The
+# Backward, per kernel: BLOCK_M x BLOCK_V gradient tiles (the logits formed over D in BLOCK_D
+# steps), BLOCK_N the D columns of one read-modify-write step (backward_configs narrows it for a
+# small D), GROUP the gradient tiles staged per read-modify-write; the long side of the tile (x
+# GROUP) is the K of the owned block's product (see "Backward"). The
 # epilogue forming a gradient tile (softcap, smoothing, filter) keeps several fp32 tiles live: the
 # largest tiles that compile without spills on sm_80 and sm_90 with every flag on (measured with
-# tests/kernels/aot.py; 128 x 128 gradient tiles spill there).
+# tests/kernels/aot.py; 128 x 128 gradient tiles spill there, and so does a 128 x 64 one in the dW
+# kernel, whose gathered X operand costs more registers: 64 x 64 with GROUP = 16 keeps its K at 1024).
 BACKWARD_CONFIGS = {
-    ("dx", "lowp", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    ("dw", "lowp", True): dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    ("dx", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=2),
-    ("dw", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=2),
-    ("dx", "fp32", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dw", "fp32", True): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, num_warps=4, num_stages=2),
-    ("dx", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=64, num_warps=8, num_stages=2),
-    ("dw", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=16, num_warps=4, num_stages=2),
+    ("dx", "lowp", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, BLOCK_N=128, GROUP=8, num_warps=8, num_stages=3),
+    ("dw", "lowp", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=64, BLOCK_N=128, GROUP=16, num_warps=8, num_stages=3),
+    ("dx", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
+    ("dw", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=32, GROUP=8, num_warps=8, num_stages=2),
+    ("dx", "fp32", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
+    ("dw", "fp32", True): dict(BLOCK_M=64, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, GROUP=8, num_warps=8, num_stages=2),
+    ("dx", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
+    ("dw", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=16, BLOCK_N=16, GROUP=8, num_warps=4, num_stages=2),
 }
-INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, GROUP=2, num_warps=4, num_stages=1)
 
 
 def _aligned(*tensors) -> bool:
@@ -269,111 +302,148 @@ def _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_pt
 
 
 @triton.jit
+def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, out_rows, out_row_mask, unit_ptr, D,
+           R: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, B_HAS_SRC: tl.constexpr,
+           NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``out[r, :] += sum_k A_k @ B_k`` over all D columns, BLOCK_N at a time, for the ``n_kept``
+    staged (R, K) operands ``A_k`` (``stage[k]``, gradient tiles already in the operand dtype) and
+    ``B_k[i, n] = b_ptr[row_i * stride_bk + n * stride_bd]`` with ``row_i = ids[k] * K + i`` (mapped
+    through ``b_src_ptr`` if B_HAS_SRC; masked from ``b_limit`` on), into the float32
+    ``out[r, n] = out_rows[r] + n`` rows owned by the calling program: one plain read-modify-write
+    of the owned rows per call. NORMALIZE: the tiles were divided by ``unit``, the sum is multiplied
+    back. The barriers order the stage's writes before these reads (other threads wrote them) and
+    these reads before the next writes; a program's successive calls touch its own rows only."""
+    tl.debug_barrier()
+    for n in range(0, D, BLOCK_N):
+        ns = n + tl.arange(0, BLOCK_N)
+        n_mask = ns < D
+        acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        for k in range(0, n_kept):
+            idx = tl.load(ids + k).to(tl.int64) * K + tl.arange(0, K)
+            i_mask = idx < b_limit
+            b_rows = idx
+            if B_HAS_SRC:
+                b_rows = tl.load(b_src_ptr + idx, mask=i_mask, other=0).to(tl.int64)
+            bt = tl.load(b_ptr + b_rows[:, None] * stride_bk + ns[None, :] * stride_bd,
+                         mask=i_mask[:, None] & n_mask[None, :], other=0.0)
+            a = tl.load(tl.make_block_ptr(stage + k * (R * K), (R, K), (K, 1), (0, 0), (R, K), (1, 0)))
+            acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+        if NORMALIZE:
+            acc = acc * tl.load(unit_ptr)
+        out = out_rows + ns[None, :]
+        mask = out_row_mask[:, None] & n_mask[None, :]
+        tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _lce_dx_kernel(
     x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
-    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dx_ptr, stride_dxn,
+    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dx_ptr, stride_dxn, stage_ptr, ids_ptr,
     M, V, D, scale, softcap, inv_softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    GROUP: tl.constexpr, HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
     NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dX[src[rows], n-block] += sum over the vocabulary of G[rows, v] W[v, n-block]: one program owns
-    a (rows, BLOCK_N columns of D) block of dX and walks every vocabulary block (recomputing its
-    gradient tile over the whole of D); the block is written once, without atomics.
-
-    NORMALIZE (fp16/bf16): gradient tiles are divided by ``unit`` (the largest per-row upstream
-    scale) before they are rounded to the input dtype for the tensor-core product, and the float32
-    accumulator multiplied back once, so that e.g. a mean over many rows (gradients ~ p / N) does
-    not underflow fp16."""
+    """dX[src[rows]] += sum over the vocabulary of G[rows, v] W[v]. Persistent: program ``p`` owns
+    the row blocks ``p, p + num_programs, ...``, each over all of D. Per vocabulary block it forms
+    the gradient tile once (:func:`_grad_tile`, one pass over D) and stages it (operand dtype, in
+    its own slice of ``stage``); every GROUP kept tiles (and at the end) :func:`_flush` adds
+    ``sum_k G_k W[block_k]`` to the owned rows. No other program touches these rows."""
     pid = tl.program_id(0)
-    n_n = tl.cdiv(D, BLOCK_N)
-    pid_m = pid // n_n  # the D blocks of one row block are neighbours: they stream the same W tiles
-    pid_n = pid % n_n
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = ns < D
+    stage = stage_ptr + pid.to(tl.int64) * (GROUP * BLOCK_M * BLOCK_V)
+    ids = ids_ptr + pid * GROUP
     inv_unit = 1.0
     if NORMALIZE:
         inv_unit = 1.0 / tl.load(unit_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for vb in range(0, tl.cdiv(V, BLOCK_V)):
-        # the row data are reloaded (L1 hits) rather than held across the loop: registers
-        rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
-        lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
-        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
-        g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr, src, y,
-                             row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
-                             BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
-                             DOT_PRECISION)
-        if keep:
-            wt = tl.load(lw_ptr + cols[:, None] * stride_lwv + ns[None, :] * stride_lwd,
-                         mask=col_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot((g * inv_unit).to(x_ptr.dtype.element_ty), wt, acc, input_precision=DOT_PRECISION)
-    if NORMALIZE:
-        acc = acc * tl.load(unit_ptr)
-    rows, row_mask, src, _ = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
-    out = dx_ptr + src[:, None] * stride_dxn + ns[None, :]
-    mask = row_mask[:, None] & n_mask[None, :]
-    tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+    for pid_m in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        n_kept = 0
+        for vb in range(0, tl.cdiv(V, BLOCK_V)):
+            # the row data are reloaded (L1 hits) rather than held across the loop: registers
+            rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+            lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
+            cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_mask = cols < V
+            g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr,
+                                 src, y, row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
+                                 BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
+                                 DOT_PRECISION)
+            if keep:
+                # block pointers: no per-element offsets held in registers
+                slot = tl.make_block_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), (BLOCK_M, BLOCK_V), (BLOCK_V, 1),
+                                         (0, 0), (BLOCK_M, BLOCK_V), (1, 0))
+                tl.store(slot, (g * inv_unit).to(x_ptr.dtype.element_ty))
+                tl.store(ids + n_kept, vb)
+                n_kept += 1
+                if n_kept == GROUP:
+                    # out = dX rows, A_k = G tiles (BLOCK_M x BLOCK_V), B_k = W rows of the tiles' classes
+                    _flush(stage, ids, n_kept, lw_ptr, src_ptr, stride_lwv, stride_lwd, V,
+                           dx_ptr + src[:, None] * stride_dxn, row_mask, unit_ptr, D,
+                           BLOCK_M, BLOCK_V, BLOCK_N, False, NORMALIZE, DOT_PRECISION)
+                    n_kept = 0
+        if n_kept > 0:
+            rows, row_mask, src, _ = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+            _flush(stage, ids, n_kept, lw_ptr, src_ptr, stride_lwv, stride_lwd, V,
+                   dx_ptr + src[:, None] * stride_dxn, row_mask, unit_ptr, D,
+                   BLOCK_M, BLOCK_V, BLOCK_N, False, NORMALIZE, DOT_PRECISION)
 
 
 @triton.jit
 def _lce_dw_kernel(
     x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
-    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dw_ptr, stride_dwv, db_ptr,
+    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dw_ptr, stride_dwv, db_ptr, stage_ptr, ids_ptr,
     M, V, D, scale, softcap, inv_softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    GROUP: tl.constexpr, HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dW[cols, n-block] += sum over rows of G[rows, cols]^T X[src[rows], n-block] and
-    db[cols] += sum over rows of G[rows, cols]: one program owns a (BLOCK_V classes, BLOCK_N columns
-    of D) block of dW (the first D block of each class block also owns its db) and walks every row
-    block, recomputing the gradient tiles; written once, without atomics. NORMALIZE: see
-    :func:`_lce_dx_kernel`."""
+    """dW[cols] += sum over rows of G[rows, cols]^T X[src[rows]] and db[cols] += sum over rows of
+    G[rows, cols]: the mirror image of :func:`_lce_dx_kernel` (program ``p`` owns the class blocks
+    ``p, p + num_programs, ...`` of dW over all of D and their db, summed in registers; it walks
+    the row blocks, staging G^T tiles and flushing ``sum_k G_k^T X[rows_k]`` every GROUP)."""
     pid = tl.program_id(0)
-    n_n = tl.cdiv(D, BLOCK_N)
-    if NEED_DW:
-        pid_v = pid // n_n
-        pid_n = pid % n_n
-    else:
-        pid_v = pid
-        pid_n = 0
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = ns < D
+    stage = stage_ptr + pid.to(tl.int64) * (GROUP * BLOCK_M * BLOCK_V)
+    ids = ids_ptr + pid * GROUP
     inv_unit = 1.0
     if NORMALIZE:
         inv_unit = 1.0 / tl.load(unit_ptr)
-    acc = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for mb in range(0, tl.cdiv(M, BLOCK_M)):
-        rows, row_mask, src, y = _row_block(mb, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
-        lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
-        g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr, src, y,
-                             row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
-                             BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
-                             DOT_PRECISION)
-        if keep:
-            if NEED_DB:
-                db_acc += tl.sum(g, axis=0)
-            if NEED_DW:
-                xt = tl.load(x_ptr + src[:, None] * stride_xn + ns[None, :] * stride_xd,
-                             mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(tl.trans((g * inv_unit).to(x_ptr.dtype.element_ty)), xt, acc,
-                             input_precision=DOT_PRECISION)
-    if NEED_DW:
-        if NORMALIZE:
-            acc = acc * tl.load(unit_ptr)
-        out = dw_ptr + cols[:, None] * stride_dwv + ns[None, :]
-        mask = col_mask[:, None] & n_mask[None, :]
-        tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
-    if NEED_DB:
-        db_mask = col_mask & (pid_n == 0)
-        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=db_mask, other=0.0) + db_acc, mask=db_mask)
+    for pid_v in range(pid, tl.cdiv(V, BLOCK_V), tl.num_programs(0)):
+        cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        db_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        n_kept = 0
+        for mb in range(0, tl.cdiv(M, BLOCK_M)):
+            rows, row_mask, src, y = _row_block(mb, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+            lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
+            g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr,
+                                 src, y, row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
+                                 BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
+                                 DOT_PRECISION)
+            if keep:
+                if NEED_DB:
+                    db_acc += tl.sum(g, axis=0)
+                if NEED_DW:
+                    # G stored transposed (G^T row-major), by a block pointer
+                    slot = tl.make_block_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), (BLOCK_M, BLOCK_V),
+                                             (1, BLOCK_M), (0, 0), (BLOCK_M, BLOCK_V), (0, 1))
+                    tl.store(slot, (g * inv_unit).to(x_ptr.dtype.element_ty))
+                    tl.store(ids + n_kept, mb)
+                    n_kept += 1
+                    if n_kept == GROUP:
+                        # out = dW rows, A_k = G^T tiles (BLOCK_V x BLOCK_M), B_k = X rows src[rows_k]
+                        _flush(stage, ids, n_kept, x_ptr, src_ptr, stride_xn, stride_xd, M,
+                               dw_ptr + cols[:, None] * stride_dwv, col_mask, unit_ptr, D,
+                               BLOCK_V, BLOCK_M, BLOCK_N, HAS_SRC, NORMALIZE, DOT_PRECISION)
+                        n_kept = 0
+        if NEED_DW:
+            if n_kept > 0:
+                _flush(stage, ids, n_kept, x_ptr, src_ptr, stride_xn, stride_xd, M,
+                       dw_ptr + cols[:, None] * stride_dwv, col_mask, unit_ptr, D,
+                       BLOCK_V, BLOCK_M, BLOCK_N, HAS_SRC, NORMALIZE, DOT_PRECISION)
+        if NEED_DB:
+            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + db_acc, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,15 +527,23 @@ def backward_plans(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresh
     def options(cfg):
         return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
+    def staging(cfg, n_blocks, need):
+        """Persistent grid (at most ``MAX_PROGRAMS``, default 2 per SM) and each program's slice of
+        GROUP staged gradient tiles in the operand dtype, plus their block ids."""
+        n = min(n_blocks, cfg.get("MAX_PROGRAMS", 2 * _num_sms(x.device)))
+        size = n * cfg["GROUP"] if need else 1
+        return (n,), dict(stage_ptr=torch.empty(size * cfg["BLOCK_M"] * cfg["BLOCK_V"], dtype=x.dtype, device=x.device),
+                          ids_ptr=torch.empty(size, dtype=torch.int32, device=x.device), GROUP=cfg["GROUP"])
+
     plans = {}
     if dx is not None:
         cfg = cfgs["dx"]
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d, cfg["BLOCK_N"]),)
-        plans["dx"] = (_lce_dx_kernel, grid, args(cfg, dx_ptr=dx, stride_dxn=dx.stride(0)), options(cfg), dx)
+        grid, stage = staging(cfg, triton.cdiv(m, cfg["BLOCK_M"]), True)
+        plans["dx"] = (_lce_dx_kernel, grid, args(cfg, dx_ptr=dx, stride_dxn=dx.stride(0), **stage), options(cfg), dx)
     if dw is not None or db is not None:
         cfg = cfgs["dw"]
-        grid = (triton.cdiv(v, cfg["BLOCK_V"]) * (triton.cdiv(d, cfg["BLOCK_N"]) if dw is not None else 1),)
-        kwargs = with_flags(args(cfg, dw_ptr=dw, stride_dwv=dw.stride(0) if dw is not None else 0, db_ptr=db),
+        grid, stage = staging(cfg, triton.cdiv(v, cfg["BLOCK_V"]), dw is not None)
+        kwargs = with_flags(args(cfg, dw_ptr=dw, stride_dwv=dw.stride(0) if dw is not None else 0, db_ptr=db, **stage),
                             NEED_DW="dw_ptr", NEED_DB="db_ptr")
         plans["dw"] = (_lce_dw_kernel, grid, kwargs, options(cfg), (dw, db))
     return plans
