@@ -9,10 +9,11 @@ large CPU buffers back to the OS when they are freed, so every training step wou
 So large CPU buffers (``MIN_CACHED_BYTES`` and up) come from huge-page-advised anonymous mappings,
 and when the last tensor on one is freed (autograd is done with the gradient) the mapping goes
 back to a cache instead of the OS, for the next step to reuse, already faulted in. That is what
-PyTorch's caching allocator does on CUDA. When the shapes change, the free buffers go back to the
-OS. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` of free buffers (default: an eighth of the
-physical memory, at most 8 GiB; a value that is not a finite number >= 0 warns and gives the
-default), the oldest released as soon as a returning buffer takes it over the cap;
+PyTorch's caching allocator does on CUDA. The cache keeps at most ``CELOSS_CPU_CACHE_MB`` of free
+buffers (default: an eighth of the physical memory, at most 8 GiB; a value that is not a finite
+number >= 0 warns and gives the default), the oldest released as soon as a returning buffer takes
+it over the cap, or as a request that no free buffer fits maps a new one: as far as the free ones
+plus the new one must fit the cap, never more;
 ``CELOSS_CPU_CACHE_MB=0`` turns it off. ``set_cpu_cache_limit(bytes)`` changes the cap,
 ``empty_cpu_cache()`` releases the free buffers and ``cpu_cache_bytes()`` says how much they hold.
 The mappings are private, so a forked child (``multiprocessing`` with fork) writes to its own copy of
@@ -64,8 +65,10 @@ class _CpuCache:
     """Free anonymous mappings, oldest first; buffers come back through ``weakref.finalize``.
 
     A request takes the smallest free mapping that fits it without wasting more than half of it
-    (so varying token counts reuse the largest recent buffer). A request that nothing fits means the
-    shapes changed: the free mappings are stale and go back to the OS.
+    (so varying token counts reuse the largest recent buffer). A request that nothing fits gets a
+    new mapping, and the oldest free ones go back to the OS only as far as needed for the free ones
+    plus the new one to stay within the cap (so the new one can join them when freed): one odd-sized
+    request does not throw away the buffers that the other requests of a training step reuse.
 
     The cap holds whenever no cache call is running: a returned buffer is filed (and the oldest free
     ones released) at once. A finalizer may run in any thread, or inside a cache call that holds the
@@ -88,7 +91,7 @@ class _CpuCache:
             fits = [b for b in self._free if size <= len(b) <= 2 * size]
             block = min(fits, key=len) if fits else None
             if block is None:
-                self._free.clear()
+                self._evict(self.max_bytes - size)
             else:
                 self._free.remove(block)
         self._file_returned()
@@ -115,8 +118,13 @@ class _CpuCache:
         """Under the lock: returned buffers join the free list, the oldest go beyond the cap."""
         while self._returned:
             self._free.append(self._returned.popleft())
-        while self._free and sum(map(len, self._free)) > self.max_bytes:
-            self._free.pop(0)
+        self._evict(self.max_bytes)
+
+    def _evict(self, keep_bytes: int) -> None:
+        """Under the lock: the oldest free mappings go until at most ``keep_bytes`` remain."""
+        held = sum(map(len, self._free))
+        while self._free and held > keep_bytes:
+            held -= len(self._free.pop(0))
 
     def set_limit(self, max_bytes: int) -> None:
         with self._lock:
@@ -260,12 +268,19 @@ def empty_cpu_cache() -> None:
     _CACHE.clear()
 
 
-def fresh_like(like: Tensor) -> Tensor:
-    """An uninitialized contiguous buffer shaped like ``like``; large CPU ones from the cache."""
-    nbytes = like.numel() * like.element_size()
-    if like.device.type != "cpu" or nbytes < MIN_CACHED_BYTES or _CACHE.max_bytes < nbytes:
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
-        if out.device.type == "cpu" and nbytes >= MIN_CACHED_BYTES:
+def fresh_empty(shape, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialized contiguous buffer of ``shape``; large CPU ones from the cache."""
+    shape = torch.Size(shape)
+    device = torch.device(device)
+    nbytes = shape.numel() * dtype.itemsize
+    if device.type != "cpu" or nbytes < MIN_CACHED_BYTES or _CACHE.max_bytes < nbytes:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if device.type == "cpu" and nbytes >= MIN_CACHED_BYTES:
             _advise_huge_pages(out.data_ptr(), nbytes)
         return out
-    return torch.from_numpy(_CACHE.take(nbytes)).view(like.dtype).view(like.shape)
+    return torch.from_numpy(_CACHE.take(nbytes)).view(dtype).view(shape)
+
+
+def fresh_like(like: Tensor) -> Tensor:
+    """An uninitialized contiguous buffer shaped like ``like``; large CPU ones from the cache."""
+    return fresh_empty(like.shape, like.dtype, like.device)

@@ -42,7 +42,7 @@ from . import _checks, _dispatch, _ops
 from . import stats as S
 from ._autograd import once_differentiable
 from ._dtypes import accum_dtype
-from ._memory import fresh_like
+from ._memory import fresh_empty, fresh_like
 from .cross_entropy import CrossEntropyOutput, counted_weight
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # logits workspace of the chunked engine (bytes)
@@ -116,15 +116,21 @@ def row_bytes(x: Tensor, v: int, buffers: int) -> int:
     return x.element_size() * (buffers * v + 2 * x.shape[-1])
 
 
-def rows_per_chunk(chunk_bytes: int, per_row: int) -> int:
-    """Rows per chunk whose workspace (``per_row`` bytes each) fits ``chunk_bytes``; at least one."""
-    return max(1, chunk_bytes // max(per_row, 1))
+def rows_per_chunk(chunk_bytes: int, per_row: int, rows: int) -> int:
+    """Rows per chunk when ``rows`` rows (0: none) are split evenly into the fewest chunks whose
+    workspace (``per_row`` bytes a row) fits ``chunk_bytes``; at least one row a chunk. Even chunks
+    (4096 rows under a bound of 3942: 2 x 2048, not 3942 + a 154-row tail whose thin products run
+    far below the BLAS rate); only the last may be shorter, by fewer rows than there are chunks."""
+    cap = max(1, chunk_bytes // max(per_row, 1))
+    if rows <= cap:
+        return rows
+    return -(-rows // -(-rows // cap))
 
 
 def workspace(shape, dtype: torch.dtype, device) -> Tensor:
     """An uninitialised contiguous buffer; a large CPU one is recycled through celoss's CPU cache, so
     a training step does not pay the page faults of fresh chunk buffers every time."""
-    return fresh_like(torch.empty((), dtype=dtype, device=device).expand(shape))
+    return fresh_empty(shape, dtype, device)
 
 
 class GradSink:
@@ -186,12 +192,12 @@ class _ChunkedEngine:
         self.chunk_bytes, self.chunk_rows = chunk_bytes, chunk_rows
         self.soft, self.soft_offset = soft, soft_offset
 
-    def _step(self, x2d, w, buffers: int) -> int:
-        """Rows per chunk: ``chunk_rows`` if set, else as many as fit `buffers` logits-sized buffers
-        plus the gathered rows within chunk_bytes."""
+    def _step(self, x2d, w, buffers: int, m: int) -> int:
+        """Rows per chunk of ``m`` rows: ``chunk_rows`` if set, else an even split into chunks of
+        `buffers` logits-sized buffers plus the gathered rows within chunk_bytes."""
         if self.chunk_rows:
-            return self.chunk_rows
-        return rows_per_chunk(self.chunk_bytes, row_bytes(x2d, w.shape[0], buffers))
+            return min(self.chunk_rows, m)
+        return rows_per_chunk(self.chunk_bytes, row_bytes(x2d, w.shape[0], buffers), m)
 
     def _soft_sel(self, rows: _Rows, s: int, e: int):
         """Rows of the flattened probability targets read by processed rows [s, e) (slice or index)."""
@@ -211,7 +217,7 @@ class _ChunkedEngine:
         dloss/dlogits (in place or a new tensor; None: no gradient) and records what it wants.
         Returns the (dx, dw, db) accumulated from those gradients (None where not needed)."""
         m = rows.tgt.shape[0]
-        step = min(self._step(x2d, w, buffers), m)
+        step = self._step(x2d, w, buffers, m)
         sink = GradSink(x2d, w, b, need, m, every_row=rows.src is None and m == x2d.shape[0], one_chunk=step == m)
         if m == 0:
             return sink.grads()

@@ -87,7 +87,7 @@ def _chunks(layers, rows: _Rows, coef: Optional[Tensor], need, plan: _Plan):
     grad_s, grad_t = grads and any(need[:3]), grads and any(need[3:])
     chunked = m if v else 0  # rows that chunks will write (without classes, none: zero gradients)
     every_row = rows.src is None and chunked == xs.shape[0]
-    step = min(chunked, rows_per_chunk(plan.chunk_bytes, row_bytes(xs, v, 1 + grad_s) + row_bytes(xt, v, 1 + grad_t)))
+    step = rows_per_chunk(plan.chunk_bytes, row_bytes(xs, v, 1 + grad_s) + row_bytes(xt, v, 1 + grad_t), chunked)
     sinks = (GradSink(xs, ws, bs, need[:3], chunked, every_row, one_chunk=step == chunked) if grad_s else None,
              GradSink(xt, wt, bt, need[3:], chunked, every_row, one_chunk=step == chunked) if grad_t else None)
     loss = torch.zeros(m, dtype=acc, device=device)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import oracle
 from conftest import backend_device, backend_params, lowp_error_bound, lowp_margin
 
+import celoss
 import celoss.logprobs as L
 from celoss.logprobs import TokenLogprobsOutput, linear_token_logprobs, token_logprobs
 
@@ -386,3 +387,53 @@ def test_linear_token_logprobs_bad_input(backend):
         linear_token_logprobs(x, w, y, chunk_bytes=0, backend=backend)
     with pytest.raises(TypeError, match="same dtype"):
         linear_token_logprobs(x, w.double(), y, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_issue14_linear_token_logprobs_chunks_split_rows_evenly(backend, monkeypatch):
+    """40 rows under a bound of 30 a chunk: two chunks of 20 (not 30 + a 10-row tail, whose extra
+    small products cost more than their flops), in forward and backward, results unchanged."""
+    x, w, b, y = _linear_case(4, 10, 16, 50, torch.float32, backend_device(backend), seed=4)
+    y = y.clamp(min=0)  # every row counted
+    seen = {"forward": [], "backward": []}
+    for name in seen:
+        real = getattr(L, f"_rows_{name}")
+        monkeypatch.setattr(L, f"_rows_{name}", lambda be, z, *a, _r=real, _s=seen[name]: _s.append(z.shape[0]) or _r(be, z, *a))
+    bound = 30 * x.element_size() * (50 + 2 * 16)  # 30 rows of logits plus gathered rows
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, ent = linear_token_logprobs(xa, wa, y, return_entropy=True, chunk_bytes=bound, backend=backend)
+    ga, gh = _upstream((4, 10), 5)
+    ((lp * ga.to(lp)).sum() + (ent * gh.to(ent)).sum()).backward()
+    assert seen == {"forward": [20, 20], "backward": [20, 20]}
+    (lb, hb, gb), (lr, hr, gr) = run_both(lambda x, w: linear_token_logprobs(x, w, y, return_entropy=True, backend=backend),
+                                          _linear_oracle(False, 1.0, y), [x, w], (4, 10), seed=5)
+    _close(lp, lr, torch.float32)
+    _close(ent, hr, torch.float32)
+    for a, r in zip((xa.grad, wa.grad), gr):
+        _close(a, r, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_issue14_linear_token_logprobs_buffers_recycled_through_the_cpu_cache(backend, dtype, monkeypatch):
+    """The chunk's logits and the returned dX / dW come from celoss's CPU cache: the first training
+    step maps them, the second reuses those mappings (no fresh page faults every step, which cost
+    about a fifth of a bf16 step), with the same gradients."""
+    import mmap as mmap_module
+    n, d, v = 128, 128, 40000  # one chunk: the logits and dW are >= 10 MB each (cached from 8 MB)
+    x, w, _, y = _linear_case(2, n // 2, d, v, dtype, "cpu", seed=6)
+    celoss.empty_cpu_cache()
+    real, made = mmap_module.mmap, []
+    monkeypatch.setattr(mmap_module, "mmap", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    smallest = min(n * v, v * d) * dtype.itemsize
+    counts, grads = [], []
+    for _ in range(2):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = linear_token_logprobs(xa, wa, y, return_entropy=True, backend=backend)
+        (out.logprobs.sum() - 0.1 * out.entropy.sum()).backward()
+        grads.append((xa.grad.clone(), wa.grad.clone()))  # (copies: the gradients' buffers go back)
+        counts.append(sum(1 for size in made if size >= smallest))
+        del xa, wa, out
+    assert counts[0] >= 2 and counts[1] == counts[0], counts  # the logits, dW: mapped once, then reused
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

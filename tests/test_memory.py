@@ -98,15 +98,31 @@ def test_a_smaller_request_reuses_a_larger_free_buffer():
     assert smaller.data_ptr() == address and smaller.shape == (700, 8192)
 
 
-def test_a_new_shape_releases_the_stale_free_buffers():
-    celoss.set_cpu_cache_limit(16 * BIG_BYTES)
-    stale = [_memory.fresh_like(like()) for _ in range(2)]
-    del stale
+def test_issue14_a_request_nothing_fits_evicts_only_what_the_cap_needs_oldest_first():
+    """One odd-sized request no longer throws away every free buffer: the others of a training
+    step are still reused. The cap (4 BIG) holds the free buffers plus the new one."""
+    old, young = _memory.fresh_like(like()), _memory.fresh_like(like())
+    young_address = young.data_ptr()
+    del old, young  # free: [old, young], 2 BIG
+    quarter = _memory.fresh_like(like((256, 8192)))  # under half of a free buffer: no fit, room left
     assert celoss.cpu_cache_bytes() == 2 * BIG_BYTES
-    tiny_enough = _memory.fresh_like(like((256, 8192)))  # under half of a free buffer: no fit
-    assert celoss.cpu_cache_bytes() == 0
-    del tiny_enough
-    assert celoss.cpu_cache_bytes() == BIG_BYTES // 4
+    del quarter  # free: [old, young, quarter], 2.25 BIG
+    larger = _memory.fresh_like(like((2560, 8192)))  # 2.25 + 2.5 > 4: only the oldest, `old`, goes
+    assert celoss.cpu_cache_bytes() == BIG_BYTES + BIG_BYTES // 4
+    assert _memory.fresh_like(like()).data_ptr() == young_address
+    del larger
+    assert celoss.cpu_cache_bytes() <= 4 * BIG_BYTES
+
+
+def test_issue14_fresh_empty_is_fresh_like_without_a_template():
+    for shape, dtype in (((1024, 8192), torch.float32), ((3, 4099), torch.bfloat16), ([8 << 20], torch.float16)):
+        out = _memory.fresh_empty(shape, dtype, "cpu")
+        assert out.shape == tuple(shape) and out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+        out.fill_(1.5)
+        assert out.double().sum().item() == 1.5 * out.numel()
+    address = out.data_ptr()
+    del out  # 16 MiB: cached, and reused by a request of the same size
+    assert _memory.fresh_empty((4 << 20,), torch.float32, torch.device("cpu")).data_ptr() == address
 
 
 def test_empty_cpu_cache_and_bad_limits():
