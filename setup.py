@@ -42,7 +42,7 @@ if sys.platform.startswith("linux") and os.environ.get("CELOSS_NO_EXT") != "1":
     )
 
 setup(
-    packages=["celoss", "celoss.backends", "celoss.integrations", "celoss.kernels", "celoss.cpu"],
+    packages=["celoss", "celoss.backends", "celoss.distributed", "celoss.integrations", "celoss.kernels", "celoss.cpu"],
     package_dir={"celoss": "celoss", "celoss.kernels": "kernels", "celoss.cpu": "cpu"},
     package_data={"celoss": ["py.typed"], "celoss.cpu": ["*.pyx", "*.pxd", "*.h"]},
     exclude_package_data={"celoss.cpu": ["*.c"]},  # Cython's generated C: rebuilt from the .pyx

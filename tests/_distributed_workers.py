@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import celoss
 import oracle
 from celoss import distributed as cd
+from celoss.distributed import _common
 
 # ------------------------------------------------------------------------------------------------
 # oracle and helpers
@@ -441,7 +442,7 @@ def check_communication(rank, world, backend, record):
     statistics all-gather in forward, nothing in the logits variant's backward, one d(hidden)
     all-reduce in the linear one."""
     log = []
-    real_gather, real_reduce = cd._all_gather, dist.all_reduce
+    real_gather, real_reduce = _common._all_gather, dist.all_reduce
 
     def gather(dist_mod, out, inp, group):
         log.append(("all_gather", inp.numel() * inp.element_size()))
@@ -455,7 +456,7 @@ def check_communication(rank, world, backend, record):
     start, end = cd.vocab_range(v, rank, world)
     gen = torch.Generator().manual_seed(11)
     full, target = torch.randn(n, v, generator=gen), torch.randint(0, v, (n,), generator=gen)
-    cd._all_gather, dist.all_reduce = gather, reduce_
+    _common._all_gather, dist.all_reduce = gather, reduce_
     try:
         x = full[:, start:end].clone().requires_grad_()
         loss = cd.vocab_parallel_cross_entropy(x, target, vocab_start=start, vocab_size=v, backend=backend)
@@ -476,7 +477,7 @@ def check_communication(rank, world, backend, record):
                                                backend=backend, chunk_size=4).backward()
         assert log == [("all_gather", 64), ("all_gather", n * 16), ("all_reduce", n * d * 4)], log
     finally:
-        cd._all_gather, dist.all_reduce = real_gather, real_reduce
+        _common._all_gather, dist.all_reduce = real_gather, real_reduce
     record(f"errors[{backend}] communication")
 
 
@@ -1115,7 +1116,7 @@ def check_issue14_communication(rank, world, record):
     backward, one d(hidden) all-reduce in the linear one; distillation: (N, 8), jsd one (N, 2)
     all-reduce more, backward one d(hidden) all-reduce per model whose hidden states need it."""
     log = []
-    real_gather, real_reduce = cd._all_gather, dist.all_reduce
+    real_gather, real_reduce = _common._all_gather, dist.all_reduce
 
     def gather(dist_mod, out, inp, group):
         log.append(("all_gather", inp.numel() * inp.element_size()))
@@ -1133,7 +1134,7 @@ def check_issue14_communication(rank, world, record):
     h = torch.randn(n, d, generator=gen).requires_grad_()
     w = torch.randn(v, d, generator=gen)[start:end].clone().requires_grad_()
     kw = dict(vocab_start=start, vocab_size=v)
-    cd._all_gather, dist.all_reduce = gather, reduce_
+    _common._all_gather, dist.all_reduce = gather, reduce_
     try:
         out = cd.vocab_parallel_token_logprobs(x, tokens, return_entropy=True, **kw)
         (out.logprobs.sum() + out.entropy.sum()).backward()
@@ -1149,7 +1150,7 @@ def check_issue14_communication(rank, world, record):
         assert log == [("all_gather", 64), ("all_gather", n * 8 * 4), ("all_reduce", n * 2 * 4),
                        ("all_reduce", n * d * 4)], log
     finally:
-        cd._all_gather, dist.all_reduce = real_gather, real_reduce
+        _common._all_gather, dist.all_reduce = real_gather, real_reduce
     record("issue14 communication")
 
 

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import celoss
 from celoss import distributed as cd
+from celoss.distributed import _common
 
 import _distributed_workers as workers
 
@@ -172,16 +173,16 @@ def test_issue11_target_digest_properties():
     """Any one changed target changes the digest, and so do permutations of the targets."""
     gen = torch.Generator().manual_seed(0)
     t = torch.randint(-100, 50257, (4099,), generator=gen)
-    digest = cd._target_summary(t, 50257, -100)[0]
+    digest = _common._target_summary(t, 50257, -100)[0]
     for i, value in [(0, 1), (4098, -100), (2048, 50256), (7, int(t[7]) + 1)]:
         changed = t.clone()
         changed[i] = value if value != int(t[i]) else value + 1
-        assert cd._target_summary(changed, 50257, -100)[0] != digest, i
-    old_collision = [cd._target_summary(torch.tensor(pair), 5, -100)[0] for pair in ([3, 0], [0, 1])]
+        assert _common._target_summary(changed, 50257, -100)[0] != digest, i
+    old_collision = [_common._target_summary(torch.tensor(pair), 5, -100)[0] for pair in ([3, 0], [0, 1])]
     assert old_collision[0] != old_collision[1]
     # swapped, shifted, reversed targets (sum-preserving changes a plain checksum can miss)
     for other in (t.flip(0), t.roll(1), torch.cat([t[1:2], t[:1], t[2:]])):
-        assert not torch.equal(other, t) and cd._target_summary(other, 50257, -100)[0] != digest
+        assert not torch.equal(other, t) and _common._target_summary(other, 50257, -100)[0] != digest
 
 
 @pytest.mark.timeout(2 * SPAWN_TIMEOUT_S)
