@@ -486,8 +486,8 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, 
     N x V; folding ``(onehot - p) W`` and ``p (log p + H) W`` into forward gives dX without it but
     costs two products there, and dW still needs ``p``. So fwd+bwd is at best about 4/3 of the
     bare products ``X W^T``, ``G W``, ``G^T X`` (the ``matmuls`` row of ``python -m benchmarks
-    logprobs``); measured with N=4096, D=1024, V=32000 on 2 shared CPU cores, where single runs
-    vary by a third: 1.36x (float32) and 1.0-1.6x (bfloat16).
+    logprobs``, whose outputs are fresh allocations). Measured with N=4096, D=1024, V=32000 on 2
+    shared CPU cores (runs vary by a third there): 1.0-1.36x in float32, 1.0-1.6x in bfloat16.
 
     Args:
         input (Tensor): hidden states ``(..., D)``, float32/float16/bfloat16/float64.
