@@ -11,7 +11,7 @@ import torch
 
 from .. import stats as S
 from .._dtypes import accum_dtype
-from .._memory import fresh_like
+from .._memory import fresh_empty
 
 LINEAR_CE_KERNELS = False
 CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per chunk
@@ -117,7 +117,7 @@ def ce_fused(logits, target, soft_target, weight, coef, grad_out, *, ignore_inde
     in_grad = grad_out is not None and grad_out.dtype == acc and softcap is None and soft_target is None
     step = max(1, n if in_grad else CE_CHUNK_ELEMENTS // max(c, 1))
     # (a large CPU buffer from celoss's cache: its pages are faulted in once, not at every call)
-    buf = None if in_grad else fresh_like(torch.empty((), dtype=acc, device=logits.device).expand(min(n, step), c))
+    buf = None if in_grad else fresh_empty((min(n, step), c), acc, logits.device)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         x = logits[rows]
