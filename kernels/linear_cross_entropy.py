@@ -301,6 +301,24 @@ def _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_pt
     return g * dz, keep
 
 
+# Triton 3.9 removed block pointers; before it they address a staged tile without per-element
+# offsets held in registers (what keeps the backward kernels spill-free there)
+BLOCK_PTRS = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9))
+
+
+@triton.jit
+def _tile_ptr(base, ROWS: tl.constexpr, COLS: tl.constexpr, STRIDE_R: tl.constexpr, STRIDE_C: tl.constexpr):
+    """Pointer(s) to a ROWS x COLS tile at `base` with the given element strides (one of them 1)."""
+    if BLOCK_PTRS:
+        if STRIDE_C == 1:
+            ptr = tl.make_block_ptr(base, (ROWS, COLS), (STRIDE_R, 1), (0, 0), (ROWS, COLS), (1, 0))
+        else:
+            ptr = tl.make_block_ptr(base, (ROWS, COLS), (1, STRIDE_C), (0, 0), (ROWS, COLS), (0, 1))
+    else:
+        ptr = base + tl.arange(0, ROWS)[:, None] * STRIDE_R + tl.arange(0, COLS)[None, :] * STRIDE_C
+    return ptr
+
+
 @triton.jit
 def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, out_rows, out_row_mask, unit_ptr, D,
            R: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, B_HAS_SRC: tl.constexpr,
@@ -326,7 +344,7 @@ def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, 
                 b_rows = tl.load(b_src_ptr + idx, mask=i_mask, other=0).to(tl.int64)
             bt = tl.load(b_ptr + b_rows[:, None] * stride_bk + ns[None, :] * stride_bd,
                          mask=i_mask[:, None] & n_mask[None, :], other=0.0)
-            a = tl.load(tl.make_block_ptr(stage + k * (R * K), (R, K), (K, 1), (0, 0), (R, K), (1, 0)))
+            a = tl.load(_tile_ptr(stage + k * (R * K), R, K, K, 1))
             acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
         if NORMALIZE:
             acc = acc * tl.load(unit_ptr)
@@ -370,9 +388,7 @@ def _lce_dx_kernel(
                                  BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
                                  DOT_PRECISION)
             if keep:
-                # block pointers: no per-element offsets held in registers
-                slot = tl.make_block_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), (BLOCK_M, BLOCK_V), (BLOCK_V, 1),
-                                         (0, 0), (BLOCK_M, BLOCK_V), (1, 0))
+                slot = _tile_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), BLOCK_M, BLOCK_V, BLOCK_V, 1)
                 tl.store(slot, (g * inv_unit).to(x_ptr.dtype.element_ty))
                 tl.store(ids + n_kept, vb)
                 n_kept += 1
@@ -425,9 +441,8 @@ def _lce_dw_kernel(
                 if NEED_DB:
                     db_acc += tl.sum(g, axis=0)
                 if NEED_DW:
-                    # G stored transposed (G^T row-major), by a block pointer
-                    slot = tl.make_block_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), (BLOCK_M, BLOCK_V),
-                                             (1, BLOCK_M), (0, 0), (BLOCK_M, BLOCK_V), (0, 1))
+                    # G stored transposed (G^T row-major)
+                    slot = _tile_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), BLOCK_M, BLOCK_V, 1, BLOCK_M)
                     tl.store(slot, (g * inv_unit).to(x_ptr.dtype.element_ty))
                     tl.store(ids + n_kept, mb)
                     n_kept += 1
