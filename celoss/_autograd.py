@@ -10,9 +10,12 @@ returns through :func:`input_grads`.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import _checks, _ops
 
 
 class _SecondOrderError(torch.autograd.Function):
@@ -58,22 +61,25 @@ def once_differentiable(name: str):
     return wrap
 
 
-def scale_is_one(scale: Tensor) -> bool:
-    """Whether a one-element upstream gradient is exactly 1 (the usual ``loss.backward()``), so a
-    pass over the gradient can be skipped. False when asking would break tracing or a CUDA graph
-    capture (the caller then multiplies: correct, one pass more)."""
-    if torch.compiler.is_compiling() or (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    return bool(scale.reshape(()) == 1)
-
-
-def upstream_scaled(formed, grad_output: Tensor) -> tuple:
+def upstream_scaled(formed, grad_output: Tensor, backend: Optional[str] = None) -> tuple:
     """The gradients a forward formed for an upstream gradient of 1 (``ctx.grad_in_forward``), times
-    the one-element ``grad_output``; None stays None. New tensors (none when the scale is 1): the
-    saved ones stay intact, so backward can run twice. (The in-place variant, for gradients that
-    took over the logits' memory, is the custom op ``celoss::scale_``.)"""
-    one = scale_is_one(grad_output)
-    return tuple(g if g is None or one else g * grad_output.to(g.dtype) for g in formed)
+    the one-element ``grad_output``; None stays None. Called from backward.
+
+    When this backward is the graph's last use (no ``retain_graph`` / ``create_graph``: autograd
+    frees the saved tensors right after it), the saved gradients are scaled in place and returned
+    (``celoss::scale_``: no allocation; a launch only for a scale of 1 on the device side, one pass
+    otherwise). When the graph is kept, new tensors (one pass each, the scale never read on the
+    device side; the saved ones returned as they are for a host-side scale of 1), so backward can
+    run again; likewise while tracing (torch.compile, make_fx), where the product is a graph node."""
+    tensors = tuple(g for g in formed if g is not None)
+    traced = torch.compiler.is_compiling() or not _ops.plain_eager(tensors + (grad_output,))
+    if not traced and not torch._C._autograd._get_current_graph_task_keep_graph():
+        for g in tensors:
+            _ops.scale_(g, grad_output, backend)
+        return tuple(formed)
+    if not traced and not _checks.device_side(grad_output, backend) and bool(grad_output.reshape(()) == 1):
+        return tuple(formed)
+    return tuple(g if g is None else g * grad_output.to(g.dtype) for g in formed)
 
 
 def input_grads(ctx, *grads) -> tuple:
@@ -99,10 +105,11 @@ def loss_forward(ctx, grad_in_forward: bool, run, coef: Tensor, inputs: tuple):
 
 
 def loss_backward(ctx, grad_output, recompute) -> tuple:
-    """The backward half: the saved gradients times ``grad_output``, or ``recompute(*inputs,
-    grad_output)`` -> the input gradients formed with ``grad_output`` as the kernels' ``coef``."""
+    """The backward half: the saved gradients times ``grad_output`` (:func:`upstream_scaled`, on the
+    loss's ``ctx.backend``), or ``recompute(*inputs, grad_output)`` -> the input gradients formed
+    with ``grad_output`` as the kernels' ``coef``."""
     if grad_output is None:
         return input_grads(ctx)
     if ctx.grad_in_forward:
-        return input_grads(ctx, *upstream_scaled(ctx.saved_tensors, grad_output))
+        return input_grads(ctx, *upstream_scaled(ctx.saved_tensors, grad_output, ctx.backend))
     return input_grads(ctx, *recompute(*ctx.saved_tensors, grad_output))

@@ -65,17 +65,31 @@ def positive_or_none(name: str, value):
     return value
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """True while a CUDA graph is being captured: no host synchronisation (hence no data-dependent
-    check) is allowed then; the kernels never read out of bounds whatever the targets."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def device_side(t: torch.Tensor, backend=None) -> bool:
+    """Whether data-dependent decisions about ``t`` (an upstream-gradient scale of 1, bad targets)
+    are taken on its device, never by reading values on the host: off the CPU (a host read
+    synchronises the stream and breaks CUDA-graph capture), and for the triton backend's CPU
+    tensors (Triton's interpreter), so tests run the device code path."""
+    return t.device.type != "cpu" or backend == "triton"
 
 
 def target_indices(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise IndexError naming the first class index outside [0, C) that isn't ignore_index."""
-    if target.numel() == 0 or _capturing(target):
+    """Class indices must be in [0, C) or equal ignore_index.
+
+    On the CPU: IndexError naming the first bad value. On a device (:func:`device_side`) the check
+    is queued on the stream instead (``torch._assert_async``, no host synchronisation, captured
+    with a CUDA graph): a bad target fails as PyTorch's own CUDA cross_entropy does, with a
+    device-side assert at the next synchronisation, which leaves the CUDA context unusable. The
+    assert is queued before the kernels that read the targets; the cross-entropy, linear-CE and
+    token log-prob kernels never read out of bounds whatever the targets anyway (an out-of-range
+    target reads class 0 and makes its row's loss NaN, or matches no class)."""
+    if target.numel() == 0:
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if device_side(target):
+        torch._assert_async(~bad.any(), f"celoss: a target is out of bounds: class indices must be in "
+                                        f"[0, {num_classes}) or equal ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         value = int(target[bad][0])
         raise IndexError(f"Target {value} is out of bounds: class indices must be in [0, {num_classes})"

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, _C
 
 from . import _checks, _dispatch
-from ._autograd import scale_is_one
 from ._dtypes import accum_dtype
 from ._memory import fresh_like
 from ._options import SoftmaxOptions
@@ -41,7 +40,7 @@ class _Op:
         return self._op.register_fake(fn)
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling() or not _plain_eager(args, kwargs):
+        if torch.compiler.is_compiling() or not plain_eager(args, kwargs):
             return self._op(*args, **kwargs)
         if self._mutated:
             torch.autograd.graph.increment_version(
@@ -49,7 +48,7 @@ class _Op:
         return self._fn(*args, **kwargs)
 
 
-def _plain_eager(args, kwargs) -> bool:
+def plain_eager(args, kwargs=None) -> bool:
     """No tracing, mode or functorch transform is active and every tensor argument is a plain
     tensor that autograd doesn't track here (the op has no autograd formula of its own)."""
     if (_C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled()
@@ -174,15 +173,29 @@ def _(logits, soft_target, weight, lse, coef, grad_target, grad_weight, label_sm
 
 
 @custom_op("celoss::scale_", mutates_args=("grad",))
-def scale_(grad: Tensor, scale: Tensor) -> None:
-    """grad *= scale, in place; `scale` is one value (skipped when it is 1) or one per row."""
-    if scale.numel() == 1:
-        if not scale_is_one(scale):
-            grad.mul_(scale.to(grad.dtype))
-    else:
-        grad.mul_(scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+def scale_(grad: Tensor, scale: Tensor, backend: Optional[str] = None) -> None:
+    """grad *= scale.to(grad.dtype), in place; ``scale`` is one value or one per row.
+
+    Cost: on the host side (:func:`celoss._checks.device_side` False: CPU, cython / reference) nothing when the
+    scale is exactly 1 (read on the host), else one pass over ``grad``. On the device side, the
+    triton kernel (``celoss.kernels.scale``) decides on the device: one launch when the scale is 1,
+    else one pass, and the host never waits; layouts it doesn't take (or no Triton) get one
+    ``mul_`` pass whatever the scale."""
+    per_row = scale.numel() != 1
+    if _checks.device_side(grad, backend):
+        triton = _dispatch.module("triton")
+        if triton is None or not triton.scale_(grad, scale):
+            grad.mul_(_row_scale(scale, grad) if per_row else scale.to(grad.dtype))
+    elif per_row:
+        grad.mul_(_row_scale(scale, grad))
+    elif not bool(scale.reshape(()) == 1):
+        grad.mul_(scale.to(grad.dtype))
+
+
+def _row_scale(scale: Tensor, grad: Tensor) -> Tensor:
+    return scale.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype)
 
 
 @scale_.register_fake
-def _(grad, scale):
+def _(grad, scale, backend=None):
     return None

@@ -13,6 +13,7 @@ from celoss.kernels import binary as _kb
 from celoss.kernels import cross_entropy as _k
 from celoss.kernels import distillation as _kd
 from celoss.kernels import linear_cross_entropy as _lce
+from celoss.kernels import scale as _ks
 
 from . import reference as _reference
 
@@ -52,6 +53,16 @@ def ce_grad(logits, target, weight, lse, row_coefs, grad_out, *, class_start, lo
         return
     _k.grad(logits, target, weight, lse, row_coefs, grad_out, class_start=class_start,
             logit_scale=logit_scale, softcap=softcap)
+
+
+def scale_(grad, scale) -> bool:
+    """grad *= scale in place on the device (``celoss.kernels.scale``: no host read of the scale, a
+    launch only when it is 1); False, with nothing done, for a dtype or layout the kernel doesn't
+    take (celoss._ops.scale_ then multiplies)."""
+    if not _ks.supports(grad, scale):
+        return False
+    _ks.scale_(grad, scale)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from celoss.kernels import cross_entropy as ce
 from celoss.kernels import distillation as kd
 from celoss.kernels import linear_cross_entropy as lce
 from celoss.kernels import logprobs as lp
+from celoss.kernels import scale as ks
 
 # ----------------------------------------------------------------------------------------------
 # Cross-entropy rows (celoss.kernels.cross_entropy)
@@ -258,3 +259,18 @@ def logprobs_plan(kernel="forward", dtype="bfloat16", block=4096, *, has_gl=True
     vec = torch.empty(1, dtype=torch.float32)
     return lp.backward_plan(x, y, vec, vec, vec if has_gl else None, vec if has_entropy else None,
                          torch.empty_like(x), ignore_index=-100, scale=1.0)
+
+# ----------------------------------------------------------------------------------------------
+# Upstream-gradient scale (celoss.kernels.scale)
+# ----------------------------------------------------------------------------------------------
+
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def scale_plan(dtype="bfloat16", per_row=False, aligned=True):
+    """The in-place scale's plan: a contiguous gradient by one scale, or rows (``aligned=False``:
+    odd row length and stride, pointer off the 16-byte grid, as for in-place logits) by one per row."""
+    dt = getattr(torch, dtype)
+    c = 2 * ks.BLOCK + (0 if aligned else 1)  # several tiles per row: no loop bound specialized to 1
+    grad = torch.zeros(3, c, dtype=dt) if aligned else torch.zeros(3, c + 2, dtype=dt)[:, 1:c + 1]
+    return ks.scale_plan(grad, torch.ones(3 if per_row else 1))
