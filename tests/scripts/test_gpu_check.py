@@ -74,6 +74,18 @@ def test_issue12_smoke_selects_every_entry_and_the_rest_excludes_it(dry_run):
     assert any(t.startswith("tests/kernels/test_cross_entropy_kernels.py") for t in rest)
 
 
+def test_issue12_graph_phase_collects_the_sync_checks(dry_run):
+    """Phase 5 runs tests/test_cuda_graphs.py: the capture / replay checks and the checks that
+    forward + backward make no synchronizing call (torch.cuda.set_sync_debug_mode("error"))."""
+    _, out = dry_run
+    log = (out / "gpu-check.log").read_text()
+    for name in ("test_issue12_cross_entropy_graph_replays_new_data",
+                 "test_issue12_cross_entropy_makes_no_synchronizing_call[bf16-scale1]",
+                 "test_issue12_cross_entropy_makes_no_synchronizing_call[fp32-scale0.5]",
+                 "test_issue12_linear_cross_entropy_chunked_makes_no_synchronizing_call[bf16]"):
+        assert f"tests/test_cuda_graphs.py::{name}" in log, name
+
+
 def test_issue12_smoke_names_are_pytest_k_identifiers():
     """-k cannot express spaces, commas or parentheses inside a name (ids such as
     ``kl-(bfloat16, bfloat16)-triton``): such an entry would break the whole smoke phase."""
