@@ -44,16 +44,17 @@ def _scale_kernel(grad_ptr, stride_r, row_len, tiles_per_row, num_tiles, scale_p
         s = _rounded(tl.load(scale_ptr), grad_ptr.dtype.element_ty)
         if s == 1.0:
             return
+    offs = tl.arange(0, BLOCK)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         row = tile // tiles_per_row
-        cols = (tile - row * tiles_per_row) * BLOCK + tl.arange(0, BLOCK)
+        start = (tile - row * tiles_per_row).to(tl.int64) * BLOCK  # rows of >= 2^31 elements: int64
         if PER_ROW:
             s = _rounded(tl.load(scale_ptr + row.to(tl.int64) * stride_s), grad_ptr.dtype.element_ty)
-        # a row scaled by 1 reads nothing (an integer bound: the interpreter mis-broadcasts
-        # `mask & scalar_float_compare`)
-        n_cols = tl.where(s == 1.0, 0, row_len)
-        mask = cols < n_cols
-        ptr = grad_ptr + row.to(tl.int64) * stride_r + cols
+        # the tile's columns to touch, none in a row scaled by 1 (an integer bound: the interpreter
+        # mis-broadcasts `mask & scalar_float_compare`)
+        n_cols = tl.minimum(tl.where(s == 1.0, 0, row_len - start), BLOCK).to(tl.int32)
+        mask = offs < n_cols
+        ptr = grad_ptr + (row.to(tl.int64) * stride_r + start) + offs
         g = tl.load(ptr, mask=mask, other=0.0)
         tl.store(ptr, (g.to(tl.float32) * s).to(grad_ptr.dtype.element_ty), mask=mask)
 
