@@ -344,7 +344,7 @@ def table_cases() -> list[tuple[str, str, dict]]:
     """(kernel label, plan function of :mod:`plans`, case) of each row of the resource table:
     every launch configuration of each kernel with its heaviest flags, in fp32 and bf16 (linear
     CE: every dtype, aligned and not; CE fused: index targets at every block, probability targets
-    and focal at the largest)."""
+    and focal at the largest; the upstream scale: one value and one per row)."""
     import plans
     from plans import ce, kd
 
@@ -376,6 +376,10 @@ def table_cases() -> list[tuple[str, str, dict]]:
     for flags in plans.binary_cases(heaviest=True):
         label = "sigmoid focal" if flags["focal"] else "binary ce, d/dx" + (" + d/dy" if flags["grad_target"] else "")
         rows.append((label, "binary_plan", dict(dtype="bfloat16", target_dtype="bfloat16", aligned=True, **flags)))
+    for per_row in (False, True):
+        for dtype in ("float32", "bfloat16"):
+            rows.append(("upstream scale" + (" (per row)" if per_row else ""), "scale_plan",
+                         dict(dtype=dtype, per_row=per_row, aligned=True)))
     return rows
 
 
