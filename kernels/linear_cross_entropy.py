@@ -16,11 +16,11 @@ Kernels
                        (:mod:`celoss.backends`). Writes ``(n_splits, M, 4)`` partial statistics,
                        merged by the caller with :func:`celoss.stats.merge_all`, and turned into
                        the loss / lse / gradient coefficients by :func:`celoss.stats.coefficients`.
-``_lce_dx_kernel``     persistent grid (at most 2 programs per SM). Each program owns whole row
-                       blocks of dX (``BLOCK_M`` rows over all of D) and walks the vocabulary for
-                       each (see "Backward" below).
-``_lce_dw_kernel``     persistent grid. Each program owns whole class blocks of dW (``BLOCK_V``
-                       classes over all of D, and their db) and walks all rows for each.
+``_lce_backward_kernel`` persistent grid (at most 2 programs per SM), launched twice: the dX
+                       kernel (each program owns whole row blocks of dX, ``BLOCK_M`` rows over all
+                       of D, and walks the vocabulary for each) and, with ``DW``, the dW kernel
+                       (whole class blocks of dW, ``BLOCK_V`` classes over all of D, and their db;
+                       it walks all rows for each). See "Backward" below.
 
 Backward
 --------
@@ -110,7 +110,7 @@ def _interpreting() -> bool:
 # (tests/kernels/test_linear_cross_entropy_aot.py compiles every one). Under the interpreter,
 # small tiles keep the numpy emulation fast on the small test shapes.
 STATS_CONFIGS = {
-    ("lowp", True): dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
+    ("lowp", True): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
     ("lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
     ("fp32", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
     ("fp32", False): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
@@ -121,16 +121,18 @@ STATS_CONFIGS = {
 # GROUP) is the K of the owned block's product (see "Backward"). The
 # epilogue forming a gradient tile (softcap, smoothing, filter) keeps several fp32 tiles live: the
 # largest tiles that compile without spills on sm_80 and sm_90 with every flag on (measured with
-# tests/kernels/aot.py; 128 x 128 gradient tiles spill there, and so does a 128 x 64 one in the dW
+# tests/kernels/aot.py; 128 x 128 gradient tiles spill there -- dX 96-740 bytes at 8 or 16 warps,
+# 2-3 stages, BLOCK_D 32-64, BLOCK_N 32-128; dW 1.2-2.9 KB -- and so does a 128 x 64 one in the dW
 # kernel, whose gathered X operand costs more registers: 64 x 64 with GROUP = 16 keeps its K at 1024).
+# fp32 dX takes 3 stages: with 2, ptxas (CUDA 12.9) holds it to 128 registers on sm_90 and spills.
 BACKWARD_CONFIGS = {
     ("dx", "lowp", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, BLOCK_N=128, GROUP=8, num_warps=8, num_stages=3),
     ("dw", "lowp", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=64, BLOCK_N=128, GROUP=16, num_warps=8, num_stages=3),
     ("dx", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
     ("dw", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=32, GROUP=8, num_warps=8, num_stages=2),
-    ("dx", "fp32", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
+    ("dx", "fp32", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=3),
     ("dw", "fp32", True): dict(BLOCK_M=64, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, GROUP=8, num_warps=8, num_stages=2),
-    ("dx", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
+    ("dx", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=3),
     ("dw", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=16, BLOCK_N=16, GROUP=8, num_warps=4, num_stages=2),
 }
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, GROUP=2, num_warps=4, num_stages=1)
@@ -355,31 +357,56 @@ def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, 
 
 
 @triton.jit
-def _lce_dx_kernel(
+def _flush_owned(owned, stage, ids, n_kept, x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd,
+                 tgt_ptr, out_ptr, stride_out, unit_ptr, M, V, D, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_SRC: tl.constexpr, DW: tl.constexpr, NORMALIZE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """:func:`_flush` of the staged tiles into the owned block ``owned``: dX rows ``src[rows]``
+    += G_k W[classes_k] (A_k = G tiles, BLOCK_M x BLOCK_V), or with ``DW`` dW rows ``cols`` +=
+    G_k^T X[src[rows_k]] (A_k = G^T tiles, BLOCK_V x BLOCK_M)."""
+    if DW:
+        cols = (owned * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        _flush(stage, ids, n_kept, x_ptr, src_ptr, stride_xn, stride_xd, M, out_ptr + cols[:, None] * stride_out,
+               cols < V, unit_ptr, D, BLOCK_V, BLOCK_M, BLOCK_N, HAS_SRC, NORMALIZE, DOT_PRECISION)
+    else:
+        _, row_mask, src, _ = _row_block(owned, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+        _flush(stage, ids, n_kept, lw_ptr, src_ptr, stride_lwv, stride_lwd, V, out_ptr + src[:, None] * stride_out,
+               row_mask, unit_ptr, D, BLOCK_M, BLOCK_V, BLOCK_N, False, NORMALIZE, DOT_PRECISION)
+
+
+@triton.jit
+def _lce_backward_kernel(
     x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
-    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dx_ptr, stride_dxn, stage_ptr, ids_ptr,
+    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, out_ptr, stride_out, db_ptr, stage_ptr, ids_ptr,
     M, V, D, scale, softcap, inv_softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr, HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
-    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr, DW: tl.constexpr,
+    NEED_OUT: tl.constexpr, NEED_DB: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dX[src[rows]] += sum over the vocabulary of G[rows, v] W[v]. Persistent: program ``p`` owns
-    the row blocks ``p, p + num_programs, ...``, each over all of D. Per vocabulary block it forms
-    the gradient tile once (:func:`_grad_tile`, one pass over D) and stages it (operand dtype, in
-    its own slice of ``stage``); every GROUP kept tiles (and at the end) :func:`_flush` adds
-    ``sum_k G_k W[block_k]`` to the owned rows. No other program touches these rows."""
+    """The dX kernel (``DW`` False) or the dW / db kernel (``DW``) of "Backward". Persistent:
+    program ``p`` owns the blocks ``p, p + num_programs, ...`` of its output over all of D -- row
+    blocks of dX (``out``), or class blocks of dW (``out``) and db -- and walks the other axis
+    (vocabulary blocks, resp. row blocks) for each. Per walked block it forms the gradient tile once
+    (:func:`_grad_tile`, one pass over D) and stages it (operand dtype, in its own slice of
+    ``stage``; transposed for dW); every GROUP kept tiles (and at the end) :func:`_flush_owned` adds
+    them to the owned rows; db is summed in registers. No other program touches these rows."""
     pid = tl.program_id(0)
     stage = stage_ptr + pid.to(tl.int64) * (GROUP * BLOCK_M * BLOCK_V)
     ids = ids_ptr + pid * GROUP
     inv_unit = 1.0
     if NORMALIZE:
         inv_unit = 1.0 / tl.load(unit_ptr)
-    for pid_m in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    n_owned = tl.cdiv(V, BLOCK_V) if DW else tl.cdiv(M, BLOCK_M)
+    n_walk = tl.cdiv(M, BLOCK_M) if DW else tl.cdiv(V, BLOCK_V)
+    for owned in range(pid, n_owned, tl.num_programs(0)):
+        db_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
         n_kept = 0
-        for vb in range(0, tl.cdiv(V, BLOCK_V)):
-            # the row data are reloaded (L1 hits) rather than held across the loop: registers
-            rows, row_mask, src, y = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
+        for walk in range(0, n_walk):
+            mb = walk if DW else owned
+            vb = owned if DW else walk
+            # the owned block's row data are reloaded (L1 hits) rather than held across the loop: registers
+            rows, row_mask, src, y = _row_block(mb, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
             lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
             cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_mask = cols < V
@@ -388,76 +415,30 @@ def _lce_dx_kernel(
                                  BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
                                  DOT_PRECISION)
             if keep:
-                slot = _tile_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), BLOCK_M, BLOCK_V, BLOCK_V, 1)
-                tl.store(slot, (g * inv_unit).to(x_ptr.dtype.element_ty))
-                tl.store(ids + n_kept, vb)
-                n_kept += 1
-                if n_kept == GROUP:
-                    # out = dX rows, A_k = G tiles (BLOCK_M x BLOCK_V), B_k = W rows of the tiles' classes
-                    _flush(stage, ids, n_kept, lw_ptr, src_ptr, stride_lwv, stride_lwd, V,
-                           dx_ptr + src[:, None] * stride_dxn, row_mask, unit_ptr, D,
-                           BLOCK_M, BLOCK_V, BLOCK_N, False, NORMALIZE, DOT_PRECISION)
-                    n_kept = 0
-        if n_kept > 0:
-            rows, row_mask, src, _ = _row_block(pid_m, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
-            _flush(stage, ids, n_kept, lw_ptr, src_ptr, stride_lwv, stride_lwd, V,
-                   dx_ptr + src[:, None] * stride_dxn, row_mask, unit_ptr, D,
-                   BLOCK_M, BLOCK_V, BLOCK_N, False, NORMALIZE, DOT_PRECISION)
-
-
-@triton.jit
-def _lce_dw_kernel(
-    x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd, b_ptr, tgt_ptr, weight_ptr,
-    lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, dw_ptr, stride_dwv, db_ptr, stage_ptr, ids_ptr,
-    M, V, D, scale, softcap, inv_softcap,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dW[cols] += sum over rows of G[rows, cols]^T X[src[rows]] and db[cols] += sum over rows of
-    G[rows, cols]: the mirror image of :func:`_lce_dx_kernel` (program ``p`` owns the class blocks
-    ``p, p + num_programs, ...`` of dW over all of D and their db, summed in registers; it walks
-    the row blocks, staging G^T tiles and flushing ``sum_k G_k^T X[rows_k]`` every GROUP)."""
-    pid = tl.program_id(0)
-    stage = stage_ptr + pid.to(tl.int64) * (GROUP * BLOCK_M * BLOCK_V)
-    ids = ids_ptr + pid * GROUP
-    inv_unit = 1.0
-    if NORMALIZE:
-        inv_unit = 1.0 / tl.load(unit_ptr)
-    for pid_v in range(pid, tl.cdiv(V, BLOCK_V), tl.num_programs(0)):
-        cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
-        db_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        n_kept = 0
-        for mb in range(0, tl.cdiv(M, BLOCK_M)):
-            rows, row_mask, src, y = _row_block(mb, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
-            lse, a, b, d, thr = _row_coefs(rows, row_mask, lse_ptr, row_coefs_ptr, thr_ptr, HAS_D, FILTER)
-            g, keep = _grad_tile(x_ptr, stride_xn, stride_xd, lw_ptr, stride_lwv, stride_lwd, b_ptr, weight_ptr,
-                                 src, y, row_mask, cols, col_mask, lse, a, b, d, thr, D, scale, softcap, inv_softcap,
-                                 BLOCK_M, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP, HAS_D, FILTER,
-                                 DOT_PRECISION)
-            if keep:
                 if NEED_DB:
                     db_acc += tl.sum(g, axis=0)
-                if NEED_DW:
-                    # G stored transposed (G^T row-major)
-                    slot = _tile_ptr(stage + n_kept * (BLOCK_M * BLOCK_V), BLOCK_M, BLOCK_V, 1, BLOCK_M)
+                if NEED_OUT:
+                    slot = stage + n_kept * (BLOCK_M * BLOCK_V)
+                    if DW:  # G^T row-major
+                        slot = _tile_ptr(slot, BLOCK_M, BLOCK_V, 1, BLOCK_M)
+                    else:
+                        slot = _tile_ptr(slot, BLOCK_M, BLOCK_V, BLOCK_V, 1)
                     tl.store(slot, (g * inv_unit).to(x_ptr.dtype.element_ty))
-                    tl.store(ids + n_kept, mb)
+                    tl.store(ids + n_kept, walk)
                     n_kept += 1
                     if n_kept == GROUP:
-                        # out = dW rows, A_k = G^T tiles (BLOCK_V x BLOCK_M), B_k = X rows src[rows_k]
-                        _flush(stage, ids, n_kept, x_ptr, src_ptr, stride_xn, stride_xd, M,
-                               dw_ptr + cols[:, None] * stride_dwv, col_mask, unit_ptr, D,
-                               BLOCK_V, BLOCK_M, BLOCK_N, HAS_SRC, NORMALIZE, DOT_PRECISION)
+                        _flush_owned(owned, stage, ids, n_kept, x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr,
+                                     stride_lwv, stride_lwd, tgt_ptr, out_ptr, stride_out, unit_ptr, M, V, D,
+                                     BLOCK_M, BLOCK_V, BLOCK_N, HAS_SRC, DW, NORMALIZE, DOT_PRECISION)
                         n_kept = 0
-        if NEED_DW:
+        if NEED_OUT:
             if n_kept > 0:
-                _flush(stage, ids, n_kept, x_ptr, src_ptr, stride_xn, stride_xd, M,
-                       dw_ptr + cols[:, None] * stride_dwv, col_mask, unit_ptr, D,
-                       BLOCK_V, BLOCK_M, BLOCK_N, HAS_SRC, NORMALIZE, DOT_PRECISION)
+                _flush_owned(owned, stage, ids, n_kept, x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr,
+                             stride_lwv, stride_lwd, tgt_ptr, out_ptr, stride_out, unit_ptr, M, V, D,
+                             BLOCK_M, BLOCK_V, BLOCK_N, HAS_SRC, DW, NORMALIZE, DOT_PRECISION)
         if NEED_DB:
+            cols = (owned * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_mask = cols < V
             tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + db_acc, mask=col_mask)
 
 
@@ -554,13 +535,15 @@ def backward_plans(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresh
     if dx is not None:
         cfg = cfgs["dx"]
         grid, stage = staging(cfg, triton.cdiv(m, cfg["BLOCK_M"]), True)
-        plans["dx"] = (_lce_dx_kernel, grid, args(cfg, dx_ptr=dx, stride_dxn=dx.stride(0), **stage), options(cfg), dx)
+        kwargs = args(cfg, out_ptr=dx, stride_out=dx.stride(0), db_ptr=None, DW=False, NEED_OUT=True, NEED_DB=False,
+                      **stage)
+        plans["dx"] = (_lce_backward_kernel, grid, kwargs, options(cfg), dx)
     if dw is not None or db is not None:
         cfg = cfgs["dw"]
         grid, stage = staging(cfg, triton.cdiv(v, cfg["BLOCK_V"]), dw is not None)
-        kwargs = with_flags(args(cfg, dw_ptr=dw, stride_dwv=dw.stride(0) if dw is not None else 0, db_ptr=db, **stage),
-                            NEED_DW="dw_ptr", NEED_DB="db_ptr")
-        plans["dw"] = (_lce_dw_kernel, grid, kwargs, options(cfg), (dw, db))
+        kwargs = with_flags(args(cfg, out_ptr=dw, stride_out=dw.stride(0) if dw is not None else 0, db_ptr=db, DW=True,
+                                 **stage), NEED_OUT="out_ptr", NEED_DB="db_ptr")
+        plans["dw"] = (_lce_backward_kernel, grid, kwargs, options(cfg), (dw, db))
     return plans
 
 
