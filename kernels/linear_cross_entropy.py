@@ -52,22 +52,22 @@ the forward's statistics are a fifth), against 3 for the bare ``X W^T``, ``G W``
 * the read-modify-writes of the owned float32 blocks, ``8 M D ceil(V / (GROUP BLOCK_V_dx))``
   bytes (dX) and ``8 V D ceil(M / (GROUP BLOCK_M_dw))`` (dW): ``2 / (GROUP BLOCK_V)`` resp.
   ``2 / (GROUP BLOCK_M)`` bytes per flop of the kernel, 1/512 with the 16-bit tiles below (K =
-  GROUP x that side = 1024 in both kernels; hence BLOCK_V = 128 in the dX kernel's table). At
+  GROUP x that side = 1024 in both kernels; hence BLOCK_V >= 128 in the dX kernel's tables). At
   (M, D, V) = (8192, 2304, 256000): about 38 GB per kernel (300 GB without staging) against
   9.7 TFLOP per GEMM, i.e. ~8 ms of HBM time against ~10-15 ms of tensor-core time per GEMM on an
   H100/H200 if none of it hits L2; the blocks in flight (one BLOCK_M x D or BLOCK_V x D float32
-  block per running program: 590 KB at D = 2304, ~150 MB for 264 programs) are larger than the
-  50 MB L2, so count on HBM;
+  block per running program: 590 KB at D = 2304, 1.2 MB for sm_90's 128-row dX blocks) are
+  larger than the 50 MB L2, so count on HBM;
 * the staged tiles: written once, read ``ceil(D / BLOCK_N)`` times from L2 (128 KB per program
-  with the 16-bit tiles: 34 MB for 264 programs), ``1 / BLOCK_N`` bytes per flop, as much as the
-  W / X operand tiles themselves.
+  with the 16-bit tiles, 256 KB for sm_90's 128 x 128 dX tiles: 34 / 68 MB for 264 programs),
+  ``1 / BLOCK_N`` bytes per flop, as much as the W / X operand tiles themselves.
 
 Forward + backward is thus 5 GEMM-equivalents against the 3 bare GEMMs: 1.67x by arithmetic alone,
 above issue 12's 1.5x target, which needs the logits formed fewer times than once per kernel (both
 kernels need every tile, and sharing one between them means atomics or a stored G); the traffic
 above should hide behind the products. Not measured on a GPU yet. Parallelism: one program
 per owned block up to 2 per SM: ``cdiv(M, BLOCK_M)`` row blocks for dX (a small M fills few SMs:
-64 rows per block, so M < 64 x #SMs leaves SMs idle in that kernel) and ``cdiv(V, BLOCK_V)``
+64-128 rows per block, so M < 128 x #SMs leaves SMs idle in that kernel) and ``cdiv(V, BLOCK_V)``
 class blocks for dW. Memory: no logits, not even a chunk; beside the float32 gradients the caller
 allocates, the two staging scratches (``2 x #SMs x GROUP x BLOCK_M x BLOCK_V`` elements each). The
 chunked engine of :mod:`celoss.linear_cross_entropy` (cuBLAS products on a bounded logits chunk) is
@@ -118,12 +118,16 @@ STATS_CONFIGS = {
 # Backward, per kernel: BLOCK_M x BLOCK_V gradient tiles (the logits formed over D in BLOCK_D
 # steps), BLOCK_N the D columns of one read-modify-write step (backward_configs narrows it for a
 # small D), GROUP the gradient tiles staged per read-modify-write; the long side of the tile (x
-# GROUP) is the K of the owned block's product (see "Backward"). The
-# epilogue forming a gradient tile (softcap, smoothing, filter) keeps several fp32 tiles live: the
-# largest tiles that compile without spills on sm_80 and sm_90 with every flag on (measured with
-# tests/kernels/aot.py; 128 x 128 gradient tiles spill there -- dX 96-740 bytes at 8 or 16 warps,
-# 2-3 stages, BLOCK_D 32-64, BLOCK_N 32-128; dW 1.2-2.9 KB -- and so does a 128 x 64 one in the dW
-# kernel, whose gathered X operand costs more registers: 64 x 64 with GROUP = 16 keeps its K at 1024).
+# GROUP) is the K of the owned block's product (see "Backward"), multiplied BLOCK_K at a time
+# (default: the whole side). The epilogue forming a gradient tile (softcap, smoothing, filter)
+# keeps several fp32 tiles live: the largest tiles that compile without spills with every flag on
+# (measured with tests/kernels/aot.py). On sm_90 the dX kernel takes 128 x 128 tiles with BLOCK_D =
+# 32 and BLOCK_K = 16 (HOPPER_BACKWARD_CONFIGS: 255 registers, 0 spills; BLOCK_K = 32 spills 32
+# bytes when M and V are multiples of 16, as do 4 stages); on sm_80, whose mma.sync
+# holds its operand fragments in registers, that tile spills 96-272 bytes at any BLOCK_D / BLOCK_N
+# / BLOCK_K of 16-64 or 2-4 stages, and 16 warps (128 registers a thread) spill more. The dW kernel
+# spills 1.5-2.9 KB with 128 x 128 tiles on both (its gathered X operand and db cost registers;
+# plain flags compile clean), and so does a 128 x 64 one: 64 x 64 with GROUP = 16 keeps its K at 1024.
 # fp32 dX takes 3 stages: with 2, ptxas (CUDA 12.9) holds it to 128 registers on sm_90 and spills.
 BACKWARD_CONFIGS = {
     ("dx", "lowp", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, BLOCK_N=128, GROUP=8, num_warps=8, num_stages=3),
@@ -134,6 +138,10 @@ BACKWARD_CONFIGS = {
     ("dw", "fp32", True): dict(BLOCK_M=64, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, GROUP=8, num_warps=8, num_stages=2),
     ("dx", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=3),
     ("dw", "fp32", False): dict(BLOCK_M=32, BLOCK_V=32, BLOCK_D=16, BLOCK_N=16, GROUP=8, num_warps=4, num_stages=2),
+}
+HOPPER_BACKWARD_CONFIGS = {  # sm_90 and later: these entries replace BACKWARD_CONFIGS'
+    ("dx", "lowp", True): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=32, BLOCK_N=64, BLOCK_K=16, GROUP=8, num_warps=8,
+                               num_stages=3),
 }
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_D=16, BLOCK_N=32, GROUP=2, num_warps=4, num_stages=1)
 
@@ -157,17 +165,32 @@ def stats_config(dtype: torch.dtype, aligned: bool = True) -> dict:
     return dict(STATS_CONFIGS["fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
 
 
-def backward_configs(dtype: torch.dtype, d: int, aligned: bool = True) -> dict:
+def backward_configs(dtype: torch.dtype, d: int, aligned: bool = True, arch: int | None = None) -> dict:
     """``{"dx": tiles, "dw": tiles}`` of the backward kernels for inputs of ``dtype`` and width
-    ``d``: the table's, keyed on (dtype, alignment), with BLOCK_N narrowed to cover a small D in one
-    block (no padded columns computed)."""
+    ``d`` on a GPU of compute capability ``arch`` (80, 90, ...; None: not sm_90): the tables',
+    keyed on (arch, dtype, alignment), with BLOCK_N narrowed to cover a small D in one block (no
+    padded columns computed) and BLOCK_K defaulting to the tile's side along the product's K."""
     out = {}
-    for kernel in ("dx", "dw"):
-        cfg = dict(INTERPRETER_CONFIG if _interpreting() else
-                   BACKWARD_CONFIGS[kernel, "fp32" if dtype == torch.float32 else "lowp", bool(aligned)])
+    for kernel, side in (("dx", "BLOCK_V"), ("dw", "BLOCK_M")):
+        key = kernel, "fp32" if dtype == torch.float32 else "lowp", bool(aligned)
+        if _interpreting():
+            cfg = dict(INTERPRETER_CONFIG)
+        elif arch is not None and arch >= 90 and key in HOPPER_BACKWARD_CONFIGS:
+            cfg = dict(HOPPER_BACKWARD_CONFIGS[key])
+        else:
+            cfg = dict(BACKWARD_CONFIGS[key])
         cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(max(d, 1))))
+        cfg.setdefault("BLOCK_K", cfg[side])
         out[kernel] = cfg
     return out
+
+
+def _arch(device: torch.device) -> int | None:
+    """Compute capability as 80, 90, ... (None off CUDA)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -323,10 +346,11 @@ def _tile_ptr(base, ROWS: tl.constexpr, COLS: tl.constexpr, STRIDE_R: tl.constex
 
 @triton.jit
 def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, out_rows, out_row_mask, unit_ptr, D,
-           R: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, B_HAS_SRC: tl.constexpr,
+           R: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_HAS_SRC: tl.constexpr,
            NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``out[r, :] += sum_k A_k @ B_k`` over all D columns, BLOCK_N at a time, for the ``n_kept``
-    staged (R, K) operands ``A_k`` (``stage[k]``, gradient tiles already in the operand dtype) and
+    staged (R, K) operands ``A_k`` (``stage[k]``, gradient tiles already in the operand dtype; BLOCK_K
+    of their columns per product) and
     ``B_k[i, n] = b_ptr[row_i * stride_bk + n * stride_bd]`` with ``row_i = ids[k] * K + i`` (mapped
     through ``b_src_ptr`` if B_HAS_SRC; masked from ``b_limit`` on), into the float32
     ``out[r, n] = out_rows[r] + n`` rows owned by the calling program: one plain read-modify-write
@@ -338,15 +362,18 @@ def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, 
         ns = n + tl.arange(0, BLOCK_N)
         n_mask = ns < D
         acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-        for k in range(0, n_kept):
-            idx = tl.load(ids + k).to(tl.int64) * K + tl.arange(0, K)
+        for c in range(0, n_kept * (K // BLOCK_K)):
+            # BLOCK_K of the K columns of staged operand k per product (registers)
+            k = c // (K // BLOCK_K)
+            j = c % (K // BLOCK_K)
+            idx = tl.load(ids + k).to(tl.int64) * K + j * BLOCK_K + tl.arange(0, BLOCK_K)
             i_mask = idx < b_limit
             b_rows = idx
             if B_HAS_SRC:
                 b_rows = tl.load(b_src_ptr + idx, mask=i_mask, other=0).to(tl.int64)
             bt = tl.load(b_ptr + b_rows[:, None] * stride_bk + ns[None, :] * stride_bd,
                          mask=i_mask[:, None] & n_mask[None, :], other=0.0)
-            a = tl.load(_tile_ptr(stage + k * (R * K), R, K, K, 1))
+            a = tl.load(_tile_ptr(stage + k * (R * K) + j * BLOCK_K, R, BLOCK_K, K, 1))
             acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
         if NORMALIZE:
             acc = acc * tl.load(unit_ptr)
@@ -359,19 +386,19 @@ def _flush(stage, ids, n_kept, b_ptr, b_src_ptr, stride_bk, stride_bd, b_limit, 
 @triton.jit
 def _flush_owned(owned, stage, ids, n_kept, x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr, stride_lwv, stride_lwd,
                  tgt_ptr, out_ptr, stride_out, unit_ptr, M, V, D, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HAS_SRC: tl.constexpr, DW: tl.constexpr, NORMALIZE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SRC: tl.constexpr, DW: tl.constexpr,
+                 NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """:func:`_flush` of the staged tiles into the owned block ``owned``: dX rows ``src[rows]``
     += G_k W[classes_k] (A_k = G tiles, BLOCK_M x BLOCK_V), or with ``DW`` dW rows ``cols`` +=
     G_k^T X[src[rows_k]] (A_k = G^T tiles, BLOCK_V x BLOCK_M)."""
     if DW:
         cols = (owned * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         _flush(stage, ids, n_kept, x_ptr, src_ptr, stride_xn, stride_xd, M, out_ptr + cols[:, None] * stride_out,
-               cols < V, unit_ptr, D, BLOCK_V, BLOCK_M, BLOCK_N, HAS_SRC, NORMALIZE, DOT_PRECISION)
+               cols < V, unit_ptr, D, BLOCK_V, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SRC, NORMALIZE, DOT_PRECISION)
     else:
         _, row_mask, src, _ = _row_block(owned, M, src_ptr, tgt_ptr, BLOCK_M, HAS_SRC)
         _flush(stage, ids, n_kept, lw_ptr, src_ptr, stride_lwv, stride_lwd, V, out_ptr + src[:, None] * stride_out,
-               row_mask, unit_ptr, D, BLOCK_M, BLOCK_V, BLOCK_N, False, NORMALIZE, DOT_PRECISION)
+               row_mask, unit_ptr, D, BLOCK_M, BLOCK_V, BLOCK_N, BLOCK_K, False, NORMALIZE, DOT_PRECISION)
 
 
 @triton.jit
@@ -380,8 +407,8 @@ def _lce_backward_kernel(
     lse_ptr, row_coefs_ptr, thr_ptr, unit_ptr, out_ptr, stride_out, db_ptr, stage_ptr, ids_ptr,
     M, V, D, scale, softcap, inv_softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr, DW: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_SRC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_D: tl.constexpr, FILTER: tl.constexpr, DW: tl.constexpr,
     NEED_OUT: tl.constexpr, NEED_DB: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The dX kernel (``DW`` False) or the dW / db kernel (``DW``) of "Backward". Persistent:
@@ -429,13 +456,13 @@ def _lce_backward_kernel(
                     if n_kept == GROUP:
                         _flush_owned(owned, stage, ids, n_kept, x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr,
                                      stride_lwv, stride_lwd, tgt_ptr, out_ptr, stride_out, unit_ptr, M, V, D,
-                                     BLOCK_M, BLOCK_V, BLOCK_N, HAS_SRC, DW, NORMALIZE, DOT_PRECISION)
+                                     BLOCK_M, BLOCK_V, BLOCK_N, BLOCK_K, HAS_SRC, DW, NORMALIZE, DOT_PRECISION)
                         n_kept = 0
         if NEED_OUT:
             if n_kept > 0:
                 _flush_owned(owned, stage, ids, n_kept, x_ptr, stride_xn, stride_xd, src_ptr, lw_ptr,
                              stride_lwv, stride_lwd, tgt_ptr, out_ptr, stride_out, unit_ptr, M, V, D,
-                             BLOCK_M, BLOCK_V, BLOCK_N, HAS_SRC, DW, NORMALIZE, DOT_PRECISION)
+                             BLOCK_M, BLOCK_V, BLOCK_N, BLOCK_K, HAS_SRC, DW, NORMALIZE, DOT_PRECISION)
         if NEED_DB:
             cols = (owned * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_mask = cols < V
@@ -499,17 +526,22 @@ def stats_plan(x, linear_weight, b, src, tgt, weight, *, logit_scale=1.0, softca
 
 
 def backward_plans(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresholds, dx, dw, db, *,
-                   logit_scale=1.0, softcap=None, has_d=False, unit=None, config=None) -> dict:
+                   logit_scale=1.0, softcap=None, has_d=False, unit=None, config=None, arch=None) -> dict:
     """Plans of :func:`backward`: ``{"dx": plan, "dw": plan}`` for the kernels the requested
     gradients need (``"dw"`` also computes db), each accumulating into the float32 ``dx``/``dw``/``db``.
-    ``config``: one tile configuration for both kernels (default: :func:`backward_configs`)."""
+    ``config``: one tile configuration for both kernels (default: :func:`backward_configs` for
+    ``arch``, by default the device's compute capability)."""
     _check(x, linear_weight, b)
     v, d = linear_weight.shape
     m = tgt.shape[0]
     for t in (dx, dw, db):
         assert t is None or (t.dtype == torch.float32 and t.stride(-1) == 1)
-    cfgs = ({k: dict(config) for k in ("dx", "dw")} if config else
-            backward_configs(x.dtype, d, _aligned(x, linear_weight, b, dx, dw)))
+    if config:
+        cfgs = {k: dict(config, BLOCK_K=config.get("BLOCK_K", config[side]))
+                for k, side in (("dx", "BLOCK_V"), ("dw", "BLOCK_M"))}
+    else:
+        cfgs = backward_configs(x.dtype, d, _aligned(x, linear_weight, b, dx, dw),
+                                _arch(x.device) if arch is None else arch)
     if d == 0:
         dx = dw = None  # nothing to accumulate (db still has its bias terms)
 
@@ -517,6 +549,7 @@ def backward_plans(x, linear_weight, b, src, tgt, weight, lse, row_coefs, thresh
         return dict(with_flags(dict(
             _common_args(x, linear_weight, b, src, tgt, f32(weight) if has_d else None, cfg, logit_scale, softcap),
             lse_ptr=lse, row_coefs_ptr=row_coefs, thr_ptr=thresholds, unit_ptr=unit, BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
             HAS_D=bool(has_d), **extra,
         ), HAS_SRC="src_ptr", HAS_BIAS="b_ptr", HAS_WEIGHT="weight_ptr", FILTER="thr_ptr", NORMALIZE="unit_ptr"))
 

@@ -104,12 +104,13 @@ LCE_FLAGS = {"stats": ("src", "bias", "softcap", "smoothing", "weight"),
              "backward_dw": ("src", "bias", "softcap", "smoothing", "weight", "filter", "no_dw")}
 
 
-def lce_plan(kernel="backward_dw", dtype="bfloat16", aligned=True, round_sizes=False, config=None, **flags):
+def lce_plan(kernel="backward_dw", dtype="bfloat16", aligned=True, round_sizes=False, config=None, arch=None, **flags):
     """The plan (kernel, grid, kwargs, options, outputs) a launch would use, with small CPU tensors
     standing in for CUDA ones (only dtypes and alignments matter to the compiler; the launch
     configuration is the GPU one when TRITON_INTERPRET is unset). ``aligned=False``: odd D and
     strides, pointers off the 16-byte grid; ``round_sizes``: M and V multiples of 16 (another
-    specialization). Flags: see :data:`LCE_FLAGS`."""
+    specialization); ``arch``: the compute capability whose backward tiles to take (80, 90; None:
+    the default table). Flags: see :data:`LCE_FLAGS`."""
     unknown = set(flags) - set(LCE_FLAGS[kernel])
     if unknown:
         raise ValueError(f"unknown flags {unknown}")
@@ -141,7 +142,7 @@ def lce_plan(kernel="backward_dw", dtype="bfloat16", aligned=True, round_sizes=F
         unit = None if dt == torch.float32 else torch.ones(1, **f32)
         plans = lce.backward_plans(x, linear_weight, b, src, tgt, weight, torch.zeros(n, **f32),
                                    torch.zeros(n, 3, **f32), thr, dx, dw, db, logit_scale=1.0, softcap=softcap,
-                                   has_d=smoothing, unit=unit, config=config)
+                                   has_d=smoothing, unit=unit, config=config, arch=arch)
         return plans[kernel.split("_")[1]]
     raise ValueError(kernel)
 

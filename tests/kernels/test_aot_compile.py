@@ -130,7 +130,7 @@ def test_row_offsets_are_int64(compiled, kernel):
 MAX_BARRIERS_PER_ITERATION = 2  # one block reduction per row step at most (issue 12 B)
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # The 16-bit fused linear-CE plans (the heaviest flags: the same requests as
-# test_linear_cross_entropyaot.py, so a session compiles them once: aot.compile_many caches).
+# test_linear_cross_entropy_aot.py, so a session compiles them once: aot.compile_many caches).
 LCE_CASES = {f"{c['kernel']}-{c['dtype']}-{'aligned' if c['aligned'] else 'unaligned'}": c
              for c in (dict(kernel=kernel, dtype=dtype, aligned=aligned, round_sizes=False, **flags)
                        for kernel in plans.LCE_KERNELS for flags in plans.lce_cases(kernel, heaviest=True)
@@ -139,8 +139,15 @@ LCE_CASES = {f"{c['kernel']}-{c['dtype']}-{'aligned' if c['aligned'] else 'unali
 
 @pytest.fixture(scope="module")
 def lce_compiled():
+    """{case id: {arch: usage}}, each arch compiling the plan a launch on it builds (the backward
+    tiles depend on the compute capability)."""
     ids = list(LCE_CASES)
-    return dict(zip(ids, aot.compile_many("plans", "lce_plan", [LCE_CASES[i] for i in ids], archs=ARCHS)))
+    out = {i: {} for i in ids}
+    for arch in ARCHS:
+        cases = [dict(LCE_CASES[i], arch=arch) for i in ids]
+        for i, res in zip(ids, aot.compile_many("plans", "lce_plan", cases, archs=(arch,))):
+            out[i].update(res)
+    return out
 
 
 def _summaries(results, case_ids):

@@ -19,6 +19,7 @@ on sm_90, ``mma.sync`` on sm_80).
 import aot
 import plans
 import pytest
+import torch
 from plans import lce
 
 ARCHS = (80, 90)
@@ -27,7 +28,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _case_id(c):
     flags = "+".join(k for k in sorted(c) if c[k] is True and k not in ("aligned", "round_sizes")) or "plain"
-    return "-".join((c["kernel"], c["dtype"], "aligned" if c["aligned"] else "unaligned",
+    return "-".join((f"sm{c['arch']}", c["kernel"], c["dtype"], "aligned" if c["aligned"] else "unaligned",
                      "round" if c["round_sizes"] else "odd", flags))
 
 
@@ -47,6 +48,8 @@ def _cases():
         for flags in light + partial:
             for aligned in (True, False):
                 cases.append(dict(kernel=kernel, dtype="bfloat16", aligned=aligned, round_sizes=False, **flags))
+    # each compiled for its own arch: the launchers pick the tiles by compute capability
+    cases = [dict(c, arch=arch) for c in cases for arch in ARCHS]
     return {_case_id(c): c for c in cases}
 
 
@@ -55,9 +58,12 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def compiled():
-    ids = list(CASES)
-    results = aot.compile_many("plans", "lce_plan", [CASES[i] for i in ids], archs=ARCHS, timeout=900)
-    return dict(zip(ids, results))
+    out = {}
+    for arch in ARCHS:
+        ids = [i for i in CASES if CASES[i]["arch"] == arch]
+        results = aot.compile_many("plans", "lce_plan", [CASES[i] for i in ids], archs=(arch,), timeout=900)
+        out.update(zip(ids, results))
+    return out
 
 
 @pytest.mark.timeout(900)
@@ -80,7 +86,8 @@ def test_stand_ins_reach_both_configurations():
             operands += [kwargs[k] for k in ("dx_ptr", "dw_ptr") if kwargs.get(k) is not None]
             assert lce._aligned(*operands) == aligned
             if kernel != "stats":
-                assert kwargs["D"] >= max(c["BLOCK_N"] for c in lce.BACKWARD_CONFIGS.values())
+                tables = (lce.BACKWARD_CONFIGS, lce.HOPPER_BACKWARD_CONFIGS)
+                assert kwargs["D"] >= max(c["BLOCK_N"] for t in tables for c in t.values())
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -95,22 +102,26 @@ def test_issue12_fused_kernels_have_no_global_atomics(compiled, case_id):
 
 @pytest.mark.parametrize("case_id", [i for i in CASES if CASES[i]["dtype"] != "float32"])
 def test_issue12_lowp_fused_kernels_use_tensor_cores(compiled, case_id):
-    ptx = {arch: usage["ptx_summary"] for arch, usage in compiled[case_id].items()}
-    assert ptx[90]["wgmma"] > 0, ptx[90]
-    assert ptx[80]["mma"] > 0, ptx[80]
+    for arch, usage in compiled[case_id].items():
+        ptx = usage["ptx_summary"]
+        assert ptx["wgmma" if arch >= 90 else "mma"] > 0, (arch, ptx)
 
 
-def test_issue12_lowp_backward_tiles():
-    """16-bit aligned tiles: the owned dX / dW blocks are updated 128 columns of D at a time, 3
-    pipeline stages, gradient tiles of 64 x 128 (dX) and 64 x 64 (dW: a 128 x 64 one spills there)
-    -- the largest that do not spill with every flag on; the read-modify-write of an owned block is
-    amortized over a product whose K (GROUP x BLOCK_V for dX, GROUP x BLOCK_M for dW) is >= 1024, so
-    its float32 traffic is <= 1/512 byte per flop (see the module's "Backward")."""
-    for kernel, k_side, tile in (("dx", "BLOCK_V", 128 * 64), ("dw", "BLOCK_M", 64 * 64)):
-        cfg = lce.BACKWARD_CONFIGS[kernel, "lowp", True]
-        assert cfg["BLOCK_N"] >= 128 and cfg["num_stages"] >= 3
+def test_issue12_lowp_backward_tiles(monkeypatch):
+    """16-bit aligned tiles: the owned dX / dW blocks are updated >= 64 columns of D at a time, 3
+    pipeline stages; gradient tiles of 128 x 128 for dX on sm_90 (64 x 128 on sm_80, where 128 x 128
+    spills) and 64 x 64 for dW (128 x 128 spills on both) -- the largest that do not spill with every
+    flag on; the read-modify-write of an owned block is amortized over a product whose K (GROUP x
+    BLOCK_V for dX, GROUP x BLOCK_M for dW) is >= 1024, so its float32 traffic is <= 1/512 byte per
+    flop (see the module's "Backward")."""
+    monkeypatch.setattr(lce, "_interpreting", lambda: False)  # the GPU tables, not the interpreter's tiles
+    for arch, kernel, k_side, tile in ((90, "dx", "BLOCK_V", 128 * 128), (80, "dx", "BLOCK_V", 64 * 128),
+                                       (90, "dw", "BLOCK_M", 64 * 64), (80, "dw", "BLOCK_M", 64 * 64)):
+        cfg = lce.backward_configs(torch.bfloat16, 4096, aligned=True, arch=arch)[kernel]
+        assert cfg["BLOCK_N"] >= 64 and cfg["num_stages"] >= 3
         assert cfg["BLOCK_M"] * cfg["BLOCK_V"] >= tile
         assert cfg["GROUP"] * cfg[k_side] >= 1024
+        assert cfg[k_side] % cfg["BLOCK_K"] == 0
 
 
 def test_issue12_lowp_stats_tiles():
