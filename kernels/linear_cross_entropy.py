@@ -126,12 +126,14 @@ STATS_CONFIGS = {
 # bytes when M and V are multiples of 16, as do 4 stages); on sm_80, whose mma.sync
 # holds its operand fragments in registers, that tile spills 96-272 bytes at any BLOCK_D / BLOCK_N
 # / BLOCK_K of 16-64 or 2-4 stages, and 16 warps (128 registers a thread) spill more. The dW kernel
-# spills 1.5-2.9 KB with 128 x 128 tiles on both (its gathered X operand and db cost registers;
-# plain flags compile clean), and so does a 128 x 64 one: 64 x 64 with GROUP = 16 keeps its K at 1024.
+# spills 0.3-2.9 KB with 128 x 128 tiles on both (its gathered X operand and db cost registers;
+# plain flags compile clean); 128 rows x 64 classes with BLOCK_D = BLOCK_K = 32 do not (251-255
+# registers; BLOCK_N = 128 spills 68 bytes on sm_90, BLOCK_D = 64 8 bytes on sm_80).
 # fp32 dX takes 3 stages: with 2, ptxas (CUDA 12.9) holds it to 128 registers on sm_90 and spills.
 BACKWARD_CONFIGS = {
     ("dx", "lowp", True): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, BLOCK_N=128, GROUP=8, num_warps=8, num_stages=3),
-    ("dw", "lowp", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=64, BLOCK_N=128, GROUP=16, num_warps=8, num_stages=3),
+    ("dw", "lowp", True): dict(BLOCK_M=128, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, BLOCK_K=32, GROUP=8, num_warps=8,
+                               num_stages=3),
     ("dx", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=2),
     ("dw", "lowp", False): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=32, GROUP=8, num_warps=8, num_stages=2),
     ("dx", "fp32", True): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=32, BLOCK_N=64, GROUP=8, num_warps=8, num_stages=3),

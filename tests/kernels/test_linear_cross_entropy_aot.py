@@ -110,13 +110,13 @@ def test_issue12_lowp_fused_kernels_use_tensor_cores(compiled, case_id):
 def test_issue12_lowp_backward_tiles(monkeypatch):
     """16-bit aligned tiles: the owned dX / dW blocks are updated >= 64 columns of D at a time, 3
     pipeline stages; gradient tiles of 128 x 128 for dX on sm_90 (64 x 128 on sm_80, where 128 x 128
-    spills) and 64 x 64 for dW (128 x 128 spills on both) -- the largest that do not spill with every
+    spills) and 128 x 64 for dW (128 x 128 spills on both) -- the largest that do not spill with every
     flag on; the read-modify-write of an owned block is amortized over a product whose K (GROUP x
     BLOCK_V for dX, GROUP x BLOCK_M for dW) is >= 1024, so its float32 traffic is <= 1/512 byte per
     flop (see the module's "Backward")."""
     monkeypatch.setattr(lce, "_interpreting", lambda: False)  # the GPU tables, not the interpreter's tiles
     for arch, kernel, k_side, tile in ((90, "dx", "BLOCK_V", 128 * 128), (80, "dx", "BLOCK_V", 64 * 128),
-                                       (90, "dw", "BLOCK_M", 64 * 64), (80, "dw", "BLOCK_M", 64 * 64)):
+                                       (90, "dw", "BLOCK_M", 128 * 64), (80, "dw", "BLOCK_M", 128 * 64)):
         cfg = lce.backward_configs(torch.bfloat16, 4096, aligned=True, arch=arch)[kernel]
         assert cfg["BLOCK_N"] >= 64 and cfg["num_stages"] >= 3
         assert cfg["BLOCK_M"] * cfg["BLOCK_V"] >= tile
