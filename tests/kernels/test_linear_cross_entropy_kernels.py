@@ -255,13 +255,15 @@ def test_rejects_mixed_dtypes():
         lk.stats(x.double(), lw.double(), None, None, torch.zeros(4, dtype=torch.long, device=DEVICE))
 
 
+@pytest.mark.parametrize("tiles", [SMALL, dict(SMALL, BLOCK_M=32, BLOCK_V=32, BLOCK_K=16)], ids=["whole_k", "k_slices"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_issue12_backward_owned_blocks_accumulate_deterministically(dtype):
+def test_issue12_backward_owned_blocks_accumulate_deterministically(dtype, tiles):
     """Issue 12 A: each dX / dW / db block has one owner program, which adds its contributions to
     what the buffer held by read-modify-writes (no atomics): with several row, vocabulary and D
     blocks (SMALL tiles), the result is the float64 gradient plus the initial contents, rows of dX
     outside ``src`` are left untouched, and two runs agree bit for bit. fp16 with a ``unit`` that
-    is not a power of two: each normalized product is scaled back before it is added."""
+    is not a power of two: each normalized product is scaled back before it is added. ``k_slices``:
+    the owned block's product taken BLOCK_K = 16 columns of the 32-wide staged tiles at a time."""
     n_in, d, v = 23, 40, 50
     x, lw, b, cw = make(n_in, d, v, dtype, seed=5)
     src, tgt = rows_and_targets(n_in, v, 15, seed=6)
@@ -274,7 +276,7 @@ def test_issue12_backward_owned_blocks_accumulate_deterministically(dtype):
 
     def run():
         dx, dw, db = (t.clone().to(DEVICE) for t in start)
-        lk.backward(x, lw, b, src, tgt, cw, lse, row_coefs, None, dx, dw, db, has_d=True, config=SMALL,
+        lk.backward(x, lw, b, src, tgt, cw, lse, row_coefs, None, dx, dw, db, has_d=True, config=tiles,
                     unit=torch.tensor([0.37], device=DEVICE))
         return dx, dw, db
 
