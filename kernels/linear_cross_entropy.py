@@ -122,7 +122,7 @@ STATS_CONFIGS = {
 # (default: the whole side). The epilogue forming a gradient tile (softcap, smoothing, filter)
 # keeps several fp32 tiles live: the largest tiles that compile without spills with every flag on
 # (measured with tests/kernels/aot.py). On sm_90 the dX kernel takes 128 x 128 tiles with BLOCK_D =
-# 32 and BLOCK_K = 16 (HOPPER_BACKWARD_CONFIGS: 255 registers, 0 spills; BLOCK_K = 32 spills 32
+# 32 and BLOCK_K = 16 (HOPPER_BACKWARD_CONFIGS: 254-255 registers, 0 spills; BLOCK_K = 32 spills 32
 # bytes when M and V are multiples of 16, as do 4 stages); on sm_80, whose mma.sync
 # holds its operand fragments in registers, that tile spills 96-272 bytes at any BLOCK_D / BLOCK_N
 # / BLOCK_K of 16-64 or 2-4 stages, and 16 warps (128 registers a thread) spill more. The dW kernel
