@@ -26,6 +26,7 @@ cdef extern from "ce_rows.h" nogil:
     void ce_grad_row(int dt, const ce_opts *o, const void *x, void *g, int64_t y, const void *w,
                      const void *lse, const void *abd)
     int ce_use_hw_bf16(int on)
+    int ce_use_avx512_rows(int on)
     void ce_f2bf_row(const float *src, unsigned short *dst, int64_t n)
 
 cdef inline int64_t first_bad(const int64_t *y, int64_t n, int64_t C,
@@ -118,6 +119,14 @@ def use_avx512bf16(on=None):
     (false); None: no change. Returns whether the instruction is used now. Call it between kernel
     calls only."""
     return bool(ce_use_hw_bf16(-1 if on is None else int(bool(on))))
+
+
+def use_avx512_rows(on=None):
+    """Run the cross-entropy rows' first two passes on the hand-written AVX-512 loops (``on`` true,
+    where the CPU has AVX-512; the default unless CELOSS_NO_AVX512_ROWS=1 was set at import) or on
+    the portable vectorized ones (false); None: no change. Returns whether the AVX-512 loops are used
+    now. Call it between kernel calls only."""
+    return bool(ce_use_avx512_rows(-1 if on is None else int(bool(on))))
 
 
 def to_bf16(size_t src, size_t dst, int64_t n):

@@ -113,6 +113,17 @@ ce_f2bf_hw(const float *src, uint16_t *dst, int64_t n) {
         _mm256_mask_storeu_epi16(dst + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j)));
     }
 }
+/* dst = bf16(a E_j dz): pass 3 of a bf16 row from its exp row (see ce_grads), in one loop */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+ce_scaled_bf16_hw(const float *E, uint16_t *dst, int64_t n, float a, float dz, int scaled) {
+    const __m512 va = _mm512_set1_ps(a), vdz = _mm512_set1_ps(dz);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 v = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, E + j));
+        if (scaled) v = _mm512_mul_ps(v, vdz);
+        _mm256_mask_storeu_epi16(dst + j, m, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
 #else
 #define CE_HW_BF16 0
 #endif
@@ -220,6 +231,126 @@ CE_INLINE float ce_tanhf(float u) {
 }
 #define ce_exp(x) _Generic((x), float: ce_expf, double: ce_expd)(x)
 #define ce_tanh(x) _Generic((x), float: ce_tanhf, double: tanh)(x) /* fp64: libm (not a fast path) */
+
+/* ---- hand-written AVX-512 passes 1 and 2, dispatched at load time ----
+ * gcc's vectorized exp above spends ~6 integer ops per vector on the clamps and the exponent add;
+ * vscalefps does the 2^n with the right overflow (inf) and underflow (denormal, +0) in one, and
+ * intrinsics convert bf16 in registers (the portable pass widens into a buffer first). So where
+ * the CPU has AVX-512 (F, BW, DQ, VL), fp32 and bf16 rows without softcap or linear sums (index
+ * targets without label smoothing: the common case) take these loops: per chunk its max, then
+ * exp(z_j - chunk max), summed with two accumulators; the same chunk statistics and E_j as the
+ * portable pass, so pass 3 and the merge are unchanged. NaN propagates through this exp (unlike
+ * ce_expf): a NaN sum flags a row with a NaN or a +inf z. ce_use_avx512_rows(0) (or
+ * CELOSS_NO_AVX512_ROWS=1 at load) forces the portable passes: the tests run both. */
+#if CE_HW_BF16
+#define CE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+/* exp(d) for d <= 88 (above: +inf), NaN -> NaN; lowp as ce_expf_poly (same polynomials). */
+CE_AVX512 static inline __m512 ce_exp512(__m512 d, const int lowp) {
+    d = _mm512_max_ps(_mm512_set1_ps(-110.0f), d); /* -inf -> e^-110, which rounds to +0; NaN stays */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), d);
+    __m512 q;
+    if (lowp) {
+        q = _mm512_fmadd_ps(_mm512_set1_ps(4.127765227700239e-2f), r, _mm512_set1_ps(1.675353143450736e-1f));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.000511830165396e-1f));
+    } else {
+        q = _mm512_fmadd_ps(_mm512_set1_ps(1.3814593030815068e-3f), r, _mm512_set1_ps(8.368708362507856e-3f));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1668387524302165e-2f));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.666652070223355e-1f));
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.9999993451752395e-1f));
+    }
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(q, n);
+}
+/* scale z, rounded: the explicit-rounding form is never contracted with the subtraction that
+ * follows into an FMA (-ffp-contract=fast; see ce_rounded for why that must not happen) */
+#define CE_MUL512(z, vs) _mm512_mul_round_ps(z, vs, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* 16 values (m: the lanes to read) of fp32 (dt CE_F32) or bf16 storage, as fp32 */
+CE_AVX512 static inline __m512 ce_load512(const void *x, int64_t j, __mmask16 m, const int dt) {
+    if (dt == CE_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + j)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)x + j);
+}
+/* max_j z_j of n values (NaN lanes may drop out of it: the sums below carry them) */
+CE_AVX512 static inline float ce_max512(const void *x, int64_t n, float scale, const int dt,
+                                        const int scaled) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 z = ce_load512(x, j, m, dt);
+        mx = _mm512_mask_max_ps(mx, m, mx, scaled ? CE_MUL512(z, vs) : z);
+    }
+    return _mm512_reduce_max_ps(mx);
+}
+/* sum_j exp(z_j - shift) of n values (E_j = the terms, with E; E may alias x) */
+CE_AVX512 static inline float ce_sum_exp512(const void *x, float *E, int64_t n, float scale,
+                                            float shift, const int dt, const int scaled) {
+    const int lowp = dt != CE_F32;
+    const __m512 vs = _mm512_set1_ps(scale), vsh = _mm512_set1_ps(shift);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) { /* two accumulators: the adds' latency */
+        __m512 z0 = ce_load512(x, j, 0xffff, dt), z1 = ce_load512(x, j + 16, 0xffff, dt);
+        if (scaled) z0 = CE_MUL512(z0, vs), z1 = CE_MUL512(z1, vs);
+        const __m512 p0 = ce_exp512(_mm512_sub_ps(z0, vsh), lowp),
+                     p1 = ce_exp512(_mm512_sub_ps(z1, vsh), lowp);
+        s0 = _mm512_add_ps(s0, p0), s1 = _mm512_add_ps(s1, p1);
+        if (E) _mm512_storeu_ps(E + j, p0), _mm512_storeu_ps(E + j + 16, p1);
+    }
+    for (; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 z = ce_load512(x, j, m, dt);
+        const __m512 p = ce_exp512(_mm512_sub_ps(scaled ? CE_MUL512(z, vs) : z, vsh), lowp);
+        s0 = _mm512_mask_add_ps(s0, m, s0, p);
+        if (E) _mm512_mask_storeu_ps(E + j, m, p);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+/* ce_row_sums (fp32 or bf16 storage, z = x or scale x, no linear sums) on these loops. */
+CE_AVX512 static int ce_row_sums512(const void *x, float *E, void *pf, int64_t C, int64_t L,
+                                    float scale, float *mk, float *sk, float *row_max, int *has_nan,
+                                    const int dt, const int scaled) {
+    const int isz = dt == CE_F32 ? 4 : 2;
+    float m = -INFINITY;
+    int nan = 0;
+    for (int64_t k = 0, j0 = 0; j0 < C; k++, j0 += L) {
+        const int64_t n = C - j0 < L ? C - j0 : L;
+        const char *xk = (const char *)x + j0 * isz;
+        if (pf) /* as ce_row_sums: the gradient's lines for pass 3 */
+            for (int64_t b = 0; b < n * isz; b += 64) __builtin_prefetch((char *)pf + j0 * isz + b, 1, 3);
+        mk[k] = ce_max512(xk, n, scale, dt, scaled);
+        sk[k] = ce_sum_exp512(xk, E ? E + j0 : NULL, n, scale, isfinite(mk[k]) ? mk[k] : 0, dt, scaled);
+        nan |= sk[k] != sk[k];
+        m = mk[k] > m ? mk[k] : m;
+    }
+    *row_max = m, *has_nan = nan;
+    return 1;
+}
+#else
+#define ce_row_sums512(...) 0
+#endif
+static int ce_avx512_rows = 0;
+/* on > 0: the AVX-512 pass where the CPU has it, 0: the portable passes, < 0: no change. Returns
+ * whether the AVX-512 pass is used now. Written only from Python, between kernel calls. */
+static int ce_use_avx512_rows(int on) {
+#if CE_HW_BF16
+    __builtin_cpu_init();
+    if (on >= 0)
+        ce_avx512_rows = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                         && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    (void)on;
+#endif
+    return ce_avx512_rows;
+}
+__attribute__((constructor)) static void ce_init_avx512_rows(void) {
+    const char *off = getenv("CELOSS_NO_AVX512_ROWS");
+    ce_use_avx512_rows(!(off && *off && strcmp(off, "0") != 0));
+}
 
 /* ---- the math of celoss/stats.py for one row, in double ----
  * Logits enter relative to the row max m (lse = m + log_s): lse - z_j as log_s - (z_j - m) keeps
@@ -477,6 +608,12 @@ CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_AC
                               int64_t n, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1,
                               CE_ACC c0, const int mode, const int e, const int lin,
                               const int has_w, const int has_t) {
+#if CE_DT == 3 && CE_HW_BF16 /* bf16 from the exp row, no linear term: one loop, same rounding */
+    if (e && !lin && ce_f2bf_row == ce_f2bf_hw) {
+        ce_scaled_bf16_hw(E, g, n, a, tr.scale, mode == CE_SCALED);
+        return;
+    }
+#endif
 #if CE_NARROW
     CE_ACC buf[CE_NARROW_PIECE];
     for (int64_t i = 0; i < n; i += CE_NARROW_PIECE) {
@@ -539,9 +676,17 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], m;
     double sums[2];
     int nan;
-    CE_SPECIALIZE(CE_F(ce_row_sums), mode, E != NULL, lin, w != NULL, soft, x, t, w, E,
-                  E && (void *)E != (void *)g && (const void *)g != (const void *)x ? g : NULL,
-                  C, L, tr, c1, c0, mk, sk, &m, sums, &nan, 1);
+    CE_T *pf = E && (void *)E != (void *)g && (const void *)g != (const void *)x ? g : NULL;
+    sums[0] = sums[1] = 0;
+#if CE_DT == 0 || CE_DT == 3 /* fp32, bf16 */
+    const int fast = ce_avx512_rows && !lin && mode != CE_CAPPED
+                     && ce_row_sums512(x, E, pf, C, L, tr.scale, mk, sk, &m, &nan, CE_DT, mode == CE_SCALED);
+#else
+    const int fast = 0;
+#endif
+    if (!fast)
+        CE_SPECIALIZE(CE_F(ce_row_sums), mode, E != NULL, lin, w != NULL, soft, x, t, w, E, pf, C,
+                      L, tr, c1, c0, mk, sk, &m, sums, &nan, 1);
     if (nan || !isfinite(m)) {
         *lse_out = NAN;
         *loss = counted ? NAN : 0;
