@@ -179,9 +179,9 @@ class _SoftmaxLoss(torch.autograd.Function):
         if grad_loss is not None and ctx.grad_in_forward:
             if ctx.inplace:
                 grad = saved
-                _ops.scale_(grad, grad_loss)
+                _ops.scale_(grad, grad_loss, ctx.backend)
             else:
-                grad, = upstream_scaled((saved,), grad_loss)
+                grad, = upstream_scaled((saved,), grad_loss, ctx.backend)
         elif grad_loss is not None:
             coef = (grad_loss.to(torch.float64) * ctx.coef).reshape(-1).contiguous()
             if needs_x:

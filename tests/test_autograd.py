@@ -49,6 +49,16 @@ def device_side(monkeypatch):
     monkeypatch.setattr(_checks, "device_side", lambda t, backend=None: True)
 
 
+@pytest.fixture
+def device_targets(monkeypatch):
+    """Class-index targets checked as CUDA ones are (torch._assert_async, no host read), everything
+    else by the real _checks.device_side: target_indices takes no backend, so on the CPU it names a
+    bad target on the host whatever the backend (the upstream scale follows the loss's backend)."""
+    real = _checks.device_side
+    monkeypatch.setattr(_checks, "device_side",
+                        lambda t, backend=None: real(t, backend) or not t.dtype.is_floating_point)
+
+
 def _logits(n=6, c=300, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, generator=g) * 3
@@ -138,14 +148,15 @@ def test_cross_entropy_backward_twice_with_retain_graph(backend, scale):
 
 @TRITON
 @pytest.mark.parametrize("scale", SCALES, ids=str)
-def test_cross_entropy_device_side_scale_matches_host_side(device_side, scale):
-    """The kernel's product is PyTorch's (the host side's) bit for bit, NaN / inf included."""
+def test_cross_entropy_device_side_scale_matches_host_side(scale):
+    """The kernel's product (the triton backend scales on the device side, CPU tensors included) is
+    PyTorch's (the host side's) bit for bit, NaN / inf included."""
     x, y = _logits()
     grads = []
-    for patched in (True, False):
+    for host in (False, True):
         xa = x.clone().requires_grad_()
         with contextlib.ExitStack() as stack:
-            if not patched:
+            if host:
                 stack.enter_context(mock.patch.object(_checks, "device_side", lambda t, backend=None: False))
             celoss.cross_entropy(xa, y, backend="triton").backward(torch.tensor(scale))
         grads.append(xa.grad)
@@ -166,7 +177,9 @@ def test_the_trap_catches_a_host_read_of_the_scale():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("scale", [1.0, 0.5], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
-def test_cross_entropy_triton_path_reads_nothing_on_the_host(device_side, reduction, scale, inplace):
+def test_cross_entropy_triton_path_reads_nothing_on_the_host(device_targets, reduction, scale, inplace):
+    """The real path of the upstream scale: cross_entropy's backward passes its backend on (without
+    it the host-side ``bool(scale == 1)`` would trip the trap)."""
     x, y = _logits()
     xa = x.clone().requires_grad_()
     with no_host_reads():
@@ -180,7 +193,7 @@ def test_cross_entropy_triton_path_reads_nothing_on_the_host(device_side, reduct
 
 @TRITON
 @pytest.mark.parametrize("scale", [1.0, 0.5], ids=str)
-def test_loss_family_triton_path_reads_nothing_on_the_host(device_side, scale):
+def test_loss_family_triton_path_reads_nothing_on_the_host(scale):
     """binary CE and distillation rescale through _autograd.loss_backward on ctx.backend."""
     x, y = _logits(c=40)
     t = torch.randn(6, 40)
