@@ -28,8 +28,10 @@ A term whose weight e^(.) is 0 contributes 0 (0 log 0 = 0), so -inf logits (mask
 jsd needs both log-sum-exps first: pass 2 sums D and KL(p_S || M). The last pass writes the
 gradient; the target element of the class term uses expm1 (no 1 - p cancellation). With a class
 term at T != 1, pass 1 also sums e^(s - max s). Rows whose target is ``ignore_index`` get loss 0
-and a zero gradient (the gradient pass does not read them). A row with a NaN or +inf in a or b,
-or only -inf, gets a NaN loss (0 if ignored) and a NaN gradient, as PyTorch's composition.
+and a zero gradient (the gradient pass does not read them); a target outside [0, V) (celoss checks
+them before the launch) reads class 0 and gets a NaN loss: never an out-of-bounds read. A row with
+a NaN or +inf in a or b, or only -inf, gets a NaN loss (0 if ignored) and a NaN gradient, as
+PyTorch's composition.
 """
 from __future__ import annotations
 
@@ -103,12 +105,16 @@ def _distill_kernel(
     if HAS_TARGET:
         y = tl.load(y_ptr + row)
         counted = y != ignore_index
-        y = tl.where(counted, y, 0)
+        # an out-of-range target (the device-side assert is queued, it doesn't stop this kernel)
+        # reads class 0 and makes the row's loss NaN: never an out-of-bounds read
+        bad_target = counted & ((y < 0) | (y >= V))
+        y = tl.where(counted & (y >= 0) & (y < V), y, 0)
         # the gradient pass reads no class of an ignored row: a scalar bound, not `block &
         # scalar` (Triton 3.9's interpreter rejects a mask broadcast from a scalar)
         v_read = tl.where(counted, V, 0)
     else:
         counted = True
+        bad_target = False
         y = 0
         v_read = V
     SEP1: tl.constexpr = HARD and not T_IS_ONE
@@ -199,8 +205,8 @@ def _distill_kernel(
     loss = ws * d_val
     lS1 = 0.0
     if HARD:
-        # y is 0 for an ignored row and V >= 1: always in bounds (no scalar mask: Triton >= 3.9's
-        # interpreter rejects them)
+        # y is 0 for an ignored or out-of-range target and V >= 1: always in bounds (no scalar
+        # mask: Triton >= 3.9's interpreter rejects them)
         s_y = tl.load(s_row + y).to(tl.float32)
         if T_IS_ONE:
             lp1_y = (s_y - ms) - lSs
@@ -209,7 +215,7 @@ def _distill_kernel(
             lp1_y = (s_y - m1) - lS1
         loss += wh * -lp1_y
     loss = tl.where(poison, float("nan"), loss)
-    loss = tl.where(counted, loss, 0.0)
+    loss = tl.where(bad_target, float("nan"), tl.where(counted, loss, 0.0))
     tl.store(loss_ptr + row, loss)
 
     # ---- last pass: gradient --------------------------------------------------------------
