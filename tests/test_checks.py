@@ -68,3 +68,22 @@ def test_triton_kernels_read_in_bounds_whatever_the_targets(monkeypatch, label_s
     assert loss[1:4].isnan().all()
     ref = torch.nn.functional.cross_entropy(x[[0, 4]], y[[0, 4]], reduction="none", label_smoothing=label_smoothing)
     torch.testing.assert_close(loss[[0, 4]], ref, rtol=1e-5, atol=1e-6)
+
+
+@TRITON
+def test_triton_distillation_reads_in_bounds_whatever_the_targets(monkeypatch):
+    """The same for distillation with a class term: an out-of-range target reads class 0 and makes
+    its row's loss NaN; the other rows are the reference backend's."""
+    monkeypatch.setattr(_checks, "target_indices", lambda *a: None)
+    n, v = 5, 300
+    g = torch.Generator().manual_seed(1)
+    pads = [torch.full((n, v + 64), torch.nan) for _ in range(2)]
+    for p in pads:
+        p[:, 32:32 + v] = torch.randn(n, v, generator=g)
+    s, t = (p[:, 32:32 + v] for p in pads)
+    y = torch.tensor([1, v, -5, 1 << 40, 7])
+    kw = dict(alpha=0.5, temperature=2.0, reduction="none")
+    loss = celoss.distillation_loss(s, t, y, backend="triton", **kw)
+    assert loss[1:4].isnan().all()
+    ref = celoss.distillation_loss(s[[0, 4]], t[[0, 4]], y[[0, 4]], backend="torch", **kw)
+    torch.testing.assert_close(loss[[0, 4]], ref, rtol=1e-5, atol=1e-6)
