@@ -158,10 +158,20 @@ def _rows_backward(backend, logits, tokens, lse, entropy, gl, gh, grad_out, igno
 
 
 def _check_token_values(tokens: Tensor, vocab: int, ignore_index: int) -> None:
-    """IndexError naming the first token outside [0, V) that is not ignore_index."""
-    if tokens.numel() == 0 or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # (under CUDA-graph capture no host check: the kernels then give a NaN row)
+    """Token ids must be in [0, V) or equal ignore_index.
+
+    On the CPU: IndexError naming the first bad token. On a device
+    (:func:`celoss._checks.device_side`) the check is queued on the stream, as
+    :func:`celoss._checks.target_indices` does (``torch._assert_async``: no host synchronisation,
+    captured with a CUDA graph): a bad token fails with a device-side assert at the next
+    synchronisation. The kernels never read out of bounds whatever the tokens (the row is NaN)."""
+    if tokens.numel() == 0:
+        return
     bad = ((tokens < 0) | (tokens >= vocab)) & (tokens != ignore_index)
+    if _checks.device_side(tokens):
+        torch._assert_async(~bad.any(), f"celoss: a token is out of range: token ids must be in [0, {vocab}) "
+                                        f"(the vocabulary size) or equal ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         raise IndexError(f"token {int(tokens[bad][0])} is out of range: token ids must be in [0, {vocab}) "
                          f"(the vocabulary size) or equal ignore_index={ignore_index}")

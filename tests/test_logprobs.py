@@ -201,13 +201,14 @@ def test_token_logprobs_bad_input(backend):
         token_logprobs(x, y[:, :2], backend=backend)
     with pytest.raises(ValueError, match="shape"):
         token_logprobs(x, y.reshape(6), backend=backend)
-    bad = y.clone()
-    bad[1, 2] = 10
-    with pytest.raises(IndexError, match="token 10 is out of range"):
-        token_logprobs(x, bad, backend=backend)
-    bad[1, 2] = -3
-    with pytest.raises(IndexError, match="token -3"):
-        token_logprobs(x, bad, backend=backend)
+    if dev == "cpu":  # on CUDA a device-side assert, fatal to the process's CUDA context (see below)
+        bad = y.clone()
+        bad[1, 2] = 10
+        with pytest.raises(IndexError, match="token 10 is out of range"):
+            token_logprobs(x, bad, backend=backend)
+        bad[1, 2] = -3
+        with pytest.raises(IndexError, match="token -3"):
+            token_logprobs(x, bad, backend=backend)
     with pytest.raises(TypeError, match="integer token ids"):
         token_logprobs(x, y.float(), backend=backend)
     with pytest.raises(TypeError, match="integer token ids"):
@@ -223,6 +224,27 @@ def test_token_logprobs_bad_input(backend):
         token_logprobs(torch.tensor(1.0, device=dev), torch.tensor(0, device=dev), backend=backend)
     with pytest.raises(TypeError, match="ignore_index"):
         token_logprobs(x, y, ignore_index=1.5, backend=backend)
+
+
+def test_device_tokens_are_checked_on_the_device(monkeypatch):
+    """Off the CPU the token check is an asynchronous assert on a device boolean (no host read, so
+    no synchronisation and CUDA-graph capture works); the CPU's _assert_async stands in for CUDA's,
+    which fails at the next synchronisation with a device-side assert."""
+    seen = []
+    monkeypatch.setattr(L._checks, "device_side", lambda t, backend=None: True)
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: seen.append((cond.clone(), msg)))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("host read"))
+    L._check_token_values(torch.tensor([0, -100, 9]), 10, -100)
+    L._check_token_values(torch.tensor([0, 10, -3]), 10, -100)
+    assert [c.item() for c, _ in seen] == [True, False]
+    assert "token ids must be in [0, 10) (the vocabulary size) or equal ignore_index=-100" in seen[1][1]
+
+
+def test_device_token_assert_fails_loudly(monkeypatch):
+    monkeypatch.setattr(L._checks, "device_side", lambda t, backend=None: True)
+    x = torch.randn(2, 3, 10)
+    with pytest.raises(RuntimeError, match="token is out of range"):
+        token_logprobs(x, torch.tensor([[0, 1, 2], [3, 10, 5]]), backend="torch")
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -373,10 +395,11 @@ def test_linear_token_logprobs_bad_input(backend):
         linear_token_logprobs(x, w, y[:, :2], backend=backend)
     with pytest.raises(TypeError, match="integer token ids"):
         linear_token_logprobs(x, w, y.double(), backend=backend)
-    bad = y.clone()
-    bad[0, 0] = 20
-    with pytest.raises(IndexError, match="token 20 is out of range"):
-        linear_token_logprobs(x, w, bad, backend=backend)
+    if x.device.type == "cpu":  # on CUDA a device-side assert (see test_device_tokens_...)
+        bad = y.clone()
+        bad[0, 0] = 20
+        with pytest.raises(IndexError, match="token 20 is out of range"):
+            linear_token_logprobs(x, w, bad, backend=backend)
     with pytest.raises(ValueError, match="features"):
         linear_token_logprobs(x, w[:, :5], y, backend=backend)
     with pytest.raises(ValueError, match="shift=True needs a time axis"):
