@@ -33,6 +33,7 @@ cdef extern from "family.h" nogil:
         double coef, alpha, gamma
     int FAM_CHUNK
     int ce_use_hw_bf16(int on)
+    int ce_use_avx512_rows(int on)
     double fam_distill_row_f32(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
                                int64_t y, double coef, void *g, int gdt)
     double fam_distill_row_f64(const fam_dcfg *c, const void *s, int sdt, const void *t, int tdt,
@@ -165,3 +166,9 @@ def binary(int64_t R, int64_t C, size_t x, int xdt, size_t y, int ydt, size_t w,
 def use_avx512bf16(on=None):
     """As celoss.cpu._kernels.use_avx512bf16, for this module's bf16 stores (its own copy)."""
     return bool(ce_use_hw_bf16(-1 if on is None else int(bool(on))))
+
+
+def use_avx512_rows(on=None):
+    """As celoss.cpu._kernels.use_avx512_rows, for this module's hand-written AVX-512 loops (its
+    own copy; CELOSS_NO_AVX512_ROWS=1 at load turns it off): sigmoid focal loss at gamma = 2."""
+    return bool(ce_use_avx512_rows(-1 if on is None else int(bool(on))))

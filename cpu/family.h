@@ -161,6 +161,93 @@ typedef struct {
     double coef, alpha, gamma;
 } fam_bcfg;
 
+/* ---- sigmoid focal loss at gamma = 2 on hand-written AVX-512 (ce_rows.h's switch) ----
+ * The portable chunk widens x, y and the upstream gradient into buffers and spends per element
+ * an exp, three divisions (1 / (1 + e), e / (2 + e) in log1p, p (1 - p) / q) and the integer
+ * clamps of ce_expf. Here bf16 / fp32 lanes convert in registers (ce_load512), the exp is
+ * ce_exp512 (vscalefps; the degree-4 polynomial for bf16 x, as the other 16-bit rows), and one
+ * division serves both quotients: R = 1 / ((1 + e)(2 + e)), 1 / (1 + e) = (2 + e) R,
+ * e / (2 + e) = e (1 + e) R. At gamma = 2, q^gamma / q = q, so the gradient needs no division:
+ *   dx = at q (q ((1 - y) p - y (1 - p)) + 2 ce (1 - 2y) p (1 - p)).
+ * log1p(e) = 2 atanh(s), s <= 1/3: 9 terms for fp32 x, 5 for bf16 (2 (1/3)^13 / 13 = 1.2e-7).
+ * NaN propagates through ce_exp512, so no NaN select is needed. */
+#if CE_HW_BF16
+CE_AVX512 static inline __m512 fam_2atanh512(__m512 s, const int terms) {
+    const __m512 s2 = _mm512_mul_ps(s, s);
+    __m512 p = _mm512_set1_ps(2.0f / (float)(2 * terms + 1));
+    for (int k = terms - 1; k >= 0; k--) p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(2.0f / (float)(2 * k + 1)));
+    return _mm512_mul_ps(s, p);
+}
+/* 16 lanes (m) from element j: loss into *l, the upstream-scaled dx into *gx */
+CE_AVX512 static inline void fam_focal16(const fam_bcfg *c, int64_t j, __mmask16 m, __m512 a1,
+                                         __m512 a0, __m512 vcoef, __m512 *l, __m512 *gx,
+                                         const int xbf, const int ybf, const int ubf, const int up) {
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+    const __m512 x = ce_load512(c->x, j, m, xbf ? CE_BF16 : CE_F32);
+    const __m512 y = ce_load512(c->y, j, m, ybf ? CE_BF16 : CE_F32);
+    const __m512 ax = _mm512_abs_ps(x), e = ce_exp512(_mm512_sub_ps(_mm512_setzero_ps(), ax), xbf);
+    const __m512 d1 = _mm512_add_ps(one, e), d2 = _mm512_add_ps(two, e);
+    const __m512 R = _mm512_div_ps(one, _mm512_mul_ps(d1, d2));
+    const __m512 inv = _mm512_mul_ps(d2, R), s = _mm512_mul_ps(_mm512_mul_ps(e, d1), R);
+    const __m512 l1 = fam_2atanh512(s, xbf ? 5 : 9);
+    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+    const __m512 einv = _mm512_mul_ps(e, inv);
+    const __m512 p = _mm512_mask_blend_ps(pos, einv, inv), sg = _mm512_mask_blend_ps(pos, inv, einv);
+    const __m512 spn = _mm512_add_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_setzero_ps()), l1);
+    const __m512 omy = _mm512_sub_ps(one, y);
+    const __m512 ce = _mm512_fmadd_ps(omy, x, spn);
+    const __m512 pa = _mm512_mul_ps(p, omy), pb = _mm512_mul_ps(y, sg);
+    const __m512 q = _mm512_add_ps(pa, pb);
+    const __m512 at = _mm512_fmadd_ps(a1, y, _mm512_mul_ps(a0, omy));
+    *l = _mm512_mul_ps(_mm512_mul_ps(at, ce), _mm512_mul_ps(q, q));
+    const __m512 t = _mm512_mul_ps(_mm512_mul_ps(two, ce), _mm512_mul_ps(_mm512_fnmadd_ps(two, y, one), _mm512_mul_ps(p, sg)));
+    const __m512 dx = _mm512_mul_ps(_mm512_mul_ps(at, q), _mm512_fmadd_ps(q, _mm512_sub_ps(pa, pb), t));
+    *gx = _mm512_mul_ps(dx, up ? ce_load512(c->up, j, m, ubf ? CE_BF16 : CE_F32) : vcoef);
+}
+/* fam_binary_seg of a focal (gamma = 2) segment without weights or a target gradient, fp32 /
+ * bf16 x, y and upstream gradient: the loss and dx in fp32 (into lb / gxb, or the fp32 outputs
+ * themselves), stored by the caller's fam_st. Returns the loss sum. */
+CE_AVX512 static float fam_focal_seg512(const fam_bcfg *c, int64_t off, int64_t n, float *lb, float *gxb) {
+    const int xbf = c->xdt == CE_BF16, ybf = c->ydt == CE_BF16, ubf = c->updt == CE_BF16, up = c->up != NULL;
+    const float alpha = (float)c->alpha;
+    const __m512 a1 = _mm512_set1_ps(alpha >= 0 ? alpha : 1.0f), a0 = _mm512_set1_ps(alpha >= 0 ? 1 - alpha : 1.0f);
+    const __m512 vcoef = _mm512_set1_ps((float)c->coef);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    fam_bcfg sh = *c; /* pointers advanced to the segment, so the loads index from 0 */
+    sh.x = (const char *)c->x + off * (xbf ? 2 : 4);
+    sh.y = (const char *)c->y + off * (ybf ? 2 : 4);
+    if (up) sh.up = (const char *)c->up + off * (ubf ? 2 : 4);
+    int64_t j = 0;
+#define FAM_FOCAL_ARGS a1, a0, vcoef, &l, &g, xbf, ybf, ubf, up
+    for (; j + 16 <= n; j += 16) {
+        __m512 l, g;
+        fam_focal16(&sh, j, 0xffff, FAM_FOCAL_ARGS);
+        if ((j & 16) == 0) s0 = _mm512_add_ps(s0, l);
+        else s1 = _mm512_add_ps(s1, l);
+        _mm512_storeu_ps(lb + j, l);
+        _mm512_storeu_ps(gxb + j, g);
+    }
+    if (j < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        __m512 l, g;
+        fam_focal16(&sh, j, m, FAM_FOCAL_ARGS);
+        s0 = _mm512_mask_add_ps(s0, m, s0, l);
+        _mm512_mask_storeu_ps(lb + j, m, l);
+        _mm512_mask_storeu_ps(gxb + j, m, g);
+    }
+#undef FAM_FOCAL_ARGS
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+/* whether fam_binary_seg_f32 takes fam_focal_seg512 */
+static inline int fam_focal512_ok(const fam_bcfg *c) {
+#define FAM_F32_OR_BF16(dt) ((dt) == CE_F32 || (dt) == CE_BF16)
+    return CE_HW_BF16 && ce_avx512_rows && c->focal && c->gamma == 2 && !c->w && !c->pw && !c->gy
+           && FAM_F32_OR_BF16(c->xdt) && FAM_F32_OR_BF16(c->ydt) && (!c->up || FAM_F32_OR_BF16(c->updt))
+           && (!c->gx || FAM_F32_OR_BF16(c->gxdt));
+#undef FAM_F32_OR_BF16
+}
+
 /* Row template helpers: the cases of `switch (kind * NF + f)` that call CALL with kind (0-3) and
  * flag f as constants, and the two calls they make */
 #define FAM_KIND_CASES(CALL, F, NF)                                                                \
@@ -519,6 +606,16 @@ FAM_ATTR double CE_F(fam_binary_seg)(const fam_bcfg *c, int64_t off, int64_t n, 
                                      int64_t c0) {
     R xb[FAM_CHUNK], yb[FAM_CHUNK], ub[FAM_CHUNK], wb[FAM_CHUNK], pb[FAM_CHUNK];
     R lb[FAM_CHUNK], gxb[FAM_CHUNK], gyb[FAM_CHUNK];
+#if CE_DT == 0 && CE_HW_BF16
+    if (fam_focal512_ok(c)) {
+        float *lp = c->loss && c->xdt == CE_F32 ? (float *)c->loss + off : lb;
+        float *gp = c->gx && c->gxdt == CE_F32 ? (float *)c->gx + off : gxb;
+        const float total = fam_focal_seg512(c, off, n, lp, gp);
+        if (c->loss) CE_F(fam_st)(c->loss, c->xdt, off, n, lp);
+        if (c->gx) CE_F(fam_st)(c->gx, c->gxdt, off, n, gp);
+        return total;
+    }
+#endif
     const R *xp = CE_F(fam_ld)(c->x, c->xdt, off, n, xb), *up;
     const R *yp = CE_F(fam_ld)(c->y, c->ydt, off, n, yb);
     if (c->up) up = CE_F(fam_ld)(c->up, c->updt, off, n, ub);
