@@ -254,6 +254,9 @@ def test_module_mirrors_torch():
 @pytest.mark.parametrize("bad", [50, -3, 10 ** 12])
 def test_out_of_range_target_names_the_value(backend, bad):
     dev = backend_device(backend)
+    if dev != "cpu":
+        pytest.skip("on CUDA a bad target is a device-side assert, as in PyTorch (test_checks.py); "
+                    "it would end this process's CUDA context")
     x, t = make_data((6, 50), dev)
     t[4] = bad
     with pytest.raises(IndexError, match=str(bad)):
