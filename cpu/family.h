@@ -161,6 +161,13 @@ typedef struct {
     double coef, alpha, gamma;
 } fam_bcfg;
 
+/* Row template helpers: the cases of `switch (kind * NF + f)` that call CALL with kind (0-3) and
+ * flag f as constants, and the two calls they make */
+#define FAM_KIND_CASES(CALL, F, NF)                                                                \
+    case 0 * NF + F: CALL(0, F); break;                                                           \
+    case 1 * NF + F: CALL(1, F); break;                                                           \
+    case 2 * NF + F: CALL(2, F); break;                                                           \
+    case 3 * NF + F: CALL(3, F); break;
 /* ---- sigmoid focal loss at gamma = 2 on hand-written AVX-512 (ce_rows.h's switch) ----
  * The portable chunk widens x, y and the upstream gradient into buffers and spends per element
  * an exp, three divisions (1 / (1 + e), e / (2 + e) in log1p, p (1 - p) / q) and the integer
@@ -238,6 +245,47 @@ CE_AVX512 static float fam_focal_seg512(const fam_bcfg *c, int64_t off, int64_t 
 #undef FAM_FOCAL_ARGS
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
+/* Distillation pass 1 of one chunk on AVX-512 (fp32 rows: the chunk as loaded or widened by
+ * fam_max2): fam_p1 / fam_p1s without a separate class term, so with the same sums and kept
+ * exps, the exps through ce_exp512 (full precision: the loss is a difference of sums). a = s / T
+ * is rounded before the max is subtracted (CE_MUL512), as the portable loop. NaN reaches the
+ * sums (the row is flagged by fam_max2 anyway). */
+CE_AVX512 static inline void fam_p1_512_body(const float *sp, const float *tp, float *eo, float *to,
+                                             int64_t n, float inv_T, float ms, float mt,
+                                             double acc[4], const int kind, const int keep) {
+    const __m512 vs = _mm512_set1_ps(inv_T), vms = _mm512_set1_ps(ms), vmt = _mm512_set1_ps(mt);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 da = _mm512_sub_ps(CE_MUL512(_mm512_maskz_loadu_ps(m, sp + j), vs), vms);
+        const __m512 db = _mm512_sub_ps(CE_MUL512(_mm512_maskz_loadu_ps(m, tp + j), vs), vmt);
+        const __m512 es = ce_exp512(da, 0), et = ce_exp512(db, 0);
+        s0 = _mm512_mask_add_ps(s0, m, s0, es);
+        s1 = _mm512_mask_add_ps(s1, m, s1, et);
+        if (kind != 3) { /* a zero weight makes its term 0: -inf logits (0 log 0 = 0) */
+            const __m512 w = kind == 1 ? es : et;
+            const __m512 d = kind == 0 ? _mm512_sub_ps(db, da) : kind == 2 ? da : _mm512_sub_ps(da, db);
+            const __mmask16 pos = _mm512_mask_cmp_ps_mask(m, w, _mm512_setzero_ps(), _CMP_GT_OQ);
+            s2 = _mm512_add_ps(s2, _mm512_maskz_mul_ps(pos, w, d));
+        }
+        if (keep) _mm512_mask_storeu_ps(eo + j, m, es), _mm512_mask_storeu_ps(to + j, m, et);
+    }
+    acc[0] += _mm512_reduce_add_ps(s0);
+    acc[1] += _mm512_reduce_add_ps(s1);
+    acc[2] += _mm512_reduce_add_ps(s2);
+}
+/* kind: 0-3 (see fam_dcfg); eo / to: where to keep the exps (NULL: not kept) */
+CE_AVX512 static void fam_p1_512(const float *sp, const float *tp, float *eo, float *to, int64_t n,
+                                 float inv_T, float ms, float mt, double acc[4], int kind) {
+#define FAM_P1_512_(K, S) fam_p1_512_body(sp, tp, eo, to, n, inv_T, ms, mt, acc, K, S)
+    switch (kind * 2 + (eo != NULL)) {
+    FAM_KIND_CASES(FAM_P1_512_, 0, 2)
+    FAM_KIND_CASES(FAM_P1_512_, 1, 2)
+    }
+#undef FAM_P1_512_
+}
+#else
+#define fam_p1_512(...) ((void)0)
 #endif
 /* whether fam_binary_seg_f32 takes fam_focal_seg512 */
 static inline int fam_focal512_ok(const fam_bcfg *c) {
@@ -248,13 +296,6 @@ static inline int fam_focal512_ok(const fam_bcfg *c) {
 #undef FAM_F32_OR_BF16
 }
 
-/* Row template helpers: the cases of `switch (kind * NF + f)` that call CALL with kind (0-3) and
- * flag f as constants, and the two calls they make */
-#define FAM_KIND_CASES(CALL, F, NF)                                                                \
-    case 0 * NF + F: CALL(0, F); break;                                                           \
-    case 1 * NF + F: CALL(1, F); break;                                                           \
-    case 2 * NF + F: CALL(2, F); break;                                                           \
-    case 3 * NF + F: CALL(3, F); break;
 #define FAM_P1_(K, S) CE_F(fam_p1)(sp, tp, n, inv_T, ms, mt, m1, acc, K, S)
 #define FAM_G_(K, H)                                                                              \
     CE_F(fam_gchunk)(sp, tp, gp, n, inv_T, ms, mt, lSs, lSt, r, lb, l1b, omb, cw, c1, m1, lS1, K, H)
@@ -436,6 +477,11 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
                   ? (R *)fam_scratch(sizeof(R) * (size_t)((own ? 1 : 2) * V + 2 * nch)) : NULL;
     R *keep_t = keep, *keep_s = keep ? (own ? (R *)g : keep + V) : NULL;
     R *cms = keep ? keep + (own ? 1 : 2) * V : NULL, *cmt = keep ? cms + nch : NULL;
+#if CE_DT == 0 && CE_HW_BF16
+    const int v512 = ce_avx512_rows; /* pass 1 on fam_p1_512 */
+#else
+    const int v512 = 0;
+#endif
     for (int64_t off = 0; off < V; off += FAM_CHUNK) {
         const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;
         const R *sp, *tp;
@@ -466,8 +512,15 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
         if (keep) {
             cms[off / FAM_CHUNK] = ms;
             cmt[off / FAM_CHUNK] = mt;
-            CE_F(fam_p1s)(sp, tp, keep_s + off, keep_t + off, n, inv_T, ms, mt, acc, kind);
+            if (v512) fam_p1_512((const float *)sp, (const float *)tp, (float *)(keep_s + off),
+                                 (float *)(keep_t + off), n, (float)inv_T, (float)ms, (float)mt, acc, kind);
+            else CE_F(fam_p1s)(sp, tp, keep_s + off, keep_t + off, n, inv_T, ms, mt, acc, kind);
             if (sep1) acc[3] += CE_F(fam_sum1)(sp, n, m1);
+            continue;
+        }
+        if (v512 && !sep1) {
+            fam_p1_512((const float *)sp, (const float *)tp, NULL, NULL, n, (float)inv_T, (float)ms,
+                       (float)mt, acc, kind);
             continue;
         }
         switch (kind * 2 + sep1) {

@@ -12,7 +12,9 @@ import torch
 F = pytest.importorskip("celoss.cpu._family", reason="the compiled CPU extension is missing")
 
 import oracle  # noqa: E402
+from celoss.distillation import distillation_loss  # noqa: E402
 from celoss.focal import sigmoid_focal_loss  # noqa: E402
+from conftest import against_oracle  # noqa: E402
 
 ROWS = pytest.mark.parametrize("rows", [False, True], ids=["portable", "avx512"])
 
@@ -94,6 +96,40 @@ def test_sigmoid_focal_gamma2_nonfinite_logits(rows, dtype):
     torch.testing.assert_close(loss, want_loss, equal_nan=True, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad[finite], want_grad[finite], rtol=1e-5, atol=0)
     assert (torch.isnan(grad) == torch.isnan(want_grad)).all()
+
+
+@ROWS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "ce", "jsd"])
+@pytest.mark.parametrize("setting", ["T2", "T1-target", "T2-target"])
+def test_distillation_against_float64(rows, dtype, kind, setting):
+    """Per-row loss and student gradient (non-trivial upstream gradient) of every kind, with and
+    without the class term (T = 1 shares the student's softmax, T = 2 has its own), over rows of
+    several chunks whose maxima rise from chunk to chunk (the rescaled sums), with -inf teacher
+    classes (zero weights; not for reverse KL) and logits far from 0 (|x| ~ 1e3, where max-shifting matters)."""
+    n, v = 6, 3000  # 3 chunks of 1024, the last partial
+    gen = torch.Generator().manual_seed(11)
+    s = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
+    t = s + torch.randn(n, v, generator=gen, dtype=torch.float64)
+    ramp = torch.linspace(0, 12, v, dtype=torch.float64)
+    s[1::2] += ramp  # rows 1, 3, 5: maxima rising over the chunks
+    t[1::2] += ramp.flip(0) * 0.5
+    s[2] += 1e3
+    t[2] -= 1e3
+    if kind != "reverse_kl":  # KL(p_S || p_T) is +inf there
+        t[4, ::7] = -float("inf")
+    s, t = s.to(dtype), t.to(dtype)
+    y = torch.randint(0, v, (n,), generator=gen) if "target" in setting else None
+    kw = dict(temperature=1.0 if setting.startswith("T1") else 2.0, kind=kind, beta=0.3,
+              alpha=0.6 if y is not None else 1.0, reduction="none")
+    with avx512_rows(rows):
+        a, b, ga, gb = against_oracle(lambda u, w: distillation_loss(u, w, y, backend="cython", **kw),
+                                      lambda u, w: oracle.distillation_loss(u, w, y, **kw), s, t, wrt=(0,))
+    assert a.dtype == dtype and ga.dtype == dtype
+    # fp32: the exps' 3e-7 summed over 3000 terms; bf16: one ulp of the stored loss and gradient
+    rtol = 2e-5 if dtype == torch.float32 else 2.0**-8
+    torch.testing.assert_close(a.double(), b.detach(), rtol=rtol, atol=1e-6 * b.abs().max().item())
+    torch.testing.assert_close(ga.double(), gb, rtol=rtol, atol=1e-5 * gb.abs().max().item())
 
 
 def test_no_avx512_rows_environment_variable():
