@@ -250,15 +250,16 @@ CE_AVX512 static float fam_focal_seg512(const fam_bcfg *c, int64_t off, int64_t 
  * exps, the exps through ce_exp512 (full precision: the loss is a difference of sums). a = s / T
  * is rounded before the max is subtracted (CE_MUL512), as the portable loop. NaN reaches the
  * sums (the row is flagged by fam_max2 anyway). */
-CE_AVX512 static inline void fam_p1_512_body(const float *sp, const float *tp, float *eo, float *to,
+CE_AVX512 static inline void fam_p1_512_body(const void *sp, const void *tp, float *eo, float *to,
                                              int64_t n, float inv_T, float ms, float mt,
-                                             double acc[4], const int kind, const int keep) {
+                                             double acc[4], const int kind, const int keep,
+                                             const int dt) {
     const __m512 vs = _mm512_set1_ps(inv_T), vms = _mm512_set1_ps(ms), vmt = _mm512_set1_ps(mt);
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 da = _mm512_sub_ps(CE_MUL512(_mm512_maskz_loadu_ps(m, sp + j), vs), vms);
-        const __m512 db = _mm512_sub_ps(CE_MUL512(_mm512_maskz_loadu_ps(m, tp + j), vs), vmt);
+        const __m512 da = _mm512_sub_ps(CE_MUL512(ce_load512(sp, j, m, dt), vs), vms);
+        const __m512 db = _mm512_sub_ps(CE_MUL512(ce_load512(tp, j, m, dt), vs), vmt);
         const __m512 es = ce_exp512(da, 0), et = ce_exp512(db, 0);
         s0 = _mm512_mask_add_ps(s0, m, s0, es);
         s1 = _mm512_mask_add_ps(s1, m, s1, et);
@@ -274,18 +275,61 @@ CE_AVX512 static inline void fam_p1_512_body(const float *sp, const float *tp, f
     acc[1] += _mm512_reduce_add_ps(s1);
     acc[2] += _mm512_reduce_add_ps(s2);
 }
-/* kind: 0-3 (see fam_dcfg); eo / to: where to keep the exps (NULL: not kept) */
-CE_AVX512 static void fam_p1_512(const float *sp, const float *tp, float *eo, float *to, int64_t n,
-                                 float inv_T, float ms, float mt, double acc[4], int kind) {
-#define FAM_P1_512_(K, S) fam_p1_512_body(sp, tp, eo, to, n, inv_T, ms, mt, acc, K, S)
-    switch (kind * 2 + (eo != NULL)) {
-    FAM_KIND_CASES(FAM_P1_512_, 0, 2)
-    FAM_KIND_CASES(FAM_P1_512_, 1, 2)
+/* kind: 0-3 (see fam_dcfg); eo / to: where to keep the exps (NULL: not kept); sp, tp: fp32
+ * arrays or, with dt CE_BF16, bf16 rows (converted in registers) */
+CE_AVX512 static void fam_p1_512(const void *sp, const void *tp, int dt, float *eo, float *to,
+                                 int64_t n, float inv_T, float ms, float mt, double acc[4], int kind) {
+#define FAM_P1_512_(K, S) fam_p1_512_body(sp, tp, eo, to, n, inv_T, ms, mt, acc, K, (S) & 1, (S) >> 1 ? CE_BF16 : CE_F32)
+    switch (kind * 4 + (eo != NULL) + (dt == CE_BF16) * 2) {
+    FAM_KIND_CASES(FAM_P1_512_, 0, 4)
+    FAM_KIND_CASES(FAM_P1_512_, 1, 4)
+    FAM_KIND_CASES(FAM_P1_512_, 2, 4)
+    FAM_KIND_CASES(FAM_P1_512_, 3, 4)
     }
 #undef FAM_P1_512_
 }
+/* the maxima of n values of two fp32 or bf16 (dt) rows (NaN may drop out: the sums carry it) */
+CE_AVX512 static void fam_max2_512(const void *sp, const void *tp, int dt, int64_t n, float *a, float *b) {
+    if (dt == CE_BF16) *a = ce_max512(sp, n, 1.0f, CE_BF16, 0), *b = ce_max512(tp, n, 1.0f, CE_BF16, 0);
+    else *a = ce_max512(sp, n, 1.0f, CE_F32, 0), *b = ce_max512(tp, n, 1.0f, CE_F32, 0);
+}
+/* The kl / ce gradient of a chunk from the kept exps, A e_S - B e_T (fam_gkept without a
+ * separate class term), for a bf16 gradient: into the fp32 buffer gb (for fam_st's portable
+ * rounding) or, with dst, rounded by vcvtneps2bf16 and streamed into dst (written once, not read
+ * again: a cached store would first read its line, a third stream). Both compute the same fp32. */
+CE_AVX512 static inline __m512 fam_gk16(const float *eo, const float *to, int64_t j, __mmask16 m,
+                                        __m512 vA, __m512 vB) {
+    return _mm512_fmsub_ps(vA, _mm512_maskz_loadu_ps(m, eo + j), _mm512_mul_ps(vB, _mm512_maskz_loadu_ps(m, to + j)));
+}
+CE_AVX512 static void fam_gkept512(const float *eo, const float *to, float *gb, int64_t n, float A, float B) {
+    const __m512 vA = _mm512_set1_ps(A), vB = _mm512_set1_ps(B);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(gb + j, m, fam_gk16(eo, to, j, m, vA, vB));
+    }
+}
+#define FAM_BF16_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+FAM_BF16_AVX512 static void fam_gkept512_bf16(const float *eo, const float *to, uint16_t *dst,
+                                              int64_t n, float A, float B) {
+    const __m512 vA = _mm512_set1_ps(A), vB = _mm512_set1_ps(B);
+    /* masked stores up to the first 32-byte boundary (all of a row not 2-byte aligned) */
+    int64_t head = (uintptr_t)dst & 1 ? n : (int64_t)(((32 - ((uintptr_t)dst & 31)) & 31) / 2), j = 0;
+    head = head < n ? head : n;
+    for (; j < n; j += 16) {
+        const int64_t lim = j < head ? head : n;
+        const __mmask16 m = lim - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (lim - j)) - 1);
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(fam_gk16(eo, to, j, m, vA, vB));
+        if (j >= head && m == 0xffff) _mm256_stream_si256((__m256i *)(void *)(dst + j), h);
+        else _mm256_mask_storeu_epi16(dst + j, m, h);
+        if (j < head && j + 16 > head) j = head - 16; /* the boundary: realign */
+    }
+    _mm_sfence();
+}
 #else
 #define fam_p1_512(...) ((void)0)
+#define fam_max2_512(...) ((void)0)
+#define fam_gkept512(...) ((void)0)
+#define fam_gkept512_bf16(...) ((void)0)
 #endif
 /* whether fam_binary_seg_f32 takes fam_focal_seg512 */
 static inline int fam_focal512_ok(const fam_bcfg *c) {
@@ -478,15 +522,24 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
     R *keep_t = keep, *keep_s = keep ? (own ? (R *)g : keep + V) : NULL;
     R *cms = keep ? keep + (own ? 1 : 2) * V : NULL, *cmt = keep ? cms + nch : NULL;
 #if CE_DT == 0 && CE_HW_BF16
-    const int v512 = ce_avx512_rows; /* pass 1 on fam_p1_512 */
+    /* pass 1 on fam_p1_512; raw: straight from fp32 or bf16 rows of one dtype, no widening pass
+     * (the class term's separate softmax needs the widened chunk) */
+    const int v512 = ce_avx512_rows;
 #else
     const int v512 = 0;
 #endif
+    const int raw = v512 && sdt == tdt && (sdt == CE_F32 || sdt == CE_BF16) && !sep1;
+    const int64_t isz = sdt == CE_F32 ? 4 : 2;
     for (int64_t off = 0; off < V; off += FAM_CHUNK) {
         const int64_t n = V - off < FAM_CHUNK ? V - off : FAM_CHUNK;
-        const R *sp, *tp;
-        const R cs = CE_F(fam_max2)(s, sdt, t, tdt, off, n, inv_T, sbuf, tbuf, &sp, &tp, &msr, &mtr,
-                                    &nan);
+        const R *sp = NULL, *tp = NULL;
+        R cs = 0;
+        if (raw) { /* as fam_max2, on the rows themselves; NaN: from the sums below */
+            float a, b;
+            fam_max2_512((const char *)s + off * isz, (const char *)t + off * isz, sdt, n, &a, &b);
+            msr = a * inv_T > msr ? a * inv_T : msr;
+            mtr = b * inv_T > mtr ? b * inv_T : mtr;
+        } else cs = CE_F(fam_max2)(s, sdt, t, tdt, off, n, inv_T, sbuf, tbuf, &sp, &tp, &msr, &mtr, &nan);
         const R nms = isfinite(msr) ? msr : 0, nmt = isfinite(mtr) ? mtr : 0;
         if (nms != ms || nmt != mt) { /* rescale the sums to the new maxima */
             const double dms = (double)nms - (double)ms, dmt = (double)nmt - (double)mt;
@@ -512,15 +565,19 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
         if (keep) {
             cms[off / FAM_CHUNK] = ms;
             cmt[off / FAM_CHUNK] = mt;
-            if (v512) fam_p1_512((const float *)sp, (const float *)tp, (float *)(keep_s + off),
+            if (raw) fam_p1_512((const char *)s + off * isz, (const char *)t + off * isz, sdt,
+                                (float *)(keep_s + off), (float *)(keep_t + off), n, (float)inv_T,
+                                (float)ms, (float)mt, acc, kind);
+            else if (v512) fam_p1_512(sp, tp, CE_F32, (float *)(keep_s + off),
                                  (float *)(keep_t + off), n, (float)inv_T, (float)ms, (float)mt, acc, kind);
             else CE_F(fam_p1s)(sp, tp, keep_s + off, keep_t + off, n, inv_T, ms, mt, acc, kind);
             if (sep1) acc[3] += CE_F(fam_sum1)(sp, n, m1);
             continue;
         }
         if (v512 && !sep1) {
-            fam_p1_512((const float *)sp, (const float *)tp, NULL, NULL, n, (float)inv_T, (float)ms,
-                       (float)mt, acc, kind);
+            if (raw) fam_p1_512((const char *)s + off * isz, (const char *)t + off * isz, sdt, NULL, NULL,
+                                n, (float)inv_T, (float)ms, (float)mt, acc, kind);
+            else fam_p1_512(sp, tp, CE_F32, NULL, NULL, n, (float)inv_T, (float)ms, (float)mt, acc, kind);
             continue;
         }
         switch (kind * 2 + sep1) {
@@ -528,6 +585,7 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
         FAM_KIND_CASES(FAM_P1_, 1, 2)
         }
     }
+    if (raw) nan = acc[0] != acc[0] || acc[1] != acc[1];
     /* a NaN, a +inf or only -inf in either (scaled) row: NaN loss and gradient, as PyTorch's
      * log_softmax composition (the 0 log 0 = 0 sums above would hide it) */
     if (nan || !isfinite(msr) || !isfinite(mtr)) {
@@ -584,9 +642,21 @@ FAM_ATTR double CE_F(fam_distill_row)(const fam_dcfg *c, const void *s, int sdt,
             const R ps = (R)exp((double)cms[ch] - (double)ms - dlSs);
             const R pt = (R)exp((double)cmt[ch] - (double)mt - dlSt);
             const R A = cw * ps + (hm == 1 ? c1 * ps : (R)0), B = cw * pt;
-            const R *sp = sep1 ? CE_F(fam_ld)(s, sdt, off, n, sbuf) : NULL;
-            if (sep1) CE_F(fam_gkept)(keep_s + off, keep_t + off, sp, gp, n, A, B, c1, m1, lS1, 1);
-            else CE_F(fam_gkept)(keep_s + off, keep_t + off, sp, gp, n, A, B, c1, m1, lS1, 0);
+            if (v512 && !sep1 && gdt == CE_BF16) {
+                uint16_t *gh = (uint16_t *)g + off;
+                if (ce_f2bf_row == ce_f2bf_hw) {
+                    fam_gkept512_bf16((const float *)(keep_s + off), (const float *)(keep_t + off), gh, n,
+                                      (float)A, (float)B);
+                    if (hard && y >= off && y < off + n) gh[y - off] = ce_f2bf((float)g_y);
+                    continue;
+                }
+                fam_gkept512((const float *)(keep_s + off), (const float *)(keep_t + off), (float *)gp, n,
+                             (float)A, (float)B);
+            } else {
+                const R *sp = sep1 ? CE_F(fam_ld)(s, sdt, off, n, sbuf) : NULL;
+                if (sep1) CE_F(fam_gkept)(keep_s + off, keep_t + off, sp, gp, n, A, B, c1, m1, lS1, 1);
+                else CE_F(fam_gkept)(keep_s + off, keep_t + off, sp, gp, n, A, B, c1, m1, lS1, 0);
+            }
         } else {
             const R *sp = CE_F(fam_ld)(s, sdt, off, n, sbuf), *tp = CE_F(fam_ld)(t, tdt, off, n, tbuf);
             switch (kind * 3 + hm) {
