@@ -113,17 +113,6 @@ ce_f2bf_hw(const float *src, uint16_t *dst, int64_t n) {
         _mm256_mask_storeu_epi16(dst + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j)));
     }
 }
-/* dst = bf16(a E_j dz): pass 3 of a bf16 row from its exp row (see ce_grads), in one loop */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
-ce_scaled_bf16_hw(const float *E, uint16_t *dst, int64_t n, float a, float dz, int scaled) {
-    const __m512 va = _mm512_set1_ps(a), vdz = _mm512_set1_ps(dz);
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        __m512 v = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, E + j));
-        if (scaled) v = _mm512_mul_ps(v, vdz);
-        _mm256_mask_storeu_epi16(dst + j, m, (__m256i)_mm512_cvtneps_pbh(v));
-    }
-}
 #else
 #define CE_HW_BF16 0
 #endif
@@ -330,8 +319,41 @@ CE_AVX512 static int ce_row_sums512(const void *x, float *E, void *pf, int64_t C
     *row_max = m, *has_nan = nan;
     return 1;
 }
+/* Pass 3 of a bf16 row without linear terms: g_j = bf16(a exp(z_j - shift) dz), exp recomputed
+ * from x rather than kept in an fp32 row by pass 2 (writing and reading back that row, twice the
+ * logits' bytes, cost more than the exp: 31 vs 22 ms at 4096 x 32000), stored with streaming
+ * stores from the first 32-byte boundary on: the gradient is not read again here, and a cached
+ * store would first read each line from memory (a third stream). The sfence orders them before
+ * the caller's threads synchronize. */
+CE_AVX512 __attribute__((target("avx512bf16"))) static inline __m256i
+ce_grad16_bf16(const uint16_t *x, __m512 va, __m512 vs, __m512 vsh, __mmask16 m, const int scaled) {
+    __m512 z = ce_load512(x, 0, m, CE_BF16);
+    if (scaled) z = CE_MUL512(z, vs);
+    __m512 v = _mm512_mul_ps(va, ce_exp512(_mm512_sub_ps(z, vsh), 1));
+    return (__m256i)_mm512_cvtneps_pbh(scaled ? _mm512_mul_ps(v, vs) : v);
+}
+CE_AVX512 __attribute__((target("avx512bf16"))) static void
+ce_grads_bf16_512(const uint16_t *x, uint16_t *g, int64_t n, float a, float shift, float scale,
+                  const int scaled) {
+    const __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(scale), vsh = _mm512_set1_ps(shift);
+    int64_t j = 0, head = (uintptr_t)g & 1 ? n : (int64_t)(((32 - ((uintptr_t)g & 31)) & 31) / 2);
+    head = head < n ? head : n;
+    for (; j < head; j += 16) { /* up to the boundary (all of a row not 2-byte aligned) */
+        const __mmask16 m = (__mmask16)(head - j >= 16 ? 0xffff : (1u << (head - j)) - 1);
+        _mm256_mask_storeu_epi16(g + j, m, ce_grad16_bf16(x + j, va, vs, vsh, m, scaled));
+    }
+    for (j = head; j + 16 <= n; j += 16)
+        _mm256_stream_si256((__m256i *)(void *)(g + j), ce_grad16_bf16(x + j, va, vs, vsh, 0xffff, scaled));
+    if (j < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        _mm256_mask_storeu_epi16(g + j, m, ce_grad16_bf16(x + j, va, vs, vsh, m, scaled));
+    }
+    _mm_sfence();
+}
+#define CE_AVX512_BF16_GRADS 1
 #else
 #define ce_row_sums512(...) 0
+#define CE_AVX512_BF16_GRADS 0
 #endif
 static int ce_avx512_rows = 0;
 /* on > 0: the AVX-512 pass where the CPU has it, 0: the portable passes, < 0: no change. Returns
@@ -350,6 +372,10 @@ static int ce_use_avx512_rows(int on) {
 __attribute__((constructor)) static void ce_init_avx512_rows(void) {
     const char *off = getenv("CELOSS_NO_AVX512_ROWS");
     ce_use_avx512_rows(!(off && *off && strcmp(off, "0") != 0));
+}
+/* bf16 rows without softcap or linear terms: pass 3 recomputes the exp (ce_grads_bf16_512) */
+static inline int ce_bf16_recompute(void) {
+    return CE_AVX512_BF16_GRADS && ce_avx512_rows && ce_f2bf_row == ce_f2bf_hw;
 }
 
 /* ---- the math of celoss/stats.py for one row, in double ----
@@ -608,9 +634,9 @@ CE_INLINE void CE_F(ce_grads)(const CE_T *x, CE_T *g, const CE_T *t, const CE_AC
                               int64_t n, CE_F(ce_tr) tr, CE_ACC shift, CE_ACC a, CE_ACC c1,
                               CE_ACC c0, const int mode, const int e, const int lin,
                               const int has_w, const int has_t) {
-#if CE_DT == 3 && CE_HW_BF16 /* bf16 from the exp row, no linear term: one loop, same rounding */
-    if (e && !lin && ce_f2bf_row == ce_f2bf_hw) {
-        ce_scaled_bf16_hw(E, g, n, a, tr.scale, mode == CE_SCALED);
+#if CE_DT == 3 && CE_AVX512_BF16_GRADS /* see ce_bf16_recompute */
+    if (!e && !lin && mode != CE_CAPPED && ce_bf16_recompute()) {
+        ce_grads_bf16_512(x, g, n, a, shift, tr.scale, mode == CE_SCALED);
         return;
     }
 #endif
@@ -668,15 +694,16 @@ static CE_CLONES void CE_F(ce_fused_row)(const ce_opts *o, const CE_T *x, CE_T *
     }
     CE_ACC dzy = 0, zy = (!soft && counted) ? CE_F(ce_z)(CE_LOAD(x[y]), tr, mode, &dzy) : 0;
     double wy = counted && !soft && w ? (double)w[y] : 1.0;
-    /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
-    CE_ACC *E = !g || !counted || mode == CE_CAPPED ? NULL
-                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)scratch;
     const int lin = soft || o->eps != 0; /* the linear sums only feed smoothing and soft targets */
+    /* the exp row for pass 3 (not with softcap: pass 3 needs z for dz/dx anyway) */
+    CE_ACC *E = !g || !counted || mode == CE_CAPPED || (CE_DT == 3 && !lin && ce_bf16_recompute()) ? NULL
+                : sizeof(CE_T) == sizeof(CE_ACC) ? (CE_ACC *)(void *)g : (CE_ACC *)scratch;
     const CE_ACC c1 = soft ? (CE_ACC)(1 - o->eps) : 0, c0 = soft ? (CE_ACC)(o->eps / C) : 1;
     CE_ACC mk[CE_MAX_CHUNKS], sk[CE_MAX_CHUNKS], m;
     double sums[2];
     int nan;
     CE_T *pf = E && (void *)E != (void *)g && (const void *)g != (const void *)x ? g : NULL;
+
     sums[0] = sums[1] = 0;
 #if CE_DT == 0 || CE_DT == 3 /* fp32, bf16 */
     const int fast = ce_avx512_rows && !lin && mode != CE_CAPPED
