@@ -182,6 +182,7 @@ typedef struct {
 CE_AVX512 static inline __m512 fam_2atanh512(__m512 s, const int terms) {
     const __m512 s2 = _mm512_mul_ps(s, s);
     __m512 p = _mm512_set1_ps(2.0f / (float)(2 * terms + 1));
+#pragma GCC unroll 16 /* constant coefficients (terms is a constant in every caller) */
     for (int k = terms - 1; k >= 0; k--) p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(2.0f / (float)(2 * k + 1)));
     return _mm512_mul_ps(s, p);
 }
@@ -194,7 +195,8 @@ CE_AVX512 static inline void fam_focal16(const fam_bcfg *c, int64_t j, __mmask16
     const __m512 y = ce_load512(c->y, j, m, ybf ? CE_BF16 : CE_F32);
     const __m512 ax = _mm512_abs_ps(x), e = ce_exp512(_mm512_sub_ps(_mm512_setzero_ps(), ax), xbf);
     const __m512 d1 = _mm512_add_ps(one, e), d2 = _mm512_add_ps(two, e);
-    const __m512 R = _mm512_div_ps(one, _mm512_mul_ps(d1, d2));
+    const __m512 dd = _mm512_mul_ps(d1, d2), r0 = _mm512_rcp14_ps(dd); /* dd in [2, 6] */
+    const __m512 R = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(dd, r0, one), r0); /* Newton: 2^-28 */
     const __m512 inv = _mm512_mul_ps(d2, R), s = _mm512_mul_ps(_mm512_mul_ps(e, d1), R);
     const __m512 l1 = fam_2atanh512(s, xbf ? 5 : 9);
     const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
@@ -214,8 +216,9 @@ CE_AVX512 static inline void fam_focal16(const fam_bcfg *c, int64_t j, __mmask16
 /* fam_binary_seg of a focal (gamma = 2) segment without weights or a target gradient, fp32 /
  * bf16 x, y and upstream gradient: the loss and dx in fp32 (into lb / gxb, or the fp32 outputs
  * themselves), stored by the caller's fam_st. Returns the loss sum. */
-CE_AVX512 static float fam_focal_seg512(const fam_bcfg *c, int64_t off, int64_t n, float *lb, float *gxb) {
-    const int xbf = c->xdt == CE_BF16, ybf = c->ydt == CE_BF16, ubf = c->updt == CE_BF16, up = c->up != NULL;
+CE_AVX512 static inline float fam_focal_body512(const fam_bcfg *c, int64_t off, int64_t n, float *lb,
+                                                float *gxb, const int xbf, const int up) {
+    const int ybf = c->ydt == CE_BF16, ubf = c->updt == CE_BF16;
     const float alpha = (float)c->alpha;
     const __m512 a1 = _mm512_set1_ps(alpha >= 0 ? alpha : 1.0f), a0 = _mm512_set1_ps(alpha >= 0 ? 1 - alpha : 1.0f);
     const __m512 vcoef = _mm512_set1_ps((float)c->coef);
@@ -244,6 +247,12 @@ CE_AVX512 static float fam_focal_seg512(const fam_bcfg *c, int64_t off, int64_t 
     }
 #undef FAM_FOCAL_ARGS
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+/* the body with x's dtype and the upstream gradient's presence as constants */
+CE_AVX512 static float fam_focal_seg512(const fam_bcfg *c, int64_t off, int64_t n, float *lb, float *gxb) {
+    const int xbf = c->xdt == CE_BF16;
+    if (c->up) return xbf ? fam_focal_body512(c, off, n, lb, gxb, 1, 1) : fam_focal_body512(c, off, n, lb, gxb, 0, 1);
+    return xbf ? fam_focal_body512(c, off, n, lb, gxb, 1, 0) : fam_focal_body512(c, off, n, lb, gxb, 0, 0);
 }
 /* Distillation pass 1 of one chunk on AVX-512 (fp32 rows: the chunk as loaded or widened by
  * fam_max2): fam_p1 / fam_p1s without a separate class term, so with the same sums and kept
