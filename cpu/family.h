@@ -278,7 +278,8 @@ CE_AVX512 static inline void fam_p1_512_body(const void *sp, const void *tp, flo
             const __mmask16 pos = _mm512_mask_cmp_ps_mask(m, w, _mm512_setzero_ps(), _CMP_GT_OQ);
             s2 = _mm512_add_ps(s2, _mm512_maskz_mul_ps(pos, w, d));
         }
-        if (keep) _mm512_mask_storeu_ps(eo + j, m, es), _mm512_mask_storeu_ps(to + j, m, et);
+        if (keep && m == 0xffff) _mm512_storeu_ps(eo + j, es), _mm512_storeu_ps(to + j, et);
+        else if (keep) _mm512_mask_storeu_ps(eo + j, m, es), _mm512_mask_storeu_ps(to + j, m, et);
     }
     acc[0] += _mm512_reduce_add_ps(s0);
     acc[1] += _mm512_reduce_add_ps(s1);
@@ -314,7 +315,9 @@ CE_AVX512 static void fam_gkept512(const float *eo, const float *to, float *gb, 
     const __m512 vA = _mm512_set1_ps(A), vB = _mm512_set1_ps(B);
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        _mm512_mask_storeu_ps(gb + j, m, fam_gk16(eo, to, j, m, vA, vB));
+        const __m512 v = fam_gk16(eo, to, j, m, vA, vB);
+        if (m == 0xffff) _mm512_storeu_ps(gb + j, v);
+        else _mm512_mask_storeu_ps(gb + j, m, v); /* masked stores are slow on AMD: the tail only */
     }
 }
 #define FAM_BF16_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
