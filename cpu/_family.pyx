@@ -7,7 +7,8 @@ dtype codes (0 fp32, 1 fp64, 2 fp16, 3 bf16: _dtypes.pxd). ``use_double`` select
 kernels (every float input is then read as double), else fp32 accumulation (inputs fp32, fp16
 or bf16, in any mix). Losses / partial sums are float32 (float64 with ``use_double``).
 The C row kernels (family.h, with the math) come in a float and a double instance; the float
-one is cloned per ISA (AVX-512 / AVX2 / baseline) by ce_rows.h's CE_CLONES.
+one is cloned per ISA (AVX-512 / AVX2 / baseline) by ce_rows.h's CE_CLONES, and its hottest
+loops have hand-written AVX-512 versions (``use_avx512_rows``).
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
@@ -170,5 +171,6 @@ def use_avx512bf16(on=None):
 
 def use_avx512_rows(on=None):
     """As celoss.cpu._kernels.use_avx512_rows, for this module's hand-written AVX-512 loops (its
-    own copy; CELOSS_NO_AVX512_ROWS=1 at load turns it off): sigmoid focal loss at gamma = 2."""
+    own copy; CELOSS_NO_AVX512_ROWS=1 at load turns it off): sigmoid focal loss at gamma = 2
+    (fp32 / bf16), distillation's pass 1 and the kl / ce bf16 gradient. Returns whether they are used."""
     return bool(ce_use_avx512_rows(-1 if on is None else int(bool(on))))

@@ -10,6 +10,11 @@
  * ce_rows.h and libm log/log1p); fp16/bf16 inputs go through the float instance (any mix of
  * input dtypes: fam_ld/fam_st convert per chunk). This file is compiled without
  * -fassociative-math (setup.py says why).
+ * Where the CPU has AVX-512 and ce_rows.h's switch is on (ce_use_avx512_rows, this module's own
+ * copy: _family.use_avx512_rows, CELOSS_NO_AVX512_ROWS), the hottest loops are hand-written on
+ * its helpers (ce_load512, ce_exp512): sigmoid focal loss at gamma = 2 and distillation's pass 1
+ * (plus the kl / ce bf16 gradient); the portable loops stay for everything else and are tested
+ * against the same float64 oracle (tests/cpu/test_family_avx512.py).
  */
 #ifndef FAM_ROW_TEMPLATE
 #ifndef CELOSS_FAMILY_H

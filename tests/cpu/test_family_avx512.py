@@ -132,6 +132,43 @@ def test_distillation_against_float64(rows, dtype, kind, setting):
     torch.testing.assert_close(ga.double(), gb, rtol=rtol, atol=1e-5 * gb.abs().max().item())
 
 
+@ROWS
+def test_bf16_stores_agree_with_and_without_avx512bf16(rows):
+    """Under either loop, the bf16 results are the same bits through vcvtneps2bf16 (the fused
+    stores included) and the portable rounding (no subnormal values here)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 4099, generator=gen) * 3).bfloat16()
+    t = (torch.randn(5, 4099, generator=gen) * 2).bfloat16()
+    y = torch.randint(0, 4099, (5,), generator=gen)
+    up = (torch.rand(5, 4099, generator=gen) + 0.5).bfloat16()
+
+    def run(hw):
+        before = F.use_avx512bf16()
+        try:
+            if F.use_avx512bf16(hw) != hw:
+                pytest.skip("this CPU has no AVX512-BF16")
+            out = []
+            for kind in ("kl", "ce", "reverse_kl", "jsd"):
+                for target, temperature in ((None, 2.0), (y, 1.0)):
+                    xs = x.clone().requires_grad_()
+                    loss = distillation_loss(xs, t, target, temperature=temperature, kind=kind,
+                                             alpha=0.5 if target is not None else 1.0, backend="cython")
+                    loss.backward()
+                    out += [loss.detach(), xs.grad]
+            xs = x.clone().requires_grad_()
+            loss = sigmoid_focal_loss(xs, torch.sigmoid(t.float()).bfloat16(), 0.25, 2.0, "none",
+                                      backend="cython")
+            loss.backward(up)
+            return out + [loss.detach(), xs.grad]
+        finally:
+            F.use_avx512bf16(before)
+
+    with avx512_rows(rows):
+        hw, sw = run(True), run(False)
+    for a, b in zip(hw, sw):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_no_avx512_rows_environment_variable():
     """CELOSS_NO_AVX512_ROWS=1 at import selects the portable loops (the module's own switch)."""
     code = "from celoss.cpu import _family; print(_family.use_avx512_rows())"
