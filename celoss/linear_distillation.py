@@ -26,7 +26,7 @@ from ._autograd import once_differentiable
 from .distillation import distill_options
 from .linear_cross_entropy import (DEFAULT_CHUNK_BYTES, GradSink, _contiguous_rows, _hidden_rows,
                                    _may_be_nonfinite, _Rows, check_layer, check_shift, gather_rows, hand_over,
-                                   row_bytes, rows_per_chunk, workspace)
+                                   dw_acc_bytes, plan_chunks, row_bytes, workspace)
 
 _NAME = "celoss.linear_distillation_loss"
 
@@ -87,9 +87,10 @@ def _chunks(layers, rows: _Rows, coef: Optional[Tensor], need, plan: _Plan):
     grad_s, grad_t = grads and any(need[:3]), grads and any(need[3:])
     chunked = m if v else 0  # rows that chunks will write (without classes, none: zero gradients)
     every_row = rows.src is None and chunked == xs.shape[0]
-    step = rows_per_chunk(plan.chunk_bytes, row_bytes(xs, v, 1 + grad_s) + row_bytes(xt, v, 1 + grad_t), chunked)
-    sinks = (GradSink(xs, ws, bs, need[:3], chunked, every_row, one_chunk=step == chunked) if grad_s else None,
-             GradSink(xt, wt, bt, need[3:], chunked, every_row, one_chunk=step == chunked) if grad_t else None)
+    step, chunks = plan_chunks(plan.chunk_bytes, row_bytes(xs, v, 1 + grad_s) + row_bytes(xt, v, 1 + grad_t), chunked,
+                               dw_acc_bytes(ws, grad_s and need[1]) + dw_acc_bytes(wt, grad_t and need[4]))
+    sinks = (GradSink(xs, ws, bs, need[:3], chunked, every_row, chunks) if grad_s else None,
+             GradSink(xt, wt, bt, need[3:], chunked, every_row, chunks) if grad_t else None)
     loss = torch.zeros(m, dtype=acc, device=device)
     if chunked:
         # workspace buffers recycled through the CPU cache: no page faults of fresh N x V chunks per step

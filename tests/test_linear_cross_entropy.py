@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import celoss
-from celoss.linear_cross_entropy import ENGINES, linear_cross_entropy
+from celoss.linear_cross_entropy import (DEFAULT_CHUNK_BYTES, DIRECT_DW_CHUNKS, ENGINES, default_chunk_bytes,
+                                         linear_cross_entropy, plan_chunks)
 
 from conftest import AVAILABLE, backend_device, backend_params, lowp_error_bound
 
@@ -384,6 +385,50 @@ def test_low_precision_no_worse_than_torch(backend, engine, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cython"))
+@pytest.mark.parametrize("rows,in_place", [(256, True), (128, True), (60, False), (10, False)])
+def test_bf16_dw_across_chunks_no_worse_than_torch(backend, rows, in_place):
+    """A bf16 dW summed in place (up to DIRECT_DW_CHUNKS chunks: one rounding a chunk) or in float32
+    (more chunks) stays within PyTorch's own bf16 error of the float64 oracle, with a non-trivial
+    upstream gradient (reduction "none")."""
+    n, d, v = 256, 32, 512
+    x, w, b, t, _ = make(n, d, v, torch.bfloat16, bias=True, ignore=True)
+    go = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    per_row = 2 * (v + 2 * d)  # one logits row plus the gathered x and dX rows
+    chunk = rows * per_row
+    chunks = plan_chunks(chunk, per_row, int((t != IGNORE).sum()), v * d * 4 + v * d * 2)[1]
+    assert (chunks <= DIRECT_DW_CHUNKS) == in_place and chunks >= 1
+    loss, grads = grads_of(lambda x_, w_, b_: linear_cross_entropy(x_, w_, t, linear_bias=b_, reduction="none",
+                                                                   backend=backend, chunk_bytes=chunk),
+                           (x, w, b), go.to(torch.bfloat16))
+    t_loss, t_grads = grads_of(lambda x_, w_, b_: F.cross_entropy(F.linear(x_, w_, b_), t, reduction="none"),
+                               (x, w, b), go.to(torch.bfloat16))
+    o_loss, o_grads = grads_of(lambda x_, w_, b_: oracle(x_, w_, t, b_, reduction="none"), (x, w, b), go)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    # in float32, the CPU rounds each chunk's product to bf16 once before adding it (no mixed-output
+    # GEMM): up to 2 ulp at the largest element where eager has 1 -- one bf16 ulp more of margin
+    margin = 2e-3 if in_place else torch.finfo(torch.bfloat16).eps
+    for g, tg, og in zip(grads, t_grads, o_grads):
+        lowp_error_bound(g, tg, og, margin)
+
+
+def test_plan_chunks_counts_the_float32_accumulator():
+    # up to DIRECT_DW_CHUNKS chunks the (unneeded) accumulator is not counted
+    assert plan_chunks(600, 10, 100, 10 ** 6) == (50, 2)
+    # beyond: it shrinks the chunks, down to half the bound
+    assert plan_chunks(1000, 10, 1000, 400) == (59, 17)
+    assert plan_chunks(1000, 10, 1000, 10 ** 6) == (50, 20)
+    assert plan_chunks(1000, 10, 1000, 0) == (100, 10)
+    assert plan_chunks(1000, 10, 0, 400) == (0, 0)
+
+
+def test_default_chunk_bytes_splits_large_inputs():
+    # from 2 * 512 rows on, at most half the whole workspace (2 chunks at least), else the default
+    assert default_chunk_bytes(1023, 1000) == DEFAULT_CHUNK_BYTES
+    assert default_chunk_bytes(2048, 1000) == 1024 * 1000
+    assert default_chunk_bytes(1 << 20, 1000) == DEFAULT_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cython"))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_float64(backend, reduction):
     n, d, v = 6, 4, 9
@@ -488,21 +533,46 @@ _MEMORY_CHILD = textwrap.dedent("""
     import json, resource, sys, torch
     import celoss
     n, d, v, chunk = map(int, sys.argv[1:5])
-    backend = sys.argv[5]
+    backend, dtype = sys.argv[5], getattr(torch, sys.argv[6])
     torch.manual_seed(0)
-    x = torch.randn(n, d, requires_grad=True)
-    w = (torch.randn(v, d) * 0.1).requires_grad_()
+    x = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    w = (torch.randn(v, d) * 0.1).to(dtype).requires_grad_()
     t = torch.randint(0, v, (n,))
     t[::5] = -100
     # warm up allocator and kernels on a small problem, then take the baseline
     celoss.linear_cross_entropy(x[:8], w[:64], t[:8] % 64, backend=backend).backward()
     x.grad = w.grad = None
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    loss = celoss.linear_cross_entropy(x, w, t, backend=backend, chunk_bytes=chunk)
+    loss = celoss.linear_cross_entropy(x, w, t, backend=backend, chunk_bytes=chunk or None)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"extra": peak - base, "loss": loss.item(), "finite": bool(torch.isfinite(x.grad).all())}))
 """)
+
+
+def _peak_of_child(n, d, v, chunk, backend, dtype):
+    """The child's extra peak RSS of one forward + backward (chunk 0: the default chunk_bytes)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n), str(d), str(v), str(chunk), backend, dtype],
+                          capture_output=True, text=True, env=env, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(300)
+def test_bf16_default_peak_below_the_logits():
+    """With the default chunk_bytes, a bf16 forward + backward whose logits (64 MiB) would fit one
+    chunk peaks well below those logits alone (what an unchunked composition holds on top of the
+    same gradients): the default splits it into two chunks (half the logits, plus dW = an eighth of
+    them, summed in place: no float32 copy); one chunk peaks at about the logits."""
+    if AVAILABLE["cython"] is not None:
+        pytest.skip("the cython backend is not built")
+    n, d, v = 2048, 256, 16384
+    res = _peak_of_child(n, d, v, 0, "cython", "bfloat16")
+    assert res["finite"] and math.isfinite(res["loss"])
+    logits_bytes = n * v * 2
+    assert res["extra"] < logits_bytes * 3 // 4, f"peak RSS grew by {res['extra'] / 2**20:.0f} MiB"
 
 
 @pytest.mark.timeout(300)
@@ -512,12 +582,7 @@ def test_peak_memory_bounded_without_logits():
     logits_bytes = n * v * 4
     grads_bytes = (n * d + v * d) * 4
     backend = "cython" if AVAILABLE["cython"] is None else "torch"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n), str(d), str(v), str(chunk), backend],
-                          capture_output=True, text=True, env=env, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _peak_of_child(n, d, v, chunk, backend, "float32")
     assert res["finite"] and math.isfinite(res["loss"])
     # gradients + workspace + slack; the reference backend's row kernel adds its own bounded
     # temporaries (a few 16 MB row blocks), the cython one none
