@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("celoss.backends.cython", reason="the compiled CPU extension is missing")
 F = pytest.importorskip("celoss.cpu._family", reason="the compiled CPU extension is missing")
 
 import oracle  # noqa: E402
