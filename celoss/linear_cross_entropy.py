@@ -504,16 +504,17 @@ def _may_be_nonfinite(x: Tensor, w: Tensor, b: Optional[Tensor], logit_scale: fl
 
 
 def _plan_rows(labels: Tensor, seq_len: int, ignore_index: int, keep_all: bool, x: Tensor, w: Tensor,
-               b: Optional[Tensor], logit_scale: float) -> _Rows:
+               b: Optional[Tensor], logit_scale: float, backend: str) -> _Rows:
     """The processed rows of the output rows ``labels`` (already shifted when ``seq_len``).
 
-    Ignored rows are skipped unless their logits may be non-finite: PyTorch's gradient of such a row
-    is NaN (softmax of NaN / inf times a zero upstream), and the row kernels reproduce it. While a
-    CUDA graph is captured every row is processed (compaction reads the targets on the host)."""
+    On the CPU, ignored rows are skipped unless their logits may be non-finite: PyTorch's gradient
+    of such a row is NaN (softmax of NaN / inf times a zero upstream), and the row kernels reproduce
+    it. On a device (:func:`celoss._checks.device_side`) every row is processed: compaction reads
+    the targets on the host (a stream synchronisation, impossible under CUDA-graph capture), and an
+    ignored row's coefficients are zero anyway."""
     n_out = labels.shape[0]
     proc = None
-    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not keep_all and n_out and not capturing:
+    if not keep_all and n_out and not _checks.device_side(labels, backend):
         counted = labels != ignore_index
         if not bool(counted.all()):
             counted |= _may_be_nonfinite(x, w, b, logit_scale, seq_len, n_out)
@@ -570,7 +571,7 @@ def _lce_forward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, soft
         grads = _zero_grads(x, w, b, need) if coef is not None else (None,) * 3
         return (x.new_zeros(n, dtype=acc), x.new_full((n,), -math.inf, dtype=acc),
                 *(_or_empty(g, x) for g in grads))
-    rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale)
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale, backend)
     loss, lse, grads = _engine(plan, weight, soft).forward(x, w, b, rows, coef=coef, need=need)
     grads = grads or (None,) * 3
     return (_output_rows(loss, rows), _output_rows(lse, rows), *(_or_empty(g, x) for g in grads))
@@ -605,7 +606,7 @@ def _lce_backward(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, sof
     if w.shape[0] == 0:  # no classes: no logits, and the targets and the class weight are empty
         grads = _zero_grads(x, w, b, need) + _zero_grads(soft, weight, None, (need_dsoft, need_dweight, False))[:2]
         return tuple(_or_empty(g, x) for g in grads)
-    rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale)
+    rows = _plan_rows(labels, seq_len, ignore_index, keep_all, x, w, b, logit_scale, backend)
     targets = None
     if soft is not None and (need_dsoft or need_dweight):
         targets = TargetGrads(soft, weight, need_dsoft, need_dweight,
