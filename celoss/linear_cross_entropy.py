@@ -180,9 +180,7 @@ class GradSink:
     dX needs no zero fill). The gradients come from the CPU cache (see :func:`workspace`)."""
 
     def __init__(self, x2d: Tensor, w: Tensor, b: Optional[Tensor], need, m: int, every_row: bool,
-                 chunks: Optional[int] = None, one_chunk: bool = False):
-        if chunks is None:  # transitional: celoss.logprobs still says one_chunk (float32 dW unless True)
-            chunks = 1 if one_chunk else DIRECT_DW_CHUNKS + 1
+                 chunks: int):
         dtype = x2d.dtype
         acc = accum_dtype(dtype)
         self.w, self.b, self.acc = w, b, acc

@@ -24,8 +24,8 @@ from . import _checks, _dispatch, _ops
 from ._autograd import input_grads, once_differentiable
 from ._dtypes import DTYPE_CODE, accum_dtype
 from ._memory import fresh_like
-from .linear_cross_entropy import (DEFAULT_CHUNK_BYTES, GradSink, _check_args, _contiguous_rows, gather_rows,
-                                   row_bytes, rows_per_chunk, workspace)
+from .linear_cross_entropy import (GradSink, _check_args, _contiguous_rows, default_chunk_bytes, dw_acc_bytes,
+                                   gather_rows, plan_chunks, row_bytes, workspace)
 
 _REF_CHUNK_ELEMENTS = 1 << 22  # the reference's float32 temporaries per chunk of rows (16 MB)
 
@@ -236,9 +236,11 @@ def _plan_rows(labels: Tensor, ignore_index: int, seq_len: int) -> _Rows:
     return _Rows(labels if proc is None else labels[proc], proc, src)
 
 
-def _chunk_step(x: Tensor, linear_weight: Tensor, rows: _Rows, chunk_bytes: int) -> int:
-    """Rows per chunk: an even split whose logits plus gathered rows fit ``chunk_bytes``."""
-    return rows_per_chunk(chunk_bytes, row_bytes(x, linear_weight.shape[0], 1), rows.tgt.shape[0])
+def _chunk_step(x: Tensor, linear_weight: Tensor, rows: _Rows, chunk_bytes: int, need_dw: bool = False):
+    """(rows per chunk, chunks): an even split whose logits plus gathered rows (plus a float32 dW
+    accumulator beyond 2 chunks, see linear CE's ``plan_chunks``) fit ``chunk_bytes``."""
+    return plan_chunks(chunk_bytes, row_bytes(x, linear_weight.shape[0], 1), rows.tgt.shape[0],
+                       dw_acc_bytes(linear_weight, need_dw))
 
 
 def _chunk_logits(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], rows: _Rows, step: int):
@@ -269,7 +271,7 @@ def _linear_forward_op(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], la
     _check_token_values(labels, linear_weight.shape[0], ignore_index)
     rows = _plan_rows(labels, ignore_index, seq_len)
     out = torch.zeros(labels.shape[0], 3, dtype=accum_dtype(x.dtype), device=x.device)
-    step = _chunk_step(x, linear_weight, rows, chunk_bytes)
+    step, _ = _chunk_step(x, linear_weight, rows, chunk_bytes)
     for s, e, _, _, logits in _chunk_logits(x, linear_weight, b, rows, step):
         vals = _rows_forward(backend, logits, rows.tgt[s:e], ignore_index, scale)
         if rows.proc is None:
@@ -297,9 +299,9 @@ def _linear_backward_op(x: Tensor, linear_weight: Tensor, b: Optional[Tensor], l
     m = rows.tgt.shape[0]
     per_row = [t if t is None or rows.proc is None else t[rows.proc]
                for t in (lse, entropy, grad_logprobs, grad_entropy)]
-    step = _chunk_step(x, linear_weight, rows, chunk_bytes)
+    step, chunks = _chunk_step(x, linear_weight, rows, chunk_bytes, need_dw)
     sink = GradSink(x, linear_weight, b, (need_dx, need_dw, need_db), m,
-                    every_row=rows.src is None and m == x.shape[0], one_chunk=step == m)
+                    every_row=rows.src is None and m == x.shape[0], chunks=chunks)
     for s, e, sel, xc, g in _chunk_logits(x, linear_weight, b, rows, step):
         _rows_backward(backend, g, rows.tgt[s:e], *(None if t is None else t[s:e] for t in per_row), g,
                        ignore_index, scale)
@@ -476,8 +478,8 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, 
 
     Same outputs, dtypes and edge cases as :func:`token_logprobs` applied to
     ``F.linear(input, linear_weight, linear_bias)``; gradients for ``input``, ``linear_weight``
-    and ``linear_bias`` (in their dtypes; the weight's float32-accumulated across chunks for
-    fp16/bf16).
+    and ``linear_bias`` (in their dtypes; for fp16/bf16 the weight's summed in place over up to 2
+    chunks, in float32 over more).
 
     The rows are processed in chunks (as ``linear_cross_entropy``'s chunked engine): per chunk one
     matrix product forms its logits into a workspace of at most ``chunk_bytes``, the backend's row
@@ -486,7 +488,8 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, 
     positions cost no matrix-product work. Rows are split evenly across the chunks; the chunk
     buffer and the returned gradients are recycled through celoss's CPU cache (see
     :func:`celoss.cpu_cache_bytes`), so peak memory is the returned gradients plus the workspace
-    (plus, for fp16/bf16 with more than one chunk, dW's float32 accumulator).
+    (plus, for fp16/bf16 with more than 2 chunks, dW's float32 accumulator, counted in ``chunk_bytes``
+    as far as it leaves half of it; up to 2 chunks a 16-bit dW is summed in place).
 
     Cost: 4 products of ``N x V x D`` (forward ``X W^T``; backward ``X W^T`` again, ``dz W``,
     ``dz^T X``), against the 3 of the eager composition, which keeps its N x V logits for backward.
@@ -511,8 +514,9 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, 
             against token t + 1 and the last position is dropped, by index arithmetic (no copy).
             Default: False
         return_entropy (bool, keyword-only): also return the entropy. Default: False
-        chunk_bytes (int, optional, keyword-only): bound of the logits workspace; None: 256 MB. At
-            least one row is processed per chunk. Default: None
+        chunk_bytes (int, optional, keyword-only): bound of the logits workspace; None: 256 MB, and
+            at most half of the whole workspace from 1024 rows on. At least one row is processed
+            per chunk. Default: None
         backend (str, optional, keyword-only): ``"triton"``, ``"cython"``, ``"torch"`` or None
             (automatic), as in :func:`token_logprobs`. Default: None
 
@@ -546,13 +550,14 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, tokens: Tensor, 
     _check_args(input, linear_weight, tokens, linear_bias, shift)
     scale = 1.0 / _check_temperature(temperature)
     ignore_index = _checks.index_value("ignore_index", ignore_index)
-    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    if chunk_bytes <= 0:
+    if chunk_bytes is not None and int(chunk_bytes) <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     name = _dispatch.resolve(input.device, backend)
     labels, seq_len = (tokens[..., 1:], tokens.shape[-1]) if shift else (tokens, 0)
     shape = tuple(labels.shape)
     x2d = input.flatten(0, -2) if input.dim() > 1 else input.unsqueeze(0)
+    chunk_bytes = (default_chunk_bytes(x2d.shape[0], row_bytes(x2d, linear_weight.shape[0], 1))
+                   if chunk_bytes is None else int(chunk_bytes))
     lp, ent = _LinearTokenLogprobs.apply(x2d, linear_weight, linear_bias, labels.reshape(-1).contiguous(),
                                          bool(return_entropy), torch.is_grad_enabled(), name, ignore_index,
                                          scale, seq_len, chunk_bytes)
