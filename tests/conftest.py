@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; the variable must be set
 before any module defining @triton.jit kernels is imported, hence here at the top.
 """
+import contextlib
 import os
 
 import torch
@@ -126,3 +127,17 @@ def make_data(shape, device="cpu", dtype=torch.float32, *, seed=0, scale=3.0, ta
     if class_weight:
         out.append((torch.rand(c, generator=g) + 0.1).to(device))
     return tuple(out) if len(out) > 1 else out[0]
+
+
+@contextlib.contextmanager
+def avx512_rows(module, on):
+    """A compiled CPU module's hand-written AVX-512 loops (on) or its portable ones (each extension
+    module has its own switch, ``use_avx512_rows``); skips when on is asked for and the CPU lacks
+    AVX-512 (F, BW, DQ, VL)."""
+    before = module.use_avx512_rows()
+    try:
+        if module.use_avx512_rows(on) != on:
+            pytest.skip("this CPU has no AVX-512 (F, BW, DQ, VL)")
+        yield
+    finally:
+        module.use_avx512_rows(before)

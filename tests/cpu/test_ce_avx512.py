@@ -2,8 +2,6 @@
 with AVX512-BF16 the recomputing, streaming pass 3 ce_grads_bf16_512) against the float64 oracle,
 each case run on them and on the portable passes: chunk and vector tails, rows not aligned to 32
 bytes (the streaming stores start at the first boundary), special values, scale, weights."""
-import contextlib
-
 import pytest
 import torch
 
@@ -11,19 +9,13 @@ import celoss
 
 cy = pytest.importorskip("celoss.backends.cython", reason="the compiled CPU extension is missing")
 
+from conftest import avx512_rows as avx512_rows_of  # noqa: E402
 from test_cpu_kernels import LOWP, check_against_composition  # noqa: E402
 
 
-@contextlib.contextmanager
 def avx512_rows(on):
     from celoss.cpu import _kernels
-    before = _kernels.use_avx512_rows()
-    try:
-        if _kernels.use_avx512_rows(on) != on:
-            pytest.skip("this CPU has no AVX-512")
-        yield
-    finally:
-        _kernels.use_avx512_rows(before)
+    return avx512_rows_of(_kernels, on)
 
 
 def tolerances(dtype):

@@ -1,7 +1,6 @@
 """The loss family's hand-written AVX-512 loops (cpu/family.h, under celoss.cpu._family's
 use_avx512_rows switch) and the portable loops they replace, both against the float64 oracle:
 sigmoid focal loss at gamma = 2 (fp32 / bf16 logits and targets, upstream gradients of either dtype)."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -15,21 +14,13 @@ F = pytest.importorskip("celoss.cpu._family", reason="the compiled CPU extension
 import oracle  # noqa: E402
 from celoss.distillation import distillation_loss  # noqa: E402
 from celoss.focal import sigmoid_focal_loss  # noqa: E402
-from conftest import against_oracle  # noqa: E402
+from conftest import against_oracle, avx512_rows as avx512_rows_of  # noqa: E402
 
 ROWS = pytest.mark.parametrize("rows", [False, True], ids=["portable", "avx512"])
 
 
-@contextlib.contextmanager
 def avx512_rows(on):
-    """The AVX-512 loops (on) or the portable ones; skips when on is asked for and the CPU lacks AVX-512."""
-    before = F.use_avx512_rows()
-    try:
-        if F.use_avx512_rows(on) != on:
-            pytest.skip("this CPU has no AVX-512 (F, BW, DQ, VL)")
-        yield
-    finally:
-        F.use_avx512_rows(before)
+    return avx512_rows_of(F, on)
 
 
 def _logits(n, c, dtype, seed):
