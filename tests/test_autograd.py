@@ -206,8 +206,6 @@ def test_loss_family_triton_path_reads_nothing_on_the_host(scale):
 
 
 @TRITON
-@pytest.mark.xfail(strict=True, reason="celoss/linear_cross_entropy.py::_plan_rows reads bool(counted.all()) "
-                                       "(and counted.nonzero() when rows are ignored) to compact ignored rows")
 def test_linear_cross_entropy_triton_path_reads_nothing_on_the_host(device_side):
     x, y = _logits(c=300)
     h = torch.randn(6, 16, requires_grad=True)
